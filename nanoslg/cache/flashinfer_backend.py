@@ -1,0 +1,174 @@
+"""The `flashinfer` backend (GPU): a paged pool and FlashInfer's batched attention kernels.
+
+- Pool: one tensor [layers, num_pages, 2, page_size, Hkv, D] ("NHD" with K and V interleaved per
+  page), so `pool[layer]` is the 5-D paged cache FlashInfer takes as is.
+- Per step, `prepare` builds the page-table CSR (indptr / indices / last page lengths) once and
+  calls the wrapper's `plan()` once; each layer then appends its new K/V with one
+  `append_paged_kv_cache` call and runs the planned kernel.
+- Steps with any prefill chunk (including a chunk over a cached prefix) use
+  BatchPrefillWithPagedKVCacheWrapper with a causal mask (FlashInfer aligns it bottom-right when
+  a request has more KV than queries); pure-decode steps use BatchDecodeWithPagedKVCacheWrapper,
+  with tensor cores when the GQA group is 4 or more.
+
+flashinfer is imported only when this backend is built, so CPU machines never import it.
+"""
+from __future__ import annotations
+
+import torch
+
+from nanoslg.cache.base import CacheBackend, CacheContext, KVManager, KVSpec, positions_of
+from nanoslg.errors import ConfigError
+from nanoslg.registry import CACHE_BACKENDS
+from nanoslg.scheduler.plan import StepPlan
+
+WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended float workspace per wrapper
+
+
+def _import_flashinfer(device: torch.device):
+    from nanoslg.cache.auto import flashinfer_status
+
+    ok, why = flashinfer_status(device)
+    if not ok:
+        raise ConfigError(f"cache.backend=flashinfer cannot run here: {why}; use cache.backend=sdpa "
+                          "(or cache=auto, which picks what runs)")
+    import flashinfer
+
+    return flashinfer
+
+
+class FlashInferContext(CacheContext):
+    """One step. The kernels are planned once: in prepare when the query head count is known, else
+    at the first layer's attend (from q's shape); every later layer reuses that plan."""
+
+    def __init__(self, backend: "FlashInferBackend", decode: bool, csr: tuple, pool: torch.Tensor,
+                 positions: torch.Tensor, batch_indices: torch.Tensor, kv_positions: torch.Tensor,
+                 kv_indices: torch.Tensor, kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor):
+        self.backend = backend
+        self.decode = decode
+        self.csr = csr
+        self.wrapper = None
+        self.pool = pool
+        self.positions = positions
+        self.batch_indices = batch_indices
+        self.kv_positions = kv_positions
+        self.kv_indices = kv_indices
+        self.kv_indptr = kv_indptr
+        self.kv_last_page_len = kv_last_page_len
+
+    def plan_once(self, num_qo_heads: int) -> None:
+        if self.wrapper is None:
+            self.wrapper = self.backend.plan_step(self.decode, self.csr, num_qo_heads)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.plan_once(q.shape[1])
+        cache = self.pool[layer]
+        self.backend.fi.page.append_paged_kv_cache(
+            k.contiguous(), v.contiguous(), self.batch_indices, self.kv_positions, cache,
+            self.kv_indices, self.kv_indptr, self.kv_last_page_len, kv_layout="NHD")
+        return self.wrapper.run(q.contiguous(), cache)
+
+
+@CACHE_BACKENDS.register("flashinfer")
+class FlashInferBackend(CacheBackend):
+    name = "flashinfer"
+    paged = True
+
+    def __init__(self, spec: KVSpec, page_size: int, num_qo_heads: int | None = None):
+        super().__init__(spec, page_size)
+        self.fi = _import_flashinfer(spec.device)
+        if spec.dtype not in (torch.bfloat16, torch.float16):
+            raise ConfigError(f"cache.backend=flashinfer runs bfloat16 or float16, not {spec.dtype}; "
+                              "set model.dtype=bfloat16 (or float16), or use cache.backend=sdpa")
+        # This rank's query head count (tensor parallelism shards it). KVSpec does not carry it, so
+        # the first step reads it from q; from then on plan() runs in prepare.
+        self.num_qo_heads = num_qo_heads
+        self.pool: torch.Tensor | None = None
+        dev = spec.device
+        self._prefill = self.fi.BatchPrefillWithPagedKVCacheWrapper(
+            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev), "NHD")
+        self._decode_ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+        self._decode = None  # built once the GQA group size is known (tensor cores or not)
+        self.scale = spec.head_dim ** -0.5
+
+    def allocate(self, num_pages: int) -> None:
+        s = self.spec
+        self.pool = torch.zeros(s.num_layers, num_pages, 2, self.page_size, s.num_kv_heads, s.head_dim,
+                                dtype=s.dtype, device=s.device)
+
+    def run_copies(self, copies: list[tuple[int, int]]) -> None:
+        if copies:
+            dev = self.pool.device
+            src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=dev)
+            dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=dev)
+            self.pool[:, dst] = self.pool[:, src]
+
+    def _decode_wrapper(self):
+        if self._decode is None:
+            group = self.num_qo_heads // self.spec.num_kv_heads
+            self._decode = self.fi.BatchDecodeWithPagedKVCacheWrapper(
+                self._decode_ws, "NHD", use_tensor_cores=group >= 4)
+        return self._decode
+
+    def prepare(self, plan: StepPlan) -> CacheContext:
+        if self.pool is None:
+            raise RuntimeError("the FlashInfer pool is not allocated: call allocate(num_pages) first")
+        self.run_copies(plan.copies)
+        dev, ps = self.spec.device, self.page_size
+        if not plan.seqs:
+            return _EmptyContext(torch.empty(0, dtype=torch.long, device=dev))
+        qo_indptr, kv_indptr, indices, last_len, batch_idx = [0], [0], [], [], []
+        for b, st in enumerate(plan.seqs):
+            if st.block_table is None:
+                raise ValueError("the flashinfer backend needs block tables: use it with a paged KV manager")
+            n = len(st.token_ids)
+            end = st.start + n
+            pages = -(-end // ps)
+            indices.extend(st.block_table[:pages])
+            kv_indptr.append(kv_indptr[-1] + pages)
+            qo_indptr.append(qo_indptr[-1] + n)
+            last_len.append(end - (pages - 1) * ps)
+            batch_idx.extend([b] * n)
+        i32 = torch.int32
+        qo_indptr_h = torch.tensor(qo_indptr, dtype=i32)
+        kv_indptr_h = torch.tensor(kv_indptr, dtype=i32)
+        last_len_h = torch.tensor(last_len, dtype=i32)
+        indices_d = torch.tensor(indices, dtype=i32).to(dev, non_blocking=True)
+        positions = positions_of(plan, dev)
+        ctx = FlashInferContext(
+            self, plan.is_decode, (qo_indptr_h, kv_indptr_h, indices_d, last_len_h), self.pool, positions,
+            torch.tensor(batch_idx, dtype=i32).to(dev, non_blocking=True),
+            positions.to(i32), indices_d, kv_indptr_h.to(dev, non_blocking=True),
+            last_len_h.to(dev, non_blocking=True))
+        if self.num_qo_heads is not None:
+            ctx.plan_once(self.num_qo_heads)
+        return ctx
+
+    def plan_step(self, decode: bool, csr: tuple, num_qo_heads: int):
+        """Runs the wrapper's plan() for this step's page tables; returns the planned wrapper."""
+        self.num_qo_heads = num_qo_heads
+        qo_indptr_h, kv_indptr_h, indices_d, last_len_h = csr
+        s, ps = self.spec, self.page_size
+        common = dict(q_data_type=s.dtype, kv_data_type=s.dtype, sm_scale=self.scale)
+        if decode:
+            wrapper = self._decode_wrapper()
+            wrapper.plan(kv_indptr_h, indices_d, last_len_h, num_qo_heads, s.num_kv_heads, s.head_dim, ps,
+                         **common)
+        else:
+            wrapper = self._prefill
+            wrapper.plan(qo_indptr_h, kv_indptr_h, indices_d, last_len_h, num_qo_heads, s.num_kv_heads,
+                         s.head_dim, ps, causal=True, **common)
+        return wrapper
+
+    @classmethod
+    def make_manager(cls, num_pages: int, page_size: int, prefix_caching: bool) -> KVManager:
+        from nanoslg.cache.paged import PagedKVManager
+
+        return PagedKVManager(num_pages, page_size, prefix_caching)
+
+
+class _EmptyContext(CacheContext):
+    def __init__(self, positions: torch.Tensor):
+        self.positions = positions
+
+    def attend(self, layer, q, k, v):  # a step with no sequences runs no layers
+        raise RuntimeError("attend called on an empty step")

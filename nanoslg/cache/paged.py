@@ -1,0 +1,170 @@
+"""Paged KV accounting with radix prefix caching (rank 0, pure Python).
+
+A sequence's `block_table` lists its pages; page i holds positions [i*ps, (i+1)*ps). With prefix
+caching on:
+- admission (`match_prefix`) reuses the longest cached prefix, capped one token short of the
+  sequence so the last token is computed (its logits are sampled). If the match ends inside a
+  cached page, that page is copied into a fresh one first (copy-on-write, run by the backend from
+  `pop_copies()` before the step writes into it).
+- full pages whose KV is computed go into the tree as the sequence runs (at each `grow`), so
+  requests admitted later, even while it still runs, share them; `release` inserts the rest.
+  Where the tree already held the same tokens, the sequence switches to the tree's page and frees
+  its duplicate.
+- each sequence locks the deepest tree node it uses, so its pages are never evicted under it;
+  `grow` evicts least-recently-used unlocked cache when the free list runs short.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence as Seq
+
+from nanoslg.cache.allocator import PageAllocator, PageError
+from nanoslg.cache.base import KVManager
+from nanoslg.cache.radix import Node, RadixTree
+from nanoslg.engine.sequence import Sequence
+
+
+@dataclass
+class _SeqState:
+    node: Optional[Node] = None  # the locked tree node (None: nothing locked)
+    cached: int = 0  # leading block-table pages already known to be in the tree
+    lookup: Optional[tuple[int, int]] = None  # (prompt tokens, matched) not yet counted in the stats
+
+
+class PagedKVManager(KVManager):
+    paged = True
+
+    def __init__(self, num_pages: int, page_size: int, prefix_caching: bool = True):
+        super().__init__(num_pages, page_size, prefix_caching)
+        self.allocator = PageAllocator(num_pages)
+        self.tree: Optional[RadixTree] = RadixTree(page_size, self.allocator) if prefix_caching else None
+        self._states: dict[int, _SeqState] = {}
+        self._copies: list[tuple[int, int]] = []
+
+    # -- sizes -----------------------------------------------------------------------------------
+    def num_free_pages(self) -> int:
+        return self.allocator.num_free
+
+    def num_evictable_pages(self) -> int:
+        return self.tree.evictable_pages if self.tree is not None else 0
+
+    def usage(self) -> float:
+        """Share of pages held by running sequences (cache no one uses counts as free, as in vLLM)."""
+        return 1.0 - (self.num_free_pages() + self.num_evictable_pages()) / max(self.num_pages, 1)
+
+    def _state(self, seq: Sequence) -> _SeqState:
+        st = self._states.get(seq.seq_id)
+        if st is None:
+            st = self._states[seq.seq_id] = _SeqState()
+        return st
+
+    def _ensure_free(self, n: int) -> bool:
+        short = n - self.allocator.num_free
+        if short > 0 and self.tree is not None:
+            self.tree.evict(short)
+        return self.allocator.num_free >= n
+
+    # -- prefix lookup ---------------------------------------------------------------------------
+    def peek_prefix(self, token_ids: Seq[int]) -> int:
+        """Cached prefix length of `token_ids`, locking nothing and touching no LRU time (policies)."""
+        if self.tree is None or not token_ids:
+            return 0
+        return self.tree.match_prefix(token_ids, touch=False)[0]
+
+    def match_prefix(self, seq: Sequence) -> int:
+        if self.tree is None or seq.block_table:
+            return seq.num_computed_tokens
+        st = self._state(seq)
+        tokens = seq.token_ids  # after a preemption this includes the outputs: they are reusable too
+        n, pages, node = self.tree.match_prefix(tokens[:len(tokens) - 1])
+        full = n // self.page_size
+        if n:
+            self.tree.lock(node)
+            st.node = node
+            for p in pages[:full]:
+                self.allocator.incref(p)
+            table = pages[:full]
+            if n % self.page_size:  # the sequence will write into this page: give it its own copy
+                if self._ensure_free(1):
+                    dst = self.allocator.alloc(1)[0]
+                    self._copies.append((pages[full], dst))
+                    table.append(dst)
+                else:
+                    n = full * self.page_size
+            seq.block_table = table
+            seq.kv_tokens = n
+        st.cached = full
+        st.lookup = (seq.num_prompt_tokens, min(n, seq.num_prompt_tokens))
+        seq.num_computed_tokens = n
+        return n
+
+    # -- growth ----------------------------------------------------------------------------------
+    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
+        need = self.pages_for(num_tokens) - len(seq.block_table)
+        return need <= self.allocator.num_free + self.num_evictable_pages()
+
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        st = self._state(seq)
+        if st.lookup is not None:
+            if not seq.admitted:  # count a request once, at its first admission
+                self.prefix_queries += st.lookup[0]
+                self.prefix_hits += st.lookup[1]
+            st.lookup = None
+        if self.tree is not None:
+            self._cache_computed(seq, st)
+        need = self.pages_for(num_tokens) - len(seq.block_table)
+        if need > 0:
+            if not self._ensure_free(need):
+                raise PageError(f"grow to {num_tokens} tokens needs {need} pages, {self.allocator.num_free} "
+                                "free after eviction (the scheduler must check can_grow first)")
+            seq.block_table.extend(self.allocator.alloc(need))
+        seq.kv_tokens = max(seq.kv_tokens, num_tokens)
+
+    def _cache_computed(self, seq: Sequence, st: _SeqState) -> None:
+        """Inserts the sequence's full, computed pages into the tree and locks the new path."""
+        k = min(seq.num_computed_tokens // self.page_size, len(seq.block_table))
+        if k <= st.cached:
+            return
+        _, tree_pages, node = self.tree.insert(seq.token_ids[:k * self.page_size], seq.block_table[:k])
+        table = seq.block_table
+        for i, p in enumerate(tree_pages):
+            if table[i] != p:  # the tree had these tokens already: share its page, drop ours
+                self.allocator.incref(p)
+                self.allocator.decref(table[i])
+                table[i] = p
+        self.tree.lock(node)
+        if st.node is not None:
+            self.tree.unlock(st.node)
+        st.node = node
+        st.cached = k
+
+    # -- release ---------------------------------------------------------------------------------
+    def release(self, seq: Sequence, finished: bool) -> None:
+        # Finished, preempted and aborted sequences alike leave their computed pages in the cache:
+        # a preempted one finds its own prefix again when it is re-admitted.
+        st = self._states.pop(seq.seq_id, None) or _SeqState()
+        if self.tree is not None and seq.block_table:
+            self._cache_computed(seq, st)
+        if self._copies:  # an admission undone before its step: its copy must not run
+            mine = set(seq.block_table)
+            self._copies = [c for c in self._copies if c[1] not in mine]
+        for p in seq.block_table:
+            self.allocator.decref(p)
+        if st.node is not None:
+            self.tree.unlock(st.node)
+        seq.block_table = []
+        seq.kv_tokens = 0
+
+    def pop_copies(self) -> list[tuple[int, int]]:
+        copies, self._copies = self._copies, []
+        return copies
+
+    def flush(self) -> None:
+        if self.tree is not None:
+            self.tree.evict_all()
+
+    def check(self) -> None:
+        """Allocator and tree consistency (tests)."""
+        self.allocator.check()
+        if self.tree is not None:
+            self.tree.check()

@@ -1,0 +1,104 @@
+"""The `paged` backend: a page pool in plain torch, attention by gathering each sequence's pages.
+
+It runs anywhere torch runs, so the paged manager, prefix caching and copy-on-write are exercised
+end to end on the CPU in CI. The pool is one tensor [layers, 2, num_pages, page_size, Hkv, D];
+token slots (page * page_size + offset) are computed once per step in `prepare`, not per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nanoslg.cache.base import CacheBackend, CacheContext, KVManager, KVSpec, positions_of
+from nanoslg.cache.sdpa import attend_one
+from nanoslg.registry import CACHE_BACKENDS
+from nanoslg.scheduler.plan import StepPlan
+
+
+def step_slots(plan: StepPlan, page_size: int, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(slots of the step's new tokens [T], per sequence the slots of all its KV positions [start+n])."""
+    new, kv = [], []
+    for st in plan.seqs:
+        if st.block_table is None:
+            raise ValueError("the paged backend needs block tables: use it with a paged KV manager")
+        end = st.start + len(st.token_ids)
+        table = torch.tensor(st.block_table, dtype=torch.long)
+        pos = torch.arange(end)
+        slots = table[pos // page_size] * page_size + pos % page_size
+        kv.append(slots.to(device))
+        new.append(slots[st.start:])
+    return torch.cat(new).to(device), kv
+
+
+@dataclass
+class _Seq:
+    start: int
+    n: int
+    offset: int
+    slots: torch.Tensor  # slots of positions 0..start+n-1
+
+
+class PagedTorchContext(CacheContext):
+    def __init__(self, pool: torch.Tensor, new_slots: torch.Tensor, seqs: list[_Seq],
+                 positions: torch.Tensor, scale: float):
+        self.pool = pool
+        self.new_slots = new_slots
+        self.seqs = seqs
+        self.positions = positions
+        self.scale = scale
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kc = self.pool[layer, 0].flatten(0, 1)  # [pages * page_size, Hkv, D], a view
+        vc = self.pool[layer, 1].flatten(0, 1)
+        # All new KV is written first (one op per layer), then each sequence reads its pages.
+        kc.index_copy_(0, self.new_slots, k.to(kc.dtype))
+        vc.index_copy_(0, self.new_slots, v.to(vc.dtype))
+        out = torch.empty_like(q)
+        for s in self.seqs:
+            rows = slice(s.offset, s.offset + s.n)
+            out[rows] = attend_one(q[rows], kc[s.slots], vc[s.slots], s.start, self.scale)
+        return out
+
+
+@CACHE_BACKENDS.register("paged")
+class PagedTorchBackend(CacheBackend):
+    name = "paged"
+    paged = True
+
+    def __init__(self, spec: KVSpec, page_size: int):
+        super().__init__(spec, page_size)
+        self.scale = spec.head_dim ** -0.5
+        self.pool: torch.Tensor | None = None
+
+    def allocate(self, num_pages: int) -> None:
+        s = self.spec
+        self.pool = torch.zeros(s.num_layers, 2, num_pages, self.page_size, s.num_kv_heads, s.head_dim,
+                                dtype=s.dtype, device=s.device)
+
+    def run_copies(self, copies: list[tuple[int, int]]) -> None:
+        if copies:
+            src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=self.pool.device)
+            dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=self.pool.device)
+            self.pool[:, :, dst] = self.pool[:, :, src]
+
+    def prepare(self, plan: StepPlan) -> PagedTorchContext:
+        if self.pool is None:
+            raise RuntimeError("the paged pool is not allocated: call allocate(num_pages) first")
+        self.run_copies(plan.copies)
+        dev = self.spec.device
+        if not plan.seqs:
+            empty = torch.empty(0, dtype=torch.long, device=dev)
+            return PagedTorchContext(self.pool, empty, [], empty, self.scale)
+        new_slots, kv_slots = step_slots(plan, self.page_size, dev)
+        seqs, offset = [], 0
+        for st, slots in zip(plan.seqs, kv_slots):
+            seqs.append(_Seq(st.start, len(st.token_ids), offset, slots))
+            offset += len(st.token_ids)
+        return PagedTorchContext(self.pool, new_slots, seqs, positions_of(plan, dev), self.scale)
+
+    @classmethod
+    def make_manager(cls, num_pages: int, page_size: int, prefix_caching: bool) -> KVManager:
+        from nanoslg.cache.paged import PagedKVManager
+
+        return PagedKVManager(num_pages, page_size, prefix_caching)

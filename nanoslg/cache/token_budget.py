@@ -1,0 +1,28 @@
+"""KV accounting without pages or sharing: each sequence reserves whole pages' worth of tokens."""
+from __future__ import annotations
+
+from nanoslg.cache.base import KVManager
+from nanoslg.engine.sequence import Sequence
+
+
+class TokenBudgetManager(KVManager):
+    def __init__(self, num_pages: int, page_size: int):
+        super().__init__(num_pages, page_size, prefix_caching=False)
+        self.used_pages = 0
+
+    def num_free_pages(self) -> int:
+        return self.num_pages - self.used_pages
+
+    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
+        extra = self.pages_for(num_tokens) - self.pages_for(seq.kv_tokens)
+        return extra <= self.num_free_pages()
+
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        if num_tokens <= seq.kv_tokens:
+            return
+        self.used_pages += self.pages_for(num_tokens) - self.pages_for(seq.kv_tokens)
+        seq.kv_tokens = num_tokens
+
+    def release(self, seq: Sequence, finished: bool) -> None:
+        self.used_pages -= self.pages_for(seq.kv_tokens)
+        seq.kv_tokens = 0

@@ -1,0 +1,54 @@
+"""What run.py does for each mode, after Hydra composed the config."""
+from __future__ import annotations
+
+import logging
+import sys
+
+from omegaconf import DictConfig
+
+from nanoslg.compose import setup_logging
+from nanoslg.config import validate
+from nanoslg.errors import ConfigError, RequestError
+
+log = logging.getLogger("nanoslg")
+
+
+def run(node: DictConfig) -> int:
+    try:
+        cfg = validate(node)
+        setup_logging(cfg.log_level)
+        if cfg.mode == "serve":
+            from nanoslg.server.serve import serve
+
+            return serve(cfg) or 0
+        if cfg.mode == "generate":
+            return generate(cfg)
+        from nanoslg.bench.runner import run_bench
+
+        run_bench(cfg, node)
+        return 0
+    except (ConfigError, RequestError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def generate(cfg) -> int:
+    from nanoslg.engine.sampling_params import SamplingParams
+    from nanoslg.llm import LLM
+
+    if not cfg.prompt:
+        raise ConfigError("mode=generate needs prompt=\"...\"")
+    s = cfg.sampling
+    params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                            min_p=s.min_p, seed=s.seed, ignore_eos=s.ignore_eos)
+    llm = LLM(config=cfg)
+    try:
+        prompt = cfg.prompt
+        if cfg.chat and llm.tokenizer is not None:
+            prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                       tokenize=False, add_generation_prompt=True)
+        out = llm.generate(prompt, params)[0]
+        print(out.text)
+    finally:
+        llm.shutdown()
+    return 0

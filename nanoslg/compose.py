@@ -1,0 +1,33 @@
+"""Composes a config from override strings, exactly as `python run.py <overrides>` would."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from nanoslg.config import Config, register_schema, validate
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def compose_node(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_schema()
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: reuse its search path
+        return compose("config", overrides=overrides)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose("config", overrides=overrides)
+
+
+def compose_config(overrides: list[str]) -> tuple[Config, DictConfig]:
+    node = compose_node(overrides)
+    return validate(node), node
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("nanoslg").setLevel(level)

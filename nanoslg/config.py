@@ -1,0 +1,200 @@
+"""Structured configs: the schema every composed Hydra config is validated against.
+
+Hydra merges each group's YAML into these dataclasses, so an unknown key or a wrong type fails at
+compose time with the key's full name. `validate()` then checks values (choices and ranges) and
+names the key and the allowed values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from nanoslg.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "demo"
+    path: Optional[str] = None  # a Hugging Face checkpoint folder; null with name=demo builds the demo
+    shape: Optional[str] = None  # a bundled config.json (e.g. llama3-8b) for load_format=dummy
+    load_format: str = "auto"  # auto | safetensors | dummy
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cuda | cpu
+    max_model_len: Optional[int] = None
+    seed: int = 0  # seeds dummy weights
+    enforce_eager: bool = False  # no CUDA graphs
+    tokenizer: Optional[str] = None  # defaults to path
+
+
+@dataclass
+class CacheConfig:
+    backend: str = "auto"  # auto | sdpa | paged | flashinfer
+    page_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    max_num_tokens: Optional[int] = None  # KV pool size in tokens; overrides the memory sizing
+    cpu_kv_gib: float = 2.0  # KV budget on the CPU
+    prefix_caching: bool = True
+
+
+@dataclass
+class SchedulerConfig:
+    policy: str = "fcfs"  # fcfs | lpm | dfs-weight | random
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    seed: int = 0  # for policy=random
+
+
+@dataclass
+class ParallelConfig:
+    mode: str = "single"  # single | tp | pp | hybrid
+    tp_size: int = 1
+    pp_size: int = 1
+    stage_layers: Optional[list] = None  # layers per PP stage; even split when null
+    dist_backend: str = "auto"  # auto | nccl | gloo
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0 picks a free port
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    served_model_name: Optional[str] = None
+    max_waiting: int = 1024
+    shutdown_timeout: float = 30.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    log_level: str = "info"
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults for mode=generate (the server and API take them per request)."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class BenchConfig:
+    workload: str = "offline"  # offline | batch1 | shared_prefix | serving
+    name: Optional[str] = None  # experiment folder under experiments/; defaults to workload
+    num_requests: int = 256
+    input_len_min: int = 100
+    input_len_max: int = 1024
+    output_len_min: int = 100
+    output_len_max: int = 1024
+    shared_prefix_len: int = 0
+    request_rate: Optional[float] = None  # Poisson arrivals per second (serving); null = all at once
+    concurrency: Optional[int] = None  # fixed concurrency (serving)
+    seed: int = 0
+    ignore_eos: bool = True
+    peer: str = "none"  # none | hf
+    warmup: int = 1
+    output_dir: str = "experiments"
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    mode: str = "serve"  # serve | generate | bench
+    prompt: Optional[str] = None  # for mode=generate
+    chat: bool = False  # mode=generate: apply the chat template
+    log_level: str = "INFO"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    experiment: dict = field(default_factory=dict)  # free-form notes of a preset
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": ("serve", "generate", "bench"),
+    "model.load_format": ("auto", "safetensors", "dummy"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.device": ("auto", "cuda", "cpu"),
+    "parallel.mode": ("single", "tp", "pp", "hybrid"),
+    "parallel.dist_backend": ("auto", "nccl", "gloo"),
+    "bench.peer": ("none", "hf"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+
+# (key, lower bound, upper bound or None, lower bound inclusive)
+RANGES: list[tuple[str, float, Optional[float], bool]] = [
+    ("cache.page_size", 1, None, True),
+    ("cache.gpu_memory_utilization", 0.0, 1.0, False),
+    ("cache.cpu_kv_gib", 0.0, None, False),
+    ("cache.max_num_tokens", 1, None, True),
+    ("scheduler.max_num_seqs", 1, None, True),
+    ("scheduler.max_num_batched_tokens", 1, None, True),
+    ("parallel.tp_size", 1, None, True),
+    ("parallel.pp_size", 1, None, True),
+    ("model.max_model_len", 1, None, True),
+    ("server.port", 0, 65535, True),
+    ("server.max_waiting", 1, None, True),
+    ("server.shutdown_timeout", 0.0, None, True),
+    ("bench.num_requests", 1, None, True),
+]
+
+
+def register_schema() -> None:
+    """Registers the schema with Hydra's ConfigStore (conf/config.yaml lists it first)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="nanoslg_schema", node=Config)
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key)
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Checks choices and ranges, and returns the typed config object."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(allowed)}")
+    for key, lo, hi, lo_incl in RANGES:
+        value = _get(cfg, key)
+        if value is None:
+            continue
+        bad = value < lo if lo_incl else value <= lo
+        if bad or (hi is not None and value > hi):
+            lo_s = f"{'>=' if lo_incl else '>'} {lo}"
+            rng = f"{lo_s} and <= {hi}" if hi is not None else lo_s
+            raise ConfigError(f"{key}={value!r} is out of range; it must be {rng}")
+    _check_registries(cfg)
+    mode, tp, pp = cfg.parallel.mode, cfg.parallel.tp_size, cfg.parallel.pp_size
+    expect = {"single": (tp == 1 and pp == 1), "tp": pp == 1, "pp": tp == 1, "hybrid": True}
+    if not expect[mode]:
+        raise ConfigError(
+            f"parallel.mode={mode!r} does not fit parallel.tp_size={tp}, parallel.pp_size={pp}; "
+            "single needs both 1, tp needs pp_size=1, pp needs tp_size=1, hybrid takes any"
+        )
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config)  # guaranteed by the schema merge, not reachable by users
+    return obj
+
+
+def _check_registries(cfg: DictConfig) -> None:
+    # Import the registering modules so the registries are complete before checking names.
+    from nanoslg import registry
+    import nanoslg.cache  # noqa: F401
+    import nanoslg.scheduler  # noqa: F401
+
+    for reg, value in (
+        (registry.CACHE_BACKENDS, cfg.cache.backend),
+        (registry.SCHEDULERS, cfg.scheduler.policy),
+    ):
+        if value != "auto" or reg is not registry.CACHE_BACKENDS:
+            reg.get(value)  # raises ValueError naming the key and the allowed values

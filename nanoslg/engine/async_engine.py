@@ -1,0 +1,363 @@
+"""The engine loop: one asyncio loop alternates scheduling with model steps run in a worker thread.
+
+    schedule -> await step (worker thread, its own CUDA stream) -> update sequences -> push deltas
+
+The loop never blocks on the model, so an HTTP server on the same loop keeps answering while a
+step runs. Each request owns a RequestStream of deltas.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Optional, Union
+
+from nanoslg.engine.detokenizer import IncrementalDetokenizer
+from nanoslg.engine.metrics import EngineMetrics
+from nanoslg.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from nanoslg.engine.sampling_params import SamplingParams
+from nanoslg.engine.sequence import Sequence
+from nanoslg.errors import EngineDeadError, RequestError
+from nanoslg.scheduler.plan import StepPlan, StepResult
+from nanoslg.scheduler.scheduler import Scheduler
+
+log = logging.getLogger("nanoslg.engine")
+Prompt = Union[str, list[int]]
+
+
+class RequestStream:
+    """Async iterator over one request's deltas; ends after the delta with finished=True."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._done = False
+
+    def put(self, item: Union[RequestOutput, BaseException]) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        self._done = item.finished
+        return item
+
+
+class _Request:
+    def __init__(self, rid: str, prompt: Optional[str], prompt_ids: list[int], params: SamplingParams,
+                 seqs: list[Sequence], stream: RequestStream):
+        self.id, self.prompt, self.prompt_ids, self.params = rid, prompt, prompt_ids, params
+        self.seqs, self.stream = seqs, stream
+        self.arrival = time.monotonic()
+        self.first_token_time: Optional[float] = None
+
+
+class AsyncEngine:
+    def __init__(self, scheduler: Scheduler, executor, tokenizer, *, model_name: str, max_model_len: int,
+                 vocab_size: int, eos_token_ids: tuple[int, ...], kv_pool_bytes: int = 0, info: dict | None = None):
+        self.scheduler = scheduler
+        self.executor = executor  # a parallel strategy: execute(plan) -> StepResult, shutdown()
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.kv_capacity_tokens = scheduler.kv.capacity_tokens
+        self.kv_pool_bytes = kv_pool_bytes
+        self.info = info or {}  # what the builder chose (backend, mode, dtype, ...) and why
+        self.metrics = EngineMetrics()
+        self._requests: dict[str, _Request] = {}
+        self._seqs: dict[int, Sequence] = {}
+        self.max_inflight = getattr(executor, "max_inflight", 1)
+        self._thread = ThreadPoolExecutor(max_workers=self.max_inflight, thread_name_prefix="nanoslg-step")
+        self._wake: Optional[asyncio.Event] = None
+        self._task: Optional[asyncio.Task] = None
+        self._accepting = True
+        self._dead: Optional[BaseException] = None
+
+    # -- public API ----------------------------------------------------------------------------
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and (self._task is None or not self._task.done())
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="nanoslg-engine")
+
+    def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None) -> RequestStream:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine has stopped: {self._dead}")
+        if not self._accepting:
+            raise EngineDeadError("the engine is shutting down")
+        params = params or SamplingParams()
+        text, ids = self._tokenize(prompt)
+        params = self._fit_max_tokens(ids, params)
+        rid = request_id or uuid.uuid4().hex
+        if rid in self._requests:
+            raise RequestError(f"request id {rid!r} is already in use", param="request_id")
+        stream = RequestStream(rid)
+        seqs = [Sequence(rid, i, ids, params) for i in range(params.n)]
+        self._requests[rid] = _Request(rid, text, ids, params, seqs, stream)
+        for seq in seqs:
+            seq.eos_token_ids = self.eos_token_ids
+            seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) \
+                if self.tokenizer is not None else None
+            self._seqs[seq.seq_id] = seq
+            self.scheduler.add(seq)
+        self.metrics.prompt_tokens += len(ids)
+        self._poke()
+        return stream
+
+    async def generate(self, prompt: Prompt, params: Optional[SamplingParams] = None,
+                       request_id: Optional[str] = None) -> RequestOutput:
+        """Runs one request to the end and returns the accumulated result."""
+        stream = self.add_request(prompt, params, request_id)
+        return await collect(stream)
+
+    def abort(self, request_id: str) -> None:
+        req = self._requests.get(request_id)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if seq.finished:
+                continue
+            if seq.inflight:
+                seq.abort_pending = True  # finished when its step comes back
+            else:
+                self._finish(req, seq, "abort")
+        self._poke()
+
+    async def shutdown(self, timeout: float = 0.0) -> None:
+        """Stop accepting; let running requests finish for up to `timeout` s; abort the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self._requests and self.is_alive and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for rid in list(self._requests):
+            self.abort(rid)
+        while self._requests and self.is_alive and self._task is not None:
+            await asyncio.sleep(0.01)  # let the loop release the aborted sequences' KV
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._thread.shutdown(wait=True)
+        self.executor.shutdown()
+
+    # -- input checks --------------------------------------------------------------------------
+    def _tokenize(self, prompt: Prompt) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("the prompt is empty", param="prompt")
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: send token ids", param="prompt")
+            return prompt, list(self.tokenizer.encode(prompt))
+        ids = list(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})",
+                               param="prompt")
+        return None, ids
+
+    def _fit_max_tokens(self, ids: list[int], params: SamplingParams) -> SamplingParams:
+        n, ctx = len(ids), self.max_model_len
+        if n >= ctx:
+            raise RequestError(f"the prompt has {n} tokens; this model's context is {ctx} tokens",
+                               param="prompt", code="context_length_exceeded")
+        if params.max_tokens is None:
+            params = _replace(params, max_tokens=ctx - n)
+        elif n + params.max_tokens > ctx:
+            raise RequestError(f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) is over this "
+                               f"model's context of {ctx} tokens", param="max_tokens",
+                               code="context_length_exceeded")
+        cap = self.kv_capacity_tokens
+        if n + params.max_tokens > cap:
+            raise RequestError(f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) can never fit "
+                               f"the KV cache of {cap} tokens", param="max_tokens")
+        return params
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        """Keeps up to `executor.max_inflight` steps running (pipeline stages hold one each)."""
+        loop = asyncio.get_running_loop()
+        inflight: dict[asyncio.Future, StepPlan] = {}
+        try:
+            while True:
+                while len(inflight) < self.max_inflight:
+                    plan = self.scheduler.schedule()
+                    if plan is None:
+                        break
+                    inflight[loop.run_in_executor(self._thread, self.executor.execute, plan)] = plan
+                self._wake.clear()
+                if not inflight:
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        check = getattr(self.executor, "check_alive", None)
+                        if check is not None:
+                            check()  # a dead worker rank raises here
+                    continue
+                waits = set(inflight)
+                if len(inflight) < self.max_inflight:  # new work may start another micro-batch
+                    waits.add(loop.create_task(self._wake.wait()))
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for fut in waits - set(inflight):
+                    fut.cancel()
+                for fut in sorted(done & set(inflight), key=lambda f: inflight[f].step_id):
+                    self._process(inflight.pop(fut), fut.result())
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # the engine cannot go on: fail every request, never hang
+            log.exception("engine loop died")
+            self._dead = e
+            for req in list(self._requests.values()):
+                req.stream.put(EngineDeadError(f"the engine stopped: {e!r}"))
+            self._requests.clear()
+
+    def _process(self, plan: StepPlan, result: StepResult) -> None:
+        now = time.monotonic()
+        for st in plan.seqs:
+            seq = self._seqs.get(st.seq_id)
+            if seq is not None:
+                seq.inflight = False
+                seq.num_computed_tokens = st.start + len(st.token_ids)
+        deltas: dict[str, dict[int, CompletionOutput]] = {}
+        lps = result.logprobs or [None] * len(result.seq_ids)
+        for seq_id, tok, lp in zip(result.seq_ids, result.token_ids, lps):
+            seq = self._seqs.get(seq_id)
+            if seq is None or seq.finished:
+                continue
+            req = self._requests[seq.request_id]
+            if seq.abort_pending:
+                self._finish(req, seq, "abort")
+                continue
+            self._append(req, seq, tok, lp, now, deltas)
+        for seq_id in [s.seq_id for s in plan.seqs]:  # aborted mid-step without sampling
+            seq = self._seqs.get(seq_id)
+            if seq is not None and seq.abort_pending and not seq.finished:
+                self._finish(self._requests[seq.request_id], seq, "abort")
+        for rid, outs in deltas.items():
+            req = self._requests.get(rid)
+            if req is not None:
+                self._emit(req, list(outs.values()))
+        m, s = self.metrics, self.scheduler
+        m.num_running, m.num_waiting, m.kv_cache_usage = len(s.running), s.num_waiting, s.kv.usage()
+        m.preemptions = s.num_preemptions
+        m.prefix_cache_queries, m.prefix_cache_hits = s.kv.prefix_queries, s.kv.prefix_hits
+
+    def _append(self, req: _Request, seq: Sequence, tok: int, lp, now: float, deltas: dict) -> None:
+        seq.token_ids.append(tok)
+        self.metrics.generation_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            if req.first_token_time is None:
+                req.first_token_time = now
+                self.metrics.time_to_first_token.observe(now - req.arrival)
+                self.metrics.request_queue_time.observe((seq.first_scheduled_time or now) - req.arrival)
+        else:
+            self.metrics.inter_token_latency.observe(now - seq.last_token_time)
+        seq.last_token_time = now
+        logprob = Logprob(tok, lp[0], lp[1]) if lp is not None else None
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if seq.detok is not None:
+            seq.text += seq.detok.add(tok)
+        reason = self._stop_reason(seq, tok)
+        out = deltas.setdefault(req.id, {}).setdefault(
+            seq.index, CompletionOutput(seq.index, logprobs=[] if req.params.logprobs is not None else None))
+        out.token_ids.append(tok)
+        if out.logprobs is not None and logprob is not None:
+            out.logprobs.append(logprob)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            out.finish_reason, out.stop_reason = reason, seq.stop_reason
+        hold = 0 if reason is not None else max((len(s) for s in req.params.stop), default=1) - 1
+        upto = max(seq.emitted, len(seq.text) - hold)
+        out.text += seq.text[seq.emitted:upto]
+        seq.emitted = upto
+
+    def _stop_reason(self, seq: Sequence, tok: int) -> Optional[str]:
+        p = seq.params
+        n_out = seq.num_output_tokens
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and tok in seq.eos_token_ids:
+                return "stop"
+            if tok in p.stop_token_ids:
+                seq.stop_reason = tok
+                return "stop"
+            if p.stop and seq.detok is not None:
+                for stop in p.stop:
+                    at = seq.text.find(stop, max(0, seq.emitted - len(stop)))
+                    if at >= 0:
+                        seq.text = seq.text[:at]
+                        seq.stop_reason = stop
+                        return "stop"
+        if n_out >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, req: _Request, seq: Sequence, reason: str) -> None:
+        """Ends one sequence outside the normal token path (abort) and emits its last delta."""
+        self.scheduler.finish(seq, reason)
+        self._emit(req, [CompletionOutput(seq.index, finish_reason=reason)])
+        self._poke()
+
+    def _emit(self, req: _Request, outs: list[CompletionOutput]) -> None:
+        done = all(s.finished for s in req.seqs)
+        req.stream.put(RequestOutput(req.id, req.prompt_ids, sorted(outs, key=lambda o: o.index), done,
+                                     req.seqs[0].num_cached_tokens, req.prompt))
+        if done:
+            now = time.monotonic()
+            self.metrics.e2e_request_latency.observe(now - req.arrival)
+            for seq in req.seqs:
+                self.metrics.requests_finished[seq.finish_reason] = \
+                    self.metrics.requests_finished.get(seq.finish_reason, 0) + 1
+                self._seqs.pop(seq.seq_id, None)
+            self._requests.pop(req.id, None)
+
+
+async def collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """Accumulates a stream of deltas into one final RequestOutput."""
+    final: Optional[RequestOutput] = None
+    outs: dict[int, CompletionOutput] = {}
+    async for delta in stream:
+        final = delta
+        for d in delta.outputs:
+            o = outs.setdefault(d.index, CompletionOutput(d.index, logprobs=[] if d.logprobs is not None else None))
+            o.text += d.text
+            o.token_ids += d.token_ids
+            if d.logprobs:
+                o.logprobs = (o.logprobs or []) + d.logprobs
+            if d.finish_reason is not None:
+                o.finish_reason, o.stop_reason = d.finish_reason, d.stop_reason
+    final.outputs = [outs[i] for i in sorted(outs)]
+    return final
+
+
+def _replace(params: SamplingParams, **changes) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params, **changes)

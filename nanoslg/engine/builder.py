@@ -1,0 +1,85 @@
+"""Turns a validated config into a running-ready AsyncEngine, through the registries."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from nanoslg.config import Config
+from nanoslg.engine.async_engine import AsyncEngine
+from nanoslg.errors import ConfigError
+from nanoslg.registry import PARALLEL, SCHEDULERS
+from nanoslg.scheduler.scheduler import Scheduler
+
+log = logging.getLogger("nanoslg")
+
+
+def build_engine(cfg: Config) -> AsyncEngine:
+    import nanoslg.parallel  # noqa: F401  (registers the strategies)
+    import nanoslg.scheduler  # noqa: F401
+    from nanoslg.parallel.build import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(cfg)
+    args = ckpt.args
+    max_len = cfg.model.max_model_len or args.max_position_embeddings
+    if max_len > args.max_position_embeddings:
+        raise ConfigError(f"model.max_model_len={max_len} is over the checkpoint's "
+                          f"max_position_embeddings={args.max_position_embeddings}")
+    executor = PARALLEL.get(cfg.parallel.mode)(cfg, ckpt)
+    backend = executor.backend
+    kv = backend.make_manager(executor.num_pages, cfg.cache.page_size, cfg.cache.prefix_caching)
+    scheduler = Scheduler(cfg.scheduler, kv, SCHEDULERS.get(cfg.scheduler.policy)(cfg.scheduler))
+    tokenizer = _tokenizer(cfg, ckpt)
+    eos = _eos_ids(ckpt.path, args, tokenizer)
+    pool_bytes = executor.num_pages * cfg.cache.page_size * backend.spec.bytes_per_token
+    rt = executor.rt
+    name = cfg.server.served_model_name or (os.path.basename(os.path.normpath(cfg.model.path))
+                                            if cfg.model.path else cfg.model.name)
+    info = {
+        "model": name, "path": ckpt.path, "architecture": args.architecture,
+        "load_format": "dummy" if cfg.model.load_format == "dummy" else "safetensors",
+        "device": str(executor.device), "dtype": str(backend.spec.dtype).replace("torch.", ""),
+        "dtype_reason": rt.dtype_reason, "cache_backend": rt.backend_name, "cache_reason": rt.backend_reason,
+        "parallel": f"{cfg.parallel.mode} (tp={cfg.parallel.tp_size}, pp={cfg.parallel.pp_size})",
+        "kv_pages": executor.num_pages, "kv_tokens": kv.capacity_tokens, "kv_gib": pool_bytes / 2**30,
+        "kv_budget": executor.budget_why if cfg.cache.max_num_tokens is None else "cache.max_num_tokens",
+        "prefix_caching": bool(cfg.cache.prefix_caching and kv.paged), "max_model_len": max_len,
+    }
+    log.info("model %s (%s, %s) on %s, dtype %s: %s", info["model"], args.architecture, info["load_format"],
+             info["device"], info["dtype"], info["dtype_reason"])
+    log.info("parallel %s; cache backend %s: %s", info["parallel"], info["cache_backend"], info["cache_reason"])
+    log.info("KV pool: %d pages x %d = %d tokens, %.2f GiB (budget: %s); prefix caching %s",
+             executor.num_pages, cfg.cache.page_size, kv.capacity_tokens, info["kv_gib"], info["kv_budget"],
+             "on" if info["prefix_caching"] else "off")
+    return AsyncEngine(scheduler, executor, tokenizer, model_name=name,
+                       max_model_len=max_len, vocab_size=args.vocab_size, eos_token_ids=eos,
+                       kv_pool_bytes=pool_bytes, info=info)
+
+
+def _tokenizer(cfg: Config, ckpt):
+    path = cfg.model.tokenizer or (ckpt.path if ckpt.has_tokenizer else None)
+    if path is None:
+        log.info("no tokenizer in %s: prompts must be token ids, outputs carry no text", ckpt.path)
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _eos_ids(path: str, args, tokenizer) -> tuple[int, ...]:
+    ids: set[int] = set()
+
+    def add(v):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, list):
+            ids.update(x for x in v if isinstance(x, int))
+
+    gen = os.path.join(path, "generation_config.json")
+    if os.path.exists(gen):
+        with open(gen) as f:
+            add(json.load(f).get("eos_token_id"))
+    add(args.eos_token_id)
+    if tokenizer is not None:
+        add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))

@@ -1,0 +1,85 @@
+"""The synchronous Python API: `LLM("model.path=/ckpt", "cache=sdpa").generate(prompts, params)`.
+
+The engine runs on its own event loop in a background thread, so this works from plain scripts,
+notebooks and inside other event loops alike.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Optional, Sequence as Seq, Union
+
+from nanoslg.compose import compose_config, setup_logging
+from nanoslg.config import Config
+from nanoslg.engine.async_engine import AsyncEngine, collect
+from nanoslg.engine.outputs import RequestOutput
+from nanoslg.engine.sampling_params import SamplingParams
+
+Prompt = Union[str, list[int]]
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # uvloop is optional (e.g. on Windows)
+        return asyncio.new_event_loop()
+
+
+class LLM:
+    def __init__(self, *overrides: str, config: Optional[Config] = None):
+        if config is None:
+            config, _ = compose_config(list(overrides))
+        self.config = config
+        setup_logging(config.log_level)
+        self._loop = new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="nanoslg-loop", daemon=True)
+        self._thread.start()
+        from nanoslg.engine.builder import build_engine
+
+        self.engine: AsyncEngine = build_engine(config)
+        self._call(self.engine.start())
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Union[Prompt, Seq[Prompt]],
+                 params: Union[SamplingParams, Seq[SamplingParams], None] = None) -> list[RequestOutput]:
+        """Generates for each prompt (a string or a list of token ids); returns results in order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
+
+        async def run() -> list[RequestOutput]:
+            streams = []
+            try:
+                for p, sp in zip(prompts, params):
+                    streams.append(self.engine.add_request(p, sp))
+            except Exception:
+                for s in streams:  # a bad prompt fails the call; nothing keeps running behind it
+                    self.engine.abort(s.request_id)
+                raise
+            return list(await asyncio.gather(*(collect(s) for s in streams)))
+
+        return self._call(run())
+
+    def shutdown(self) -> None:
+        if self._loop.is_running():
+            self._call(self.engine.shutdown(0.0))
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

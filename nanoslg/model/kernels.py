@@ -1,0 +1,88 @@
+"""Fused GPU kernels (FlashInfer) with plain-torch twins.
+
+The torch versions are the reference and the CPU path; `tests/test_kernels.py` checks that both
+give the same numbers on the GPU. `use_fused()` decides per tensor: CUDA and FlashInfer importable.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _flashinfer():
+    try:
+        import flashinfer  # noqa: F401
+
+        return flashinfer
+    except Exception:  # not installed, or no GPU build: the torch path serves
+        return None
+
+
+_ENABLED = True
+
+
+def set_fused(enabled: bool) -> None:
+    """Tests turn fused kernels off to compare against the torch path."""
+    global _ENABLED
+    _ENABLED = enabled
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    return _ENABLED and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _flashinfer() is not None
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if use_fused(x) and x.dim() == 2:
+        return _flashinfer().norm.rmsnorm(x.contiguous(), weight, eps)
+    return rms_norm_torch(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual <- x + residual; returns (rms_norm(residual), residual)."""
+    if use_fused(x) and x.dim() == 2:
+        x, residual = x.contiguous(), residual.contiguous()
+        _flashinfer().norm.fused_add_rmsnorm(x, residual, weight, eps)  # in place, both tensors
+        return x, residual
+    residual = x + residual
+    return rms_norm_torch(residual, weight, eps), residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x = [gate | up] on the last dim -> silu(gate) * up."""
+    if use_fused(x):
+        return _flashinfer().activation.silu_and_mul(x.contiguous())
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def rope_torch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary on q [T, Hq, D], k [T, Hk, D]; cos_sin [max_pos, D] (cos half | sin half), fp32."""
+    cos, sin = cos_sin[positions].chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rot(q), rot(k)
+
+
+def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+         cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_fused(q):
+        t, hq, d = q.shape
+        qf, kf = q.reshape(t, -1).contiguous(), k.reshape(t, -1).contiguous()
+        _flashinfer().rope.apply_rope_with_cos_sin_cache_inplace(positions, qf, kf, d, cos_sin, True)
+        return qf.view(t, hq, d), kf.view(t, -1, d)
+    return rope_torch(positions, q, k, cos_sin)

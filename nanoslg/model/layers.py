@@ -1,0 +1,217 @@
+"""Building blocks: norms, activation, rotary embedding, and tensor-parallel linears.
+
+TP linears follow nano-vllm: each parameter carries a `weight_loader(param, loaded, shard_id=None)`
+that copies this rank's slice of a checkpoint tensor. `loaded` is a torch tensor or a safetensors
+slice (`safe_open(...).get_slice(name)`), so only the slice is read from disk. With tp_size=1
+everything is a plain linear.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoslg.errors import ConfigError
+from nanoslg.model import kernels
+from nanoslg.parallel.state import get_state, tp_all_gather_last_dim, tp_all_reduce
+
+
+def _shape(loaded) -> list[int]:
+    return list(loaded.get_shape()) if hasattr(loaded, "get_shape") else list(loaded.shape)
+
+
+def _rows(loaded, start: int, size: int) -> torch.Tensor:
+    """Rows [start, start+size) of a tensor or safetensors slice."""
+    return loaded[start:start + size]
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str = "weight") -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ConfigError(f"checkpoint {name} has shape {tuple(src.shape)}, the model expects {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+# -- norms and activation -----------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 like HF. With `residual`, adds it first and returns (normed, new residual)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if residual is None:
+            shape = x.shape
+            return kernels.rms_norm(x.reshape(-1, shape[-1]), self.weight, self.eps).view(shape)
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class SiluAndMul(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.silu_and_mul(x)
+
+
+# -- rotary embedding -----------------------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch.Tensor:
+    """HF's inverse frequencies, with the `linear` and `llama3` scalings."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv
+    kind = scaling.get("rope_type", "default")
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+        return torch.where(medium, smoothed, scaled)
+    raise ConfigError(f"config.json rope_type={kind!r} is not supported; allowed: default, linear, llama3")
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotary (HF Llama/Qwen) with a [max_pos, head_dim] fp32 cos|sin cache."""
+
+    def __init__(self, head_dim: int, max_pos: int, theta: float, scaling: Optional[dict]):
+        super().__init__()
+        inv = rope_inv_freq(head_dim, theta, scaling)
+        freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv)
+        cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype=torch.float32)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        return kernels.rope(positions, q, k, self.cos_sin_cache)
+
+
+# -- tensor-parallel linears ------------------------------------------------------------------------------
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        st = get_state()
+        self.tp_rank, self.tp_size = st.tp_rank, st.tp_size
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features))
+            self.bias.weight_loader = self.weight_loader
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _divide(n: int, tp: int, what: str) -> int:
+    if n % tp:
+        raise ConfigError(f"{what}={n} is not divisible by parallel.tp_size={tp}")
+    return n // tp
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across ranks; each rank returns its slice."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, _divide(out_features, get_state().tp_size, "output features"), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        n = param.shape[0]
+        _copy(param.data, _rows(loaded, self.tp_rank * n, n))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one matmul (gate_up); shard_id = index in `output_sizes`."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
+        self.output_sizes = output_sizes
+        super().__init__(in_features, sum(output_sizes), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id: int) -> None:
+        size = self.output_sizes[shard_id] // self.tp_size
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        _copy(param.data[offset:offset + size], _rows(loaded, self.tp_rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k, v projections fused; shard ids "q", "k", "v". When tp_size > num_kv_heads each KV head is
+    replicated on tp_size / num_kv_heads ranks."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+        tp = get_state().tp_size
+        if num_kv_heads % tp and tp % num_kv_heads:
+            raise ConfigError(f"num_key_value_heads={num_kv_heads} and parallel.tp_size={tp}: one must divide the other")
+        self.head_dim = head_dim
+        self.num_heads = _divide(num_heads, tp, "num_attention_heads")
+        self.num_kv_heads = max(1, num_kv_heads // tp)
+        self.kv_replicas = max(1, tp // num_kv_heads)  # ranks sharing one KV head
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
+        super().__init__(hidden, out, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id: str) -> None:
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if shard_id == "q":
+            offset, size, start = 0, q, self.tp_rank * q
+        else:
+            offset = q if shard_id == "k" else q + kv
+            size, start = kv, (self.tp_rank // self.kv_replicas) * kv
+        _copy(param.data[offset:offset + size], _rows(loaded, start, size))
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across ranks; partial outputs are summed with an all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(_divide(in_features, get_state().tp_size, "input features"), out_features, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        if param.dim() == 1:  # the bias is whole on every rank, added once after the reduce
+            return _copy(param.data, loaded[:])
+        n = param.shape[1]
+        _copy(param.data, loaded[:, self.tp_rank * n:(self.tp_rank + 1) * n])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = tp_all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Vocab rows split across ranks (vocab padded up to a multiple of tp_size)."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        st = get_state()
+        self.tp_rank, self.tp_size = st.tp_rank, st.tp_size
+        self.vocab_size = vocab_size
+        self.part = -(-vocab_size // self.tp_size)
+        self.start = self.tp_rank * self.part
+        self.weight = nn.Parameter(torch.empty(self.part, dim))
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        n = max(0, min(self.part, self.vocab_size - self.start))
+        if _shape(loaded)[0] != self.vocab_size:
+            raise ConfigError(f"checkpoint vocab rows {_shape(loaded)[0]} != vocab_size={self.vocab_size}")
+        param.data.zero_()
+        if n:
+            param.data[:n].copy_(_rows(loaded, self.start, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(x, self.weight)
+        mask = (x >= self.start) & (x < self.start + self.part)
+        y = F.embedding(torch.where(mask, x - self.start, 0), self.weight)
+        return tp_all_reduce(y * mask.unsqueeze(-1).to(y.dtype))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, H] -> float32 logits [B, vocab], gathered from every TP rank, padding trimmed."""
+        logits = tp_all_gather_last_dim(F.linear(x, self.weight))
+        return logits[:, :self.vocab_size].float()

@@ -1,0 +1,123 @@
+"""One decoder for Llama (and Mistral-style), Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm).
+
+Pipeline stages: the model builds only the layers in `get_state().stage_layers` (global indices
+[first, last)); the first stage owns the embedding, the last the final norm and the LM head.
+
+    forward(input_ids, positions, ctx, hidden=None, residual=None)
+      first stage: embeds input_ids (hidden/residual ignored); later stages: run on the received
+      (hidden, residual). The last stage returns the normed hidden [T, H]; other stages return
+      (hidden, residual), both [T, H], to send to the next stage.
+
+`ctx.attend(layer, ...)` gets the LOCAL layer index (global index minus the stage's first layer),
+so each stage's KV cache holds only its own layers, numbered from 0.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from nanoslg.model.hf_config import ModelArgs
+from nanoslg.model.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
+                                  RotaryEmbedding, RowParallelLinear, SiluAndMul, VocabParallelEmbedding)
+from nanoslg.parallel.state import get_state
+from nanoslg.registry import ARCHITECTURES
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, local_idx: int):
+        super().__init__()
+        self.local_idx = local_idx
+        d = args.head_dim
+        self.qkv_proj = QKVParallelLinear(args.hidden_size, d, args.num_heads, args.num_kv_heads, args.attention_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
+        self.o_proj = RowParallelLinear(args.num_heads * d, args.hidden_size, args.o_bias)
+        self.rotary_emb = RotaryEmbedding(d, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
+        self.q_norm = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else None
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = q.view(t, self.num_heads, -1), k.view(t, self.num_kv_heads, -1), v.view(t, self.num_kv_heads, -1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        o = ctx.attend(self.local_idx, q, k, v.contiguous())
+        return self.o_proj(o.reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        inter = args.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(args.hidden_size, [inter, inter], args.mlp_bias)
+        self.down_proj = RowParallelLinear(inter, args.hidden_size, args.mlp_bias)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, local_idx: int):
+        super().__init__()
+        self.self_attn = Attention(args, local_idx)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, positions, hidden, residual, ctx):
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, ctx)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, args: ModelArgs, first: int, last: int, is_first: bool, is_last: bool):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size) if is_first else None
+        # Keyed by GLOBAL index so checkpoint names map directly; attention gets the local index.
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(args, i - first) for i in range(first, last)})
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if is_last else None
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        st = get_state()
+        first, last = st.stage_layers
+        last = args.num_layers if last == -1 else last
+        self.args = args
+        self.first_layer, self.last_layer = first, last
+        self.model = DecoderModel(args, first, last, st.is_first_stage, st.is_last_stage)
+        self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size) if st.is_last_stage else None
+        if self.lm_head is not None and args.tie_word_embeddings and self.model.embed_tokens is not None:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx,
+                hidden: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None):
+        m = self.model
+        if m.embed_tokens is not None:
+            hidden, residual = m.embed_tokens(input_ids), None
+        for layer in m.layers.values():
+            hidden, residual = layer(positions, hidden, residual, ctx)
+        if m.norm is None:
+            return hidden, (residual if residual is not None else torch.zeros_like(hidden))
+        if residual is None:  # a last stage without layers
+            return m.norm(hidden)
+        return m.norm(hidden, residual)[0]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, H] (rows to sample) -> float32 logits [B, vocab]."""
+        return self.lm_head(hidden)
+
+
+ARCHITECTURES.register("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")(
+    LlamaForCausalLM)

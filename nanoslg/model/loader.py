@@ -1,0 +1,162 @@
+"""Builds a model from a checkpoint folder: safetensors weights (this rank's TP slices only), or random
+weights of the right shapes (`load_format=dummy`)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Optional, Union
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from nanoslg.errors import ConfigError
+from nanoslg.model.hf_config import ModelArgs, load_args
+from nanoslg.parallel.state import get_state
+from nanoslg.registry import ARCHITECTURES
+
+log = logging.getLogger("nanoslg.loader")
+
+# HF name piece -> (our fused parameter piece, shard id)
+STACKED = [
+    (".q_proj.", ".qkv_proj.", "q"),
+    (".k_proj.", ".qkv_proj.", "k"),
+    (".v_proj.", ".qkv_proj.", "v"),
+    (".gate_proj.", ".gate_up_proj.", 0),
+    (".up_proj.", ".gate_up_proj.", 1),
+]
+STACKED_OF = {hf: ours for hf, ours, _ in STACKED}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def default_weight_loader(param: torch.nn.Parameter, loaded, shard_id=None) -> None:
+    """For parameters whole on every rank (norms)."""
+    t = loaded[:]
+    if tuple(t.shape) != tuple(param.shape):
+        raise ConfigError(f"checkpoint tensor of shape {tuple(t.shape)} does not fit parameter {tuple(param.shape)}")
+    param.data.copy_(t)
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype], args: ModelArgs, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype={dtype!r} is not allowed; allowed: auto, float32, bfloat16, float16")
+        return getattr(torch, dtype)
+    if device.type == "cpu":
+        log.info("dtype auto on CPU: float32 (bf16/fp16 matmuls are slow and inexact there)")
+        return torch.float32
+    log.info("dtype auto on %s: the checkpoint's %s", device, args.torch_dtype)
+    return args.torch_dtype
+
+
+def load_model(path: Union[str, ModelArgs, None], args: Optional[ModelArgs] = None, *,
+               dtype: Union[str, torch.dtype] = "auto", device: Union[str, torch.device] = "cpu",
+               load_format: str = "auto", seed: int = 0) -> torch.nn.Module:
+    """`path`: a checkpoint folder, or ModelArgs alone (then load_format must be dummy).
+    load_format: auto|safetensors read the weights; dummy makes seeded random ones."""
+    if isinstance(path, ModelArgs):
+        path, args = None, path
+    if args is None:
+        if path is None:
+            raise ConfigError("load_model needs a checkpoint path or ModelArgs")
+        args = load_args(path)
+    if path is None and load_format != "dummy":
+        raise ConfigError("model.load_format must be dummy when there is no checkpoint path")
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, args, device)
+    cls = ARCHITECTURES.get(args.architecture)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(args)
+    finally:
+        torch.set_default_dtype(old)
+    if load_format == "dummy":
+        init_dummy(model, seed)
+    elif load_format in ("auto", "safetensors"):
+        load_weights(model, path)
+    else:
+        raise ConfigError(f"model.load_format={load_format!r} is not allowed; allowed: auto, safetensors, dummy")
+    return model.eval()
+
+
+def safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if any(not n.startswith("consolidated") for n in names):  # Mistral repos ship both layouts
+            names = [n for n in names if not n.startswith("consolidated")]
+    if not names:
+        raise ConfigError(f"no *.safetensors in {path}; use model.load_format=dummy for random weights")
+    return [os.path.join(path, n) for n in names]
+
+
+def targets(name: str, model, params: dict) -> list[tuple[str, object]]:
+    """Our (parameter name, shard id) pairs for a checkpoint tensor name; [] to skip it."""
+    if "rotary_emb.inv_freq" in name:
+        return []
+    m = _LAYER.match(name)
+    if m and not model.first_layer <= int(m.group(1)) < model.last_layer:
+        return []  # another pipeline stage's layer
+    if model.args.tie_word_embeddings and name in ("model.embed_tokens.weight", "lm_head.weight"):
+        # One tensor feeds both ends; a stage that has only the LM head loads it there.
+        return [(n, None) for n in ("model.embed_tokens.weight", "lm_head.weight") if n in params]
+    for hf, ours, shard in STACKED:
+        if hf in name:
+            return [(name.replace(hf, ours), shard)]
+    return [(name, None)]
+
+
+@torch.no_grad()
+def load_weights(model, path: str) -> None:
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    st = get_state()
+    files = safetensors_files(path)
+    for file in tqdm(files, desc="loading weights", disable=(st.tp_rank or st.pp_rank) != 0):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                for pname, shard in targets(name, model, params):
+                    param = params.get(pname)
+                    if param is None:
+                        log.debug("skipping checkpoint tensor %s (no such parameter)", name)
+                        continue
+                    loader = getattr(param, "weight_loader", default_weight_loader)
+                    sl = f.get_slice(name)
+                    if shard is None:
+                        loader(param, sl)
+                    else:
+                        loader(param, sl, shard)
+                    loaded.add(pname if shard is None else f"{pname}#{shard}")
+    need = {}  # what must be loaded -> the checkpoint name to report if it is not
+    for pname in params:
+        stacked = [(hf, s) for hf, ours, s in STACKED if ours in pname]
+        for hf, s in stacked:
+            need[f"{pname}#{s}"] = pname.replace(STACKED_OF[hf], hf)
+        if not stacked:
+            need[pname] = pname
+    missing = sorted(v for k, v in need.items() if k not in loaded)
+    if missing:
+        raise ConfigError(f"checkpoint {path} lacks weights the model needs: {', '.join(missing[:8])}"
+                          + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""))
+
+
+@torch.no_grad()
+def init_dummy(model, seed: int) -> None:
+    """Seeded random weights: small-std normal (bf16 stays finite through many layers), norms = 1."""
+    gen = None
+    for name, p in model.named_parameters():
+        if gen is None:
+            gen = torch.Generator(device=p.device).manual_seed(seed)
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)

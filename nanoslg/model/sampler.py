@@ -1,0 +1,164 @@
+"""Batched sampling with per-sequence state (vLLM semantics).
+
+Order per row: min_tokens mask -> penalties -> (greedy: argmax) temperature -> top-k -> top-p -> min-p
+-> draw. Draws use the exponential race (argmax of probs / Exp(1) noise), which samples from `probs`
+exactly; a seeded sequence draws its noise from its own torch.Generator, so the same seed gives the
+same tokens whatever else is in the batch. Child i of an n>1 request uses seed + i (i = NewSeq.index,
+0 when the plan does not carry it).
+
+Penalties: repetition over prompt + output tokens (logit / p if > 0 else logit * p), frequency and
+presence over output tokens only (logit -= f * count, logit -= p * [count > 0]).
+Logprobs are the log_softmax of the raw logits, before any of the above.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from nanoslg.engine.sampling_params import SamplingParams
+from nanoslg.scheduler.plan import NewSeq
+
+
+@dataclass
+class _Seq:
+    params: SamplingParams
+    prompt: list[int]
+    num_out: int  # tokens generated so far (including those before a preemption)
+    stop_ids: list[int]
+    gen: Optional[torch.Generator] = None
+    counts: Optional[torch.Tensor] = None  # [V] output token counts (penalties only)
+    seen: Optional[torch.Tensor] = None  # [V] bool: in prompt or output (repetition penalty only)
+    init_out: Optional[list[int]] = None  # output tokens known at add(), folded into counts lazily
+
+
+class Sampler:
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.seqs: dict[int, _Seq] = {}
+
+    def add(self, ns: NewSeq) -> None:
+        if ns.seq_id in self.seqs:  # already known: keep its generator state
+            return
+        p = ns.params
+        gen = None
+        if p.seed is not None and not p.greedy:
+            seed = (p.seed + getattr(ns, "index", 0)) % 2**64
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.seqs[ns.seq_id] = _Seq(p, list(ns.prompt_token_ids), len(ns.output_token_ids), list(ns.stop_ids),
+                                    gen, init_out=list(ns.output_token_ids))
+
+    def remove(self, seq_ids) -> None:
+        for i in seq_ids:
+            self.seqs.pop(i, None)
+
+    def _penalty_state(self, s: _Seq, vocab: int) -> None:
+        if s.counts is not None:
+            return
+        out = torch.tensor(s.init_out, dtype=torch.long, device=self.device)
+        s.counts = torch.zeros(vocab, device=self.device).index_add_(0, out, torch.ones(len(out), device=self.device))
+        s.seen = s.counts > 0
+        s.seen[torch.tensor(s.prompt, dtype=torch.long, device=self.device)] = True
+        s.prompt = []  # folded into `seen`
+
+    def sample(self, logits: torch.Tensor, seq_ids: list[int]) -> tuple[list[int], Optional[list]]:
+        """logits: float32 [B, V], row i for seq_ids[i]. Returns token ids and per-row logprobs
+        (None, or per row None | (logprob, [(token_id, logprob), ...])), or None if no row asked."""
+        states = [self.seqs[i] for i in seq_ids]
+        B, V = logits.shape
+        want_lp = any(s.params.logprobs is not None for s in states)
+        raw_lp = torch.log_softmax(logits.float(), dim=-1) if want_lp else None
+        x = logits.float()
+        x = self._mask_stops(x, states)
+        x = self._penalize(x, states, V)
+        greedy = [s.params.greedy for s in states]
+        if all(greedy):
+            tokens = x.argmax(dim=-1)
+        else:
+            tokens = self._draw(x, states, greedy)
+        token_list = tokens.tolist()
+        for s, t in zip(states, token_list):
+            s.num_out += 1
+            if s.counts is not None:
+                s.counts[t] += 1
+                s.seen[t] = True
+        return token_list, (self._logprobs(raw_lp, tokens, states) if want_lp else None)
+
+    def _mask_stops(self, x: torch.Tensor, states: list[_Seq]) -> torch.Tensor:
+        rows, cols = [], []
+        for r, s in enumerate(states):
+            if s.num_out < s.params.min_tokens:
+                ids = [t for t in s.stop_ids if t < x.shape[1]]
+                rows += [r] * len(ids)
+                cols += ids
+        if not rows:
+            return x
+        x = x.clone()
+        x[torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device)] = float("-inf")
+        return x
+
+    def _penalize(self, x: torch.Tensor, states: list[_Seq], vocab: int) -> torch.Tensor:
+        rows = [r for r, s in enumerate(states) if s.params.has_penalties]
+        if not rows:
+            return x
+        for r in rows:
+            self._penalty_state(states[r], vocab)
+        ps = [states[r].params for r in rows]
+        idx = torch.tensor(rows, device=x.device)
+        counts = torch.stack([states[r].counts for r in rows])
+        seen = torch.stack([states[r].seen for r in rows])
+        col = lambda v: torch.tensor(v, dtype=torch.float32, device=x.device)[:, None]  # noqa: E731
+        rep, freq, pres = col([p.repetition_penalty for p in ps]), col([p.frequency_penalty for p in ps]), \
+            col([p.presence_penalty for p in ps])
+        y = x[idx]
+        y = torch.where(seen, torch.where(y > 0, y / rep, y * rep), y)
+        y = y - freq * counts - pres * (counts > 0).float()
+        x = x.clone()
+        x[idx] = y
+        return x
+
+    def _draw(self, x: torch.Tensor, states: list[_Seq], greedy: list[bool]) -> torch.Tensor:
+        dev = x.device
+        best = x.argmax(dim=-1)
+        temps = torch.tensor([1.0 if g else s.params.temperature for g, s in zip(greedy, states)], device=dev)
+        x = x / temps[:, None]
+        ks = [s.params.top_k for s in states]
+        ps = [s.params.top_p for s in states]
+        if any(k > 0 for k in ks) or any(p < 1.0 for p in ps):
+            x = top_k_top_p(x, torch.tensor([k if k > 0 else x.shape[1] for k in ks], device=dev),
+                            torch.tensor(ps, dtype=torch.float32, device=dev))
+        probs = x.softmax(dim=-1)
+        min_p = [s.params.min_p for s in states]
+        if any(m > 0 for m in min_p):
+            thresh = torch.tensor(min_p, device=dev)[:, None] * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < thresh, 0.0)
+        noise = torch.empty_like(probs).exponential_()
+        for r, s in enumerate(states):
+            if s.gen is not None:
+                noise[r].exponential_(generator=s.gen)
+        drawn = (probs / noise).argmax(dim=-1)
+        return torch.where(torch.tensor(greedy, device=dev), best, drawn)
+
+    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, states: list[_Seq]) -> list:
+        k = max(s.params.logprobs or 0 for s in states)
+        chosen = raw.gather(1, tokens[:, None])[:, 0].tolist()
+        top_v, top_i = (raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long()))
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        out = []
+        for r, s in enumerate(states):
+            n = s.params.logprobs
+            out.append(None if n is None else (chosen[r], list(zip(top_i[r][:n], top_v[r][:n]))))
+        return out
+
+
+def top_k_top_p(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Masks to -inf what falls outside each row's top k and top p nucleus (k: [B] long, p: [B])."""
+    srt, idx = x.sort(dim=-1, descending=False)
+    kth = srt.gather(1, (x.shape[1] - k).clamp(min=0)[:, None])
+    srt = srt.masked_fill(srt < kth, float("-inf"))
+    cum = srt.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= (1 - p)[:, None]
+    drop[:, -1] = False  # always keep the most likely token
+    srt = srt.masked_fill(drop, float("-inf"))
+    return torch.empty_like(x).scatter_(1, idx, srt)

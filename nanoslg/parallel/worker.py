@@ -1,0 +1,209 @@
+"""What every rank of a tp/pp/hybrid run does per step, and the loop ranks > 0 run.
+
+Per step: rank 0 broadcasts the plan's pickled bytes on the gloo `ctrl` group (one fixed-size
+broadcast for a usual plan; a second one only for the rest of a large plan). Each rank then runs its
+stage: the first stage embeds the plan's tokens, later stages receive hidden + residual from the same
+TP rank of the previous stage; a non-last stage sends its output on; the last stage computes logits
+(gathered over its TP group) and its TP rank 0 samples and sends the StepResult to rank 0.
+
+Workers receive plans in a thread of their own, so a stage takes the next plan (and the next
+micro-batch's hidden state) as soon as it is done with the current one: stages overlap.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import queue
+import threading
+import traceback
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from nanoslg.scheduler.plan import StepPlan, StepResult
+
+log = logging.getLogger("nanoslg.parallel")
+
+HEAD = 64 * 1024  # bytes of the first broadcast: a decode plan of a few hundred sequences fits
+_STOP = b"stop"
+_BEAT = b""  # heartbeat: keeps the workers' waiting broadcast under the gloo timeout
+
+
+# -- plan and result transport (CPU tensors over gloo) ---------------------------------------------
+def send_bytes_bcast(data: bytes, group) -> None:
+    """Rank 0: broadcast a length-prefixed payload (the rest in a second broadcast if it is large)."""
+    n = len(data)
+    head = torch.zeros(HEAD, dtype=torch.uint8)
+    head[:8] = torch.tensor([n], dtype=torch.int64).view(torch.uint8)
+    first = data[:HEAD - 8]
+    if first:
+        head[8:8 + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
+    dist.broadcast(head, src=0, group=group)
+    if n > HEAD - 8:
+        dist.broadcast(torch.frombuffer(bytearray(data[HEAD - 8:]), dtype=torch.uint8), src=0, group=group)
+
+
+def recv_bytes_bcast(group) -> bytes:
+    head = torch.empty(HEAD, dtype=torch.uint8)
+    dist.broadcast(head, src=0, group=group)
+    n = int(head[:8].view(torch.int64).item())
+    if n <= HEAD - 8:
+        return head[8:8 + n].numpy().tobytes()
+    rest = torch.empty(n - (HEAD - 8), dtype=torch.uint8)
+    dist.broadcast(rest, src=0, group=group)
+    return head[8:].numpy().tobytes() + rest.numpy().tobytes()
+
+
+def send_obj(obj, dst: int, group) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    dist.send(torch.tensor([len(data)], dtype=torch.int64), dst=dst, group=group)
+    dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=dst, group=group)
+
+
+def recv_obj(src: int, group):
+    n = torch.empty(1, dtype=torch.int64)
+    dist.recv(n, src=src, group=group)
+    buf = torch.empty(int(n.item()), dtype=torch.uint8)
+    dist.recv(buf, src=src, group=group)
+    return pickle.loads(buf.numpy().tobytes())
+
+
+def broadcast_plan(plan: Optional[StepPlan], group) -> None:
+    """Rank 0. None sends a heartbeat."""
+    send_bytes_bcast(_BEAT if plan is None else pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL), group)
+
+
+def broadcast_stop(group) -> None:
+    send_bytes_bcast(_STOP, group)
+
+
+# -- one stage's step -------------------------------------------------------------------------------
+class StageWorker:
+    """Runs a plan on this rank's shard/stage (the same code on rank 0 and on the workers)."""
+
+    def __init__(self, r):  # r: launch.Rank
+        self.r = r
+        self.rt = r.rt
+        self.runner = r.rt.runner
+        self.model = self.runner.model
+        st = r.state
+        tp = r.layout.tp
+        self.prev = (st.pp_rank - 1) * tp + st.tp_rank if not st.is_first_stage else None
+        self.next = (st.pp_rank + 1) * tp + st.tp_rank if not st.is_last_stage else None
+        self.is_last = st.is_last_stage
+        self.sampler = self.runner.sampler  # only on the sampling rank
+
+    @torch.inference_mode()
+    def step(self, plan: StepPlan) -> Optional[StepResult]:
+        """Returns the StepResult on the sampling rank (for a plan with sequences), else None."""
+        if self.sampler is not None:
+            self.sampler.remove(plan.finished)
+            for ns in plan.new_seqs:
+                self.sampler.add(ns)
+        if not plan.seqs:
+            self.runner.backend.prepare(plan)  # still releases what the plan freed
+            return None
+        input_ids, ctx, rows = self.runner.inputs(plan)
+        if self.prev is None:
+            out = self.model(input_ids, ctx.positions, ctx)
+        else:
+            hidden, residual = self._recv(plan.num_tokens)
+            out = self.model(input_ids, ctx.positions, ctx, hidden=hidden, residual=residual)
+        if not self.is_last:
+            hidden, residual = out
+            dist.send(hidden.contiguous(), dst=self.next)
+            dist.send(residual.contiguous(), dst=self.next)
+            return None
+        hidden = out[0] if isinstance(out, tuple) else out
+        seq_ids = [s.seq_id for s in plan.seqs if s.sample]
+        if not rows:
+            return StepResult(plan.step_id, [], []) if self.sampler is not None else None
+        # Every TP rank of the last stage joins the logits gather; only TP rank 0 samples.
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+        if self.sampler is None:
+            return None
+        tokens, logprobs = self.sampler.sample(logits, seq_ids)
+        return StepResult(plan.step_id, seq_ids, tokens, logprobs)
+
+    def _recv(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = self.rt.spec
+        shape = (num_tokens, self.r.hidden_size)
+        hidden = torch.empty(shape, dtype=spec.dtype, device=spec.device)
+        residual = torch.empty(shape, dtype=spec.dtype, device=spec.device)
+        dist.recv(hidden, src=self.prev)
+        dist.recv(residual, src=self.prev)
+        return hidden, residual
+
+
+# -- the loop of ranks > 0 ---------------------------------------------------------------------------
+def run_worker(cfg, ckpt, layout, rank: int, local_rank: int, init_method: str,
+               report: Optional[Callable[[tuple], None]]) -> None:
+    """Joins the groups, builds this rank's part, then runs plans until rank 0 says stop or is gone."""
+    from nanoslg.compose import setup_logging
+    from nanoslg.parallel.launch import init_rank, teardown
+
+    setup_logging(cfg.log_level)
+    try:
+        r = init_rank(cfg, ckpt, layout, rank, local_rank, init_method)
+        stage = StageWorker(r)
+    except BaseException as e:
+        if report is not None:
+            report(("error", rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        raise
+    if report is not None:
+        report(("ready", rank, os.getpid()))
+    log.info("rank %d ready: stage %d/%d, tp %d/%d, layers %s", rank, r.state.pp_rank, layout.pp,
+             r.state.tp_rank, layout.tp, r.state.stage_layers)
+    plans: queue.Queue = queue.Queue()
+
+    def receive() -> None:
+        try:
+            while True:
+                data = recv_bytes_bcast(r.ctrl)
+                if data == _BEAT:
+                    continue
+                if data == _STOP:
+                    plans.put(None)
+                    return
+                plans.put(pickle.loads(data))
+        except BaseException as e:  # rank 0 is gone: the main loop exits with it
+            plans.put(e)
+
+    threading.Thread(target=receive, name="nanoslg-plans", daemon=True).start()
+    stream = torch.cuda.Stream(r.device) if r.device.type == "cuda" else None
+    try:
+        with torch.cuda.stream(stream) if stream is not None else _null():
+            while True:
+                item = plans.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                res = stage.step(item)
+                if res is not None and r.is_sampler:
+                    send_obj(res, 0, r.result)
+    finally:
+        teardown()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def spawn_entry(cfg, ckpt, layout, rank: int, init_method: str, parent_pid: int, errq) -> None:
+    """Target of the processes the engine spawns (ranks 1..world-1 on one machine)."""
+    from nanoslg.parallel.launch import watch_parent
+
+    watch_parent(parent_pid)
+    try:
+        run_worker(cfg, ckpt, layout, rank, rank, init_method, report=errq.put)
+    except BaseException as e:
+        log.error("rank %d stopped: %s", rank, e)
+        os._exit(1)
+    os._exit(0)  # skip interpreter teardown (CUDA/NCCL atexit hooks can hang in a child)

@@ -1,0 +1,56 @@
+"""A step's plan: what every rank needs to run one forward, and nothing more.
+
+It is plain data (ints and lists) so the parallel strategies can send it to other ranks cheaply.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from nanoslg.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SeqStep:
+    seq_id: int
+    token_ids: list[int]  # the new tokens fed this step (a prefill chunk, or one decode token)
+    start: int  # position of token_ids[0]; equals the number of tokens already in the KV cache
+    sample: bool  # sample a token after this chunk (it reaches the end of the known tokens)
+    block_table: Optional[list[int]] = None  # paged managers: the sequence's pages, in order
+
+
+@dataclass
+class NewSeq:
+    """Sent once, when a sequence first samples: what the sampler keeps per sequence."""
+
+    seq_id: int
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # non-empty after a preemption: penalties must see them
+    stop_ids: list[int]  # masked while fewer than min_tokens were generated
+
+
+@dataclass
+class StepPlan:
+    step_id: int
+    seqs: list[SeqStep]
+    new_seqs: list[NewSeq] = field(default_factory=list)
+    freed: list[int] = field(default_factory=list)  # seq ids whose KV slabs are gone (finished or preempted)
+    finished: list[int] = field(default_factory=list)  # seq ids that are done: drop sampler state too
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src page, dst page) before the step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+    @property
+    def is_decode(self) -> bool:
+        return all(len(s.token_ids) == 1 for s in self.seqs)
+
+
+@dataclass
+class StepResult:
+    step_id: int
+    seq_ids: list[int]  # the sequences that sampled, in plan order
+    token_ids: list[int]
+    logprobs: Optional[list] = None  # per sampled seq: None or (logprob, [(id, logprob), ...])

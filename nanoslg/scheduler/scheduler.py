@@ -1,0 +1,146 @@
+"""Continuous batching with chunked prefill under a token budget, and preemption by recompute.
+
+Each step: running sequences first (oldest first; a decode is one token, an unfinished prefill takes
+the next chunk), then waiting sequences in the policy's order while the token budget, the running
+cap and KV memory allow. When KV runs out, the newest running sequence is preempted: its KV is
+released and it waits again (first in line) to recompute prompt + outputs, so no token changes.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Optional
+
+from nanoslg.cache.base import KVManager
+from nanoslg.config import SchedulerConfig
+from nanoslg.engine.sequence import Sequence, SeqStatus
+from nanoslg.scheduler.plan import NewSeq, SeqStep, StepPlan
+from nanoslg.scheduler.policy import Policy
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, kv: KVManager, policy: Policy):
+        self.cfg = cfg
+        self.kv = kv
+        self.policy = policy
+        self.waiting: list[Sequence] = []  # arrival order
+        self.preempted: list[Sequence] = []  # re-admitted before anything new, oldest first
+        self.running: list[Sequence] = []  # admission order
+        self.num_preemptions = 0
+        self._freed: list[int] = []
+        self._finished: list[int] = []
+        self._step_ids = itertools.count()
+
+    # -- queue changes --------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Retire a sequence (finished or aborted): release its KV and drop it from the queues."""
+        seq.finish_reason = reason
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.preempted:
+            self.preempted.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.release(seq, finished=reason != "abort")
+        seq.status = SeqStatus.FINISHED
+        self._freed.append(seq.seq_id)
+        self._finished.append(seq.seq_id)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.release(seq, finished=False)
+        seq.status = SeqStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self._freed.append(seq.seq_id)
+        self.preempted.append(seq)
+        self.preempted.sort(key=lambda s: (s.arrival_time, s.seq_id))
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self.preempted)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self.preempted)
+
+    # -- one step ------------------------------------------------------------------------------
+    def schedule(self) -> Optional[StepPlan]:
+        budget = self.cfg.max_num_batched_tokens
+        chosen: list[tuple[Sequence, int]] = []
+        preemptions_before = self.num_preemptions
+
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.inflight or seq.status is not SeqStatus.RUNNING or seq.num_uncomputed_tokens == 0:
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self._make_room(seq, seq.num_computed_tokens + n, chosen):
+                continue
+            self.kv.grow(seq, seq.num_computed_tokens + n)
+            chosen.append((seq, n))
+            budget -= n
+
+        if self.num_preemptions == preemptions_before:  # admitting right after a preemption would only thrash
+            queue = self.preempted + self.policy.order(self.waiting, self.kv)
+            for seq in queue:
+                if budget == 0 or len(self.running) >= self.cfg.max_num_seqs:
+                    break
+                cached = self.kv.match_prefix(seq)
+                if not seq.admitted:
+                    seq.num_cached_tokens = cached
+                n = min(seq.num_uncomputed_tokens, budget)
+                if not self.kv.can_grow(seq, seq.num_computed_tokens + n):
+                    self.kv.release(seq, finished=False)  # undo the prefix match
+                    seq.num_computed_tokens = 0
+                    break
+                self.kv.grow(seq, seq.num_computed_tokens + n)
+                self._admit(seq)
+                chosen.append((seq, n))
+                budget -= n
+
+        if not chosen and not self._freed:
+            return None
+        return self._plan(chosen)
+
+    def _make_room(self, seq: Sequence, total: int, chosen: list) -> bool:
+        """Preempt the newest other running sequences until `seq` fits; False if seq itself went."""
+        while not self.kv.can_grow(seq, total):
+            taken = {s.seq_id for s, _ in chosen}
+            victims = [s for s in self.running if not s.inflight and s.seq_id not in taken]
+            victim = victims[-1] if victims else seq
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _admit(self, seq: Sequence) -> None:
+        if seq in self.preempted:
+            self.preempted.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.RUNNING
+        seq.admitted = True
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = time.monotonic()
+        self.running.append(seq)
+
+    def _plan(self, chosen: list[tuple[Sequence, int]]) -> StepPlan:
+        steps, new = [], []
+        for seq, n in chosen:
+            start = seq.num_computed_tokens
+            sample = start + n == len(seq.token_ids)
+            table = list(seq.block_table) if self.kv.paged else None
+            steps.append(SeqStep(seq.seq_id, seq.token_ids[start:start + n], start, sample, table))
+            if sample and not seq.sampler_registered:
+                seq.sampler_registered = True
+                stop_ids = ([] if seq.params.ignore_eos else list(seq.eos_token_ids)) + seq.params.stop_token_ids
+                new.append(NewSeq(seq.seq_id, seq.params, seq.prompt_token_ids, seq.output_token_ids, stop_ids))
+            seq.inflight = True
+        plan = StepPlan(next(self._step_ids), steps, new, self._freed, self._finished, self.kv.pop_copies())
+        self._freed, self._finished = [], []
+        return plan

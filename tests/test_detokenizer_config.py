@@ -1,0 +1,50 @@
+"""Incremental detokenization and config validation (no model needed)."""
+import pytest
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from nanoslg.compose import compose_config
+from nanoslg.engine.detokenizer import IncrementalDetokenizer
+from nanoslg.errors import ConfigError
+
+
+def test_detokenizer_never_splits_a_character(demo_tokenizer):
+    tok = demo_tokenizer
+    text = "héllo 世界 — ünïcödé 🙂 ok"
+    ids = tok.encode(text, add_special_tokens=False)
+    d = IncrementalDetokenizer(tok, [], skip_special_tokens=True)
+    pieces = [d.add(t) for t in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_default_config_composes():
+    cfg, node = compose_config([])
+    assert cfg.mode == "serve" and cfg.model.name == "demo" and cfg.cache.backend == "auto"
+    assert cfg.parallel.mode == "single" and cfg.scheduler.policy == "fcfs"
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model.dtype=float64", "model.dtype"),
+    ("mode=train", "mode"),
+    ("cache.gpu_memory_utilization=1.5", "cache.gpu_memory_utilization"),
+    ("scheduler.max_num_batched_tokens=0", "scheduler.max_num_batched_tokens"),
+    ("cache.backend=magic", "cache.backend"),
+    ("scheduler.policy=nope", "scheduler.policy"),
+    ("parallel.tp_size=2", "parallel.mode"),
+])
+def test_bad_values_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        compose_config([override])
+    assert "allowed" in str(e.value) or "must" in str(e.value) or "needs" in str(e.value)
+
+
+def test_unknown_key_and_type_fail_at_compose():
+    with pytest.raises((ConfigKeyError, Exception), match="colour"):
+        compose_config(["model.colour=red"])
+    with pytest.raises((ValidationError, Exception), match="page_size"):
+        compose_config(["cache.page_size=big"])
+
+
+def test_unknown_group_option_lists_the_choices():
+    with pytest.raises(Exception, match="sdpa"):
+        compose_config(["cache=nonexistent"])

@@ -1,0 +1,153 @@
+"""The engine against transformers: greedy tokens equal `generate`, batched, on CPU in float32.
+
+Chunked prefill and preemption must not change a single token; sampling options behave as the
+OpenAI API documents.
+"""
+import random
+
+import pytest
+import torch
+
+from nanoslg import LLM, SamplingParams
+from nanoslg.errors import RequestError
+
+CHECKPOINTS = ["tiny_llama", "tiny_llama_tied", "tiny_llama3_rope", "tiny_qwen2", "tiny_qwen3"]
+NEW = 32
+
+
+def prompts_for(vocab: int, lengths=(3, 11, 26, 41), seed=0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+def greedy(n=NEW, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def llama_llm(tiny_llama):
+    llm = LLM(f"model.path={tiny_llama}", "cache=sdpa")
+    yield llm
+    llm.shutdown()
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_greedy_equals_transformers(name, request, hf_greedy):
+    path = request.getfixturevalue(name)
+    with LLM(f"model.path={path}", "cache=sdpa") as llm:
+        prompts = prompts_for(llm.engine.vocab_size)
+        outs = llm.generate(prompts, greedy())
+    for p, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(path, p, NEW), f"{name}: prompt of {len(p)} tokens differs"
+        assert out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("overrides", [
+    ["scheduler.max_num_batched_tokens=7"],  # chunked prefill: every prompt but one spans chunks
+    ["cache.max_num_tokens=96", "cache.page_size=8"],  # too little KV for the batch: preemption
+    ["scheduler.max_num_seqs=2"],  # a cap on running sequences
+], ids=["chunked", "preempt", "max-seqs"])
+def test_scheduling_changes_no_token(overrides, tiny_llama, hf_greedy):
+    with LLM(f"model.path={tiny_llama}", "cache=sdpa", *overrides) as llm:
+        prompts = prompts_for(llm.engine.vocab_size)
+        outs = llm.generate(prompts, greedy())
+        preemptions = llm.engine.metrics.preemptions
+    for p, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(tiny_llama, p, NEW)
+    if "preempt" in str(overrides):
+        assert preemptions > 0, "the KV budget was meant to force preemption"
+
+
+def test_seeded_sampling_is_reproducible(llama_llm):
+    p = prompts_for(llama_llm.engine.vocab_size)
+    sp = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=24, ignore_eos=True)
+    a = llama_llm.generate([p[1]], sp)[0].token_ids
+    b = llama_llm.generate([p[0], p[1], p[2]], [sp] * 3)[1].token_ids  # other batch neighbours
+    c = llama_llm.generate([p[1]], SamplingParams(**{**sp.__dict__, "seed": 99}))[0].token_ids
+    assert a == b
+    assert a != c
+
+
+def test_n_samples(llama_llm):
+    p = prompts_for(llama_llm.engine.vocab_size)[1]
+    out = llama_llm.generate([p], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert all(len(o.token_ids) == 12 and o.finish_reason == "length" for o in out.outputs)
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1  # independent samples
+
+
+def test_max_tokens_and_stop_ids(llama_llm):
+    p = prompts_for(llama_llm.engine.vocab_size)[2]
+    base = llama_llm.generate([p], greedy(20))[0]
+    assert len(base.token_ids) == 20 and base.finish_reason == "length"
+    stop_tok = base.token_ids[6]
+    first = base.token_ids.index(stop_tok)
+    out = llama_llm.generate([p], greedy(20, stop_token_ids=[stop_tok]))[0]
+    assert out.token_ids == base.token_ids[:first + 1]  # the stop token ends the output, included
+    assert out.finish_reason == "stop" and out.outputs[0].stop_reason == stop_tok
+
+
+def test_stop_strings_cut_the_text(llama_llm):
+    p = prompts_for(llama_llm.engine.vocab_size)[3]
+    base = llama_llm.generate([p], greedy(40))[0]
+    text = base.text
+    assert len(text) > 12
+    stop = text[8:11]
+    out = llama_llm.generate([p], greedy(40, stop=[stop, "\x00never"]))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == text[:text.index(stop)]
+    assert stop not in out.text
+    assert out.token_ids == base.token_ids[:len(out.token_ids)]
+
+
+def test_min_tokens_masks_eos(tiny_llama):
+    with LLM(f"model.path={tiny_llama}", "cache=sdpa") as llm:
+        p = prompts_for(llm.engine.vocab_size)[1]
+        base = llm.generate([p], greedy(16))[0].token_ids
+        eos = base[2]  # pretend the third greedy token is EOS
+        llm.engine.eos_token_ids = (eos,)
+        plain = llm.generate([p], SamplingParams(temperature=0, max_tokens=16))[0]
+        held = llm.generate([p], SamplingParams(temperature=0, max_tokens=16, min_tokens=5))[0]
+    assert plain.token_ids == base[:3] and plain.finish_reason == "stop"
+    assert len(held.token_ids) >= 5 and eos not in held.token_ids[:5]
+
+
+def test_logprobs_match_transformers(llama_llm, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    p = prompts_for(llama_llm.engine.vocab_size)[2]
+    out = llama_llm.generate([p], greedy(4, logprobs=3))[0]
+    lps = out.outputs[0].logprobs
+    assert len(lps) == 4
+    for tok, lp in zip(out.token_ids, lps):
+        assert lp.token_id == tok and len(lp.top) == 3
+        assert lp.top[0][0] == tok and lp.top[0][1] == pytest.approx(lp.logprob)
+        assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([p])).logits[0, -1].float(), -1)
+    assert lps[0].logprob == pytest.approx(ref[out.token_ids[0]].item(), abs=1e-4)
+
+
+def test_bad_requests_are_refused_clearly(llama_llm):
+    e = llama_llm.engine
+    with pytest.raises(RequestError, match="context"):
+        llama_llm.generate([[5] * (e.max_model_len + 1)], greedy(4))
+    with pytest.raises(RequestError, match="max_tokens"):
+        llama_llm.generate([[5] * 10], greedy(e.max_model_len))
+    with pytest.raises(RequestError, match="vocabulary"):
+        llama_llm.generate([[e.vocab_size + 3]], greedy(4))
+    with pytest.raises(RequestError, match="empty"):
+        llama_llm.generate([""], greedy(4))
+    with pytest.raises(RequestError, match="temperature"):
+        SamplingParams(temperature=-1)
+    # nothing was left behind: the engine still serves
+    assert len(llama_llm.generate([[5, 6, 7]], greedy(3))[0].token_ids) == 3
+    assert llama_llm.engine.scheduler.kv.usage() == 0.0
+
+
+def test_string_prompts_and_text(llama_llm):
+    tok = llama_llm.tokenizer
+    out = llama_llm.generate("Hello there", greedy(10))[0]
+    assert out.prompt_token_ids == tok.encode("Hello there")
+    assert out.text == tok.decode(out.token_ids, skip_special_tokens=True)
