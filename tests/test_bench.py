@@ -478,6 +478,9 @@ def test_serving_against_a_loopback_server(tiny_llama, tmp_path):
     b = BenchConfig(num_requests=4, input_len_min=8, input_len_max=16, output_len_min=4, output_len_max=8)
     assert res["output_tokens"] == sum(r.max_tokens for r in make_requests(b, TokenSpace(10)))
     assert res["ttft_ms"]["p50"] > 0 and res["server"]["started_here"]
+    # One SSE chunk per engine step, text or not (as vLLM streams): else TTFT/ITL measure the wrong thing.
+    assert res["stream_chunks"] == res["output_tokens"]
+    assert res["itl_ms"]["n"] == res["output_tokens"] - 4
     assert res["server"]["url"].startswith("http://127.0.0.1:")
     _check_record(res, "serving")
 

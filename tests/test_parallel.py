@@ -40,29 +40,23 @@ def shared_prefix_prompts(vocab: int) -> list[list[int]]:
     return [prefix + [rng.randrange(3, vocab) for _ in range(n)] for n in (2, 9, 17)]
 
 
-def run_once(path, *overrides, prompts_fn=prompts_for) -> list[list[int]]:
-    with LLM(f"model.path={path}", "cache=sdpa", *overrides) as llm:
-        return [o.token_ids for o in llm.generate(prompts_fn(llm.engine.vocab_size), greedy())]
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_llama, hf_greedy):
-    """Single-process tokens, checked against transformers (before any parallel engine starts)."""
-    single = run_once(tiny_llama)
+    """Single-process and transformers tokens (made before any parallel engine starts)."""
     with LLM(f"model.path={tiny_llama}", "cache=sdpa") as llm:
         prompts = prompts_for(llm.engine.vocab_size)
-    for p, toks in zip(prompts, single):
-        assert toks == hf_greedy(tiny_llama, p, NEW)
-    return prompts, single
+        single = [o.token_ids for o in llm.generate(prompts, greedy())]
+    return prompts, single, [hf_greedy(tiny_llama, p, NEW) for p in prompts]
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_greedy_equals_single_and_transformers(mode, tiny_llama, reference):
     """One engine per mode (each start spawns ranks): a whole batch, chunked prefill, late arrivals."""
-    prompts, single = reference
+    prompts, single, hf = reference
     with LLM(f"model.path={tiny_llama}", "cache=sdpa", *MODES[mode]) as llm:
         outs = llm.generate(prompts, greedy())
         assert [o.token_ids for o in outs] == single, f"{mode}: greedy tokens differ from single"
+        assert [o.token_ids for o in outs] == hf, f"{mode}: greedy tokens differ from transformers"
         assert all(o.finish_reason == "length" for o in outs)
 
         # Chunked prefill: a 7-token budget spreads prompts over steps, so pipeline stages hold
@@ -175,7 +169,7 @@ def test_nccl_needs_gpus(tiny_llama):
 GPU2 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                           reason="needs 2 CUDA devices")
 GPU_BASE = ["model=llama3-8b", "model.load_format=dummy", "model.seed=0", "model.max_model_len=2048",
-            "cache.gpu_memory_utilization=0.85"]
+            "cache=sdpa", "cache.max_num_tokens=65536"]
 
 
 def gpu_tokens(*overrides) -> list[list[int]]:

@@ -161,6 +161,8 @@ def run_peer(path: str, dtype: str, device: str, dummy: bool, requests: list[Ben
     """Loads the model in transformers, runs the requests, returns the same summary as NanoSLG's."""
     import transformers
 
+    # transformers' continuous batching logs every allocation decision at INFO; keep the report readable.
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
     model = load_hf_model(path, dtype, device, dummy, seed)
     try:
         use_cb = has_continuous_batching(model) if method in (None, "auto") else method == "continuous"

@@ -216,6 +216,7 @@ COLUMNS = [  # (header, path in the record's results, format)
     ("TPOT p50 ms", "tpot_ms.p50", "{:,.2f}"),
     ("e2e p50 s", "e2e_ms.p50", "{:,.2f}"),
     ("% of limit", "roofline.percent_of_limit", "{:.1f}%"),
+    ("x transformers", "peer.speedup_output_tok_s", "{:.2f}x"),
     ("peak GiB", "peak_gpu_memory.max_allocated_gib", "{:.1f}"),
     ("wall s", "wall_time_s", "{:.2f}"),
 ]

@@ -449,9 +449,15 @@ def _run_http(cfg: Config, wl, figures: Optional[rl.Figures]) -> dict:
     results = summarize(timings, wall)
     results["server"] = {"url": url, "started_here": server is not None, "model": served.get("model"),
                          "version": served.get("version")}
-    ver = served.get("version") if isinstance(served.get("version"), dict) else {}
+    ver = served.get("version_after") if isinstance(served.get("version_after"), dict) else {}
+    # The engine runs in the server's process: pool size and peak memory only if /version reports them.
     results["kv_pool"] = _kv_pool(ver.get("kv_capacity_tokens"), ver.get("kv_pool_bytes"))
-    results["peak_gpu_memory"] = None  # the engine ran in the server's process
+    peak = ver.get("peak_gpu_memory_bytes")
+    results["peak_gpu_memory"] = {"max_allocated_bytes": peak, "max_allocated_gib": peak / 2**30,
+                                  "max_reserved_gib": None, "source": "server /version"} if peak else None
+    # TTFT and ITL are per SSE chunk; they are per token only if the server sends one chunk per step.
+    chunks = sum(len(t.chunks) for t in timings if t.ok)
+    results["stream_chunks"] = chunks
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else (
         "float32" if figures is not None and figures.device_name == "CPU" else "bfloat16")
     facts = _facts(lambda: rl.facts_from_hf_config(model_conf, rl.DTYPE_BYTES.get(dtype, 2),
@@ -464,6 +470,7 @@ def _run_http(cfg: Config, wl, figures: Optional[rl.Figures]) -> dict:
 async def _http_session(cfg: Config, url: str, reqs: list[BenchRequest]) -> tuple[list[RequestTiming], float, dict]:
     import httpx
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the report
     headers = {"Authorization": f"Bearer {cfg.server.api_key}"} if cfg.server.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(None), limits=limits,
@@ -516,6 +523,11 @@ async def _http_session(cfg: Config, url: str, reqs: list[BenchRequest]) -> tupl
                 raise RuntimeError(f"a warmup request failed: {bad[0]}")
         timings, wall = await drive(reqs, send, cfg.bench.concurrency, bool(extra(cfg, "progress")),
                                     desc=f"nanoslg {cfg.bench.workload}")
+        try:  # again after the run: a server that reports its peak memory has it now
+            v = await client.get("/version")
+            served["version_after"] = v.json() if v.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            served["version_after"] = None
     if timings and all(t.error for t in timings):
         raise RuntimeError(f"every bench request failed; the first: {timings[0].error}")
     return timings, wall, served
@@ -546,9 +558,12 @@ def format_report(cfg: Config, r: dict) -> str:
         d = r.get(key)
         lines.append(f"{name:<16} {_ms(d, 'mean'):>10} {_ms(d, 'p50'):>10} {_ms(d, 'p90'):>10} {_ms(d, 'p99'):>10}")
     mem = r.get("peak_gpu_memory")
-    lines.append("peak GPU memory  " + (f"{mem['max_allocated_gib']:.2f} GiB allocated "
-                                        f"({mem['max_reserved_gib']:.2f} GiB reserved; torch, this process)"
-                                        if mem else "– (no CUDA in this process)"))
+    if mem and mem.get("source"):
+        lines.append(f"peak GPU memory  {mem['max_allocated_gib']:.2f} GiB allocated ({mem['source']})")
+    else:
+        lines.append("peak GPU memory  " + (f"{mem['max_allocated_gib']:.2f} GiB allocated "
+                                            f"({mem['max_reserved_gib']:.2f} GiB reserved; torch, this process)"
+                                            if mem else "– (no CUDA in this process)"))
     kv = r.get("kv_pool") or {}
     lines.append("KV pool          " + (f"{kv['tokens']:,} tokens" if kv.get("tokens") else "–")
                  + (f", {kv['gib']:.2f} GiB" if kv.get("gib") else ""))
@@ -563,7 +578,9 @@ def format_report(cfg: Config, r: dict) -> str:
                         if roof.get("limit_output_tok_s") else ""))
         lines.append(f"                 figures: {roof['figures']}")
         m = roof["model"]
-        lines.append(f"                 model: {m['num_params'] / 1e9:.3f} B params x {m['dtype_bytes']} B, "
+        n = m["num_params"]
+        size = f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+        lines.append(f"                 model: {size} params x {m['dtype_bytes']} bytes, "
                      f"KV {m['kv_bytes_per_token'] / 1024:.1f} KiB/token ({m['source']})")
         if roof.get("mbu_percent") is not None:
             lines.append(f"batch-1 decode   {roof['decode_tok_s']:,.1f} tok/s; MBU {roof['mbu_percent']:.1f}% "
@@ -577,6 +594,10 @@ def format_report(cfg: Config, r: dict) -> str:
                      f"{_ms(peer.get('ttft_ms'), 'p50')} ms ({peer['transformers']}, {peer['method']})")
         if ratio:
             lines.append(f"                 -> NanoSLG is {ratio:.2f}x transformers in output tok/s")
+    chunks = r.get("stream_chunks")
+    if chunks is not None and chunks < 0.9 * r["output_tokens"]:
+        lines.append(f"note             the server sent {chunks:,} stream chunks for {r['output_tokens']:,} tokens: "
+                     "TTFT/ITL are per chunk (it holds back deltas without text)")
     lines.append(f"record           {r.get('record')}")
     if r.get("aggregate"):
         lines.append(f"sweep table      {r['aggregate']['table']} (plot {r['aggregate']['plot']})")

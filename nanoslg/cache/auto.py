@@ -1,6 +1,8 @@
 """`cache.backend=auto`: pick the KV backend for this device, and say why (for the log)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from nanoslg.config import CacheConfig
@@ -25,14 +27,18 @@ def flashinfer_status(device: torch.device) -> tuple[bool, str]:
     return True, f"SM{major}{minor} and flashinfer {getattr(flashinfer, '__version__', '?')} imports"
 
 
-def resolve_backend(cache_cfg: CacheConfig, device: torch.device) -> tuple[str, str]:
-    """(backend name, reason). Names other than `auto` are taken as given."""
+def resolve_backend(cache_cfg: CacheConfig, device: torch.device,
+                    dtype: Optional[torch.dtype] = None) -> tuple[str, str]:
+    """(backend name, reason). Names other than `auto` are taken as given. With the model dtype
+    known, auto also avoids FlashInfer for float32, which it does not run."""
     name = cache_cfg.backend
     if name != "auto":
         return name, f"set by cache.backend={name}"
     if device.type != "cuda":
         return CPU_DEFAULT, f"auto on CPU: {CPU_DEFAULT}"
     ok, why = flashinfer_status(device)
+    if ok and dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+        ok, why = False, f"the model runs in {str(dtype).replace('torch.', '')}; FlashInfer needs bf16/fp16"
     if ok:
         return "flashinfer", f"auto: {why}"
     return "sdpa", f"auto: sdpa because {why}"

@@ -111,7 +111,9 @@ class AsyncEngine:
         if rid in self._requests:
             raise RequestError(f"request id {rid!r} is already in use", param="request_id")
         stream = RequestStream(rid)
-        seqs = [Sequence(rid, i, ids, params) for i in range(params.n)]
+        # With a seed, sample i of n draws from seed + i: reproducible, yet independent samples.
+        seqs = [Sequence(rid, i, ids, params if params.seed is None or i == 0 else
+                         _replace(params, seed=params.seed + i)) for i in range(params.n)]
         self._requests[rid] = _Request(rid, text, ids, params, seqs, stream)
         for seq in seqs:
             seq.eos_token_ids = self.eos_token_ids

@@ -109,6 +109,10 @@ def targets(name: str, model, params: dict) -> list[tuple[str, object]]:
     if model.args.tie_word_embeddings and name in ("model.embed_tokens.weight", "lm_head.weight"):
         # One tensor feeds both ends; a stage that has only the LM head loads it there.
         return [(n, None) for n in ("model.embed_tokens.weight", "lm_head.weight") if n in params]
+    if name.startswith("model.embed_tokens.") and model.model.embed_tokens is None:
+        return []  # the first stage's
+    if name.startswith(("model.norm.", "lm_head.")) and model.lm_head is None:
+        return []  # the last stage's
     for hf, ours, shard in STACKED:
         if hf in name:
             return [(name.replace(hf, ours), shard)]
@@ -119,6 +123,7 @@ def targets(name: str, model, params: dict) -> list[tuple[str, object]]:
 def load_weights(model, path: str) -> None:
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+    unexpected: list[str] = []
     st = get_state()
     files = safetensors_files(path)
     for file in tqdm(files, desc="loading weights", disable=(st.tp_rank or st.pp_rank) != 0):
@@ -126,8 +131,8 @@ def load_weights(model, path: str) -> None:
             for name in f.keys():
                 for pname, shard in targets(name, model, params):
                     param = params.get(pname)
-                    if param is None:
-                        log.debug("skipping checkpoint tensor %s (no such parameter)", name)
+                    if param is None:  # e.g. a bias the config says the model has not
+                        unexpected.append(name)
                         continue
                     loader = getattr(param, "weight_loader", default_weight_loader)
                     sl = f.get_slice(name)
@@ -136,6 +141,9 @@ def load_weights(model, path: str) -> None:
                     else:
                         loader(param, sl, shard)
                     loaded.add(pname if shard is None else f"{pname}#{shard}")
+    if unexpected:
+        raise ConfigError(f"checkpoint {path} has weights the {model.args.architecture} model (as its config.json "
+                          f"describes it) does not use: {', '.join(sorted(unexpected)[:8])}")
     need = {}  # what must be loaded -> the checkpoint name to report if it is not
     for pname in params:
         stacked = [(hf, s) for hf, ours, s in STACKED if ours in pname]

@@ -183,7 +183,10 @@ def init_rank(cfg: Config, ckpt: Checkpoint, layout: Layout, rank: int, local_ra
                           tp_group=tp_group, stage_layers=layout.stages[pp_rank])
     set_state(state)
     rt = build_runner(cfg, ckpt, device, sample=rank == layout.sampler_rank)
-    budget, why = kv_budget_bytes(cfg, rt)
+    if cfg.cache.max_num_tokens is not None:  # the pool size is given: skip the memory profile
+        budget, why = None, "cache.max_num_tokens"
+    else:
+        budget, why = kv_budget_bytes(cfg, rt)
     pages = torch.tensor([num_pages_for(cfg, rt, budget)], dtype=torch.long)
     dist.all_reduce(pages, op=dist.ReduceOp.MIN, group=ctrl)  # the scheduler's pool must fit every rank
     rt.backend.allocate(int(pages.item()))

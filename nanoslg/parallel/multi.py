@@ -134,6 +134,7 @@ class MultiExecutor:
             self._stage_thread.join(timeout=10)
         if not self._stage_thread.is_alive():
             teardown()
+        self._close_queue()
         self._restore_threads()
 
     # -- rank 0's stage thread ------------------------------------------------------------------
@@ -273,7 +274,14 @@ class MultiExecutor:
         self._kill_workers()
         if not self._stage_thread.is_alive():
             teardown()
+        self._close_queue()
         self._restore_threads()
+
+    def _close_queue(self) -> None:
+        q = getattr(self, "_errq", None)
+        if q is not None:
+            q.close()
+            q.join_thread()
 
     def _kill_workers(self) -> None:
         for _, p in self._procs:

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (Litestar on the engine's event loop); no torch here."""

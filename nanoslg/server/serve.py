@@ -1,0 +1,118 @@
+"""`python run.py` (mode=serve): the engine and the HTTP server on one (uv)loop, run by uvicorn.
+
+SIGINT/SIGTERM: uvicorn stops accepting and waits for open responses while the engine lets
+in-flight requests run for up to `server.shutdown_timeout` seconds and then aborts the rest (their
+streams end with finish_reason "abort"); then the process exits 0. A second Ctrl+C forces the exit.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from typing import Callable
+
+import uvicorn
+
+from nanoslg.config import Config
+from nanoslg.server.app import create_app
+
+log = logging.getLogger("nanoslg.server")
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop
+    except ImportError:  # uvloop is optional (e.g. on Windows)
+        return asyncio.new_event_loop
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with signal handling that drains the engine and does not re-raise the signal
+    afterwards (uvicorn's default re-raises it, so the process would die by the signal, not exit 0)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[int], None], banner: Callable[[str], None]):
+        super().__init__(config)
+        self._on_exit = on_exit
+        self._banner = banner
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        loop = asyncio.get_running_loop()
+        installed = []
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.add_signal_handler(sig, self._signal, sig)
+                    installed.append(sig)
+                except (NotImplementedError, RuntimeError, ValueError):  # no loop signal support
+                    pass
+        try:
+            yield
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    def _signal(self, sig: int) -> None:
+        if self.should_exit:
+            if sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl+C: stop waiting
+            return
+        log.info("%s: stopping; in-flight requests get up to server.shutdown_timeout to finish",
+                 signal.Signals(sig).name)
+        self.should_exit = True
+        self._on_exit(sig)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self.servers and self.servers[0].sockets:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            if ":" in host:
+                host = f"[{host}]"
+            self._banner(f"http://{host}:{port}")
+
+
+async def serve_engine(engine, cfg: Config) -> int:
+    """Serves a built engine on the running loop until a signal; returns the exit code."""
+    scfg = cfg.server
+    await engine.start()
+    app = create_app(engine, scfg)
+    drain: list[asyncio.Task] = []
+
+    def on_exit(_sig: int) -> None:
+        drain.append(asyncio.ensure_future(engine.shutdown(scfg.shutdown_timeout)))
+
+    def banner(url: str) -> None:
+        info = getattr(engine, "info", {}) or {}
+        log.info("NanoSLG serving model %r at %s (OpenAI API under %s/v1; cache backend %s, parallel %s, "
+                 "device %s)", engine.model_name, url, url, info.get("cache_backend", "?"),
+                 info.get("parallel", "?"), info.get("device", "?"))
+
+    ucfg = uvicorn.Config(
+        app, host=scfg.host, port=scfg.port, log_level=scfg.log_level, access_log=scfg.log_level == "debug",
+        lifespan="on",
+        # A backstop only: the engine ends every request by shutdown_timeout (aborts count as ends).
+        timeout_graceful_shutdown=scfg.shutdown_timeout + 10.0,
+    )
+    server = _Server(ucfg, on_exit, banner)
+    try:
+        await server.serve()
+    finally:
+        if drain:
+            await drain[0]
+        else:
+            await engine.shutdown(0.0)
+    log.info("NanoSLG stopped")
+    return 0
+
+
+def serve(cfg: Config) -> int:
+    from nanoslg.engine.builder import build_engine
+
+    engine = build_engine(cfg)  # loads weights and sizes the KV pool: blocking work, before the loop
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(serve_engine(engine, cfg))
+

@@ -1,0 +1,147 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints (saved by transformers, with a tokenizer and a
+generation_config), the demo checkpoint, and `hf_greedy`, transformers' own greedy decoding.
+
+The tiny models use a large initializer_range so their logits are decisive (no near-ties that float
+noise could flip between engines).
+"""
+import os
+import zlib
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, initializer_range=0.2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A small byte-level BPE tokenizer (512 tokens), trained once per session."""
+    from nanoslg.model.demo import build_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(vocab_size=512, max_chars=200_000).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def make_checkpoint(root, name: str, tokenizer_dir, **overrides) -> str:
+    """Saves a random transformers model (float32) with the session tokenizer; returns its folder."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from nanoslg.model.demo import BOS, EOS, IM_END, PAD, write_generation_config
+
+    kind = overrides.pop("kind", "llama")
+    shard = overrides.pop("max_shard_size", None)
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[kind]
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    kw = {**TINY, "vocab_size": len(tok), "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD,
+          **overrides}
+    torch.manual_seed(zlib.crc32(name.encode()))
+    model = model_cls(cfg_cls(**kw)).to(torch.float32)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):  # transformers zero-inits biases: make them matter
+                p.normal_(0.0, kw["initializer_range"])
+    path = os.path.join(root, name)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    tok.save_pretrained(path)
+    write_generation_config(path, BOS, (EOS, IM_END), PAD)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ckpt_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("ckpts"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(ckpt_root, tokenizer_dir):
+    """Llama, GQA (4 heads / 2 KV heads), untied embeddings."""
+    return make_checkpoint(ckpt_root, "tiny_llama", tokenizer_dir, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tied(ckpt_root, tokenizer_dir):
+    return make_checkpoint(ckpt_root, "tiny_llama_tied", tokenizer_dir, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_rope(ckpt_root, tokenizer_dir):
+    """llama3 rope scaling with a short original context, so the scaling changes every layer's rope."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    return make_checkpoint(ckpt_root, "tiny_llama3_rope", tokenizer_dir, tie_word_embeddings=False,
+                           rope_scaling=scaling, rope_theta=500000.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(ckpt_root, tokenizer_dir):
+    """Qwen2: q/k/v biases."""
+    return make_checkpoint(ckpt_root, "tiny_qwen2", tokenizer_dir, kind="qwen2", tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(ckpt_root, tokenizer_dir):
+    """Qwen3: per-head q/k norm, explicit head_dim, tied embeddings."""
+    return make_checkpoint(ckpt_root, "tiny_qwen3", tokenizer_dir, kind="qwen3", tie_word_embeddings=True,
+                           head_dim=32)
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory):
+    """The demo checkpoint, built into a session folder (not the user's cache)."""
+    from nanoslg.model.demo import ensure_demo_checkpoint
+
+    return ensure_demo_checkpoint(str(tmp_path_factory.mktemp("nanoslg-cache")))
+
+
+@pytest.fixture(scope="session")
+def hf_greedy():
+    """hf_greedy(path, prompt_ids, max_new_tokens) -> new token ids from transformers' greedy generate
+    (float32, CPU, no EOS: it runs the full length)."""
+    from transformers import AutoModelForCausalLM
+
+    models = {}
+
+    def run(path, prompt_ids, max_new_tokens):
+        path = str(path)
+        if path not in models:
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            # No EOS at all, so generate neither stops nor masks it (min_new_tokens would mask it,
+            # which changes the argmax whenever EOS is the greedy pick): the engine uses ignore_eos.
+            m.generation_config.eos_token_id = None
+            models[path] = m
+        m = models[path]
+        ids = torch.tensor([list(prompt_ids)])
+        with torch.no_grad():
+            out = m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens,
+                             pad_token_id=m.config.pad_token_id if m.config.pad_token_id is not None else 0)
+        return out[0, ids.shape[1]:].tolist()
+
+    return run
+
+
+@pytest.fixture
+def clean_parallel_state():
+    """Restores the one-process parallel state after a test that sets TP/PP by hand."""
+    from nanoslg.parallel import state
+
+    old = state.get_state()
+    yield state
+    state.set_state(old)
