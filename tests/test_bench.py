@@ -2,7 +2,6 @@
 to end on a tiny checkpoint (CPU). Nothing here asserts a speed."""
 import asyncio
 import json
-import os
 import random
 import subprocess
 import sys

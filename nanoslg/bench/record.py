@@ -266,9 +266,15 @@ def aggregate(folder: Path | str) -> Optional[dict]:
     title = f"# {folder.name}: {len(records)} run(s)\n\n"
     swept = f"Swept: {', '.join(keys)}\n\n" if keys else ""
     md.write_text(title + swept + table(records, keys))
-    png = folder / "results.png"
-    plot(records, keys, png, folder.name)
-    return {"table": str(md), "plot": str(png)}
+    png: Optional[Path] = folder / "results.png"
+    try:
+        import matplotlib  # noqa: F401  (optional: the `bench` extra)
+    except ImportError:
+        log.warning("matplotlib is not installed: wrote %s without a plot", md)
+        png = None
+    if png is not None:
+        plot(records, keys, png, folder.name)
+    return {"table": str(md), "plot": str(png) if png else None}
 
 
 def plot(records: list[dict], keys: list[str], path: Path, title: str) -> None:

@@ -74,6 +74,7 @@ class KVSpec:
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+    num_qo_heads: int = 0  # query heads on this rank (kernels that plan ahead need it)
 
     @property
     def bytes_per_token(self) -> int:

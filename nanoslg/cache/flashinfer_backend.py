@@ -81,7 +81,7 @@ class FlashInferBackend(CacheBackend):
                               "set model.dtype=bfloat16 (or float16), or use cache.backend=sdpa")
         # This rank's query head count (tensor parallelism shards it). KVSpec does not carry it, so
         # the first step reads it from q; from then on plan() runs in prepare.
-        self.num_qo_heads = num_qo_heads
+        self.num_qo_heads = num_qo_heads or spec.num_qo_heads or None
         self.pool: torch.Tensor | None = None
         dev = spec.device
         self._prefill = self.fi.BatchPrefillWithPagedKVCacheWrapper(

@@ -26,7 +26,7 @@ from nanoslg.registry import ARCHITECTURES
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, local_idx: int):
+    def __init__(self, args: ModelArgs, local_idx: int, rotary_emb: RotaryEmbedding):
         super().__init__()
         self.local_idx = local_idx
         d = args.head_dim
@@ -34,7 +34,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
         self.o_proj = RowParallelLinear(args.num_heads * d, args.hidden_size, args.o_bias)
-        self.rotary_emb = RotaryEmbedding(d, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
+        self.rotary_emb = rotary_emb  # one cos/sin cache shared by all layers
         self.q_norm = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else None
 
@@ -62,9 +62,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, local_idx: int):
+    def __init__(self, args: ModelArgs, local_idx: int, rotary_emb: RotaryEmbedding):
         super().__init__()
-        self.self_attn = Attention(args, local_idx)
+        self.self_attn = Attention(args, local_idx, rotary_emb)
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -83,8 +83,9 @@ class DecoderModel(nn.Module):
     def __init__(self, args: ModelArgs, first: int, last: int, is_first: bool, is_last: bool):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size) if is_first else None
+        rope = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
         # Keyed by GLOBAL index so checkpoint names map directly; attention gets the local index.
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(args, i - first) for i in range(first, last)})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(args, i - first, rope) for i in range(first, last)})
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if is_last else None
 
 

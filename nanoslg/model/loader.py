@@ -82,7 +82,7 @@ def load_model(path: Union[str, ModelArgs, None], args: Optional[ModelArgs] = No
         load_weights(model, path)
     else:
         raise ConfigError(f"model.load_format={load_format!r} is not allowed; allowed: auto, safetensors, dummy")
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def safetensors_files(path: str) -> list[str]:

@@ -111,12 +111,12 @@ def build_runner(cfg: Config, ckpt: Checkpoint, device: torch.device, sample: bo
     model = load_model(ckpt.path, args, dtype=dtype, device=device,
                        load_format="dummy" if cfg.model.load_format == "dummy" else "safetensors",
                        seed=cfg.model.seed)
-    name, reason = resolve_backend(cfg.cache, device)
+    name, reason = resolve_backend(cfg.cache, device, dtype)
     backend_cls = CACHE_BACKENDS.get(name)
     first, last = st.stage_layers
     num_layers = (args.num_layers if last == -1 else last) - first
     kv_heads = max(1, args.num_kv_heads // st.tp_size)
-    spec = KVSpec(num_layers, kv_heads, args.head_dim, dtype, device)
+    spec = KVSpec(num_layers, kv_heads, args.head_dim, dtype, device, args.num_heads // st.tp_size)
     backend = backend_cls(spec, cfg.cache.page_size)
     sampler = Sampler(device) if sample else None
     return RankRuntime(ModelRunner(model, backend, sampler, device), backend, name, reason, spec, dtype_reason)
