@@ -18,7 +18,9 @@ register_schema()
 def main(node: DictConfig) -> None:
     from nanoslg.cli import run
 
-    sys.exit(run(node))
+    code = run(node)
+    if code:  # exiting on success would end a Hydra multirun after its first job
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ def build_engine(cfg: Config) -> AsyncEngine:
         "kv_pages": executor.num_pages, "kv_tokens": kv.capacity_tokens, "kv_gib": pool_bytes / 2**30,
         "kv_budget": executor.budget_why if cfg.cache.max_num_tokens is None else "cache.max_num_tokens",
         "prefix_caching": bool(cfg.cache.prefix_caching and kv.paged), "max_model_len": max_len,
+        "kv_bytes_per_token": backend.spec.bytes_per_token * cfg.parallel.tp_size,
     }
     log.info("model %s (%s, %s) on %s, dtype %s: %s", info["model"], args.architecture, info["load_format"],
              info["device"], info["dtype"], info["dtype_reason"])
