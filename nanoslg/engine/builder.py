@@ -44,7 +44,8 @@ def build_engine(cfg: Config) -> AsyncEngine:
         "kv_pages": executor.num_pages, "kv_tokens": kv.capacity_tokens, "kv_gib": pool_bytes / 2**30,
         "kv_budget": executor.budget_why if cfg.cache.max_num_tokens is None else "cache.max_num_tokens",
         "prefix_caching": bool(cfg.cache.prefix_caching and kv.paged), "max_model_len": max_len,
-        "kv_bytes_per_token": backend.spec.bytes_per_token * cfg.parallel.tp_size,
+        # The whole model's KV per token (every layer and KV head), whatever the sharding.
+        "kv_bytes_per_token": 2 * args.num_layers * args.num_kv_heads * args.head_dim * _elem(backend.spec.dtype),
     }
     log.info("model %s (%s, %s) on %s, dtype %s: %s", info["model"], args.architecture, info["load_format"],
              info["device"], info["dtype"], info["dtype_reason"])
@@ -55,6 +56,12 @@ def build_engine(cfg: Config) -> AsyncEngine:
     return AsyncEngine(scheduler, executor, tokenizer, model_name=name,
                        max_model_len=max_len, vocab_size=args.vocab_size, eos_token_ids=eos,
                        kv_pool_bytes=pool_bytes, info=info)
+
+
+def _elem(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _tokenizer(cfg: Config, ckpt):

@@ -3,8 +3,7 @@
 Order per row: min_tokens mask -> penalties -> (greedy: argmax) temperature -> top-k -> top-p -> min-p
 -> draw. Draws use the exponential race (argmax of probs / Exp(1) noise), which samples from `probs`
 exactly; a seeded sequence draws its noise from its own torch.Generator, so the same seed gives the
-same tokens whatever else is in the batch. Child i of an n>1 request uses seed + i (i = NewSeq.index,
-0 when the plan does not carry it).
+same tokens whatever else is in the batch. (The engine gives child i of an n>1 request seed + i.)
 
 Penalties: repetition over prompt + output tokens (logit / p if > 0 else logit * p), frequency and
 presence over output tokens only (logit -= f * count, logit -= p * [count > 0]).
@@ -44,7 +43,7 @@ class Sampler:
         p = ns.params
         gen = None
         if p.seed is not None and not p.greedy:
-            seed = (p.seed + getattr(ns, "index", 0)) % 2**64
+            seed = p.seed % 2**64
             gen = torch.Generator(device=self.device).manual_seed(seed)
         self.seqs[ns.seq_id] = _Seq(p, list(ns.prompt_token_ids), len(ns.output_token_ids), list(ns.stop_ids),
                                     gen, init_out=list(ns.output_token_ids))

@@ -1,13 +1,14 @@
 """The OpenAI wire format as msgspec Structs: requests (unknown fields ignored), responses, errors.
 
-Field ranges that the engine also checks (temperature, top_p, penalties...) are left to
-SamplingParams, so each rule lives in one place; the Structs check types, and the few limits that
-guard the server itself (how many choices one request may ask for).
+The request Structs carry the ranges SamplingParams enforces (so the served OpenAPI schema documents
+them and a bad value is refused before any work), plus the limits that guard the server itself (how
+many choices one request may ask for). SamplingParams stays the authority: it checks again, for the
+Python API too.
 """
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -19,9 +20,15 @@ MAX_CHOICES = 256
 
 # A prompt is a string, a list of strings, a list of token ids, or a list of token-id lists. msgspec
 # allows one array type per union, so the list's items are a union and app.py checks they agree.
-PromptItem = Union[str, int, list[int]]
-PromptField = Union[str, list[PromptItem]]
-StopField = Union[str, list[str], None]
+TokenId = Annotated[int, Meta(ge=0)]
+NonEmptyStr = Annotated[str, Meta(min_length=1)]
+PromptItem = Union[NonEmptyStr, TokenId, Annotated[list[TokenId], Meta(min_length=1)]]
+PromptField = Union[NonEmptyStr, Annotated[list[PromptItem], Meta(min_length=1)]]
+StopField = Union[str, Annotated[list[str], Meta(max_length=16)], None]
+
+
+def _range(kind: type, **bounds: float) -> Any:
+    return Optional[Annotated[kind, Meta(**bounds)]]
 
 
 class StreamOptions(Struct, kw_only=True):
@@ -32,50 +39,50 @@ class _SamplingFields(Struct, kw_only=True):
     """The sampling fields both endpoints take, by their OpenAI (and vLLM extension) names."""
 
     model: Optional[str] = None  # optional: the one served model is used when left out
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    n: Optional[Annotated[int, Meta(ge=1, le=128)]] = None
+    temperature: _range(float, ge=0.0, le=100.0) = None
+    top_p: _range(float, gt=0.0, le=1.0) = None
+    n: _range(int, ge=1, le=128) = None
     stop: StopField = None
-    seed: Optional[int] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
+    seed: _range(int, ge=-(2**63), le=2**63 - 1) = None
+    presence_penalty: _range(float, ge=-2.0, le=2.0) = None
+    frequency_penalty: _range(float, ge=-2.0, le=2.0) = None
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     # extensions, as vLLM and SGLang name them
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    min_tokens: Optional[int] = None
+    top_k: _range(int, ge=-1) = None  # -1 or 0: off
+    min_p: _range(float, ge=0.0, le=1.0) = None
+    repetition_penalty: _range(float, gt=0.0, le=10.0) = None
+    min_tokens: _range(int, ge=0) = None
     ignore_eos: Optional[bool] = None
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: Optional[list[TokenId]] = None
     skip_special_tokens: Optional[bool] = None
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
     prompt: PromptField
-    max_tokens: Optional[int] = None  # OpenAI's default for completions is 16
+    max_tokens: _range(int, ge=1) = None  # OpenAI's default for completions is 16
     echo: Optional[bool] = None
-    logprobs: Optional[Annotated[int, Meta(ge=0, le=20)]] = None
+    logprobs: _range(int, ge=0, le=20) = None
 
 
 class ContentPart(Struct, kw_only=True):
-    type: str
-    text: Optional[str] = None
+    type: Literal["text"]  # only text parts: a model here reads no images or audio
+    text: str
 
 
 class ChatMessage(Struct, kw_only=True):
-    role: str
+    role: Literal["system", "developer", "user", "assistant"]  # developer is OpenAI's newer system
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
-    messages: list[ChatMessage]
-    max_tokens: Optional[int] = None  # default: up to the context
-    max_completion_tokens: Optional[int] = None  # the newer name; wins over max_tokens
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_tokens: _range(int, ge=1) = None  # default: up to the context
+    max_completion_tokens: _range(int, ge=1) = None  # the newer name; wins over max_tokens
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[Annotated[int, Meta(ge=0, le=20)]] = None
+    top_logprobs: _range(int, ge=0, le=20) = None
 
 
 # --- responses ----------------------------------------------------------------------------------
