@@ -1,7 +1,23 @@
-"""NanoSLG: a small, readable, correct LLM inference server."""
-from nanoslg.engine.outputs import CompletionOutput, RequestOutput
-from nanoslg.engine.sampling_params import SamplingParams
-from nanoslg.llm import LLM
+"""NanoSLG: a small, readable, correct LLM inference server.
 
+`LLM` and `SamplingParams` load lazily, so importing a light part of the package (the HTTP server's
+protocol, say) does not import torch.
+"""
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "LLM":
+        from nanoslg.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from nanoslg.engine.sampling_params import SamplingParams
+
+        return SamplingParams
+    if name in ("RequestOutput", "CompletionOutput"):
+        from nanoslg.engine import outputs
+
+        return getattr(outputs, name)
+    raise AttributeError(f"module 'nanoslg' has no attribute {name!r}")

@@ -17,6 +17,10 @@ def run(node: DictConfig) -> int:
     try:
         cfg = validate(node)
         setup_logging(cfg.log_level)
+        from nanoslg.parallel.launch import maybe_run_worker
+
+        if maybe_run_worker(cfg):  # a torchrun rank > 0: it served as a worker until rank 0 ended
+            return 0
         if cfg.mode == "serve":
             from nanoslg.server.serve import serve
 

@@ -188,9 +188,11 @@ def validate(cfg: DictConfig) -> Config:
 
 def _check_registries(cfg: DictConfig) -> None:
     # Import the registering modules so the registries are complete before checking names.
+    import nanoslg.cache  # noqa: F401  (registers the backends)
     from nanoslg import registry
-    import nanoslg.cache  # noqa: F401
-    import nanoslg.scheduler  # noqa: F401
+    from nanoslg.scheduler import register_all
+
+    register_all()
 
     for reg, value in (
         (registry.CACHE_BACKENDS, cfg.cache.backend),

@@ -17,7 +17,9 @@ from nanoslg.config import SchedulerConfig
 from nanoslg.engine.sampling_params import SamplingParams
 from nanoslg.engine.sequence import Sequence
 from nanoslg.registry import SCHEDULERS
-import nanoslg.scheduler  # noqa: F401  (registers the policies)
+from nanoslg.scheduler import register_all
+
+register_all()  # the policies register themselves on import
 
 
 def make_seq(tokens: list[int], t: float = 0.0) -> Sequence:

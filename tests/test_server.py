@@ -34,9 +34,12 @@ class ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         cmd = [sys.executable, "run.py", "server.port=0", f"server.served_model_name={MODEL}", *overrides]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.final_output: str | None = None
         self.url = self._wait_url(startup_timeout)
 
     def output(self) -> str:
+        if self.final_output is not None:
+            return self.final_output
         return Path(self.log.name).read_text(errors="replace")
 
     def _wait_url(self, timeout: float) -> str:
@@ -61,6 +64,10 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.final_output is None:  # keep the log in memory, leave nothing in /tmp
+            self.final_output = self.output()
+            self.log.close()
+            os.unlink(self.log.name)
         return self.proc.returncode
 
 
@@ -471,3 +478,64 @@ def test_sigterm_during_a_stream_exits_zero(keyed_server):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "abort")
     assert ended < 1 + 5  # server.shutdown_timeout=1, then the rest is aborted
     assert srv.proc.wait(timeout=20) == 0, srv.output()[-3000:]
+
+
+# --- an engine that dies (in-process, a stand-in engine: a real one cannot be made to die on cue) --
+
+
+class _DyingStream:
+    def __init__(self, rid: str, ids: list[int]):
+        from nanoslg.engine.outputs import CompletionOutput, RequestOutput
+
+        self.request_id = rid
+        self._items = [RequestOutput(rid, ids, [CompletionOutput(0, text="a", token_ids=[7])])]
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        from nanoslg.errors import EngineDeadError
+
+        if self._items:
+            return self._items.pop(0)
+        raise EngineDeadError("the engine stopped: worker rank 1 died")
+
+
+class _DyingEngine:
+    model_name, max_model_len, vocab_size, tokenizer, num_waiting = MODEL, 64, 100, None, 0
+
+    def __init__(self):
+        from nanoslg.engine.metrics import EngineMetrics
+
+        self.metrics = EngineMetrics()
+        self.is_alive = True
+        self.aborted: list[str] = []
+
+    def add_request(self, prompt, params, request_id=None):
+        return _DyingStream(request_id, list(prompt))
+
+    def abort(self, request_id):
+        self.aborted.append(request_id)
+
+
+def test_engine_death_is_reported_not_500():
+    from litestar.testing import TestClient
+
+    from nanoslg.server.app import create_app, server_config
+
+    engine = _DyingEngine()
+    with TestClient(create_app(engine, server_config())) as c:
+        r = c.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+        r = c.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4, "stream": True})
+        events = sse_events(r.text)
+        assert r.status_code == 200 and json.loads(events[0])["choices"][0]["text"] == "a"
+        assert "worker rank 1 died" in json.loads(events[1])["error"]["message"] and events[2] == "[DONE]"
+        assert len(engine.aborted) == 2
+        # no tokenizer: chat cannot render a template, and says so
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+        assert c.get("/health").status_code == 200
+        engine.is_alive = False
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["message"]

@@ -7,6 +7,7 @@ A short context (model.max_model_len=64) bounds what a generated `n` x `max_toke
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.generation import GenerationMode
 
-from test_server import MODEL, ServerProcess
+from test_server import MODEL, ServerProcess, metric
 
 # examples per operation and generation mode; the GET endpoints have no inputs (one case each)
 EXAMPLES = {"/v1/completions": 90, "/v1/chat/completions": 90}
@@ -55,10 +56,10 @@ def test_fuzz_openapi_schema_no_5xx(fuzz_server):
                     err = json.loads(resp.text)["error"]
                     assert set(err) == {"message", "type", "param", "code"}, resp.text
                 elif case.method == "POST" and isinstance(case.body, dict) and case.body.get("stream") is True:
-                    if not resp.text.endswith("data: [DONE]\n\n"):
-                        import pickle, time as _t
-                        open(f"/tmp/scratch/fail-{_t.time()}.txt", "w").write(repr((case.body, dict(resp.headers), resp.status_code, resp.text, fuzz_server.output())))
-                    assert resp.text.endswith("data: [DONE]\n\n"), resp.text[-300:]
+                    # schemathesis reads at most 20 events and then hangs up (a mid-stream disconnect
+                    # for the server): only a stream read to its end must end with [DONE]
+                    if resp.text.count("\n\n") < 20:
+                        assert resp.text.endswith("data: [DONE]\n\n"), resp.text[-300:]
 
             run()
 
@@ -68,7 +69,12 @@ def test_fuzz_openapi_schema_no_5xx(fuzz_server):
     # both valid (200) and invalid (400) requests were exercised on the generating endpoints
     for path in EXAMPLES:
         assert seen.get((path, 200), 0) > 0 and seen.get((path, 400), 0) > 0, seen
-    # still healthy and still serving
+    print(f"\n{total} generated requests; (path, status) counts: {sorted(seen.items())}")
+    # still healthy and still serving; the streams schemathesis left mid-way were all released
     assert httpx.get(f"{url}/health").status_code == 200
+    deadline = time.monotonic() + 10
+    while metric(url, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(url, "vllm:num_requests_running") == 0 and metric(url, "vllm:kv_cache_usage_perc") == 0.0
     r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3}, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

@@ -225,9 +225,11 @@ class AsyncEngine:
                 waits = set(inflight)
                 if len(inflight) < self.max_inflight:  # new work may start another micro-batch
                     waits.add(loop.create_task(self._wake.wait()))
-                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                for fut in waits - set(inflight):
-                    fut.cancel()
+                try:
+                    done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for fut in waits - set(inflight):
+                        fut.cancel()
                 for fut in sorted(done & set(inflight), key=lambda f: inflight[f].step_id):
                     self._process(inflight.pop(fut), fut.result())
         except asyncio.CancelledError:
@@ -265,6 +267,9 @@ class AsyncEngine:
             req = self._requests.get(rid)
             if req is not None:
                 self._emit(req, list(outs.values()))
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
         m, s = self.metrics, self.scheduler
         m.num_running, m.num_waiting, m.kv_cache_usage = len(s.running), s.num_waiting, s.kv.usage()
         m.preemptions = s.num_preemptions
@@ -325,6 +330,7 @@ class AsyncEngine:
         """Ends one sequence outside the normal token path (abort) and emits its last delta."""
         self.scheduler.finish(seq, reason)
         self._emit(req, [CompletionOutput(seq.index, finish_reason=reason)])
+        self._update_gauges()
         self._poke()
 
     def _emit(self, req: _Request, outs: list[CompletionOutput]) -> None:

@@ -15,8 +15,10 @@ log = logging.getLogger("nanoslg")
 
 
 def build_engine(cfg: Config) -> AsyncEngine:
-    import nanoslg.parallel  # noqa: F401  (registers the strategies)
-    import nanoslg.scheduler  # noqa: F401
+    import nanoslg.parallel.strategies  # noqa: F401  (registers the strategies)
+    from nanoslg.scheduler import register_all
+
+    register_all()
     from nanoslg.parallel.build import resolve_checkpoint
 
     ckpt = resolve_checkpoint(cfg)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import zlib
 from typing import Optional, Union
 
 import torch
@@ -158,13 +159,55 @@ def load_weights(model, path: str) -> None:
 
 
 @torch.no_grad()
+def hf_weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor a model of this config.json has, with its full (unsharded) shape."""
+    h, d, inter = args.hidden_size, args.head_dim, args.intermediate_size
+    q, kv = args.num_heads * d, args.num_kv_heads * d
+    shapes = {"model.embed_tokens.weight": (args.vocab_size, h), "model.norm.weight": (h,)}
+    if not args.tie_word_embeddings:
+        shapes["lm_head.weight"] = (args.vocab_size, h)
+    for i in range(args.num_layers):
+        p = f"model.layers.{i}."
+        layer = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+                 "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+                 "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+                 "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h),
+                 "mlp.down_proj.weight": (h, inter)}
+        if args.attention_bias:
+            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+        if args.o_bias:
+            layer["self_attn.o_proj.bias"] = (h,)
+        if args.mlp_bias:
+            layer.update({"mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (h,)})
+        if args.qk_norm:
+            layer.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
+        shapes.update({p + k: v for k, v in layer.items()})
+    return shapes
+
+
+@torch.no_grad()
 def init_dummy(model, seed: int) -> None:
-    """Seeded random weights: small-std normal (bf16 stays finite through many layers), norms = 1."""
-    gen = None
-    for name, p in model.named_parameters():
-        if gen is None:
-            gen = torch.Generator(device=p.device).manual_seed(seed)
+    """Seeded random weights: small-std normal (bf16 stays finite through many layers), norms = 1.
+
+    Each full checkpoint tensor is drawn from (seed, its name) and then sliced by the same
+    weight_loaders as real weights, so every TP/PP split of one seed holds the same model.
+    """
+    params = dict(model.named_parameters())
+    device = next(iter(params.values())).device
+    for name, shape in hf_weight_shapes(model.args).items():
+        pairs = targets(name, model, params)
+        if not pairs:
+            continue
+        dtype = params[pairs[0][0]].dtype
         if name.endswith("norm.weight"):
-            p.fill_(1.0)
+            full = torch.ones(shape, dtype=dtype, device=device)
         else:
-            p.normal_(0.0, 0.02, generator=gen)
+            gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+            full = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
+        for pname, shard in pairs:
+            param = params[pname]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard is None:
+                loader(param, full)
+            else:
+                loader(param, full, shard)

@@ -125,7 +125,7 @@ class Sampler:
         ks = [s.params.top_k for s in states]
         ps = [s.params.top_p for s in states]
         if any(k > 0 for k in ks) or any(p < 1.0 for p in ps):
-            x = top_k_top_p(x, torch.tensor([k if k > 0 else x.shape[1] for k in ks], device=dev),
+            x = top_k_top_p(x, torch.tensor([min(k, x.shape[1]) if k > 0 else x.shape[1] for k in ks], device=dev),
                             torch.tensor(ps, dtype=torch.float32, device=dev))
         probs = x.softmax(dim=-1)
         min_p = [s.params.min_p for s in states]

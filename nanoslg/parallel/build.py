@@ -124,6 +124,8 @@ def build_runner(cfg: Config, ckpt: Checkpoint, device: torch.device, sample: bo
 
 def kv_budget_bytes(cfg: Config, rt: RankRuntime) -> tuple[int, str]:
     """Bytes this rank can give the KV pool, and how that was decided (for the log)."""
+    if cfg.cache.max_num_tokens is not None:
+        return 0, f"cache.max_num_tokens={cfg.cache.max_num_tokens}"
     if rt.spec.device.type == "cpu":
         return int(cfg.cache.cpu_kv_gib * 2**30), f"cache.cpu_kv_gib={cfg.cache.cpu_kv_gib}"
     torch.cuda.synchronize()
@@ -143,18 +145,25 @@ def profile_activation_bytes(cfg: Config, rt: RankRuntime) -> int:
     """Peak extra memory of a forward over a full token budget (attention without any cache)."""
     from nanoslg.cache.sdpa import NoCacheContext
 
+    st, args = get_state(), rt.runner.model.args
     n = min(cfg.scheduler.max_num_batched_tokens, 8192)
+    dev = rt.spec.device
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    ids = torch.zeros(n, dtype=torch.long, device=rt.spec.device)
-    ctx = NoCacheContext(torch.arange(n, device=rt.spec.device), rt.spec.head_dim ** -0.5)
+    ids = torch.zeros(n, dtype=torch.long, device=dev)
+    # Positions wrap at the model's length: the rotary cache has no rows past it.
+    ctx = NoCacheContext(torch.arange(n, device=dev) % args.max_position_embeddings, rt.spec.head_dim ** -0.5)
+    extra = {}
+    if not st.is_first_stage:  # later pipeline stages start from the previous stage's hidden state
+        zeros = torch.zeros(n, args.hidden_size, dtype=rt.spec.dtype, device=dev)
+        extra = {"hidden": zeros, "residual": zeros.clone()}
     with torch.inference_mode():
-        hidden = rt.runner.model(ids, ctx.positions, ctx)
-        if get_state().is_last_stage:
-            rows = min(n, cfg.scheduler.max_num_seqs)
-            rt.runner.model.compute_logits(hidden[:rows] if not isinstance(hidden, tuple) else hidden[0][:rows])
+        hidden = rt.runner.model(ids, ctx.positions, ctx, **extra)
+        if st.is_last_stage:
+            rt.runner.model.compute_logits(hidden[:min(n, cfg.scheduler.max_num_seqs)])
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
+    del hidden, ids, ctx, extra
     torch.cuda.empty_cache()
     return peak
 

@@ -35,4 +35,10 @@ class SingleExecutor:
             return self.rt.runner.execute(plan)
 
     def shutdown(self) -> None:
-        pass
+        """Drops the model and the KV pool so their GPU memory is free for whatever runs next."""
+        import gc
+
+        self.rt = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

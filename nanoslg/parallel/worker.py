@@ -17,6 +17,7 @@ import pickle
 import queue
 import threading
 import traceback
+from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
@@ -174,7 +175,7 @@ def run_worker(cfg, ckpt, layout, rank: int, local_rank: int, init_method: str,
     threading.Thread(target=receive, name="nanoslg-plans", daemon=True).start()
     stream = torch.cuda.Stream(r.device) if r.device.type == "cuda" else None
     try:
-        with torch.cuda.stream(stream) if stream is not None else _null():
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
             while True:
                 item = plans.get()
                 if item is None:
@@ -186,14 +187,6 @@ def run_worker(cfg, ckpt, layout, rank: int, local_rank: int, init_method: str,
                     send_obj(res, 0, r.result)
     finally:
         teardown()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def spawn_entry(cfg, ckpt, layout, rank: int, init_method: str, parent_pid: int, errq) -> None:

@@ -245,9 +245,12 @@ class OpenAIServer:
             gone.cancel()
             if not work.done():
                 work.cancel()
+                work.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it now
                 self.abort(streams)
         if not work.done() or work.cancelled():
             raise APIError(400, "the client disconnected", code="client_disconnected")
+        if work.exception() is not None:  # one prompt failed: the others must not keep running
+            self.abort(streams)
         return work.result()
 
     # -- token text for logprobs -----------------------------------------------------------------
@@ -255,7 +258,10 @@ class OpenAIServer:
         s = self._tok_cache.get(tid)
         if s is None:
             tok = self.engine.tokenizer
-            s = tok.decode([tid]) if tok is not None else f"token_id:{tid}"
+            try:
+                s = tok.decode([tid]) if tok is not None else f"token_id:{tid}"
+            except Exception:  # an id the tokenizer lacks (a padded embedding row)
+                s = f"token_id:{tid}"
             if len(self._tok_cache) < 1_000_000:
                 self._tok_cache[tid] = s
         return s
@@ -378,8 +384,8 @@ class OpenAIServer:
             for o in delta.outputs:
                 idx = i * n + o.index
                 completion_tokens += len(o.token_ids)
-                if not o.text and o.finish_reason is None and not o.logprobs:
-                    continue  # held back (a partial character or a possible stop string)
+                if not o.token_ids and not o.text and o.finish_reason is None:
+                    continue  # no new token this step (its text may still be held back: one chunk a step)
                 lp = None
                 if req.logprobs is not None:
                     lp = self.completion_logprobs(o.logprobs or [], offsets.get(idx, 0))
@@ -423,8 +429,8 @@ class OpenAIServer:
             prompt_tokens, cached = len(delta.prompt_token_ids), delta.num_cached_tokens
             for o in delta.outputs:
                 completion_tokens += len(o.token_ids)
-                if not o.text and o.finish_reason is None and not o.logprobs:
-                    continue
+                if not o.token_ids and not o.text and o.finish_reason is None:
+                    continue  # one chunk per step with new tokens, as vLLM sends
                 lp = self.chat_logprobs(o.logprobs or []) if req.logprobs else None
                 d = P.DeltaMessage(content=o.text) if o.text else P.DeltaMessage()
                 yield P.sse(P.ChatCompletionChunk(rid, self.model, [P.ChatChunkChoice(o.index, d, lp, o.finish_reason)],
