@@ -124,13 +124,15 @@ def build_runner(cfg: Config, ckpt: Checkpoint, device: torch.device, sample: bo
 
 def kv_budget_bytes(cfg: Config, rt: RankRuntime) -> tuple[int, str]:
     """Bytes this rank can give the KV pool, and how that was decided (for the log)."""
-    if cfg.cache.max_num_tokens is not None:
-        return 0, f"cache.max_num_tokens={cfg.cache.max_num_tokens}"
     if rt.spec.device.type == "cpu":
         return int(cfg.cache.cpu_kv_gib * 2**30), f"cache.cpu_kv_gib={cfg.cache.cpu_kv_gib}"
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
+    # Always run the profile forward on the GPU: it also loads every kernel once, on this thread,
+    # before the engine's step thread and stream take over.
     peak = profile_activation_bytes(cfg, rt)
+    if cfg.cache.max_num_tokens is not None:
+        return 0, f"cache.max_num_tokens={cfg.cache.max_num_tokens}"
     used = total - free
     budget = int(total * cfg.cache.gpu_memory_utilization) - used - peak
     why = (f"{cfg.cache.gpu_memory_utilization:.2f} x {total / 2**30:.1f} GiB - {used / 2**30:.2f} GiB in use "

@@ -147,7 +147,10 @@ class MultiExecutor:
             return
         self._ready.set()
         dev = self.rank.device
-        stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        stream = None
+        if dev.type == "cuda":  # start after the weights and pool written on the default stream
+            torch.cuda.synchronize(dev)
+            stream = torch.cuda.Stream(dev)
         ctrl, pp = self.rank.ctrl, self.layout.pp
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             while True:

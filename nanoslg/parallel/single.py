@@ -24,7 +24,11 @@ class SingleExecutor:
         budget, self.budget_why = kv_budget_bytes(cfg, self.rt)
         self.num_pages = num_pages_for(cfg, self.rt, budget)
         self.rt.backend.allocate(self.num_pages)
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.stream = None
+        if self.device.type == "cuda":
+            # Weights and the pool were written on the default stream: the step stream starts after them.
+            torch.cuda.synchronize(self.device)
+            self.stream = torch.cuda.Stream(self.device)
 
     @property
     def backend(self):

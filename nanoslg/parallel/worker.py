@@ -173,7 +173,10 @@ def run_worker(cfg, ckpt, layout, rank: int, local_rank: int, init_method: str,
             plans.put(e)
 
     threading.Thread(target=receive, name="nanoslg-plans", daemon=True).start()
-    stream = torch.cuda.Stream(r.device) if r.device.type == "cuda" else None
+    stream = None
+    if r.device.type == "cuda":  # start after the weights and pool written on the default stream
+        torch.cuda.synchronize(r.device)
+        stream = torch.cuda.Stream(r.device)
     try:
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             while True:
