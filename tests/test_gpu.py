@@ -85,3 +85,20 @@ def test_flashinfer_equals_sdpa_on_a_decisive_model(bf16_llama):
     print(f"\nflashinfer vs sdpa on the bf16 random Llama: {same}/{32 * len(prompts)} greedy tokens equal")
     for x, y in zip(runs["flashinfer"], runs["sdpa"]):
         assert x[:8] == y[:8]
+
+
+def test_cuda_graphs_change_no_token(bf16_llama):
+    """Decode through captured CUDA graphs (padded buckets) gives the eager path's greedy tokens."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (3, 17, 40, 90, 130)] * 4
+    runs = {}
+    for eager in ("true", "false"):
+        with LLM(f"model.path={bf16_llama}", "cache=flashinfer", f"model.enforce_eager={eager}",
+                 "cache.max_num_tokens=16384", "scheduler.max_num_seqs=32") as llm:
+            assert (llm.engine.executor.rt.runner.graphs is None) == (eager == "true")
+            runs[eager] = [o.token_ids for o in llm.generate(prompts, SamplingParams(
+                temperature=0, max_tokens=24, ignore_eos=True))]
+            runs[eager + "1"] = llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=24,
+                                                                       ignore_eos=True))[0].token_ids
+    assert runs["true"] == runs["false"]
+    assert runs["true1"] == runs["false1"]

@@ -92,7 +92,9 @@ class FlashInferBackend(CacheBackend):
 
     def allocate(self, num_pages: int) -> None:
         s = self.spec
-        self.pool = torch.zeros(s.num_layers, num_pages, 2, self.page_size, s.num_kv_heads, s.head_dim,
+        # One page more than the manager hands out: CUDA-graph padding rows read and write it.
+        self.scratch_page = num_pages
+        self.pool = torch.zeros(s.num_layers, num_pages + 1, 2, self.page_size, s.num_kv_heads, s.head_dim,
                                 dtype=s.dtype, device=s.device)
 
     def run_copies(self, copies: list[tuple[int, int]]) -> None:

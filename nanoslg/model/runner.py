@@ -14,6 +14,7 @@ class ModelRunner:
         self.backend = backend  # a CacheBackend: builds the step's CacheContext
         self.sampler = sampler  # None on ranks that do not sample
         self.device = device
+        self.graphs = None  # captured decode graphs (nanoslg.cache.flashinfer_graph), when enabled
 
     def inputs(self, plan: StepPlan):
         """The step's flattened input ids, its cache context, and the rows whose logits are sampled."""
@@ -36,6 +37,10 @@ class ModelRunner:
         if not plan.seqs:
             self.backend.prepare(plan)  # still releases what the plan freed
             return StepResult(plan.step_id, [], [])
+        if self.graphs is not None and self.graphs.can_run(plan):
+            logits = self.graphs.run(plan)
+            tokens, logprobs = self.sampler.sample(logits, [s.seq_id for s in plan.seqs])
+            return StepResult(plan.step_id, [s.seq_id for s in plan.seqs], tokens, logprobs)
         input_ids, ctx, rows = self.inputs(plan)
         hidden = self.model(input_ids, ctx.positions, ctx)
         seq_ids = [s.seq_id for s in plan.seqs if s.sample]

@@ -24,11 +24,25 @@ class SingleExecutor:
         budget, self.budget_why = kv_budget_bytes(cfg, self.rt)
         self.num_pages = num_pages_for(cfg, self.rt, budget)
         self.rt.backend.allocate(self.num_pages)
+        self._maybe_capture(cfg)
         self.stream = None
         if self.device.type == "cuda":
             # Weights and the pool were written on the default stream: the step stream starts after them.
             torch.cuda.synchronize(self.device)
             self.stream = torch.cuda.Stream(self.device)
+
+    def _maybe_capture(self, cfg: Config) -> None:
+        """CUDA graphs for decode: FlashInfer on one GPU, unless model.enforce_eager."""
+        if cfg.model.enforce_eager or self.device.type != "cuda" or self.rt.backend_name != "flashinfer":
+            why = ("model.enforce_eager=true" if cfg.model.enforce_eager else
+                   "they need the flashinfer backend on a GPU")
+            log.info("decode runs eagerly (no CUDA graphs): %s", why)
+            return
+        from nanoslg.cache.flashinfer_graph import DecodeGraphs
+
+        graphs = DecodeGraphs(self.rt.runner.model, self.rt.backend, min(cfg.scheduler.max_num_seqs, 512))
+        graphs.capture()
+        self.rt.runner.graphs = graphs
 
     @property
     def backend(self):

@@ -1,0 +1,114 @@
+"""CUDA graphs for FlashInfer decode steps.
+
+One graph per batch-size bucket, captured at start. Inputs live in fixed buffers; before each
+replay the step's page tables are written there by the wrapper's `plan()` (run outside the graph).
+A bucket larger than the batch is filled with padding rows that read and write one scratch page,
+which the KV manager never hands out.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm import tqdm
+
+from nanoslg.cache.base import CacheContext
+from nanoslg.scheduler.plan import StepPlan
+
+log = logging.getLogger("nanoslg.graphs")
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class _GraphContext(CacheContext):
+    def __init__(self, graphs: "DecodeGraphs", bs: int, wrapper):
+        self.g, self.bs, self.wrapper = graphs, bs, wrapper
+        self.positions = graphs.positions[:bs]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        g, bs = self.g, self.bs
+        cache = g.backend.pool[layer]
+        g.fi.page.append_paged_kv_cache(k.contiguous(), v.contiguous(), g.batch_idx[:bs], g.kv_pos[:bs], cache,
+                                        g.indices, g.indptr[:bs + 1], g.last_len[:bs], kv_layout="NHD")
+        return self.wrapper.run(q.contiguous(), cache)
+
+
+class DecodeGraphs:
+    """Captured decode graphs of one model over a FlashInfer backend (single GPU)."""
+
+    def __init__(self, model, backend, max_bs: int):
+        self.model, self.backend, self.fi = model, backend, backend.fi
+        s = backend.spec
+        dev = s.device
+        self.buckets = [b for b in BUCKETS if b <= max_bs] or [1]
+        self.max_bs = self.buckets[-1]
+        i32 = torch.int32
+        self.input_ids = torch.zeros(self.max_bs, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(self.max_bs, dtype=torch.long, device=dev)
+        self.kv_pos = torch.zeros(self.max_bs, dtype=i32, device=dev)
+        self.batch_idx = torch.arange(self.max_bs, dtype=i32, device=dev)
+        self.indptr = torch.zeros(self.max_bs + 1, dtype=i32, device=dev)
+        self.last_len = torch.zeros(self.max_bs, dtype=i32, device=dev)
+        self.indices = torch.zeros(backend.pool.shape[1], dtype=i32, device=dev)
+        self.group = s.num_qo_heads // s.num_kv_heads
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, object]] = {}
+
+    def _wrapper(self, bs: int):
+        return self.fi.BatchDecodeWithPagedKVCacheWrapper(
+            self.backend._decode_ws, "NHD", use_cuda_graph=True, use_tensor_cores=self.group >= 4,
+            paged_kv_indptr_buffer=self.indptr[:bs + 1], paged_kv_indices_buffer=self.indices,
+            paged_kv_last_page_len_buffer=self.last_len[:bs])
+
+    def _plan(self, wrapper, bs: int, plan: StepPlan | None) -> None:
+        """Writes the batch (real rows, then padding rows on the scratch page) and plans the wrapper."""
+        ps, scratch = self.backend.page_size, self.backend.scratch_page
+        indptr, indices, last, ids, pos = [0], [], [], [], []
+        for st in plan.seqs if plan is not None else []:
+            end = st.start + 1
+            pages = -(-end // ps)
+            indices.extend(st.block_table[:pages])
+            indptr.append(indptr[-1] + pages)
+            last.append(end - (pages - 1) * ps)
+            ids.append(st.token_ids[0])
+            pos.append(st.start)
+        for _ in range(bs - len(ids)):
+            indices.append(scratch)
+            indptr.append(indptr[-1] + 1)
+            last.append(1)
+            ids.append(0)
+            pos.append(0)
+        self.input_ids[:bs].copy_(torch.tensor(ids), non_blocking=True)
+        self.positions[:bs].copy_(torch.tensor(pos), non_blocking=True)
+        self.kv_pos[:bs].copy_(torch.tensor(pos, dtype=torch.int32), non_blocking=True)
+        s = self.backend.spec
+        wrapper.plan(torch.tensor(indptr, dtype=torch.int32), torch.tensor(indices, dtype=torch.int32),
+                     torch.tensor(last, dtype=torch.int32), s.num_qo_heads, s.num_kv_heads, s.head_dim, ps,
+                     q_data_type=s.dtype, kv_data_type=s.dtype, sm_scale=self.backend.scale)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        for bs in tqdm(list(reversed(self.buckets)), desc="capturing CUDA graphs"):
+            wrapper = self._wrapper(bs)
+            self._plan(wrapper, bs, None)
+            ctx = _GraphContext(self, bs, wrapper)
+            ids, pos = self.input_ids[:bs], self.positions[:bs]
+            self.model.compute_logits(self.model(ids, pos, ctx))  # warm-up outside the graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.model.compute_logits(self.model(ids, pos, ctx))
+            self.graphs[bs] = (graph, logits, wrapper)
+        torch.cuda.synchronize()
+        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+
+    def can_run(self, plan: StepPlan) -> bool:
+        return (0 < len(plan.seqs) <= self.max_bs and not plan.copies and plan.is_decode
+                and all(s.sample for s in plan.seqs))
+
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        """Replays the smallest bucket that holds the batch; returns the real rows' logits."""
+        n = len(plan.seqs)
+        bs = next(b for b in self.buckets if b >= n)
+        graph, logits, wrapper = self.graphs[bs]
+        self._plan(wrapper, bs, plan)
+        graph.replay()
+        return logits[:n]
