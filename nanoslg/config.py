@@ -24,7 +24,9 @@ class ModelConfig:
     device: str = "auto"  # auto | cuda | cpu
     max_model_len: Optional[int] = None
     seed: int = 0  # seeds dummy weights
-    enforce_eager: bool = False  # no CUDA graphs
+    # CUDA graphs for decode are opt-in (model.enforce_eager=false) until their GPU token-equality
+    # test (tests/test_gpu.py::test_cuda_graphs_change_no_token) has run on a GPU.
+    enforce_eager: bool = True
     tokenizer: Optional[str] = None  # defaults to path
 
 

@@ -6,3 +6,4 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DIS
 mkdir -p .fi
 nvidia-smi -L
 python3 -c "import torch, flashinfer; print('torch', torch.__version__, 'flashinfer', flashinfer.__version__)"
+# The device gets the tree without .git: the caller passes the commit (NANOSLG_COMMIT=$(git rev-parse HEAD)).

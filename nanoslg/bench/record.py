@@ -57,6 +57,8 @@ def git_info(repo: Path = REPO_DIR) -> dict:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
+    if commit is None and os.environ.get("NANOSLG_COMMIT"):  # a copy of the tree without .git (a GPU box)
+        return {"commit": os.environ["NANOSLG_COMMIT"], "dirty": None}
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 

@@ -35,7 +35,7 @@ class _GraphContext(CacheContext):
 class DecodeGraphs:
     """Captured decode graphs of one model over a FlashInfer backend (single GPU)."""
 
-    def __init__(self, model, backend, max_bs: int):
+    def __init__(self, model, backend, max_bs: int, max_model_len: int):
         self.model, self.backend, self.fi = model, backend, backend.fi
         s = backend.spec
         dev = s.device
@@ -48,7 +48,9 @@ class DecodeGraphs:
         self.batch_idx = torch.arange(self.max_bs, dtype=i32, device=dev)
         self.indptr = torch.zeros(self.max_bs + 1, dtype=i32, device=dev)
         self.last_len = torch.zeros(self.max_bs, dtype=i32, device=dev)
-        self.indices = torch.zeros(backend.pool.shape[1], dtype=i32, device=dev)
+        # Shared prefix pages appear once per sequence, so size for every row at full length.
+        self.indices = torch.zeros(self.max_bs * -(-max_model_len // backend.page_size) + self.max_bs,
+                                   dtype=i32, device=dev)
         self.group = s.num_qo_heads // s.num_kv_heads
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, object]] = {}
 

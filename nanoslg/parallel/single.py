@@ -40,7 +40,8 @@ class SingleExecutor:
             return
         from nanoslg.cache.flashinfer_graph import DecodeGraphs
 
-        graphs = DecodeGraphs(self.rt.runner.model, self.rt.backend, min(cfg.scheduler.max_num_seqs, 512))
+        max_len = cfg.model.max_model_len or self.rt.runner.model.args.max_position_embeddings
+        graphs = DecodeGraphs(self.rt.runner.model, self.rt.backend, min(cfg.scheduler.max_num_seqs, 512), max_len)
         graphs.capture()
         self.rt.runner.graphs = graphs
 
