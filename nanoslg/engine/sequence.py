@@ -44,6 +44,7 @@ class Sequence:
         self.last_token_time: Optional[float] = None
         self.num_preemptions = 0
         self.logprobs: list = []  # per output token: Logprob
+        self.detok = None  # the engine's IncrementalDetokenizer (None without a tokenizer)
         self.text = ""  # detokenized output so far (stop strings cut off)
         self.emitted = 0  # characters of text already streamed out
         self.abort_pending = False  # aborted while its step was in flight

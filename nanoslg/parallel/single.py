@@ -34,8 +34,8 @@ class SingleExecutor:
     def _maybe_capture(self, cfg: Config) -> None:
         """CUDA graphs for decode: FlashInfer on one GPU, unless model.enforce_eager."""
         if cfg.model.enforce_eager or self.device.type != "cuda" or self.rt.backend_name != "flashinfer":
-            why = ("model.enforce_eager=true" if cfg.model.enforce_eager else
-                   "they need the flashinfer backend on a GPU")
+            why = ("they need the flashinfer backend on a GPU" if self.rt.backend_name != "flashinfer"
+                   else "model.enforce_eager=true (graphs are opt-in: model.enforce_eager=false)")
             log.info("decode runs eagerly (no CUDA graphs): %s", why)
             return
         from nanoslg.cache.flashinfer_graph import DecodeGraphs

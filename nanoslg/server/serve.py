@@ -93,7 +93,9 @@ async def serve_engine(engine, cfg: Config) -> int:
 
     ucfg = uvicorn.Config(
         app, host=scfg.host, port=scfg.port, log_level=scfg.log_level, access_log=scfg.log_level == "debug",
-        lifespan="on",
+        # The engine starts before the server and drains after it: the app has no lifespan hooks,
+        # and with "on" uvicorn leaves a lifespan task that the loop's close cancels noisily.
+        lifespan="off",
         # A backstop only: the engine ends every request by shutdown_timeout (aborts count as ends).
         timeout_graceful_shutdown=scfg.shutdown_timeout + 10.0,
     )
