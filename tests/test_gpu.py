@@ -9,18 +9,28 @@ from nanoslg.model import kernels
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.fixture(scope="module")
-def bf16_llama(tmp_path_factory):
-    """A random Llama with head_dim 128 and GQA 2 (the kernel variants Qwen3-0.6B also uses)."""
+def _bf16_llama(root, kv_heads: int) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=128, vocab_size=1024, max_position_embeddings=1024,
+                      num_key_value_heads=kv_heads, head_dim=128, vocab_size=1024, max_position_embeddings=1024,
                       initializer_range=0.1)
-    path = tmp_path_factory.mktemp("bf16") / "llama"
+    path = root / f"llama-kv{kv_heads}"
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(tmp_path_factory):
+    """A random Llama with head_dim 128 and GQA 2 (the kernel variants Qwen3-0.6B also uses)."""
+    return _bf16_llama(tmp_path_factory.mktemp("bf16"), kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def bf16_llama_gqa4(tmp_path_factory):
+    """GQA 4 (one KV head for four query heads): decode takes FlashInfer's tensor-core path, as Llama-3.1-8B."""
+    return _bf16_llama(tmp_path_factory.mktemp("bf16"), kv_heads=1)
 
 
 @pytest.mark.parametrize("cache", ["flashinfer", "sdpa"])
@@ -71,8 +81,10 @@ def test_fused_kernels_equal_torch():
     torch.testing.assert_close(kf, kr, **tol)
 
 
-def test_flashinfer_equals_sdpa_on_a_decisive_model(bf16_llama):
+@pytest.mark.parametrize("ckpt", ["bf16_llama", "bf16_llama_gqa4"])
+def test_flashinfer_equals_sdpa_on_a_decisive_model(ckpt, request):
     """Random weights with decisive logits: the two backends must pick the same greedy tokens."""
+    bf16_llama = request.getfixturevalue(ckpt)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (9, 64, 300)]
     runs = {}
@@ -82,7 +94,7 @@ def test_flashinfer_equals_sdpa_on_a_decisive_model(bf16_llama):
             runs[cache] = [o.token_ids for o in llm.generate(prompts, SamplingParams(
                 temperature=0, max_tokens=32, ignore_eos=True))]
     same = sum(a == b for x, y in zip(runs["flashinfer"], runs["sdpa"]) for a, b in zip(x, y))
-    print(f"\nflashinfer vs sdpa on the bf16 random Llama: {same}/{32 * len(prompts)} greedy tokens equal")
+    print(f"\nflashinfer vs sdpa on the bf16 random Llama ({ckpt}): {same}/{32 * len(prompts)} greedy tokens equal")
     for x, y in zip(runs["flashinfer"], runs["sdpa"]):
         assert x[:8] == y[:8]
 
