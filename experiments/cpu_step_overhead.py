@@ -1,0 +1,52 @@
+"""Host-side cost of one engine step, without a model: scheduler + KV manager + output processing.
+
+    python experiments/cpu_step_overhead.py [num_seqs] [prompt_len] [steps]
+
+The executor returns a token at once, so the time per step is what the CPU adds to every decode
+step (and what overlap scheduling would hide behind the GPU).
+"""
+import asyncio
+import random
+import sys
+import time
+
+from nanoslg.cache.paged import PagedKVManager
+from nanoslg.config import SchedulerConfig
+from nanoslg.engine.async_engine import AsyncEngine, collect
+from nanoslg.engine.sampling_params import SamplingParams
+from nanoslg.scheduler.plan import StepResult
+from nanoslg.scheduler.policy import FCFSPolicy
+from nanoslg.scheduler.scheduler import Scheduler
+
+
+class InstantExecutor:
+    max_inflight = 1
+
+    def execute(self, plan):
+        ids = [s.seq_id for s in plan.seqs if s.sample]
+        return StepResult(plan.step_id, ids, [7] * len(ids))
+
+    def shutdown(self):
+        pass
+
+
+async def main(num_seqs: int, prompt_len: int, steps: int) -> None:
+    cfg = SchedulerConfig(max_num_seqs=num_seqs, max_num_batched_tokens=num_seqs * prompt_len)
+    kv = PagedKVManager(num_seqs * (prompt_len + steps) // 16 + num_seqs, 16, True)
+    engine = AsyncEngine(Scheduler(cfg, kv, FCFSPolicy(cfg)), InstantExecutor(), None, model_name="none",
+                         max_model_len=prompt_len + steps + 1, vocab_size=1000, eos_token_ids=())
+    await engine.start()
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    streams = [engine.add_request([rng.randrange(2, 1000) for _ in range(prompt_len)], params)
+               for _ in range(num_seqs)]
+    t = time.perf_counter()
+    await asyncio.gather(*(collect(s) for s in streams))
+    dt = time.perf_counter() - t
+    print(f"{num_seqs} sequences, {steps} steps: {dt / steps * 1e3:.2f} ms of host work per step")
+    await engine.shutdown()
+
+
+if __name__ == "__main__":
+    args = [int(a) for a in sys.argv[1:]] + [256, 600, 300][len(sys.argv) - 1:]
+    asyncio.run(main(*args[:3]))
