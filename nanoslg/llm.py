@@ -14,17 +14,9 @@ from nanoslg.config import Config
 from nanoslg.engine.async_engine import AsyncEngine, collect
 from nanoslg.engine.outputs import RequestOutput
 from nanoslg.engine.sampling_params import SamplingParams
+from nanoslg.loop import new_event_loop
 
 Prompt = Union[str, list[int]]
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:  # uvloop is optional (e.g. on Windows)
-        return asyncio.new_event_loop()
 
 
 class LLM:

@@ -30,6 +30,7 @@ from nanoslg.bench.record import aggregate, experiment_dir, make_record, write_r
 from nanoslg.bench.workloads import BenchRequest, TokenSpace, get_workload, token_space
 from nanoslg.config import Config
 from nanoslg.errors import ConfigError
+from nanoslg.loop import new_event_loop
 
 log = logging.getLogger("nanoslg.bench")
 REPO_DIR = Path(__file__).resolve().parent.parent.parent
@@ -171,7 +172,7 @@ def _run_engine(cfg: Config, wl, figures: Optional[rl.Figures]) -> dict:
     from nanoslg.engine.builder import build_engine
 
     engine = build_engine(cfg)
-    loop = _new_loop()
+    loop = new_event_loop()
     try:
         space = token_space(engine.vocab_size, engine.tokenizer, getattr(engine, "eos_token_ids", ()))
         reqs = wl.requests(cfg.bench, space)
@@ -230,15 +231,6 @@ async def _engine_session(cfg: Config, engine, reqs: list[BenchRequest]) -> tupl
     if timings and all(t.error for t in timings):
         raise RuntimeError(f"every bench request failed; the first: {timings[0].error}")
     return timings, wall
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:
-        return asyncio.new_event_loop()
 
 
 def _free_memory() -> None:

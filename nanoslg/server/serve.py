@@ -16,18 +16,10 @@ from typing import Callable
 import uvicorn
 
 from nanoslg.config import Config
+from nanoslg.loop import loop_factory
 from nanoslg.server.app import create_app
 
 log = logging.getLogger("nanoslg.server")
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop
-    except ImportError:  # uvloop is optional (e.g. on Windows)
-        return asyncio.new_event_loop
 
 
 class _Server(uvicorn.Server):
@@ -115,6 +107,6 @@ def serve(cfg: Config) -> int:
     from nanoslg.engine.builder import build_engine
 
     engine = build_engine(cfg)  # loads weights and sizes the KV pool: blocking work, before the loop
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(serve_engine(engine, cfg))
 
