@@ -3,7 +3,6 @@ weights of the right shapes (`load_format=dummy`)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import zlib
@@ -18,7 +17,6 @@ from nanoslg.model.hf_config import ModelArgs, load_args
 from nanoslg.parallel.state import get_state
 from nanoslg.registry import ARCHITECTURES
 
-log = logging.getLogger("nanoslg.loader")
 
 # HF name piece -> (our fused parameter piece, shard id)
 STACKED = [
@@ -40,18 +38,19 @@ def default_weight_loader(param: torch.nn.Parameter, loaded, shard_id=None) -> N
     param.data.copy_(t)
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype], args: ModelArgs, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: Union[str, torch.dtype], args: ModelArgs, device: torch.device) -> tuple[torch.dtype, str]:
+    """The dtype the model runs in, and why (for the start-up log). The one place `auto` is decided."""
     if isinstance(dtype, torch.dtype):
-        return dtype
+        return dtype, "given"
     if dtype != "auto":
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.dtype={dtype!r} is not allowed; allowed: auto, float32, bfloat16, float16")
-        return getattr(torch, dtype)
+        return getattr(torch, dtype), "set by model.dtype"
     if device.type == "cpu":
-        log.info("dtype auto on CPU: float32 (bf16/fp16 matmuls are slow and inexact there)")
-        return torch.float32
-    log.info("dtype auto on %s: the checkpoint's %s", device, args.torch_dtype)
-    return args.torch_dtype
+        return torch.float32, "auto on CPU: float32 (bf16 matmuls are slow and inexact there)"
+    # A float32 checkpoint still runs in bf16 on the GPU: the fast kernels (FlashInfer) need 16 bits.
+    dt = args.torch_dtype if args.torch_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return dt, f"auto on GPU: the checkpoint's {str(args.torch_dtype).replace('torch.', '')}"
 
 
 def load_model(path: Union[str, ModelArgs, None], args: Optional[ModelArgs] = None, *,
@@ -68,7 +67,7 @@ def load_model(path: Union[str, ModelArgs, None], args: Optional[ModelArgs] = No
     if path is None and load_format != "dummy":
         raise ConfigError("model.load_format must be dummy when there is no checkpoint path")
     device = torch.device(device)
-    dtype = resolve_dtype(dtype, args, device)
+    dtype, _ = resolve_dtype(dtype, args, device)
     cls = ARCHITECTURES.get(args.architecture)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -17,7 +17,7 @@ from nanoslg.cache.base import CacheBackend, KVSpec
 from nanoslg.config import Config
 from nanoslg.errors import ConfigError
 from nanoslg.model.hf_config import ModelArgs, load_args, shape_path
-from nanoslg.model.loader import load_model
+from nanoslg.model.loader import load_model, resolve_dtype
 from nanoslg.model.runner import ModelRunner
 from nanoslg.model.sampler import Sampler
 from nanoslg.parallel.state import get_state
@@ -82,15 +82,6 @@ def resolve_device(cfg: Config, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def resolve_dtype(cfg: Config, args: ModelArgs, device: torch.device) -> tuple[torch.dtype, str]:
-    if cfg.model.dtype != "auto":
-        return getattr(torch, cfg.model.dtype), "set by model.dtype"
-    if device.type == "cpu":
-        return torch.float32, "auto on CPU: float32 (bf16 matmuls are slow and inexact there)"
-    dt = args.torch_dtype if args.torch_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    return dt, f"auto on GPU: the checkpoint's {str(args.torch_dtype).replace('torch.', '')}"
-
-
 @dataclass
 class RankRuntime:
     runner: ModelRunner
@@ -105,7 +96,7 @@ def build_runner(cfg: Config, ckpt: Checkpoint, device: torch.device, sample: bo
     """Loads this rank's model and KV backend (the pool is sized later by `size_kv_pool`)."""
     st = get_state()
     args = ckpt.args
-    dtype, dtype_reason = resolve_dtype(cfg, args, device)
+    dtype, dtype_reason = resolve_dtype(cfg.model.dtype, args, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = load_model(ckpt.path, args, dtype=dtype, device=device,
