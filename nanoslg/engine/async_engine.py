@@ -8,6 +8,7 @@ step runs. Each request owns a RequestStream of deltas.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -113,7 +114,7 @@ class AsyncEngine:
         stream = RequestStream(rid)
         # With a seed, sample i of n draws from seed + i: reproducible, yet independent samples.
         seqs = [Sequence(rid, i, ids, params if params.seed is None or i == 0 else
-                         _replace(params, seed=params.seed + i)) for i in range(params.n)]
+                         dataclasses.replace(params, seed=params.seed + i)) for i in range(params.n)]
         self._requests[rid] = _Request(rid, text, ids, params, seqs, stream)
         for seq in seqs:
             seq.eos_token_ids = self.eos_token_ids
@@ -186,7 +187,7 @@ class AsyncEngine:
             raise RequestError(f"the prompt has {n} tokens; this model's context is {ctx} tokens",
                                param="prompt", code="context_length_exceeded")
         if params.max_tokens is None:
-            params = _replace(params, max_tokens=ctx - n)
+            params = dataclasses.replace(params, max_tokens=ctx - n)
         elif n + params.max_tokens > ctx:
             raise RequestError(f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) is over this "
                                f"model's context of {ctx} tokens", param="max_tokens",
@@ -363,9 +364,3 @@ async def collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
                 o.finish_reason, o.stop_reason = d.finish_reason, d.stop_reason
     final.outputs = [outs[i] for i in sorted(outs)]
     return final
-
-
-def _replace(params: SamplingParams, **changes) -> SamplingParams:
-    import dataclasses
-
-    return dataclasses.replace(params, **changes)
