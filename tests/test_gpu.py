@@ -33,23 +33,48 @@ def bf16_llama_gqa4(tmp_path_factory):
     return _bf16_llama(tmp_path_factory.mktemp("bf16"), kv_heads=1)
 
 
-@pytest.mark.parametrize("cache", ["flashinfer", "sdpa"])
-def test_bf16_greedy_and_logprobs_match_transformers(bf16_llama, cache):
+GAP_TOL = 0.3  # nats: bf16 noise against a float32 reference; a wrong kernel is off by whole nats
+
+
+def greedy_gaps(ckpt: str, prompt: list[int], tokens: list[int]) -> list[float]:
+    """For each generated token: how far (in nats) it falls below the float32 transformers argmax at
+    that position, teacher-forced on the engine's own tokens. 0 = it is the reference's argmax."""
+    hf = _hf_fp32(ckpt)
+    ids = torch.tensor([prompt + tokens[:-1]], device="cuda")
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(ids).logits[0, len(prompt) - 1:].float(), -1)
+    rows, cols = torch.arange(len(tokens), device="cuda"), torch.tensor(tokens, device="cuda")
+    return (lp.max(-1).values - lp[rows, cols]).tolist()
+
+
+_HF: dict = {}
+
+
+def _hf_fp32(ckpt: str):
     from transformers import AutoModelForCausalLM
 
+    if ckpt not in _HF:
+        _HF.clear()
+        _HF[ckpt] = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).cuda().eval()
+    return _HF[ckpt]
+
+
+@pytest.mark.parametrize("ckpt", ["bf16_llama", "bf16_llama_gqa4"])
+@pytest.mark.parametrize("cache", ["flashinfer", "sdpa"])
+def test_bf16_greedy_and_logprobs_match_transformers(ckpt, cache, request):
+    """Every greedy token is the float32 reference's argmax up to bf16 noise, and logprobs agree."""
+    path = request.getfixturevalue(ckpt)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (5, 37, 130)]
-    with LLM(f"model.path={bf16_llama}", f"cache={cache}", "model.enforce_eager=true") as llm:
+    with LLM(f"model.path={path}", f"cache={cache}", "model.enforce_eager=true") as llm:
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1))
-    hf = AutoModelForCausalLM.from_pretrained(bf16_llama, dtype=torch.bfloat16).cuda().eval()
-    hf.generation_config.eos_token_id = None
+    hf = _hf_fp32(path)
     for p, out in zip(prompts, outs):
-        ids = torch.tensor([p], device="cuda")
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
-                          pad_token_id=0)[0, len(p):].tolist()
-        assert out.token_ids[:4] == ref[:4]  # bf16: the first tokens must agree
+        gaps = greedy_gaps(path, p, out.token_ids)
+        print(f"\n{cache} {ckpt} prompt {len(p)}: max gap to the fp32 argmax {max(gaps):.3f} nats")
+        assert max(gaps) < GAP_TOL, gaps
         with torch.no_grad():
-            lp = torch.log_softmax(hf(ids).logits[0, -1].float(), -1)
+            lp = torch.log_softmax(hf(torch.tensor([p], device="cuda")).logits[0, -1].float(), -1)
         assert abs(out.outputs[0].logprobs[0].logprob - lp[out.token_ids[0]].item()) < 0.1
 
 
@@ -83,20 +108,22 @@ def test_fused_kernels_equal_torch():
 
 @pytest.mark.parametrize("ckpt", ["bf16_llama", "bf16_llama_gqa4"])
 def test_flashinfer_equals_sdpa_on_a_decisive_model(ckpt, request):
-    """Random weights with decisive logits: the two backends must pick the same greedy tokens."""
-    bf16_llama = request.getfixturevalue(ckpt)
+    """Both backends pick, at every one of 32 steps, the float32 reference's argmax up to bf16 noise
+    (GQA 4 takes FlashInfer's tensor-core decode); where the two differ, it is a near tie."""
+    path = request.getfixturevalue(ckpt)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (9, 64, 300)]
     runs = {}
     for cache in ("flashinfer", "sdpa"):
-        with LLM(f"model.path={bf16_llama}", f"cache={cache}", "model.enforce_eager=true",
+        with LLM(f"model.path={path}", f"cache={cache}", "model.enforce_eager=true",
                  "cache.max_num_tokens=8192") as llm:
             runs[cache] = [o.token_ids for o in llm.generate(prompts, SamplingParams(
                 temperature=0, max_tokens=32, ignore_eos=True))]
     same = sum(a == b for x, y in zip(runs["flashinfer"], runs["sdpa"]) for a, b in zip(x, y))
-    print(f"\nflashinfer vs sdpa on the bf16 random Llama ({ckpt}): {same}/{32 * len(prompts)} greedy tokens equal")
-    for x, y in zip(runs["flashinfer"], runs["sdpa"]):
-        assert x[:8] == y[:8]
+    gaps = {c: max(max(greedy_gaps(path, p, t)) for p, t in zip(prompts, runs[c])) for c in runs}
+    print(f"\nflashinfer vs sdpa ({ckpt}): {same}/{32 * len(prompts)} greedy tokens equal; max gap to the "
+          f"fp32 argmax: flashinfer {gaps['flashinfer']:.3f}, sdpa {gaps['sdpa']:.3f} nats")
+    assert gaps["flashinfer"] < GAP_TOL and gaps["sdpa"] < GAP_TOL
 
 
 def test_cuda_graphs_change_no_token(bf16_llama):
