@@ -24,9 +24,7 @@ class ModelConfig:
     device: str = "auto"  # auto | cuda | cpu
     max_model_len: Optional[int] = None
     seed: int = 0  # seeds dummy weights
-    # CUDA graphs for decode are opt-in (model.enforce_eager=false) until their GPU token-equality
-    # test (tests/test_gpu.py::test_cuda_graphs_change_no_token) has run on a GPU.
-    enforce_eager: bool = True
+    enforce_eager: bool = False  # true: no CUDA graphs for decode (they need flashinfer on one GPU)
     tokenizer: Optional[str] = None  # defaults to path
 
 
@@ -46,6 +44,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     seed: int = 0  # for policy=random
+    # Overlap: plan and launch step N+1 while step N runs; a decode feeds the token step N samples,
+    # read on the device, so the host never waits for it (parallel=single; tp/pp run without it).
+    overlap: bool = True
 
 
 @dataclass

@@ -46,7 +46,9 @@ def test_greedy_equals_transformers(name, request, hf_greedy):
     ["scheduler.max_num_batched_tokens=7"],  # chunked prefill: every prompt but one spans chunks
     ["cache.max_num_tokens=96", "cache.page_size=8"],  # too little KV for the batch: preemption
     ["scheduler.max_num_seqs=2"],  # a cap on running sequences
-], ids=["chunked", "preempt", "max-seqs"])
+    ["scheduler.overlap=false"],  # one step at a time (the default overlaps two)
+    ["scheduler.overlap=false", "cache.max_num_tokens=96", "cache.page_size=8"],
+], ids=["chunked", "preempt", "max-seqs", "no-overlap", "no-overlap-preempt"])
 def test_scheduling_changes_no_token(overrides, tiny_llama, hf_greedy):
     with LLM(f"model.path={tiny_llama}", "cache=sdpa", *overrides) as llm:
         prompts = prompts_for(llm.engine.vocab_size)
@@ -56,6 +58,36 @@ def test_scheduling_changes_no_token(overrides, tiny_llama, hf_greedy):
         assert out.token_ids == hf_greedy(tiny_llama, p, NEW)
     if "preempt" in str(overrides):
         assert preemptions > 0, "the KV budget was meant to force preemption"
+
+
+def test_overlap_feeds_the_token_in_flight(tiny_llama, hf_greedy):
+    """With overlap on, decodes are launched before the token they feed has reached the host."""
+    from nanoslg.scheduler.plan import PLACEHOLDER
+
+    with LLM(f"model.path={tiny_llama}", "cache=paged", "scheduler.max_num_batched_tokens=16") as llm:
+        ex = llm.engine.executor
+        launch, fed = ex.launch, []
+        ex.launch = lambda plan: fed.append(sum(s.token_ids == [PLACEHOLDER] for s in plan.seqs)) or launch(plan)
+        prompts = prompts_for(llm.engine.vocab_size)
+        outs = llm.generate(prompts, greedy())
+    assert llm.engine.overlap and sum(fed) > NEW  # nearly every decode step fed an in-flight token
+    for p, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(tiny_llama, p, NEW)
+
+
+def test_overlap_changes_no_sample(tiny_llama):
+    """Penalties, seeded draws, min_tokens and logprobs give the same results with and without overlap."""
+    sp = [SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=20, ignore_eos=True,
+                         repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.4, logprobs=2),
+          SamplingParams(temperature=0, max_tokens=20, min_tokens=10, repetition_penalty=1.5),
+          SamplingParams(temperature=1.0, top_k=20, seed=11, max_tokens=20, ignore_eos=True)]
+    runs = []
+    for overlap in ("true", "false"):
+        with LLM(f"model.path={tiny_llama}", "cache=sdpa", f"scheduler.overlap={overlap}") as llm:
+            outs = llm.generate(prompts_for(llm.engine.vocab_size)[:3], sp)
+        runs.append([(o.token_ids, [(lp.token_id, round(lp.logprob, 5)) for lp in o.outputs[0].logprobs or []])
+                     for o in outs])
+    assert runs[0] == runs[1]
 
 
 def test_seeded_sampling_is_reproducible(llama_llm):

@@ -14,6 +14,7 @@ import torch
 
 from nanoslg.engine.sequence import Sequence
 from nanoslg.scheduler.plan import StepPlan
+from nanoslg.tensors import to_device
 
 
 class KVManager(ABC):
@@ -117,4 +118,4 @@ class CacheBackend(ABC):
 
 def positions_of(plan: StepPlan, device: torch.device) -> torch.Tensor:
     pos = [p for s in plan.seqs for p in range(s.start, s.start + len(s.token_ids))]
-    return torch.tensor(pos, dtype=torch.long, device=device)
+    return to_device(pos, torch.long, device)

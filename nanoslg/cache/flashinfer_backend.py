@@ -20,6 +20,7 @@ from nanoslg.cache.base import CacheBackend, CacheContext, KVManager, KVSpec, po
 from nanoslg.errors import ConfigError
 from nanoslg.registry import CACHE_BACKENDS
 from nanoslg.scheduler.plan import StepPlan
+from nanoslg.tensors import to_device
 
 WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended float workspace per wrapper
 
@@ -100,8 +101,8 @@ class FlashInferBackend(CacheBackend):
     def run_copies(self, copies: list[tuple[int, int]]) -> None:
         if copies:
             dev = self.pool.device
-            src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=dev)
-            dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=dev)
+            src = to_device([c[0] for c in copies], torch.long, dev)
+            dst = to_device([c[1] for c in copies], torch.long, dev)
             self.pool[:, dst] = self.pool[:, src]
 
     def _decode_wrapper(self):
@@ -134,11 +135,11 @@ class FlashInferBackend(CacheBackend):
         qo_indptr_h = torch.tensor(qo_indptr, dtype=i32)
         kv_indptr_h = torch.tensor(kv_indptr, dtype=i32)
         last_len_h = torch.tensor(last_len, dtype=i32)
-        indices_d = torch.tensor(indices, dtype=i32).to(dev, non_blocking=True)
+        indices_d = to_device(indices, i32, dev)
         positions = positions_of(plan, dev)
         ctx = FlashInferContext(
             self, plan.is_decode, (qo_indptr_h, kv_indptr_h, indices_d, last_len_h), self.pool, positions,
-            torch.tensor(batch_idx, dtype=i32).to(dev, non_blocking=True),
+            to_device(batch_idx, i32, dev),
             positions.to(i32), indices_d, kv_indptr_h.to(dev, non_blocking=True),
             last_len_h.to(dev, non_blocking=True))
         if self.num_qo_heads is not None:

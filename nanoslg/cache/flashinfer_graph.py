@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from nanoslg.cache.base import CacheContext
 from nanoslg.scheduler.plan import StepPlan
+from nanoslg.tensors import to_device
 
 log = logging.getLogger("nanoslg.graphs")
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -60,30 +61,33 @@ class DecodeGraphs:
             paged_kv_indptr_buffer=self.indptr[:bs + 1], paged_kv_indices_buffer=self.indices,
             paged_kv_last_page_len_buffer=self.last_len[:bs])
 
-    def _plan(self, wrapper, bs: int, plan: StepPlan | None) -> None:
+    def _plan(self, wrapper, bs: int, plan: StepPlan | None, input_ids: torch.Tensor | None = None) -> None:
         """Writes the batch (real rows, then padding rows on the scratch page) and plans the wrapper."""
         ps, scratch = self.backend.page_size, self.backend.scratch_page
-        indptr, indices, last, ids, pos = [0], [], [], [], []
+        indptr, indices, last, pos = [0], [], [], []
         for st in plan.seqs if plan is not None else []:
             end = st.start + 1
             pages = -(-end // ps)
             indices.extend(st.block_table[:pages])
             indptr.append(indptr[-1] + pages)
             last.append(end - (pages - 1) * ps)
-            ids.append(st.token_ids[0])
             pos.append(st.start)
-        for _ in range(bs - len(ids)):
-            indices.append(scratch)
-            indptr.append(indptr[-1] + 1)
-            last.append(1)
-            ids.append(0)
-            pos.append(0)
-        self.input_ids[:bs].copy_(torch.tensor(ids), non_blocking=True)
-        self.positions[:bs].copy_(torch.tensor(pos), non_blocking=True)
-        self.kv_pos[:bs].copy_(torch.tensor(pos, dtype=torch.int32), non_blocking=True)
+        n = len(pos)
+        pad = bs - n
+        indices.extend([scratch] * pad)
+        indptr.extend(range(indptr[-1] + 1, indptr[-1] + pad + 1))
+        last.extend([1] * pad)
+        pos.extend([0] * pad)
+        dev, i32 = self.input_ids.device, torch.int32
+        if input_ids is not None:
+            self.input_ids[:n].copy_(input_ids)
+        self.input_ids[n:bs].zero_()
+        pos_d = to_device(pos, torch.long, dev)
+        self.positions[:bs].copy_(pos_d)
+        self.kv_pos[:bs].copy_(pos_d)
         s = self.backend.spec
-        wrapper.plan(torch.tensor(indptr, dtype=torch.int32), torch.tensor(indices, dtype=torch.int32),
-                     torch.tensor(last, dtype=torch.int32), s.num_qo_heads, s.num_kv_heads, s.head_dim, ps,
+        wrapper.plan(torch.tensor(indptr, dtype=i32), torch.tensor(indices, dtype=i32),
+                     torch.tensor(last, dtype=i32), s.num_qo_heads, s.num_kv_heads, s.head_dim, ps,
                      q_data_type=s.dtype, kv_data_type=s.dtype, sm_scale=self.backend.scale)
 
     @torch.inference_mode()
@@ -106,11 +110,11 @@ class DecodeGraphs:
         return (0 < len(plan.seqs) <= self.max_bs and not plan.copies and plan.is_decode
                 and all(s.sample for s in plan.seqs))
 
-    def run(self, plan: StepPlan) -> torch.Tensor:
+    def run(self, plan: StepPlan, input_ids: torch.Tensor) -> torch.Tensor:
         """Replays the smallest bucket that holds the batch; returns the real rows' logits."""
         n = len(plan.seqs)
         bs = next(b for b in self.buckets if b >= n)
         graph, logits, wrapper = self.graphs[bs]
-        self._plan(wrapper, bs, plan)
+        self._plan(wrapper, bs, plan, input_ids)
         graph.replay()
         return logits[:n]

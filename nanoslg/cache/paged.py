@@ -122,7 +122,8 @@ class PagedKVManager(KVManager):
 
     def _cache_computed(self, seq: Sequence, st: _SeqState) -> None:
         """Inserts the sequence's full, computed pages into the tree and locks the new path."""
-        k = min(seq.num_computed_tokens // self.page_size, len(seq.block_table))
+        # Tokens being sampled in flight (lookahead) are computed but not yet known here.
+        k = min(min(seq.num_computed_tokens, len(seq.token_ids)) // self.page_size, len(seq.block_table))
         if k <= st.cached:
             return
         _, tree_pages, node = self.tree.insert(seq.token_ids[:k * self.page_size], seq.block_table[:k])

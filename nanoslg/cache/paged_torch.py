@@ -14,6 +14,7 @@ from nanoslg.cache.base import CacheBackend, CacheContext, KVManager, KVSpec, po
 from nanoslg.cache.sdpa import attend_one
 from nanoslg.registry import CACHE_BACKENDS
 from nanoslg.scheduler.plan import StepPlan
+from nanoslg.tensors import to_device
 
 
 def step_slots(plan: StepPlan, page_size: int, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -78,8 +79,8 @@ class PagedTorchBackend(CacheBackend):
 
     def run_copies(self, copies: list[tuple[int, int]]) -> None:
         if copies:
-            src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=self.pool.device)
-            dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=self.pool.device)
+            src = to_device([c[0] for c in copies], torch.long, self.pool.device)
+            dst = to_device([c[1] for c in copies], torch.long, self.pool.device)
             self.pool[:, :, dst] = self.pool[:, :, src]
 
     def prepare(self, plan: StepPlan) -> PagedTorchContext:

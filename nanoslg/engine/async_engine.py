@@ -3,11 +3,13 @@
     schedule -> await step (worker thread, its own CUDA stream) -> update sequences -> push deltas
 
 The loop never blocks on the model, so an HTTP server on the same loop keeps answering while a
-step runs. Each request owns a RequestStream of deltas.
+step runs. With overlap scheduling (one GPU) two steps are in flight: the host prepares step N+1 while
+the device runs step N. Each request owns a RequestStream of deltas.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -78,7 +80,10 @@ class AsyncEngine:
         self.metrics = EngineMetrics()
         self._requests: dict[str, _Request] = {}
         self._seqs: dict[int, Sequence] = {}
-        self.max_inflight = getattr(executor, "max_inflight", 1)
+        # Overlap needs an executor that splits a step into launch (no host sync) and collect.
+        self.overlap = bool(getattr(executor, "overlap", False))
+        scheduler.lookahead = self.overlap
+        self.max_inflight = 1 if self.overlap else getattr(executor, "max_inflight", 1)
         self._thread = ThreadPoolExecutor(max_workers=self.max_inflight, thread_name_prefix="nanoslg-step")
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
@@ -204,35 +209,11 @@ class AsyncEngine:
             self._wake.set()
 
     async def _run(self) -> None:
-        """Keeps up to `executor.max_inflight` steps running (pipeline stages hold one each)."""
-        loop = asyncio.get_running_loop()
-        inflight: dict[asyncio.Future, StepPlan] = {}
         try:
-            while True:
-                while len(inflight) < self.max_inflight:
-                    plan = self.scheduler.schedule()
-                    if plan is None:
-                        break
-                    inflight[loop.run_in_executor(self._thread, self.executor.execute, plan)] = plan
-                self._wake.clear()
-                if not inflight:
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-                    except asyncio.TimeoutError:
-                        check = getattr(self.executor, "check_alive", None)
-                        if check is not None:
-                            check()  # a dead worker rank raises here
-                    continue
-                waits = set(inflight)
-                if len(inflight) < self.max_inflight:  # new work may start another micro-batch
-                    waits.add(loop.create_task(self._wake.wait()))
-                try:
-                    done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for fut in waits - set(inflight):
-                        fut.cancel()
-                for fut in sorted(done & set(inflight), key=lambda f: inflight[f].step_id):
-                    self._process(inflight.pop(fut), fut.result())
+            if self.overlap:
+                await self._run_overlapped()
+            else:
+                await self._run_steps()
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # the engine cannot go on: fail every request, never hang
@@ -242,19 +223,72 @@ class AsyncEngine:
                 req.stream.put(EngineDeadError(f"the engine stopped: {e!r}"))
             self._requests.clear()
 
+    async def _idle(self) -> None:
+        """Nothing to run: sleep until a request arrives (checking on worker ranks meanwhile)."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+        except asyncio.TimeoutError:
+            check = getattr(self.executor, "check_alive", None)
+            if check is not None:
+                check()  # a dead worker rank raises here
+
+    async def _run_overlapped(self) -> None:
+        """Two steps in flight: while the device runs step N, the host processes step N-1's tokens,
+        schedules step N+1 and launches it. One worker thread runs launch and collect in order."""
+        inflight: collections.deque = collections.deque()  # (plan, future of its launch handle)
+        while True:
+            while len(inflight) < 2:
+                plan = self.scheduler.schedule()
+                if plan is None:
+                    break
+                inflight.append((plan, self._thread.submit(self.executor.launch, plan)))
+            self._wake.clear()
+            if not inflight:
+                await self._idle()
+                continue
+            plan, launched = inflight.popleft()
+            # Queued behind the launch of the next step, so the device has it before we wait.
+            collected = self._thread.submit(lambda: self.executor.collect(launched.result()))
+            self._process(plan, await asyncio.wrap_future(collected))
+
+    async def _run_steps(self) -> None:
+        """Keeps up to `executor.max_inflight` steps running (pipeline stages hold one each)."""
+        loop = asyncio.get_running_loop()
+        inflight: dict[asyncio.Future, StepPlan] = {}
+        while True:
+            while len(inflight) < self.max_inflight:
+                plan = self.scheduler.schedule()
+                if plan is None:
+                    break
+                inflight[loop.run_in_executor(self._thread, self.executor.execute, plan)] = plan
+            self._wake.clear()
+            if not inflight:
+                await self._idle()
+                continue
+            waits = set(inflight)
+            if len(inflight) < self.max_inflight:  # new work may start another micro-batch
+                waits.add(loop.create_task(self._wake.wait()))
+            try:
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for fut in waits - set(inflight):
+                    fut.cancel()
+            for fut in sorted(done & set(inflight), key=lambda f: inflight[f].step_id):
+                self._process(inflight.pop(fut), fut.result())
+
     def _process(self, plan: StepPlan, result: StepResult) -> None:
         now = time.monotonic()
         for st in plan.seqs:
             seq = self._seqs.get(st.seq_id)
             if seq is not None:
-                seq.inflight = False
-                seq.num_computed_tokens = st.start + len(st.token_ids)
+                seq.inflight -= 1
         deltas: dict[str, dict[int, CompletionOutput]] = {}
         lps = result.logprobs or [None] * len(result.seq_ids)
         for seq_id, tok, lp in zip(result.seq_ids, result.token_ids, lps):
             seq = self._seqs.get(seq_id)
             if seq is None or seq.finished:
-                continue
+                continue  # lookahead: finished while this step was in flight; its token is dropped
+            seq.num_pending -= 1
             req = self._requests[seq.request_id]
             if seq.abort_pending:
                 self._finish(req, seq, "abort")

@@ -47,17 +47,29 @@ def build_engine(cfg: Config) -> AsyncEngine:
         "kv_budget": executor.budget_why if cfg.cache.max_num_tokens is None else "cache.max_num_tokens",
         "prefix_caching": bool(cfg.cache.prefix_caching and kv.paged), "max_model_len": max_len,
         # The whole model's KV per token (every layer and KV head), whatever the sharding.
+        "overlap": bool(getattr(executor, "overlap", False)),
+        "cuda_graphs": getattr(rt.runner, "graphs", None) is not None if rt is not None else False,
         "kv_bytes_per_token": 2 * args.num_layers * args.num_kv_heads * args.head_dim * _elem(backend.spec.dtype),
     }
     log.info("model %s (%s, %s) on %s, dtype %s: %s", info["model"], args.architecture, info["load_format"],
              info["device"], info["dtype"], info["dtype_reason"])
     log.info("parallel %s; cache backend %s: %s", info["parallel"], info["cache_backend"], info["cache_reason"])
+    log.info("overlap scheduling %s; decode CUDA graphs %s", _overlap_why(cfg, info["overlap"]),
+             "on" if info["cuda_graphs"] else "off")
     log.info("KV pool: %d pages x %d = %d tokens, %.2f GiB (budget: %s); prefix caching %s",
              executor.num_pages, cfg.cache.page_size, kv.capacity_tokens, info["kv_gib"], info["kv_budget"],
              "on" if info["prefix_caching"] else "off")
     return AsyncEngine(scheduler, executor, tokenizer, model_name=name,
                        max_model_len=max_len, vocab_size=args.vocab_size, eos_token_ids=eos,
                        kv_pool_bytes=pool_bytes, info=info)
+
+
+def _overlap_why(cfg: Config, on: bool) -> str:
+    if on:
+        return "on (the host prepares step N+1 while the device runs step N)"
+    if not cfg.scheduler.overlap:
+        return "off (scheduler.overlap=false)"
+    return f"off (parallel={cfg.parallel.mode} runs steps one at a time per stage; overlap needs parallel=single)"
 
 
 def _elem(dtype) -> int:

@@ -29,11 +29,12 @@ class Sequence:
         self.token_ids: list[int] = list(prompt_token_ids)  # prompt + output, grows by one per step
         self.params = params
         self.status = SeqStatus.WAITING
-        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache or being written by a step in flight
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.block_table: list[int] = []  # pages, for paged KV managers
         self.kv_tokens = 0  # tokens the KV manager has reserved for this sequence
-        self.inflight = False  # part of a step that has not come back yet
+        self.inflight = 0  # steps holding this sequence that have not come back yet
+        self.num_pending = 0  # tokens sampled in flight, not yet appended to token_ids
         self.admitted = False  # has been admitted at least once (for num_cached_tokens)
         self.sampler_registered = False  # the sampling rank has this sequence's params
         self.eos_token_ids: tuple[int, ...] = ()  # set by the engine from the checkpoint
@@ -64,7 +65,7 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self.token_ids) + self.num_pending - self.num_computed_tokens
 
     @property
     def finished(self) -> bool:

@@ -1,11 +1,29 @@
-"""Runs one step's plan on this rank: build the cache context, forward, sample (on the last stage)."""
+"""Runs one step's plan on this rank: build the cache context, forward, sample (on the last stage).
+
+A step is split in two so the engine can overlap steps: `launch` queues the whole step on the device
+and starts the copy of its tokens to the host without waiting for anything; `collect` waits for that
+copy. A decode fed a PLACEHOLDER reads the token the previous launch sampled, on the device.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from nanoslg.scheduler.plan import StepPlan, StepResult
+from nanoslg.model.sampler import Sampled
+from nanoslg.scheduler.plan import PLACEHOLDER, StepPlan, StepResult
+from nanoslg.tensors import to_device
+
+
+@dataclass
+class Launched:
+    """A step queued on the device; its sampled tokens arrive in `sampled` once `event` fires."""
+
+    step_id: int
+    seq_ids: list[int]
+    sampled: Optional[Sampled] = None
+    event: Optional[torch.cuda.Event] = None
 
 
 class ModelRunner:
@@ -15,37 +33,68 @@ class ModelRunner:
         self.sampler = sampler  # None on ranks that do not sample
         self.device = device
         self.graphs = None  # captured decode graphs (nanoslg.cache.flashinfer_graph), when enabled
+        self._last: Optional[tuple[dict[int, int], torch.Tensor]] = None  # last draw: seq id -> row, tokens
+
+    def input_ids(self, plan: StepPlan) -> torch.Tensor:
+        """The step's flattened input ids; PLACEHOLDERs take the last launch's draws on the device."""
+        ids = [t for s in plan.seqs for t in s.token_ids]
+        input_ids = to_device(ids, torch.long, self.device)
+        holes = [i for i, t in enumerate(ids) if t == PLACEHOLDER]
+        if holes:
+            rows, tokens = self._last if self._last is not None else ({}, None)
+            owners = [s.seq_id for s in plan.seqs for t in s.token_ids if t == PLACEHOLDER]
+            missing = [i for i in owners if i not in rows]
+            if missing:
+                raise RuntimeError(f"sequence {missing[0]} is fed the token of a step that did not sample it")
+            src = to_device([rows[i] for i in owners], torch.long, self.device)
+            input_ids[to_device(holes, torch.long, self.device)] = tokens[src]
+        return input_ids
 
     def inputs(self, plan: StepPlan):
-        """The step's flattened input ids, its cache context, and the rows whose logits are sampled."""
+        """The step's input ids, its cache context, and the rows whose logits are sampled."""
         ctx = self.backend.prepare(plan)
-        ids = [t for s in plan.seqs for t in s.token_ids]
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         rows, end = [], 0
         for s in plan.seqs:
             end += len(s.token_ids)
             if s.sample:
                 rows.append(end - 1)
-        return input_ids, ctx, rows
+        return self.input_ids(plan), ctx, rows
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> Optional[StepResult]:
+    def launch(self, plan: StepPlan) -> Launched:
         if self.sampler is not None:
             self.sampler.remove(plan.finished)
             for ns in plan.new_seqs:
                 self.sampler.add(ns)
         if not plan.seqs:
             self.backend.prepare(plan)  # still releases what the plan freed
-            return StepResult(plan.step_id, [], [])
+            return Launched(plan.step_id, [])
         if self.graphs is not None and self.graphs.can_run(plan):
-            logits = self.graphs.run(plan)
-            tokens, logprobs = self.sampler.sample(logits, [s.seq_id for s in plan.seqs])
-            return StepResult(plan.step_id, [s.seq_id for s in plan.seqs], tokens, logprobs)
-        input_ids, ctx, rows = self.inputs(plan)
-        hidden = self.model(input_ids, ctx.positions, ctx)
-        seq_ids = [s.seq_id for s in plan.seqs if s.sample]
-        if not rows:
-            return StepResult(plan.step_id, [], [])
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        tokens, logprobs = self.sampler.sample(logits, seq_ids)
-        return StepResult(plan.step_id, seq_ids, tokens, logprobs)
+            seq_ids = [s.seq_id for s in plan.seqs]
+            logits = self.graphs.run(plan, self.input_ids(plan))
+        else:
+            input_ids, ctx, rows = self.inputs(plan)
+            hidden = self.model(input_ids, ctx.positions, ctx)
+            seq_ids = [s.seq_id for s in plan.seqs if s.sample]
+            if not rows:
+                return Launched(plan.step_id, [])
+            logits = self.model.compute_logits(hidden[to_device(rows, torch.long, self.device)])
+        sampled = self.sampler.sample_async(logits, seq_ids)
+        self._last = ({i: r for r, i in enumerate(seq_ids)}, sampled.tokens)
+        event = None
+        host = sampled.to_host()
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return Launched(plan.step_id, seq_ids, host, event)
+
+    def collect(self, launched: Launched) -> StepResult:
+        if launched.sampled is None:
+            return StepResult(launched.step_id, [], [])
+        if launched.event is not None:
+            launched.event.synchronize()
+        tokens, logprobs = launched.sampled.result()
+        return StepResult(launched.step_id, launched.seq_ids, tokens, logprobs)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.collect(self.launch(plan))

@@ -18,6 +18,7 @@ import torch
 
 from nanoslg.engine.sampling_params import SamplingParams
 from nanoslg.scheduler.plan import NewSeq
+from nanoslg.tensors import to_device
 
 
 @dataclass
@@ -55,15 +56,19 @@ class Sampler:
     def _penalty_state(self, s: _Seq, vocab: int) -> None:
         if s.counts is not None:
             return
-        out = torch.tensor(s.init_out, dtype=torch.long, device=self.device)
+        out = to_device(s.init_out, torch.long, self.device)
         s.counts = torch.zeros(vocab, device=self.device).index_add_(0, out, torch.ones(len(out), device=self.device))
         s.seen = s.counts > 0
-        s.seen[torch.tensor(s.prompt, dtype=torch.long, device=self.device)] = True
+        s.seen[to_device(s.prompt, torch.long, self.device)] = True
         s.prompt = []  # folded into `seen`
 
     def sample(self, logits: torch.Tensor, seq_ids: list[int]) -> tuple[list[int], Optional[list]]:
         """logits: float32 [B, V], row i for seq_ids[i]. Returns token ids and per-row logprobs
         (None, or per row None | (logprob, [(token_id, logprob), ...])), or None if no row asked."""
+        return self.sample_async(logits, seq_ids).to_host().result()
+
+    def sample_async(self, logits: torch.Tensor, seq_ids: list[int]) -> "Sampled":
+        """The same, left on the device: no host sync, so the next step can be launched at once."""
         states = [self.seqs[i] for i in seq_ids]
         B, V = logits.shape
         want_lp = any(s.params.logprobs is not None for s in states)
@@ -72,17 +77,22 @@ class Sampler:
         x = self._mask_stops(x, states)
         x = self._penalize(x, states, V)
         greedy = [s.params.greedy for s in states]
-        if all(greedy):
+        if all(greedy):  # the fast path: no sort, no noise
             tokens = x.argmax(dim=-1)
         else:
             tokens = self._draw(x, states, greedy)
-        token_list = tokens.tolist()
-        for s, t in zip(states, token_list):
+        for r, s in enumerate(states):
             s.num_out += 1
             if s.counts is not None:
-                s.counts[t] += 1
-                s.seen[t] = True
-        return token_list, (self._logprobs(raw_lp, tokens, states) if want_lp else None)
+                t = tokens[r:r + 1]
+                s.counts.index_add_(0, t, torch.ones(1, device=s.counts.device))
+                s.seen.index_fill_(0, t, True)
+        out = Sampled(tokens, [s.params.logprobs for s in states] if want_lp else None)
+        if want_lp:
+            k = max(s.params.logprobs or 0 for s in states)
+            out.chosen = raw_lp.gather(1, tokens[:, None])[:, 0]
+            out.top_v, out.top_i = raw_lp.topk(k, dim=-1) if k else (raw_lp[:, :0], raw_lp[:, :0].long())
+        return out
 
     def _mask_stops(self, x: torch.Tensor, states: list[_Seq]) -> torch.Tensor:
         rows, cols = [], []
@@ -94,7 +104,7 @@ class Sampler:
         if not rows:
             return x
         x = x.clone()
-        x[torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device)] = float("-inf")
+        x[to_device(rows, torch.long, x.device), to_device(cols, torch.long, x.device)] = float("-inf")
         return x
 
     def _penalize(self, x: torch.Tensor, states: list[_Seq], vocab: int) -> torch.Tensor:
@@ -104,10 +114,10 @@ class Sampler:
         for r in rows:
             self._penalty_state(states[r], vocab)
         ps = [states[r].params for r in rows]
-        idx = torch.tensor(rows, device=x.device)
+        idx = to_device(rows, torch.long, x.device)
         counts = torch.stack([states[r].counts for r in rows])
         seen = torch.stack([states[r].seen for r in rows])
-        col = lambda v: torch.tensor(v, dtype=torch.float32, device=x.device)[:, None]  # noqa: E731
+        col = lambda v: to_device(v, torch.float32, x.device)[:, None]  # noqa: E731
         rep, freq, pres = col([p.repetition_penalty for p in ps]), col([p.frequency_penalty for p in ps]), \
             col([p.presence_penalty for p in ps])
         y = x[idx]
@@ -120,35 +130,48 @@ class Sampler:
     def _draw(self, x: torch.Tensor, states: list[_Seq], greedy: list[bool]) -> torch.Tensor:
         dev = x.device
         best = x.argmax(dim=-1)
-        temps = torch.tensor([1.0 if g else s.params.temperature for g, s in zip(greedy, states)], device=dev)
+        temps = to_device([1.0 if g else s.params.temperature for g, s in zip(greedy, states)], torch.float32, dev)
         x = x / temps[:, None]
         ks = [s.params.top_k for s in states]
         ps = [s.params.top_p for s in states]
         if any(k > 0 for k in ks) or any(p < 1.0 for p in ps):
-            x = top_k_top_p(x, torch.tensor([min(k, x.shape[1]) if k > 0 else x.shape[1] for k in ks], device=dev),
-                            torch.tensor(ps, dtype=torch.float32, device=dev))
+            x = top_k_top_p(x, to_device([min(k, x.shape[1]) if k > 0 else x.shape[1] for k in ks], torch.long, dev),
+                            to_device(ps, torch.float32, dev))
         probs = x.softmax(dim=-1)
         min_p = [s.params.min_p for s in states]
         if any(m > 0 for m in min_p):
-            thresh = torch.tensor(min_p, device=dev)[:, None] * probs.max(dim=-1, keepdim=True).values
+            thresh = to_device(min_p, torch.float32, dev)[:, None] * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < thresh, 0.0)
         noise = torch.empty_like(probs).exponential_()
         for r, s in enumerate(states):
             if s.gen is not None:
                 noise[r].exponential_(generator=s.gen)
         drawn = (probs / noise).argmax(dim=-1)
-        return torch.where(torch.tensor(greedy, device=dev), best, drawn)
+        return torch.where(to_device(greedy, torch.bool, dev), best, drawn)
 
-    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, states: list[_Seq]) -> list:
-        k = max(s.params.logprobs or 0 for s in states)
-        chosen = raw.gather(1, tokens[:, None])[:, 0].tolist()
-        top_v, top_i = (raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long()))
-        top_v, top_i = top_v.tolist(), top_i.tolist()
-        out = []
-        for r, s in enumerate(states):
-            n = s.params.logprobs
-            out.append(None if n is None else (chosen[r], list(zip(top_i[r][:n], top_v[r][:n]))))
-        return out
+
+class Sampled:
+    """One step's draws, on the device until `to_host` starts their copy and `result` reads them."""
+
+    def __init__(self, tokens: torch.Tensor, num_logprobs: Optional[list]):
+        self.tokens = tokens
+        self.num_logprobs = num_logprobs  # per row: None or how many top logprobs it asked for
+        self.chosen = self.top_v = self.top_i = None
+
+    def to_host(self) -> "Sampled":
+        """Starts non-blocking copies to (pinned) host memory; read them after the step's event."""
+        cpu = lambda t: None if t is None else t.to("cpu", non_blocking=True)  # noqa: E731
+        host = Sampled(cpu(self.tokens), self.num_logprobs)
+        host.chosen, host.top_v, host.top_i = cpu(self.chosen), cpu(self.top_v), cpu(self.top_i)
+        return host
+
+    def result(self) -> tuple[list[int], Optional[list]]:
+        tokens = self.tokens.tolist()
+        if self.num_logprobs is None:
+            return tokens, None
+        chosen, top_v, top_i = self.chosen.tolist(), self.top_v.tolist(), self.top_i.tolist()
+        return tokens, [None if n is None else (chosen[r], list(zip(top_i[r][:n], top_v[r][:n])))
+                        for r, n in enumerate(self.num_logprobs)]
 
 
 def top_k_top_p(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

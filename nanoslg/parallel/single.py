@@ -1,4 +1,8 @@
-"""One process, one device: the step runs in the engine's worker thread on its own CUDA stream."""
+"""One process, one device: steps run in the engine's worker thread on their own CUDA stream.
+
+With overlap (`scheduler.overlap`, the default) the engine calls `launch` for step N+1 before it
+`collect`s step N, so the device never waits for the host between steps.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,6 +11,7 @@ from contextlib import nullcontext
 import torch
 
 from nanoslg.config import Config
+from nanoslg.model.runner import Launched
 from nanoslg.parallel.build import RankRuntime, build_runner, kv_budget_bytes, num_pages_for, resolve_device
 from nanoslg.registry import PARALLEL
 from nanoslg.scheduler.plan import StepPlan, StepResult
@@ -19,6 +24,7 @@ class SingleExecutor:
     max_inflight = 1
 
     def __init__(self, cfg: Config, ckpt):
+        self.overlap = cfg.scheduler.overlap
         self.device = resolve_device(cfg)
         self.rt: RankRuntime = build_runner(cfg, ckpt, self.device, sample=True)
         budget, self.budget_why = kv_budget_bytes(cfg, self.rt)
@@ -34,8 +40,8 @@ class SingleExecutor:
     def _maybe_capture(self, cfg: Config) -> None:
         """CUDA graphs for decode: FlashInfer on one GPU, unless model.enforce_eager."""
         if cfg.model.enforce_eager or self.device.type != "cuda" or self.rt.backend_name != "flashinfer":
-            why = ("they need the flashinfer backend on a GPU" if self.rt.backend_name != "flashinfer"
-                   else "model.enforce_eager=true (graphs are opt-in: model.enforce_eager=false)")
+            why = ("model.enforce_eager=true" if cfg.model.enforce_eager
+                   else "they need the flashinfer backend on a GPU")
             log.info("decode runs eagerly (no CUDA graphs): %s", why)
             return
         from nanoslg.cache.flashinfer_graph import DecodeGraphs
@@ -49,9 +55,18 @@ class SingleExecutor:
     def backend(self):
         return self.rt.backend
 
+    def _on_stream(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+
+    def launch(self, plan: StepPlan) -> Launched:
+        with self._on_stream():
+            return self.rt.runner.launch(plan)
+
+    def collect(self, launched: Launched) -> StepResult:
+        return self.rt.runner.collect(launched)
+
     def execute(self, plan: StepPlan) -> StepResult:
-        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
-            return self.rt.runner.execute(plan)
+        return self.collect(self.launch(plan))
 
     def shutdown(self) -> None:
         """Drops the model and the KV pool so their GPU memory is free for whatever runs next."""

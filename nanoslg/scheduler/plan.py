@@ -9,11 +9,15 @@ from typing import Optional
 
 from nanoslg.engine.sampling_params import SamplingParams
 
+# Overlap scheduling: a decode whose input is the token this sequence samples in the step still in
+# flight. The runner reads that token on the device, so the host never waits for it.
+PLACEHOLDER = -1
+
 
 @dataclass
 class SeqStep:
     seq_id: int
-    token_ids: list[int]  # the new tokens fed this step (a prefill chunk, or one decode token)
+    token_ids: list[int]  # the new tokens fed this step (a prefill chunk, or one decode token / PLACEHOLDER)
     start: int  # position of token_ids[0]; equals the number of tokens already in the KV cache
     sample: bool  # sample a token after this chunk (it reaches the end of the known tokens)
     block_table: Optional[list[int]] = None  # paged managers: the sequence's pages, in order

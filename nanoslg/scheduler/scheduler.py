@@ -4,6 +4,10 @@ Each step: running sequences first (oldest first; a decode is one token, an unfi
 the next chunk), then waiting sequences in the policy's order while the token budget, the running
 cap and KV memory allow. When KV runs out, the newest running sequence is preempted: its KV is
 released and it waits again (first in line) to recompute prompt + outputs, so no token changes.
+
+With `lookahead` (overlap scheduling) a sequence whose sampling step is still in flight is scheduled
+again, one token ahead: its input is a PLACEHOLDER for the token that step samples. Sequences in flight
+are never preempted (their step would write KV they no longer own); one that cannot grow waits.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import Optional
 from nanoslg.cache.base import KVManager
 from nanoslg.config import SchedulerConfig
 from nanoslg.engine.sequence import Sequence, SeqStatus
-from nanoslg.scheduler.plan import NewSeq, SeqStep, StepPlan
+from nanoslg.scheduler.plan import PLACEHOLDER, NewSeq, SeqStep, StepPlan
 from nanoslg.scheduler.policy import Policy
 
 
@@ -30,6 +34,7 @@ class Scheduler:
         self._freed: list[int] = []
         self._finished: list[int] = []
         self._step_ids = itertools.count()
+        self.lookahead = False  # the engine sets it when the executor overlaps steps
 
     # -- queue changes --------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -76,7 +81,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.inflight or seq.status is not SeqStatus.RUNNING or seq.num_uncomputed_tokens == 0:
+            if seq.status is not SeqStatus.RUNNING or seq.num_uncomputed_tokens == 0 or not self._ready(seq):
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
             if not self._make_room(seq, seq.num_computed_tokens + n, chosen):
@@ -107,11 +112,17 @@ class Scheduler:
             return None
         return self._plan(chosen)
 
+    def _ready(self, seq: Sequence) -> bool:
+        """Not in flight, or (lookahead) in exactly one step that samples its next input."""
+        return not seq.inflight or (self.lookahead and seq.inflight == 1 and seq.num_pending == 1)
+
     def _make_room(self, seq: Sequence, total: int, chosen: list) -> bool:
-        """Preempt the newest other running sequences until `seq` fits; False if seq itself went."""
+        """Preempt the newest other running sequences until `seq` fits; False if it does not."""
         while not self.kv.can_grow(seq, total):
             taken = {s.seq_id for s, _ in chosen}
             victims = [s for s in self.running if not s.inflight and s.seq_id not in taken]
+            if not victims and seq.inflight:
+                return False  # everything else is in flight: wait for a step to come back
             victim = victims[-1] if victims else seq
             self._preempt(victim)
             if victim is seq:
@@ -133,14 +144,19 @@ class Scheduler:
         steps, new = [], []
         for seq, n in chosen:
             start = seq.num_computed_tokens
-            sample = start + n == len(seq.token_ids)
+            ids = seq.token_ids[start:start + n]
+            if len(ids) < n:  # lookahead: the one token still being sampled
+                ids.append(PLACEHOLDER)
+            sample = start + n == len(seq.token_ids) + seq.num_pending
             table = list(seq.block_table) if self.kv.paged else None
-            steps.append(SeqStep(seq.seq_id, seq.token_ids[start:start + n], start, sample, table))
+            steps.append(SeqStep(seq.seq_id, ids, start, sample, table))
+            seq.num_computed_tokens = start + n
+            seq.num_pending += sample
             if sample and not seq.sampler_registered:
                 seq.sampler_registered = True
                 stop_ids = ([] if seq.params.ignore_eos else list(seq.eos_token_ids)) + seq.params.stop_token_ids
                 new.append(NewSeq(seq.seq_id, seq.params, seq.prompt_token_ids, seq.output_token_ids, stop_ids))
-            seq.inflight = True
+            seq.inflight += 1
         plan = StepPlan(next(self._step_ids), steps, new, self._freed, self._finished, self.kv.pop_copies())
         self._freed, self._finished = [], []
         return plan
