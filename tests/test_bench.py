@@ -481,6 +481,8 @@ def test_serving_against_a_loopback_server(tiny_llama, tmp_path):
     assert res["stream_chunks"] == res["output_tokens"]
     assert res["itl_ms"]["n"] == res["output_tokens"] - 4
     assert res["server"]["url"].startswith("http://127.0.0.1:")
+    cold = res["cold_start"]  # spawn -> /health -> the warm-up request's first token
+    assert 0 < cold["server_ready_s"] < cold["first_token_s"]
     _check_record(res, "serving")
 
 

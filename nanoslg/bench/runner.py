@@ -186,6 +186,8 @@ def _run_engine(cfg: Config, wl, figures: Optional[rl.Figures]) -> dict:
             "info": info,
             "preemptions": m.preemptions,
             "prefix_cache_hit_rate": (m.prefix_cache_hits / m.prefix_cache_queries) if m.prefix_cache_queries else None,
+            # Per step, over the timed run (in the non-overlapped loop, "wait" is the whole step).
+            "step_profile": m.profile.per_step_ms(),
         }
         results["kv_pool"] = _kv_pool(getattr(engine, "kv_capacity_tokens", None), getattr(engine, "kv_pool_bytes", None))
         results["peak_gpu_memory"] = peak_gpu_memory()
@@ -227,6 +229,9 @@ async def _engine_session(cfg: Config, engine, reqs: list[BenchRequest]) -> tupl
         bad = [t.error for t in wt if t.error]
         if bad:
             raise RuntimeError(f"a warmup request failed: {bad[0]}")
+    from nanoslg.engine.metrics import StepProfile
+
+    engine.metrics.profile = StepProfile()  # the timed run only
     timings, wall = await drive(reqs, send, cfg.bench.concurrency, progress, desc=f"nanoslg {cfg.bench.workload}")
     if timings and all(t.error for t in timings):
         raise RuntimeError(f"every bench request failed; the first: {timings[0].error}")
@@ -353,6 +358,8 @@ class ServerProcess:
         self.proc: Optional[subprocess.Popen] = None
         self.log_path: Optional[str] = None
         self.url: Optional[str] = None
+        self.spawned: Optional[float] = None  # perf_counter at the spawn: cold start counts from here
+        self.ready_s: Optional[float] = None  # spawn to the first /health 200
 
     def start(self) -> str:
         import httpx
@@ -366,6 +373,7 @@ class ServerProcess:
         fd, self.log_path = tempfile.mkstemp(prefix="nanoslg-bench-server-", suffix=".log")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         log.info("starting the server: %s (log: %s)", " ".join(cmd), self.log_path)
+        self.spawned = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT, cwd=REPO_DIR, env=env)
         os.close(fd)
         self.url = f"http://127.0.0.1:{port}"
@@ -377,6 +385,7 @@ class ServerProcess:
                                        f"ready:\n{self.tail()}")
                 try:
                     if client.get(f"{self.url}/health").status_code == 200:
+                        self.ready_s = time.perf_counter() - self.spawned
                         return self.url
                 except httpx.HTTPError:
                     pass
@@ -434,6 +443,9 @@ def _run_http(cfg: Config, wl, figures: Optional[rl.Figures]) -> dict:
         url = server.start()
     try:
         timings, wall, served = asyncio.run(_http_session(cfg, url.rstrip("/"), reqs))
+        first = served.get("first_token_at")
+        cold = {"server_ready_s": server.ready_s, "first_token_s": first - server.spawned if first else None} \
+            if server is not None else None
     finally:
         code = server.stop() if server is not None else None
         if server is not None and code not in (0, None):
@@ -441,6 +453,9 @@ def _run_http(cfg: Config, wl, figures: Optional[rl.Figures]) -> dict:
     results = summarize(timings, wall)
     results["server"] = {"url": url, "started_here": server is not None, "model": served.get("model"),
                          "version": served.get("version")}
+    # Cold start: spawning `run.py mode=serve` (weights, KV pool, graph capture, warm JIT cache) to the
+    # first streamed token of the first (warm-up) request.
+    results["cold_start"] = cold
     ver = served.get("version_after") if isinstance(served.get("version_after"), dict) else {}
     # The engine runs in the server's process: pool size and peak memory only if /version reports them.
     results["kv_pool"] = _kv_pool(ver.get("kv_capacity_tokens"), ver.get("kv_pool_bytes"))
@@ -513,6 +528,7 @@ async def _http_session(cfg: Config, url: str, reqs: list[BenchRequest]) -> tupl
             bad = [t.error for t in wt if t.error]
             if bad:
                 raise RuntimeError(f"a warmup request failed: {bad[0]}")
+            served["first_token_at"] = min((t.chunks[0][0] for t in wt if t.chunks), default=None)
         timings, wall = await drive(reqs, send, cfg.bench.concurrency, bool(extra(cfg, "progress")),
                                     desc=f"nanoslg {cfg.bench.workload}")
         try:  # again after the run: a server that reports its peak memory has it now
@@ -586,6 +602,15 @@ def format_report(cfg: Config, r: dict) -> str:
                      f"{_ms(peer.get('ttft_ms'), 'p50')} ms ({peer['transformers']}, {peer['method']})")
         if ratio:
             lines.append(f"                 -> NanoSLG is {ratio:.2f}x transformers in output tok/s")
+    prof = (r.get("engine") or {}).get("step_profile")
+    if prof and prof.get("steps"):
+        lines.append(f"step profile     {prof['steps']:,} steps; per step: schedule {prof['schedule_ms']:.2f} ms, "
+                     f"process outputs {prof['process_ms']:.2f} ms, launch {prof['launch_ms']:.2f} ms, "
+                     f"wait for the device {prof['wait_ms']:.2f} ms")
+    cold = r.get("cold_start")
+    if cold and cold.get("first_token_s") is not None:
+        lines.append(f"cold start       {cold['first_token_s']:.1f} s from spawning the server to its first token "
+                     f"(/health after {cold['server_ready_s']:.1f} s)")
     chunks = r.get("stream_chunks")
     if chunks is not None and chunks < 0.9 * r["output_tokens"]:
         lines.append(f"note             the server sent {chunks:,} stream chunks for {r['output_tokens']:,} tokens: "

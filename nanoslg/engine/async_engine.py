@@ -236,20 +236,37 @@ class AsyncEngine:
         """Two steps in flight: while the device runs step N, the host processes step N-1's tokens,
         schedules step N+1 and launches it. One worker thread runs launch and collect in order."""
         inflight: collections.deque = collections.deque()  # (plan, future of its launch handle)
+        clock = time.perf_counter
         while True:
+            prof = self.metrics.profile  # the bench swaps in a fresh one for its timed run
             while len(inflight) < 2:
+                t = clock()
                 plan = self.scheduler.schedule()
+                prof.schedule_s += clock() - t
                 if plan is None:
                     break
-                inflight.append((plan, self._thread.submit(self.executor.launch, plan)))
+                launched = self._thread.submit(self._timed, self.executor.launch, plan, "launch_s")
+                inflight.append((plan, launched))
             self._wake.clear()
             if not inflight:
                 await self._idle()
                 continue
             plan, launched = inflight.popleft()
             # Queued behind the launch of the next step, so the device has it before we wait.
-            collected = self._thread.submit(lambda: self.executor.collect(launched.result()))
-            self._process(plan, await asyncio.wrap_future(collected))
+            collected = self._thread.submit(lambda h=launched: self._timed(self.executor.collect, h.result(),
+                                                                           "wait_s"))
+            result = await asyncio.wrap_future(collected)
+            t = clock()
+            self._process(plan, result)
+            prof.process_s += clock() - t
+            prof.steps += 1
+
+    def _timed(self, fn, arg, key: str):
+        t = time.perf_counter()
+        try:
+            return fn(arg)
+        finally:
+            setattr(self.metrics.profile, key, getattr(self.metrics.profile, key) + time.perf_counter() - t)
 
     async def _run_steps(self) -> None:
         """Keeps up to `executor.max_inflight` steps running (pipeline stages hold one each)."""
@@ -257,10 +274,13 @@ class AsyncEngine:
         inflight: dict[asyncio.Future, StepPlan] = {}
         while True:
             while len(inflight) < self.max_inflight:
+                t = time.perf_counter()
                 plan = self.scheduler.schedule()
+                self.metrics.profile.schedule_s += time.perf_counter() - t
                 if plan is None:
                     break
-                inflight[loop.run_in_executor(self._thread, self.executor.execute, plan)] = plan
+                step = loop.run_in_executor(self._thread, self._timed, self.executor.execute, plan, "wait_s")
+                inflight[step] = plan
             self._wake.clear()
             if not inflight:
                 await self._idle()
@@ -274,7 +294,10 @@ class AsyncEngine:
                 for fut in waits - set(inflight):
                     fut.cancel()
             for fut in sorted(done & set(inflight), key=lambda f: inflight[f].step_id):
+                t = time.perf_counter()
                 self._process(inflight.pop(fut), fut.result())
+                self.metrics.profile.process_s += time.perf_counter() - t
+                self.metrics.profile.steps += 1
 
     def _process(self, plan: StepPlan, result: StepResult) -> None:
         now = time.monotonic()

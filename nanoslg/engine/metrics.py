@@ -25,6 +25,24 @@ class Histogram:
 
 
 @dataclass
+class StepProfile:
+    """Where a step's time goes (seconds, summed): the loop's scheduling and output processing, and
+    the step thread's launch (inputs, kernel launches) and wait for the device. Overlapped, the
+    device is the bottleneck when `wait` is large; the host is when it is near zero."""
+
+    steps: int = 0
+    schedule_s: float = 0.0
+    process_s: float = 0.0
+    launch_s: float = 0.0
+    wait_s: float = 0.0
+
+    def per_step_ms(self) -> dict:
+        n = max(self.steps, 1)
+        return {"steps": self.steps, **{k[:-2] + "_ms": getattr(self, k) / n * 1e3
+                                        for k in ("schedule_s", "process_s", "launch_s", "wait_s")}}
+
+
+@dataclass
 class EngineMetrics:
     time_to_first_token: Histogram = field(default_factory=Histogram)  # seconds
     inter_token_latency: Histogram = field(default_factory=Histogram)
@@ -39,3 +57,4 @@ class EngineMetrics:
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of KV pages in use
+    profile: StepProfile = field(default_factory=StepProfile)
