@@ -126,18 +126,21 @@ def test_flashinfer_equals_sdpa_on_a_decisive_model(ckpt, request):
     assert gaps["flashinfer"] < GAP_TOL and gaps["sdpa"] < GAP_TOL
 
 
-def test_cuda_graphs_change_no_token(bf16_llama):
-    """Decode through captured CUDA graphs (padded buckets) gives the eager path's greedy tokens."""
+def test_cuda_graphs_and_overlap_change_no_token(bf16_llama):
+    """Decode through captured CUDA graphs (padded buckets) and overlapped steps (the device reads the
+    token in flight) gives the tokens of eager, one-step-at-a-time decoding."""
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (3, 17, 40, 90, 130)] * 4
     runs = {}
-    for eager in ("true", "false"):
+    for eager, overlap in (("true", "false"), ("false", "true"), ("true", "true")):
         with LLM(f"model.path={bf16_llama}", "cache=flashinfer", f"model.enforce_eager={eager}",
-                 "cache.max_num_tokens=16384", "scheduler.max_num_seqs=32") as llm:
+                 f"scheduler.overlap={overlap}", "cache.max_num_tokens=16384", "scheduler.max_num_seqs=32") as llm:
             assert (llm.engine.executor.rt.runner.graphs is None) == (eager == "true")
-            runs[eager] = [o.token_ids for o in llm.generate(prompts, SamplingParams(
+            assert llm.engine.overlap == (overlap == "true")
+            runs[eager, overlap] = [o.token_ids for o in llm.generate(prompts, SamplingParams(
                 temperature=0, max_tokens=24, ignore_eos=True))]
-            runs[eager + "1"] = llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=24,
-                                                                       ignore_eos=True))[0].token_ids
-    assert runs["true"] == runs["false"]
-    assert runs["true1"] == runs["false1"]
+            runs[eager, overlap, 1] = llm.generate(prompts[:1], SamplingParams(
+                temperature=0, max_tokens=24, ignore_eos=True))[0].token_ids
+    ref = runs["true", "false"]
+    assert runs["false", "true"] == ref and runs["true", "true"] == ref
+    assert runs["false", "true", 1] == runs["true", "false", 1] == runs["true", "true", 1]

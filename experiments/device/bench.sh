@@ -9,6 +9,6 @@ i=0
 for args in "$@"; do
   i=$((i + 1))
   # shellcheck disable=SC2086
-  python run.py $args mode=bench 2>&1 | grep -v "it/s\]" | tee "$OUT/bench-$i.log"
+  timeout 170 python run.py $args mode=bench 2>&1 | grep -v "it/s\]" | tee "$OUT/bench-$i.log"
 done
 tar czf "$OUT/records.tgz" experiments/*/records experiments/*/results.md 2>/dev/null
