@@ -55,10 +55,10 @@ def git_info(repo: Path = REPO_DIR) -> dict:
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
+    if os.environ.get("NANOSLG_COMMIT"):  # a copy of the tree whose .git is missing or stale (a GPU box)
+        return {"commit": os.environ["NANOSLG_COMMIT"], "dirty": None}
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
-    if commit is None and os.environ.get("NANOSLG_COMMIT"):  # a copy of the tree without .git (a GPU box)
-        return {"commit": os.environ["NANOSLG_COMMIT"], "dirty": None}
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
