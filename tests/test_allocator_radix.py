@@ -75,6 +75,27 @@ def test_radix_match_insert_split_and_partial_page():
     t.check()
 
 
+def test_radix_insert_from_a_node_equals_insert_from_the_root():
+    """A growing sequence inserts only its new pages, from its locked node: same tree, same pages."""
+    trees = []
+    for incremental in (False, True):
+        a = PageAllocator(32)
+        t = RadixTree(2, a)
+        t.insert([9, 9, 9, 9], a.alloc(2))  # a branch that shares the first page, split below
+        toks, pages = [9, 9, 1, 2, 3, 4, 5, 6], a.alloc(4)
+        node = None
+        for k in (1, 2, 4):  # the sequence's pages fill one after another
+            if incremental and node is not None:
+                base = t.depth(node) // 2
+                _, got, node = t.insert(toks[base * 2:k * 2], pages[base:k], start=node)
+            else:
+                _, got, node = t.insert(toks[:k * 2], pages[:k])
+            assert t.depth(node) == k * 2
+        t.check()
+        trees.append((t.match_prefix(toks, touch=False)[:2], t.num_cached_pages, list(a.refs)))
+    assert trees[0] == trees[1]
+
+
 def test_radix_lock_blocks_eviction_and_lru_order():
     a = PageAllocator(8)
     t = RadixTree(2, a)

@@ -46,6 +46,11 @@ class KVManager(ABC):
         """On admission: reuse cached pages of the prompt. Sets seq.num_computed_tokens; returns it."""
         return 0
 
+    def has_room(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether the sequence already holds KV for `num_tokens` tokens (no grow needed). A decode
+        that stays inside its last page skips can_grow/grow: the scheduler's per-step fast path."""
+        return False
+
     @abstractmethod
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether the sequence can hold `num_tokens` tokens of KV in total."""

@@ -99,6 +99,9 @@ class PagedKVManager(KVManager):
         return n
 
     # -- growth ----------------------------------------------------------------------------------
+    def has_room(self, seq: Sequence, num_tokens: int) -> bool:
+        return num_tokens <= len(seq.block_table) * self.page_size
+
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         need = self.pages_for(num_tokens) - len(seq.block_table)
         return need <= self.allocator.num_free + self.num_evictable_pages()
@@ -126,9 +129,12 @@ class PagedKVManager(KVManager):
         k = min(min(seq.num_computed_tokens, len(seq.token_ids)) // self.page_size, len(seq.block_table))
         if k <= st.cached:
             return
-        _, tree_pages, node = self.tree.insert(seq.token_ids[:k * self.page_size], seq.block_table[:k])
+        ps = self.page_size
+        base = st.cached if st.node is not None and self.tree.depth(st.node) == st.cached * ps else 0
+        _, tree_pages, node = self.tree.insert(seq.token_ids[base * ps:k * ps], seq.block_table[base:k],
+                                               start=st.node if base else None)
         table = seq.block_table
-        for i, p in enumerate(tree_pages):
+        for i, p in enumerate(tree_pages, base):
             if table[i] != p:  # the tree had these tokens already: share its page, drop ours
                 self.allocator.incref(p)
                 self.allocator.decref(table[i])

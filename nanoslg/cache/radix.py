@@ -158,18 +158,20 @@ class RadixTree:
         return n, pages, node
 
     # -- insertion -----------------------------------------------------------------------------
-    def insert(self, token_ids: Seq[int], pages: Seq[int]) -> tuple[int, list[int], Node]:
+    def insert(self, token_ids: Seq[int], pages: Seq[int], start: Optional[Node] = None) -> tuple[int, list[int], Node]:
         """Caches the full pages of `token_ids` (page i holds tokens [i*ps, (i+1)*ps)).
 
         Returns (tokens that were already cached, the tree's pages for the inserted prefix, last node).
         Where the tree already held a prefix, its own pages are returned (the caller's duplicates are
-        not taken); new pages gain one reference, owned by the tree.
+        not taken); new pages gain one reference, owned by the tree. With `start`, the tokens and
+        pages continue the path that ends at that node (a running sequence's locked node), so a
+        growing sequence inserts only its new pages instead of walking from the root.
         """
         ps = self.page_size
         num = min(len(token_ids) // ps, len(pages))
         tokens = tuple(token_ids[:num * ps])
         now = next(self._clock)
-        node, i, out = self.root, 0, []
+        node, i, out = start or self.root, 0, []
         existing = 0
         while i < len(tokens):
             child = node.children.get(tokens[i:i + ps])
@@ -195,6 +197,14 @@ class RadixTree:
             node = child
             self._touch(node, now)
         return existing, out, node
+
+    def depth(self, node: Node) -> int:
+        """Tokens on the path from the root to the end of `node`."""
+        n = 0
+        while node is not None:
+            n += len(node.key)
+            node = node.parent
+        return n
 
     # -- locking -------------------------------------------------------------------------------
     def lock(self, node: Node) -> None:

@@ -13,6 +13,9 @@ class TokenBudgetManager(KVManager):
     def num_free_pages(self) -> int:
         return self.num_pages - self.used_pages
 
+    def has_room(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.pages_for(num_tokens) <= self.pages_for(seq.kv_tokens)
+
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         extra = self.pages_for(num_tokens) - self.pages_for(seq.kv_tokens)
         return extra <= self.num_free_pages()

@@ -31,15 +31,24 @@ Prompt = Union[str, list[int]]
 
 
 class RequestStream:
-    """Async iterator over one request's deltas; ends after the delta with finished=True."""
+    """Async iterator over one request's deltas; ends after the delta with finished=True.
+
+    A deque and one waiter future rather than an asyncio.Queue: `put` runs once per token of every
+    running request, on the loop, between steps."""
 
     def __init__(self, request_id: str):
         self.request_id = request_id
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._items: collections.deque = collections.deque()
+        self._waiter: Optional[asyncio.Future] = None
         self._done = False
 
     def put(self, item: Union[RequestOutput, BaseException]) -> None:
-        self._queue.put_nowait(item)
+        self._items.append(item)
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -47,7 +56,10 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._done:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        item = self._items.popleft()
         if isinstance(item, BaseException):
             self._done = True
             raise item

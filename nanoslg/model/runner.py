@@ -38,16 +38,19 @@ class ModelRunner:
     def input_ids(self, plan: StepPlan) -> torch.Tensor:
         """The step's flattened input ids; PLACEHOLDERs take the last launch's draws on the device."""
         ids = [t for s in plan.seqs for t in s.token_ids]
-        input_ids = to_device(ids, torch.long, self.device)
         holes = [i for i, t in enumerate(ids) if t == PLACEHOLDER]
-        if holes:
-            rows, tokens = self._last if self._last is not None else ({}, None)
-            owners = [s.seq_id for s in plan.seqs for t in s.token_ids if t == PLACEHOLDER]
-            missing = [i for i in owners if i not in rows]
-            if missing:
-                raise RuntimeError(f"sequence {missing[0]} is fed the token of a step that did not sample it")
-            src = to_device([rows[i] for i in owners], torch.long, self.device)
-            input_ids[to_device(holes, torch.long, self.device)] = tokens[src]
+        if not holes:
+            return to_device(ids, torch.long, self.device)
+        rows, tokens = self._last if self._last is not None else ({}, None)
+        owners = [s.seq_id for s in plan.seqs for t in s.token_ids if t == PLACEHOLDER]
+        missing = [i for i in owners if i not in rows]
+        if missing:
+            raise RuntimeError(f"sequence {missing[0]} is fed the token of a step that did not sample it")
+        src = [rows[i] for i in owners]
+        if len(holes) == len(ids):  # a pure decode step of the same batch: the draws are the inputs
+            return tokens if src == list(range(len(tokens))) else tokens[to_device(src, torch.long, self.device)]
+        input_ids = to_device(ids, torch.long, self.device)
+        input_ids[to_device(holes, torch.long, self.device)] = tokens[to_device(src, torch.long, self.device)]
         return input_ids
 
     def inputs(self, plan: StepPlan):

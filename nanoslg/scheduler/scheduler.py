@@ -84,9 +84,11 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING or seq.num_uncomputed_tokens == 0 or not self._ready(seq):
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self._make_room(seq, seq.num_computed_tokens + n, chosen):
-                continue
-            self.kv.grow(seq, seq.num_computed_tokens + n)
+            total = seq.num_computed_tokens + n
+            if not self.kv.has_room(seq, total):
+                if not self._make_room(seq, total, chosen):
+                    continue
+                self.kv.grow(seq, total)
             chosen.append((seq, n))
             budget -= n
 
