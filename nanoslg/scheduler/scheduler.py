@@ -6,8 +6,10 @@ cap and KV memory allow. When KV runs out, the newest running sequence is preemp
 released and it waits again (first in line) to recompute prompt + outputs, so no token changes.
 
 With `lookahead` (overlap scheduling) a sequence whose sampling step is still in flight is scheduled
-again, one token ahead: its input is a PLACEHOLDER for the token that step samples. Sequences in flight
-are never preempted (their step would write KV they no longer own); one that cannot grow waits.
+again, one token ahead: its input is a PLACEHOLDER for the token that step samples. Such a sequence
+may still be preempted: its step in flight writes pages it no longer owns, but steps run in stream
+order, so that write lands before any later owner's; its sampled token is kept, and it is re-admitted
+only after that step came back (never in the step that preempted it).
 """
 from __future__ import annotations
 
@@ -97,6 +99,8 @@ class Scheduler:
             for seq in queue:
                 if budget == 0 or len(self.running) >= self.cfg.max_num_seqs:
                     break
+                if seq.inflight:  # preempted while its step ran: its token is not back yet
+                    continue
                 cached = self.kv.match_prefix(seq)
                 if not seq.admitted:
                     seq.num_cached_tokens = cached
@@ -119,12 +123,10 @@ class Scheduler:
         return not seq.inflight or (self.lookahead and seq.inflight == 1 and seq.num_pending == 1)
 
     def _make_room(self, seq: Sequence, total: int, chosen: list) -> bool:
-        """Preempt the newest other running sequences until `seq` fits; False if it does not."""
+        """Preempt the newest other running sequences until `seq` fits; False if seq itself went."""
         while not self.kv.can_grow(seq, total):
             taken = {s.seq_id for s, _ in chosen}
-            victims = [s for s in self.running if not s.inflight and s.seq_id not in taken]
-            if not victims and seq.inflight:
-                return False  # everything else is in flight: wait for a step to come back
+            victims = [s for s in self.running if s.seq_id not in taken and (self.lookahead or not s.inflight)]
             victim = victims[-1] if victims else seq
             self._preempt(victim)
             if victim is seq:
