@@ -164,6 +164,46 @@ def test_chunked_prefill_on_a_cached_prefix(tiny_llama, uncached):
     assert info["free_after_flush"] == info["kv"].num_pages
 
 
+@pytest.mark.parametrize("overlap", ["true", "false"])
+def test_a_running_prompt_is_cached_as_soon_as_computed(tiny_llama, hf_greedy, overlap):
+    """A request arriving while another decodes hits that prompt's full pages at once (the prompt
+    ends mid-page, so decoding crosses no page boundary for a while)."""
+    from nanoslg.engine.async_engine import collect
+
+    async def run(engine, a, b):
+        first = engine.add_request(a, greedy())
+        await first.__anext__()  # a's prompt is computed and a decodes
+        second = await collect(engine.add_request(b, greedy()))
+        return second
+
+    with paged_llm(tiny_llama, f"scheduler.overlap={overlap}") as llm:
+        rng = random.Random(5)
+        a = [rng.randrange(3, llm.engine.vocab_size) for _ in range(10)]  # 2 full pages of 4, and 2
+        b = a[:8] + [rng.randrange(3, llm.engine.vocab_size) for _ in range(3)]
+        out = llm._call(run(llm.engine, a, b))
+    assert out.num_cached_tokens == 8
+    assert out.token_ids == hf_greedy(tiny_llama, b, NEW)
+
+
+@pytest.mark.parametrize("overlap", ["true", "false"])
+def test_a_shared_prefix_is_computed_once_per_step(tiny_llama, hf_greedy, overlap):
+    """A burst sharing a prefix: the first request computes it; the others wait a step and hit it
+    rather than computing it again in the same step."""
+    with paged_llm(tiny_llama, f"scheduler.overlap={overlap}") as llm:
+        ex = llm.engine.executor
+        launch, fed = ex.launch, []
+        ex.launch = lambda plan: fed.append(plan.num_tokens) or launch(plan)
+        rng = random.Random(6)
+        base = [rng.randrange(3, llm.engine.vocab_size) for _ in range(24)]
+        prompts = [base + [rng.randrange(3, llm.engine.vocab_size) for _ in range(3)] for _ in range(8)]
+        outs = llm.generate(prompts, greedy())
+    assert [o.num_cached_tokens for o in outs] == [0] + [24] * 7
+    # Prompts once (the base once), then one token per decode; overlap may add one wasted step per request.
+    assert 27 + 7 * 3 + 8 * (NEW - 1) <= sum(fed) <= 27 + 7 * 3 + 8 * NEW
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(tiny_llama, p, NEW)
+
+
 def test_qwen3_paged_prefix_caching_equals_transformers(tiny_qwen3, hf_greedy):
     prompts, tokens, info = run_rounds(tiny_qwen3)
     for p, t in zip(prompts, tokens):

@@ -46,6 +46,11 @@ class KVManager(ABC):
         """On admission: reuse cached pages of the prompt. Sets seq.num_computed_tokens; returns it."""
         return 0
 
+    def next_page_key(self, seq: Sequence):
+        """With prefix caching: the tokens up to the end of the first page this sequence would compute
+        next (a key two sequences share exactly when they would compute the same page), else None."""
+        return None
+
     def has_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether the sequence already holds KV for `num_tokens` tokens (no grow needed). A decode
         that stays inside its last page skips can_grow/grow: the scheduler's per-step fast path."""

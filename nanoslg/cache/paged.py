@@ -98,9 +98,23 @@ class PagedKVManager(KVManager):
         seq.num_computed_tokens = n
         return n
 
+    def next_page_key(self, seq: Sequence):
+        if self.tree is None:
+            return None
+        end = seq.num_computed_tokens // self.page_size * self.page_size + self.page_size
+        return tuple(seq.token_ids[:end]) if end <= len(seq.token_ids) else None
+
     # -- growth ----------------------------------------------------------------------------------
     def has_room(self, seq: Sequence, num_tokens: int) -> bool:
-        return num_tokens <= len(seq.block_table) * self.page_size
+        """No new page needed, and (prefix caching) no computed full page still waiting to be cached:
+        a prompt's pages must reach the tree as soon as they are computed, not when decoding next
+        crosses a page boundary."""
+        if num_tokens > len(seq.block_table) * self.page_size:
+            return False
+        if self.tree is None:
+            return True
+        st = self._states.get(seq.seq_id)
+        return st is not None and min(seq.num_computed_tokens, len(seq.token_ids)) // self.page_size <= st.cached
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         need = self.pages_for(num_tokens) - len(seq.block_table)

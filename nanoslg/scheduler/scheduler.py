@@ -24,6 +24,9 @@ from nanoslg.scheduler.plan import PLACEHOLDER, NewSeq, SeqStep, StepPlan
 from nanoslg.scheduler.policy import Policy
 
 
+MAX_HELD = 32  # waiting sequences held back per step because their next page is computed in it
+
+
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, kv: KVManager, policy: Policy):
         self.cfg = cfg
@@ -80,12 +83,15 @@ class Scheduler:
         chosen: list[tuple[Sequence, int]] = []
         preemptions_before = self.num_preemptions
 
+        computing: set = set()  # next-page keys of the prefill chunks in this step (prefix caching)
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not SeqStatus.RUNNING or seq.num_uncomputed_tokens == 0 or not self._ready(seq):
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
+            if n > 1:
+                computing.add(self.kv.next_page_key(seq))
             total = seq.num_computed_tokens + n
             if not self.kv.has_room(seq, total):
                 if not self._make_room(seq, total, chosen):
@@ -96,12 +102,25 @@ class Scheduler:
 
         if self.num_preemptions == preemptions_before:  # admitting right after a preemption would only thrash
             queue = self.preempted + self.policy.order(self.waiting, self.kv)
+            held = 0
             for seq in queue:
                 if budget == 0 or len(self.running) >= self.cfg.max_num_seqs:
                     break
                 if seq.inflight:  # preempted while its step ran: its token is not back yet
                     continue
                 cached = self.kv.match_prefix(seq)
+                key = self.kv.next_page_key(seq)
+                if key is not None and key in computing:
+                    # Another sequence computes this page in this step: wait one step and hit the
+                    # cache instead of computing the shared prefix twice (SGLang's in-batch prefix
+                    # caching). Scanning stops after a few such holds to keep the step cheap.
+                    self.kv.release(seq, finished=False)
+                    seq.num_computed_tokens = 0
+                    held += 1
+                    if held >= MAX_HELD:
+                        break
+                    continue
+                computing.add(key)
                 if not seq.admitted:
                     seq.num_cached_tokens = cached
                 n = min(seq.num_uncomputed_tokens, budget)
