@@ -86,8 +86,10 @@ class DecodeGraphs:
         self.positions[:bs].copy_(pos_d)
         self.kv_pos[:bs].copy_(pos_d)
         s = self.backend.spec
-        wrapper.plan(torch.tensor(indptr, dtype=i32), torch.tensor(indices, dtype=i32),
-                     torch.tensor(last, dtype=i32), s.num_qo_heads, s.num_kv_heads, s.head_dim, ps,
+        # Indices go in as a device tensor: in CUDA-graph mode FlashInfer copies host indices into its
+        # buffer with a blocking copy, which would stall the host until the step in flight finished.
+        wrapper.plan(torch.tensor(indptr, dtype=i32, pin_memory=True), to_device(indices, i32, dev),
+                     torch.tensor(last, dtype=i32, pin_memory=True), s.num_qo_heads, s.num_kv_heads, s.head_dim, ps,
                      q_data_type=s.dtype, kv_data_type=s.dtype, sm_scale=self.backend.scale)
 
     @torch.inference_mode()
