@@ -31,11 +31,19 @@ def test_default_config_composes():
     ("cache.backend=magic", "cache.backend"),
     ("scheduler.policy=nope", "scheduler.policy"),
     ("parallel.tp_size=2", "parallel.mode"),
+    ("model.sampling_kernels=cuda", "model.sampling_kernels"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match) as e:
         compose_config([override])
     assert "allowed" in str(e.value) or "must" in str(e.value) or "needs" in str(e.value)
+
+
+def test_flashinfer_sampling_on_cpu_fails_clearly(tiny_llama):
+    from nanoslg import LLM
+
+    with pytest.raises(ConfigError, match="sampling_kernels=flashinfer needs a CUDA device"):
+        LLM(f"model.path={tiny_llama}", "model.sampling_kernels=flashinfer")
 
 
 def test_unknown_key_and_type_fail_at_compose():

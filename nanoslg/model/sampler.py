@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from nanoslg.engine.sampling_params import SamplingParams
+from nanoslg.errors import ConfigError
 from nanoslg.scheduler.plan import NewSeq
 from nanoslg.tensors import to_device
 
@@ -34,9 +35,16 @@ class _Seq:
 
 
 class Sampler:
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", kernels: str = "torch"):
         self.device = torch.device(device)
         self.seqs: dict[int, _Seq] = {}
+        self.fused = None
+        if kernels == "flashinfer":
+            if self.device.type != "cuda":
+                raise ConfigError("model.sampling_kernels=flashinfer needs a CUDA device; use torch")
+            from flashinfer import sampling
+
+            self.fused = sampling
 
     def add(self, ns: NewSeq) -> None:
         if ns.seq_id in self.seqs:  # already known: keep its generator state
@@ -134,11 +142,16 @@ class Sampler:
         x = x / temps[:, None]
         ks = [s.params.top_k for s in states]
         ps = [s.params.top_p for s in states]
+        min_p = [s.params.min_p for s in states]
+        if self.fused is not None and all(s.gen is None for s in states) and not any(m > 0 for m in min_p):
+            # One fused kernel: top-k mask, softmax, then top-p by rejection sampling (no sort).
+            k = to_device([k if 0 < k < x.shape[1] else x.shape[1] for k in ks], torch.int32, dev)
+            drawn = self.fused.top_k_top_p_sampling_from_logits(x, k, to_device(ps, torch.float32, dev)).long()
+            return torch.where(to_device(greedy, torch.bool, dev), best, drawn)
         if any(k > 0 for k in ks) or any(p < 1.0 for p in ps):
             x = top_k_top_p(x, to_device([min(k, x.shape[1]) if k > 0 else x.shape[1] for k in ks], torch.long, dev),
                             to_device(ps, torch.float32, dev))
         probs = x.softmax(dim=-1)
-        min_p = [s.params.min_p for s in states]
         if any(m > 0 for m in min_p):
             thresh = to_device(min_p, torch.float32, dev)[:, None] * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < thresh, 0.0)
