@@ -90,14 +90,14 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING or seq.num_uncomputed_tokens == 0 or not self._ready(seq):
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
-            if n > 1:
-                computing.add(self.kv.next_page_key(seq))
+            key = self.kv.next_page_key(seq) if n > 1 else None  # before grow: from the chunk's start
             total = seq.num_computed_tokens + n
             if not self.kv.has_room(seq, total):
                 if not self._make_room(seq, total, chosen):
                     continue
                 self.kv.grow(seq, total)
             chosen.append((seq, n))
+            computing.add(key)
             budget -= n
 
         if self.num_preemptions == preemptions_before:  # admitting right after a preemption would only thrash
