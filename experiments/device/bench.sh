@@ -4,7 +4,6 @@
 # Logs come back as $OUT/bench-N.log, the JSON records as $OUT/records.tgz.
 set -u
 source experiments/device/setup.sh || exit 1
-[ -f .fi/cache.tgz ] && tar xzmf .fi/cache.tgz -C .fi
 i=0
 for args in "$@"; do
   i=$((i + 1))

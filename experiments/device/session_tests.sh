@@ -4,7 +4,6 @@
 # prefix caching on/off); FlashInfer's JIT cache comes back as $OUT/fi.tgz.
 set -u
 source experiments/device/setup.sh || exit 1
-[ -f .fi/cache.tgz ] && tar xzmf .fi/cache.tgz -C .fi
 timeout 450 python -m pytest -q -s -m gpu tests/test_gpu.py tests/test_paged_cache.py -p no:cacheprovider \
   --durations=5 2>&1 | grep -v "it/s\]" | tee "$OUT/gpu_tests.log"
 tar czf "$OUT/fi.tgz" --exclude=cache.tgz -C .fi .

@@ -1,9 +1,21 @@
-# Sourced at the start of every device run: installs the carried wheels (.whl) and points
-# FlashInfer's JIT cache at .fi (carried back and forth, see ../shared/device/README.md).
+# Sourced at the start of every device run: installs the carried wheels (.whl), unpacks FlashInfer's
+# JIT cache (.fi/cache.tgz, carried back and forth, see ../shared/device/README.md) and offers its
+# compiled modules to FlashInfer as ahead-of-time builds.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || return 1
 export PYTHONPATH=$PWD:/tmp/site FLASHINFER_WORKSPACE_BASE=$PWD/.fi FLASHINFER_CUDA_ARCH_LIST=9.0a MAX_JOBS=16
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p .fi
+[ -f .fi/cache.tgz ] && tar xzmf .fi/cache.tgz -C .fi
+# FlashInfer runs ninja before loading a JIT module, and ninja rebuilds whatever is older than the
+# freshly installed headers: about 4 minutes on every fresh machine. A module found under the
+# package's data/aot folder is loaded without ninja, so the cached builds go there.
+FI_VER=$(python3 -c "import flashinfer; print(flashinfer.__version__)")
+for so in .fi/.cache/flashinfer/"$FI_VER"/*/cached_ops/*/*.so; do
+  [ -f "$so" ] || continue
+  name=$(basename "$(dirname "$so")")
+  mkdir -p "/tmp/site/flashinfer/data/aot/$name" && cp "$so" "/tmp/site/flashinfer/data/aot/$name/"
+done
 nvidia-smi -L
 python3 -c "import torch, flashinfer; print('torch', torch.__version__, 'flashinfer', flashinfer.__version__)"
-# The device gets the tree without .git: the caller passes the commit (NANOSLG_COMMIT=$(git rev-parse HEAD)).
+echo "FlashInfer modules offered as AOT: $(ls /tmp/site/flashinfer/data/aot 2>/dev/null | wc -l)"
+# The device gets a tree whose .git may be stale: the caller passes the commit (NANOSLG_COMMIT=...).
