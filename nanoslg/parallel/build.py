@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -90,6 +91,19 @@ class RankRuntime:
     backend_reason: str
     spec: KVSpec
     dtype_reason: str
+
+
+def step_stream(device: torch.device) -> Optional[torch.cuda.Stream]:
+    """The CUDA stream a rank runs its steps on (None on the CPU). It starts after everything queued
+    so far: the weights and the KV pool were written on the default stream."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.Stream(device)
+
+
+def on_stream(stream: Optional[torch.cuda.Stream]):
+    return torch.cuda.stream(stream) if stream is not None else nullcontext()
 
 
 def build_runner(cfg: Config, ckpt: Checkpoint, device: torch.device, sample: bool) -> RankRuntime:

@@ -16,13 +16,13 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, TimeoutError as FutureTimeout
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
 
 from nanoslg.config import Config
 from nanoslg.errors import ConfigError, EngineDeadError
+from nanoslg.parallel.build import on_stream, step_stream
 from nanoslg.parallel.launch import (HEARTBEAT_S, check_layout, free_port, init_rank, teardown,
                                      torchrun_env)
 from nanoslg.parallel.worker import (StageWorker, broadcast_plan, broadcast_stop, recv_obj, spawn_entry)
@@ -146,13 +146,8 @@ class MultiExecutor:
             self._start_error = e
             return
         self._ready.set()
-        dev = self.rank.device
-        stream = None
-        if dev.type == "cuda":  # start after the weights and pool written on the default stream
-            torch.cuda.synchronize(dev)
-            stream = torch.cuda.Stream(dev)
         ctrl, pp = self.rank.ctrl, self.layout.pp
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+        with on_stream(step_stream(self.rank.device)):
             while True:
                 try:
                     job = self._jobs.get(timeout=HEARTBEAT_S)

@@ -6,13 +6,13 @@ With overlap (`scheduler.overlap`, the default) the engine calls `launch` for st
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 
 import torch
 
 from nanoslg.config import Config
 from nanoslg.model.runner import Launched
-from nanoslg.parallel.build import RankRuntime, build_runner, kv_budget_bytes, num_pages_for, resolve_device
+from nanoslg.parallel.build import (RankRuntime, build_runner, kv_budget_bytes, num_pages_for, on_stream,
+                                    resolve_device, step_stream)
 from nanoslg.registry import PARALLEL
 from nanoslg.scheduler.plan import StepPlan, StepResult
 
@@ -31,11 +31,7 @@ class SingleExecutor:
         self.num_pages = num_pages_for(cfg, self.rt, budget)
         self.rt.backend.allocate(self.num_pages)
         self._maybe_capture(cfg)
-        self.stream = None
-        if self.device.type == "cuda":
-            # Weights and the pool were written on the default stream: the step stream starts after them.
-            torch.cuda.synchronize(self.device)
-            self.stream = torch.cuda.Stream(self.device)
+        self.stream = step_stream(self.device)
 
     def _maybe_capture(self, cfg: Config) -> None:
         """CUDA graphs for decode: FlashInfer on one GPU, unless model.enforce_eager."""
@@ -55,11 +51,8 @@ class SingleExecutor:
     def backend(self):
         return self.rt.backend
 
-    def _on_stream(self):
-        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
-
     def launch(self, plan: StepPlan) -> Launched:
-        with self._on_stream():
+        with on_stream(self.stream):
             return self.rt.runner.launch(plan)
 
     def collect(self, launched: Launched) -> StepResult:
