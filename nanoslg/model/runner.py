@@ -63,14 +63,20 @@ class ModelRunner:
                 rows.append(end - 1)
         return self.input_ids(plan), ctx, rows
 
-    @torch.inference_mode()
-    def launch(self, plan: StepPlan) -> Launched:
+    def begin(self, plan: StepPlan) -> bool:
+        """Sampler bookkeeping for the plan; False (after releasing what it freed) if it runs nothing."""
         if self.sampler is not None:
             self.sampler.remove(plan.finished)
             for ns in plan.new_seqs:
                 self.sampler.add(ns)
         if not plan.seqs:
             self.backend.prepare(plan)  # still releases what the plan freed
+            return False
+        return True
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> Launched:
+        if not self.begin(plan):
             return Launched(plan.step_id, [])
         if self.graphs is not None and self.graphs.can_run(plan):
             seq_ids = [s.seq_id for s in plan.seqs]

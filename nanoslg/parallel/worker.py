@@ -17,13 +17,14 @@ import pickle
 import queue
 import threading
 import traceback
-from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from nanoslg.parallel.build import on_stream, step_stream
 from nanoslg.scheduler.plan import StepPlan, StepResult
+from nanoslg.tensors import to_device
 
 log = logging.getLogger("nanoslg.parallel")
 
@@ -99,12 +100,7 @@ class StageWorker:
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> Optional[StepResult]:
         """Returns the StepResult on the sampling rank (for a plan with sequences), else None."""
-        if self.sampler is not None:
-            self.sampler.remove(plan.finished)
-            for ns in plan.new_seqs:
-                self.sampler.add(ns)
-        if not plan.seqs:
-            self.runner.backend.prepare(plan)  # still releases what the plan freed
+        if not self.runner.begin(plan):
             return None
         input_ids, ctx, rows = self.runner.inputs(plan)
         if self.prev is None:
@@ -122,7 +118,7 @@ class StageWorker:
         if not rows:
             return StepResult(plan.step_id, [], []) if self.sampler is not None else None
         # Every TP rank of the last stage joins the logits gather; only TP rank 0 samples.
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+        logits = self.model.compute_logits(hidden[to_device(rows, torch.long, hidden.device)])
         if self.sampler is None:
             return None
         tokens, logprobs = self.sampler.sample(logits, seq_ids)
@@ -173,12 +169,8 @@ def run_worker(cfg, ckpt, layout, rank: int, local_rank: int, init_method: str,
             plans.put(e)
 
     threading.Thread(target=receive, name="nanoslg-plans", daemon=True).start()
-    stream = None
-    if r.device.type == "cuda":  # start after the weights and pool written on the default stream
-        torch.cuda.synchronize(r.device)
-        stream = torch.cuda.Stream(r.device)
     try:
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+        with on_stream(step_stream(r.device)):
             while True:
                 item = plans.get()
                 if item is None:
