@@ -250,37 +250,32 @@ class AsyncEngine:
         """Two steps in flight: while the device runs step N, the host processes step N-1's tokens,
         schedules step N+1 and launches it. One worker thread runs launch and collect in order."""
         inflight: collections.deque = collections.deque()  # (plan, future of its launch handle)
-        clock = time.perf_counter
         while True:
-            prof = self.metrics.profile  # the bench swaps in a fresh one for its timed run
             while len(inflight) < 2:
-                t = clock()
-                plan = self.scheduler.schedule()
-                prof.schedule_s += clock() - t
+                plan = self._timed(self.scheduler.schedule, "schedule_s")
                 if plan is None:
                     break
-                launched = self._thread.submit(self._timed, self.executor.launch, plan, "launch_s")
-                inflight.append((plan, launched))
+                inflight.append((plan, self._thread.submit(self._timed, self.executor.launch, "launch_s", plan)))
             self._wake.clear()
             if not inflight:
                 await self._idle()
                 continue
             plan, launched = inflight.popleft()
             # Queued behind the launch of the next step, so the device has it before we wait.
-            collected = self._thread.submit(lambda h=launched: self._timed(self.executor.collect, h.result(),
-                                                                           "wait_s"))
-            result = await asyncio.wrap_future(collected)
-            t = clock()
-            self._process(plan, result)
-            prof.process_s += clock() - t
-            prof.steps += 1
+            collected = self._thread.submit(lambda h=launched: self._timed(self.executor.collect, "wait_s", h.result()))
+            self._process_timed(plan, await asyncio.wrap_future(collected))
 
-    def _timed(self, fn, arg, key: str):
+    def _timed(self, fn, key: str, *args):
+        """fn(*args), its time added to the step profile's `key` (the bench swaps in a fresh profile)."""
         t = time.perf_counter()
         try:
-            return fn(arg)
+            return fn(*args)
         finally:
             setattr(self.metrics.profile, key, getattr(self.metrics.profile, key) + time.perf_counter() - t)
+
+    def _process_timed(self, plan: StepPlan, result: StepResult) -> None:
+        self._timed(self._process, "process_s", plan, result)
+        self.metrics.profile.steps += 1
 
     async def _run_steps(self) -> None:
         """Keeps up to `executor.max_inflight` steps running (pipeline stages hold one each)."""
@@ -288,13 +283,10 @@ class AsyncEngine:
         inflight: dict[asyncio.Future, StepPlan] = {}
         while True:
             while len(inflight) < self.max_inflight:
-                t = time.perf_counter()
-                plan = self.scheduler.schedule()
-                self.metrics.profile.schedule_s += time.perf_counter() - t
+                plan = self._timed(self.scheduler.schedule, "schedule_s")
                 if plan is None:
                     break
-                step = loop.run_in_executor(self._thread, self._timed, self.executor.execute, plan, "wait_s")
-                inflight[step] = plan
+                inflight[loop.run_in_executor(self._thread, self._timed, self.executor.execute, "wait_s", plan)] = plan
             self._wake.clear()
             if not inflight:
                 await self._idle()
@@ -308,10 +300,7 @@ class AsyncEngine:
                 for fut in waits - set(inflight):
                     fut.cancel()
             for fut in sorted(done & set(inflight), key=lambda f: inflight[f].step_id):
-                t = time.perf_counter()
-                self._process(inflight.pop(fut), fut.result())
-                self.metrics.profile.process_s += time.perf_counter() - t
-                self.metrics.profile.steps += 1
+                self._process_timed(inflight.pop(fut), fut.result())
 
     def _process(self, plan: StepPlan, result: StepResult) -> None:
         now = time.monotonic()
