@@ -140,26 +140,26 @@ class Sampler:
         best = x.argmax(dim=-1)
         temps = to_device([1.0 if g else s.params.temperature for g, s in zip(greedy, states)], torch.float32, dev)
         x = x / temps[:, None]
-        ks = [s.params.top_k for s in states]
+        V = x.shape[1]
+        ks = [min(s.params.top_k, V) if s.params.top_k > 0 else V for s in states]  # V: no top-k
         ps = [s.params.top_p for s in states]
         min_p = [s.params.min_p for s in states]
         if self.fused is not None and all(s.gen is None for s in states) and not any(m > 0 for m in min_p):
             # One fused kernel: top-k mask, softmax, then top-p by rejection sampling (no sort).
-            k = to_device([k if 0 < k < x.shape[1] else x.shape[1] for k in ks], torch.int32, dev)
-            drawn = self.fused.top_k_top_p_sampling_from_logits(x, k, to_device(ps, torch.float32, dev)).long()
-            return torch.where(to_device(greedy, torch.bool, dev), best, drawn)
-        if any(k > 0 for k in ks) or any(p < 1.0 for p in ps):
-            x = top_k_top_p(x, to_device([min(k, x.shape[1]) if k > 0 else x.shape[1] for k in ks], torch.long, dev),
-                            to_device(ps, torch.float32, dev))
-        probs = x.softmax(dim=-1)
-        if any(m > 0 for m in min_p):
-            thresh = to_device(min_p, torch.float32, dev)[:, None] * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < thresh, 0.0)
-        noise = torch.empty_like(probs).exponential_()
-        for r, s in enumerate(states):
-            if s.gen is not None:
-                noise[r].exponential_(generator=s.gen)
-        drawn = (probs / noise).argmax(dim=-1)
+            drawn = self.fused.top_k_top_p_sampling_from_logits(
+                x, to_device(ks, torch.int32, dev), to_device(ps, torch.float32, dev)).long()
+        else:
+            if any(k < V for k in ks) or any(p < 1.0 for p in ps):
+                x = top_k_top_p(x, to_device(ks, torch.long, dev), to_device(ps, torch.float32, dev))
+            probs = x.softmax(dim=-1)
+            if any(m > 0 for m in min_p):
+                thresh = to_device(min_p, torch.float32, dev)[:, None] * probs.max(dim=-1, keepdim=True).values
+                probs = probs.masked_fill(probs < thresh, 0.0)
+            noise = torch.empty_like(probs).exponential_()
+            for r, s in enumerate(states):
+                if s.gen is not None:
+                    noise[r].exponential_(generator=s.gen)
+            drawn = (probs / noise).argmax(dim=-1)
         return torch.where(to_device(greedy, torch.bool, dev), best, drawn)
 
 
