@@ -114,7 +114,7 @@ class PagedKVManager(KVManager):
         if self.tree is None:
             return True
         st = self._states.get(seq.seq_id)
-        return st is not None and min(seq.num_computed_tokens, len(seq.token_ids)) // self.page_size <= st.cached
+        return st is not None and self._full_computed_pages(seq) <= st.cached
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         need = self.pages_for(num_tokens) - len(seq.block_table)
@@ -137,10 +137,13 @@ class PagedKVManager(KVManager):
             seq.block_table.extend(self.allocator.alloc(need))
         seq.kv_tokens = max(seq.kv_tokens, num_tokens)
 
+    def _full_computed_pages(self, seq: Sequence) -> int:
+        # Tokens being sampled in flight (lookahead) are computed but not yet known here.
+        return min(min(seq.num_computed_tokens, len(seq.token_ids)) // self.page_size, len(seq.block_table))
+
     def _cache_computed(self, seq: Sequence, st: _SeqState) -> None:
         """Inserts the sequence's full, computed pages into the tree and locks the new path."""
-        # Tokens being sampled in flight (lookahead) are computed but not yet known here.
-        k = min(min(seq.num_computed_tokens, len(seq.token_ids)) // self.page_size, len(seq.block_table))
+        k = self._full_computed_pages(seq)
         if k <= st.cached:
             return
         ps = self.page_size
