@@ -46,9 +46,9 @@ def build_engine(cfg: Config) -> AsyncEngine:
         "kv_pages": executor.num_pages, "kv_tokens": kv.capacity_tokens, "kv_gib": pool_bytes / 2**30,
         "kv_budget": executor.budget_why if cfg.cache.max_num_tokens is None else "cache.max_num_tokens",
         "prefix_caching": bool(cfg.cache.prefix_caching and kv.paged), "max_model_len": max_len,
-        # The whole model's KV per token (every layer and KV head), whatever the sharding.
         "overlap": bool(getattr(executor, "overlap", False)),
         "cuda_graphs": getattr(rt.runner, "graphs", None) is not None if rt is not None else False,
+        # The whole model's KV per token (every layer and KV head), whatever the sharding.
         "kv_bytes_per_token": 2 * args.num_layers * args.num_kv_heads * args.head_dim * _elem(backend.spec.dtype),
     }
     log.info("model %s (%s, %s) on %s, dtype %s: %s", info["model"], args.architecture, info["load_format"],
