@@ -411,7 +411,7 @@ class AsyncEngine:
 def _tune_gc() -> None:
     """Each step makes a few short-lived objects per running sequence; at the default gen-0 threshold
     (700) the collector ran several times a step and doubled the host's share of a 256-sequence step
-    (experiments/cpu_step_overhead.py: 3.9 -> 2.0 ms). What start-up built (model, tokenizer) is frozen
+    (experiments/cpu_step_overhead.py on a 2-core CPU: 3.9 -> 2.0 ms). What start-up built (model, tokenizer) is frozen
     out of later full collections."""
     gen0, gen1, gen2 = gc.get_threshold()
     if gen0 < 10_000:
