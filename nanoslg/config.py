@@ -25,10 +25,10 @@ class ModelConfig:
     max_model_len: Optional[int] = None
     seed: int = 0  # seeds dummy weights
     enforce_eager: bool = False  # true: no CUDA graphs for decode (they need flashinfer on one GPU)
-    # Random draws: torch (everywhere) or flashinfer's fused top-k/top-p kernel on a GPU (batches with
-    # no per-request seed and no min_p; others fall back to torch). Not yet the default: its GPU test
-    # (tests/test_gpu.py::test_flashinfer_sampling_matches_torch) has not run.
-    sampling_kernels: str = "torch"
+    # Random draws: auto (flashinfer's fused top-k/top-p kernel on a GPU where it imports, else torch),
+    # torch, or flashinfer. The fused kernel takes batches with no per-request seed and no min_p;
+    # the rest fall back to torch. Greedy batches take the argmax either way.
+    sampling_kernels: str = "auto"
     tokenizer: Optional[str] = None  # defaults to path
 
 
@@ -130,7 +130,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.load_format": ("auto", "safetensors", "dummy"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.device": ("auto", "cuda", "cpu"),
-    "model.sampling_kernels": ("torch", "flashinfer"),
+    "model.sampling_kernels": ("auto", "torch", "flashinfer"),
     "parallel.mode": ("single", "tp", "pp", "hybrid"),
     "parallel.dist_backend": ("auto", "nccl", "gloo"),
     "bench.peer": ("none", "hf"),

@@ -46,6 +46,13 @@ def test_flashinfer_sampling_on_cpu_fails_clearly(tiny_llama):
         LLM(f"model.path={tiny_llama}", "model.sampling_kernels=flashinfer")
 
 
+def test_auto_sampling_kernels_are_torch_on_cpu(tiny_llama):
+    from nanoslg import LLM
+
+    with LLM(f"model.path={tiny_llama}") as llm:  # the default, model.sampling_kernels=auto
+        assert llm.engine.info["sampling_kernels"] == "torch"
+
+
 def test_unknown_key_and_type_fail_at_compose():
     with pytest.raises((ConfigKeyError, Exception), match="colour"):
         compose_config(["model.colour=red"])

@@ -73,14 +73,19 @@ def test_bf16_greedy_and_logprobs_match_transformers(ckpt, cache, request):
     gaps = [greedy_gaps(path, p, out.token_ids) for p, out in zip(prompts, outs)]
     print(f"\n{cache} {ckpt}: max gap to the fp32 argmax {max(map(max, gaps)):.3f} nats")
     assert max(map(max, gaps)) < GAP_TOL, gaps
-    # Logprobs against transformers run in bf16 as well (bf16 itself moves them ~0.2 from float32).
+    # Logprobs: no further from the float32 reference than transformers' own bf16 run is (measured on
+    # the H100: the GQA-4 model's bf16 runs differ from each other by 0.16 nats; a wrong kernel by nats).
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    hf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     for p, out in zip(prompts, outs):
+        ids, tok = torch.tensor([p], device="cuda"), out.token_ids[0]
         with torch.no_grad():
-            lp = torch.log_softmax(hf(torch.tensor([p], device="cuda")).logits[0, -1].float(), -1)
-        assert abs(out.outputs[0].logprobs[0].logprob - lp[out.token_ids[0]].item()) < 0.1
+            ref = torch.log_softmax(_hf_fp32(path)(ids).logits[0, -1].float(), -1)[tok].item()
+            bf16 = torch.log_softmax(hf16(ids).logits[0, -1].float(), -1)[tok].item()
+        ours = out.outputs[0].logprobs[0].logprob
+        print(f"logprob of token {tok}: ours {ours:.3f}, transformers bf16 {bf16:.3f}, float32 {ref:.3f}")
+        assert abs(ours - ref) <= 2 * abs(bf16 - ref) + 0.1, (ours, bf16, ref)
 
 
 def test_fused_kernels_equal_torch():
@@ -109,6 +114,19 @@ def test_fused_kernels_equal_torch():
     qf, kf = kernels.rope(pos, q.clone(), k.clone(), cos_sin)
     torch.testing.assert_close(qf, qr, **tol)
     torch.testing.assert_close(kf, kr, **tol)
+    # As the model calls them: strided views of one fused qkv row (Qwen3's per-head norm, then rope
+    # in place), the rest of the row left alone.
+    qkv = torch.randn(37, (4 + 2 + 2) * 128, device="cuda", dtype=torch.bfloat16)
+    orig = qkv.clone()
+    q, k, v = (t.view(37, -1, 128) for t in qkv.split([512, 256, 256], dim=-1))
+    w = torch.rand(128, device="cuda", dtype=torch.bfloat16) + 0.5
+    torch.testing.assert_close(kernels.rms_norm(q, w, 1e-6), kernels.rms_norm_torch(q, w, 1e-6), **tol)
+    qr, kr = kernels.rope_torch(pos, q, k, cos_sin)
+    qf, kf = kernels.rope(pos, q, k, cos_sin)
+    torch.testing.assert_close(qf, qr, **tol)
+    torch.testing.assert_close(kf, kr, **tol)
+    torch.testing.assert_close(qkv[:, :768].view(37, 6, 128), torch.cat((qr, kr), 1), **tol)  # in place
+    assert torch.equal(qkv[:, 768:], orig[:, 768:])
 
 
 @pytest.mark.parametrize("ckpt", ["bf16_llama", "bf16_llama_gqa4"])

@@ -11,3 +11,4 @@ for args in "$@"; do
   timeout 170 python run.py $args mode=bench 2>&1 | grep -v "it/s\]" | tee "$OUT/bench-$i.log"
 done
 tar czf "$OUT/records.tgz" experiments/*/records experiments/*/results.md 2>/dev/null
+save_fi

@@ -1,11 +1,15 @@
 # Sourced at the start of every device run: installs the carried wheels (.whl), unpacks FlashInfer's
 # JIT cache (.fi/cache.tgz, carried back and forth, see ../shared/device/README.md) and offers its
 # compiled modules to FlashInfer as ahead-of-time builds.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || return 1
+[ -d /tmp/site/flashinfer ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  --target /tmp/site .whl/*.whl || return 1
 export PYTHONPATH=$PWD:/tmp/site FLASHINFER_WORKSPACE_BASE=$PWD/.fi FLASHINFER_CUDA_ARCH_LIST=9.0a MAX_JOBS=16
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p .fi
 [ -f .fi/cache.tgz ] && tar xzmf .fi/cache.tgz -C .fi
+# save_fi: the compiled modules (only the .so files, the rest is rebuilt or not needed) come back as
+# $OUT/fi-so.tgz.* pieces under the 16 MiB file limit; here, `cat fi-so.tgz.* > .fi/cache.tgz`.
+save_fi() { (cd .fi && find .cache -name "*.so" -path "*cached_ops*" -print0 | tar czf - --null -T -) | split -b 15m - "$OUT/fi-so.tgz."; }
 # FlashInfer runs ninja before loading a JIT module, and ninja rebuilds whatever is older than the
 # freshly installed headers: about 4 minutes on every fresh machine. A module found under the
 # package's data/aot folder is loaded without ninja, so the cached builds go there.

@@ -64,7 +64,7 @@ class FlashInferContext(CacheContext):
         self.plan_once(q.shape[1])
         cache = self.pool[layer]
         self.backend.fi.page.append_paged_kv_cache(
-            k.contiguous(), v.contiguous(), self.batch_indices, self.kv_positions, cache,
+            k, v, self.batch_indices, self.kv_positions, cache,
             self.kv_indices, self.kv_indptr, self.kv_last_page_len, kv_layout="NHD")
         return self.wrapper.run(q.contiguous(), cache)
 

@@ -28,7 +28,7 @@ class _GraphContext(CacheContext):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         g, bs = self.g, self.bs
         cache = g.backend.pool[layer]
-        g.fi.page.append_paged_kv_cache(k.contiguous(), v.contiguous(), g.batch_idx[:bs], g.kv_pos[:bs], cache,
+        g.fi.page.append_paged_kv_cache(k, v, g.batch_idx[:bs], g.kv_pos[:bs], cache,
                                         g.indices, g.indptr[:bs + 1], g.last_len[:bs], kv_layout="NHD")
         return self.wrapper.run(q.contiguous(), cache)
 

@@ -47,6 +47,7 @@ def build_engine(cfg: Config) -> AsyncEngine:
         "kv_budget": executor.budget_why if cfg.cache.max_num_tokens is None else "cache.max_num_tokens",
         "prefix_caching": bool(cfg.cache.prefix_caching and kv.paged), "max_model_len": max_len,
         "overlap": bool(getattr(executor, "overlap", False)),
+        "sampling_kernels": getattr(getattr(rt, "runner", None) and rt.runner.sampler, "kernels", None),
         "cuda_graphs": getattr(rt.runner, "graphs", None) is not None if rt is not None else False,
         # The whole model's KV per token (every layer and KV head), whatever the sharding.
         "kv_bytes_per_token": 2 * args.num_layers * args.num_kv_heads * args.head_dim * _elem(backend.spec.dtype),
@@ -54,8 +55,9 @@ def build_engine(cfg: Config) -> AsyncEngine:
     log.info("model %s (%s, %s) on %s, dtype %s: %s", info["model"], args.architecture, info["load_format"],
              info["device"], info["dtype"], info["dtype_reason"])
     log.info("parallel %s; cache backend %s: %s", info["parallel"], info["cache_backend"], info["cache_reason"])
-    log.info("overlap scheduling %s; decode CUDA graphs %s", _overlap_why(cfg, info["overlap"]),
-             "on" if info["cuda_graphs"] else "off")
+    log.info("overlap scheduling %s; decode CUDA graphs %s; sampling kernels %s (model.sampling_kernels=%s)",
+             _overlap_why(cfg, info["overlap"]), "on" if info["cuda_graphs"] else "off",
+             info["sampling_kernels"] or "on the workers", cfg.model.sampling_kernels)
     log.info("KV pool: %d pages x %d = %d tokens, %.2f GiB (budget: %s); prefix caching %s",
              executor.num_pages, cfg.cache.page_size, kv.capacity_tokens, info["kv_gib"], info["kv_budget"],
              "on" if info["prefix_caching"] else "off")

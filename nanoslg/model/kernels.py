@@ -41,8 +41,11 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if use_fused(x) and x.dim() == 2:
-        return _flashinfer().norm.rmsnorm(x.contiguous(), weight, eps)
+    """Over the last dim. A 3-D x [T, heads, D] (Qwen3's per-head q/k norm) may be a strided view of
+    the fused qkv output: FlashInfer's warp-per-head kernel reads it in place and writes a contiguous
+    result, instead of a copy and one 16-thread block per head."""
+    if use_fused(x) and x.dim() in (2, 3) and x.stride(-1) == 1:
+        return _flashinfer().norm.rmsnorm(x, weight, eps)
     return rms_norm_torch(x, weight, eps)
 
 
@@ -80,9 +83,9 @@ def rope_torch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
          cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_fused(q):
-        t, hq, d = q.shape
-        qf, kf = q.reshape(t, -1).contiguous(), k.reshape(t, -1).contiguous()
-        _flashinfer().rope.apply_rope_with_cos_sin_cache_inplace(positions, qf, kf, d, cos_sin, True)
-        return qf.view(t, hq, d), kf.view(t, -1, d)
+    """In place on the GPU: q and k may be strided views of the fused qkv output (the kernel takes
+    head and token strides), so no copy is made."""
+    if use_fused(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
+        _flashinfer().rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, q.shape[-1], cos_sin, True)
+        return q, k
     return rope_torch(positions, q, k, cos_sin)

@@ -45,7 +45,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        o = ctx.attend(self.local_idx, q, k, v.contiguous())
+        o = ctx.attend(self.local_idx, q, k, v)  # k, v may be strided views: backends take them as is
         return self.o_proj(o.reshape(t, -1))
 
 

@@ -35,10 +35,15 @@ class _Seq:
 
 
 class Sampler:
-    def __init__(self, device: torch.device | str = "cpu", kernels: str = "torch"):
+    def __init__(self, device: torch.device | str = "cpu", kernels: str = "auto"):
         self.device = torch.device(device)
         self.seqs: dict[int, _Seq] = {}
         self.fused = None
+        if kernels == "auto":  # the fused kernel wherever it can run
+            from nanoslg.model.kernels import _flashinfer
+
+            kernels = "flashinfer" if self.device.type == "cuda" and _flashinfer() is not None else "torch"
+        self.kernels = kernels
         if kernels == "flashinfer":
             if self.device.type != "cuda":
                 raise ConfigError("model.sampling_kernels=flashinfer needs a CUDA device; use torch")
