@@ -40,6 +40,9 @@ class CacheConfig:
     max_num_tokens: Optional[int] = None  # KV pool size in tokens; overrides the memory sizing
     cpu_kv_gib: float = 2.0  # KV budget on the CPU
     prefix_caching: bool = True
+    # Decode steps whose sequences all share >= 256 cached prefix tokens (8+ sequences) read that
+    # prefix once per step, not once per sequence (paged backends; nanoslg/cache/cascade.py).
+    cascade_attention: bool = True
 
 
 @dataclass

@@ -181,6 +181,17 @@ def test_shared_prefix_caching_saves_compute_not_reads():
     assert sum(s.flops for s in on) < sum(s.flops for s in off)
 
 
+def test_cascade_reads_the_shared_prefix_once_per_decode_step():
+    f = rl.facts_from_hf_config(QWEN3_06B, 2)
+    reqs = [(300 + 8, 5)] * 10  # a 300-token shared prefix, 10 sequences, 4 decode steps
+    kw = dict(max_num_seqs=16, max_num_batched_tokens=8192, shared_prefix_len=300, prefix_caching=True)
+    plain, cascade = rl.simulate(reqs, f, **kw), rl.simulate(reqs, f, **kw, cascade=True)
+    saved = [(a.bytes - b.bytes) / f.kv_bytes_per_token for a, b in zip(plain, cascade)]
+    assert saved == [0.0] * (len(saved) - 4) + [9 * 300.0] * 4  # prefill steps read as before
+    few = rl.simulate(reqs[:7], f, **kw, cascade=True)  # under MIN_BATCH sequences: no cascade
+    assert [s.bytes for s in few] == [s.bytes for s in rl.simulate(reqs[:7], f, **kw)]
+
+
 def test_mbu_known_numbers():
     f = _tiny_facts(num_params=500, dtype_bytes=2, kv_bytes_per_token=10)  # 1000 weight bytes per step
     fig = rl.Figures(1000.0, 1.0, "t", "t", "X")

@@ -193,3 +193,37 @@ def test_flashinfer_sampling_matches_torch():
             freq = torch.bincount(torch.tensor(tokens, device="cuda"), minlength=V).float() / N
             assert not (freq[exact == 0] > 0).any(), (kernels, kw)
             assert (freq - exact).abs().max() < 0.015, (kernels, kw)
+
+
+@pytest.mark.parametrize("ckpt", ["bf16_llama", "bf16_llama_gqa4"])
+@pytest.mark.parametrize("eager", ["true", "false"])
+def test_cascade_attention_on_gpu(ckpt, eager, request):
+    """Ten requests sharing a 304-token cached prefix decode through cascade attention (eagerly and
+    in its CUDA graphs; GQA 4 takes the tensor-core path): every greedy token is the float32
+    reference's argmax up to bf16 noise, and logprobs stay with those of cascade off."""
+    pytest.importorskip("flashinfer")
+    path = request.getfixturevalue(ckpt)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(3, 1024, (304,), generator=g).tolist()
+    prompts = [base + torch.randint(3, 1024, (n,), generator=g).tolist() for n in range(1, 11)]
+    runs, steps = {}, {}
+    for cascade in ("true", "false"):
+        with LLM(f"model.path={path}", "cache=flashinfer", f"model.enforce_eager={eager}",
+                 f"cache.cascade_attention={cascade}", "cache.max_num_tokens=16384") as llm:
+            llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=1))  # caches the base
+            runs[cascade] = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True,
+                                                                 logprobs=1))
+            steps[cascade] = llm.engine.executor.rt.backend.cascade_steps
+    assert steps["true"] >= 30 and steps["false"] == 0, steps
+    gaps = [greedy_gaps(path, p, o.token_ids) for p, o in zip(prompts, runs["true"])]
+    on, off = runs["true"], runs["false"]
+    same = sum(a == b for x, y in zip(on, off) for a, b in zip(x.token_ids, y.token_ids))
+    diff = 0.0
+    for x, y in zip(on, off):
+        k = next((i for i, (a, b) in enumerate(zip(x.token_ids, y.token_ids)) if a != b), len(x.token_ids))
+        diff = max([diff] + [abs(a.logprob - b.logprob) for a, b in zip(x.outputs[0].logprobs[:k],
+                                                                          y.outputs[0].logprobs[:k])])
+    print(f"\ncascade {ckpt} eager={eager}: {steps['true']} cascade steps; {same}/320 tokens equal to cascade off; "
+          f"max logprob diff while equal {diff:.3f}; max gap to the fp32 argmax {max(map(max, gaps)):.3f} nats")
+    assert max(map(max, gaps)) < GAP_TOL, gaps
+    assert diff < 0.1

@@ -276,8 +276,12 @@ class _Sim:
 
 def simulate(requests: Sequence[tuple[int, int]], facts: ModelFacts, *, max_num_seqs: int,
              max_num_batched_tokens: int, kv_capacity_tokens: Optional[int] = None,
-             shared_prefix_len: int = 0, prefix_caching: bool = False) -> list[StepLoad]:
-    """Bytes and FLOPs of every step for requests given as (prompt tokens, output tokens)."""
+             shared_prefix_len: int = 0, prefix_caching: bool = False, cascade: bool = False) -> list[StepLoad]:
+    """Bytes and FLOPs of every step for requests given as (prompt tokens, output tokens). With prefix
+    caching and cascade attention, a decode step of sequences that all share the cached prefix reads
+    that prefix once (as the engine does: nanoslg/cache/cascade.py)."""
+    from nanoslg.cache.cascade import MIN_BATCH, MIN_SHARED_TOKENS
+
     waiting = deque(_Sim(p, max(1, o)) for p, o in requests)
     running: list[_Sim] = []
     steps: list[StepLoad] = []
@@ -322,6 +326,9 @@ def simulate(requests: Sequence[tuple[int, int]], facts: ModelFacts, *, max_num_
             running.append(r)
             used += r.ctx + n
             run(r, n)
+        if (cascade and prefix_caching and shared_prefix_len >= MIN_SHARED_TOKENS and decodes == tokens
+                and decodes >= MIN_BATCH):
+            kv_read -= (decodes - 1) * shared_prefix_len
         nbytes = facts.weight_bytes_per_step + (kv_read + kv_write) * facts.kv_bytes_per_token
         flops = (2 * facts.body_params * tokens + 2 * facts.vocab_size * facts.hidden_size * sampled
                  + attn_flops_per_pair * pairs)

@@ -188,12 +188,15 @@ def _run_engine(cfg: Config, wl, figures: Optional[rl.Figures]) -> dict:
             "prefix_cache_hit_rate": (m.prefix_cache_hits / m.prefix_cache_queries) if m.prefix_cache_queries else None,
             # Per step, over the timed run (in the non-overlapped loop, "wait" is the whole step).
             "step_profile": m.profile.per_step_ms(),
+            # Decode steps that ran cascade attention over a prefix every sequence shared.
+            "cascade_steps": getattr(_backend(engine), "cascade_steps", None),
         }
         results["kv_pool"] = _kv_pool(getattr(engine, "kv_capacity_tokens", None), getattr(engine, "kv_pool_bytes", None))
         results["peak_gpu_memory"] = peak_gpu_memory()
         results["roofline"] = _roofline(cfg, reqs, timings, wall, facts, figures,
                                         kv_capacity=getattr(engine, "kv_capacity_tokens", None),
-                                        prefix_caching=bool(info.get("prefix_caching", cfg.cache.prefix_caching)))
+                                        prefix_caching=bool(info.get("prefix_caching", cfg.cache.prefix_caching)),
+                                        cascade=bool(info.get("cascade_attention")))
         peer_where = (info.get("path"), info.get("dtype"), info.get("device"))
     finally:
         try:
@@ -232,10 +235,18 @@ async def _engine_session(cfg: Config, engine, reqs: list[BenchRequest]) -> tupl
     from nanoslg.engine.metrics import StepProfile
 
     engine.metrics.profile = StepProfile()  # the timed run only
+    backend = _backend(engine)
+    if backend is not None:
+        backend.cascade_steps = 0
     timings, wall = await drive(reqs, send, cfg.bench.concurrency, progress, desc=f"nanoslg {cfg.bench.workload}")
     if timings and all(t.error for t in timings):
         raise RuntimeError(f"every bench request failed; the first: {timings[0].error}")
     return timings, wall
+
+
+def _backend(engine):
+    """Rank 0's cache backend where it lives in this process (single GPU, CPU), else None."""
+    return getattr(getattr(getattr(engine, "executor", None), "rt", None), "backend", None)
 
 
 def _free_memory() -> None:
@@ -263,7 +274,7 @@ def _facts(make: Callable[[], rl.ModelFacts]) -> Optional[rl.ModelFacts]:
 
 def _roofline(cfg: Config, reqs: list[BenchRequest], timings: list[RequestTiming], wall: float,
               facts: Optional[rl.ModelFacts], figures: Optional[rl.Figures], kv_capacity: Optional[int],
-              prefix_caching: bool) -> Optional[dict]:
+              prefix_caching: bool, cascade: bool = False) -> Optional[dict]:
     if facts is None or figures is None:
         return None
     # What was actually produced (EOS may end requests early when bench.ignore_eos=false).
@@ -271,7 +282,7 @@ def _roofline(cfg: Config, reqs: list[BenchRequest], timings: list[RequestTiming
     steps = rl.simulate(shape, facts, max_num_seqs=cfg.scheduler.max_num_seqs,
                         max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
                         kv_capacity_tokens=kv_capacity, shared_prefix_len=cfg.bench.shared_prefix_len,
-                        prefix_caching=prefix_caching)
+                        prefix_caching=prefix_caching, cascade=cascade)
     out = rl.roofline(steps, figures, facts)
     last_arrival = max((r.arrival for r in reqs), default=0.0)
     if last_arrival > out["limit_s"]:  # Poisson arrivals: nothing finishes before it has arrived
@@ -470,7 +481,7 @@ def _run_http(cfg: Config, wl, figures: Optional[rl.Figures]) -> dict:
     facts = _facts(lambda: rl.facts_from_hf_config(model_conf, rl.DTYPE_BYTES.get(dtype, 2),
                                                    source=f"{path}/config.json ({dtype}, assumed)"))
     results["roofline"] = _roofline(cfg, reqs, timings, wall, facts, figures, ver.get("kv_capacity_tokens"),
-                                    cfg.cache.prefix_caching)
+                                    cfg.cache.prefix_caching, cfg.cache.cascade_attention)
     return results
 
 
@@ -607,6 +618,9 @@ def format_report(cfg: Config, r: dict) -> str:
         lines.append(f"step profile     {prof['steps']:,} steps; per step: schedule {prof['schedule_ms']:.2f} ms, "
                      f"process outputs {prof['process_ms']:.2f} ms, launch {prof['launch_ms']:.2f} ms, "
                      f"wait for the device {prof['wait_ms']:.2f} ms")
+    cascade = (r.get("engine") or {}).get("cascade_steps")
+    if cascade:
+        lines.append(f"cascade attention {cascade:,} decode steps read a prefix every sequence shared once")
     cold = r.get("cold_start")
     if cold and cold.get("first_token_s") is not None:
         lines.append(f"cold start       {cold['first_token_s']:.1f} s from spawning the server to its first token "

@@ -105,6 +105,8 @@ class CacheContext(ABC):
 class CacheBackend(ABC):
     name: str = "base"
     paged: bool = False  # needs block tables from a paged KVManager
+    cascade: bool = False  # paged backends: cascade attention over a prefix a decode step shares
+    cascade_steps: int = 0  # decode steps that ran it (reported by the benchmarks)
 
     def __init__(self, spec: KVSpec, page_size: int):
         self.spec = spec

@@ -9,6 +9,9 @@
   BatchPrefillWithPagedKVCacheWrapper with a causal mask (FlashInfer aligns it bottom-right when
   a request has more KV than queries); pure-decode steps use BatchDecodeWithPagedKVCacheWrapper,
   with tensor cores when the GQA group is 4 or more.
+- A decode step whose sequences all start with the same cached pages runs cascade attention
+  (nanoslg/cache/cascade.py): the shared pages once for the whole batch, each sequence's own pages
+  by the decode wrapper, merged with FlashInfer's merge_state.
 
 flashinfer is imported only when this backend is built, so CPU machines never import it.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from nanoslg.cache.base import CacheBackend, CacheContext, KVManager, KVSpec, positions_of
+from nanoslg.cache.cascade import shared_prefix_pages
 from nanoslg.errors import ConfigError
 from nanoslg.registry import CACHE_BACKENDS
 from nanoslg.scheduler.plan import StepPlan
@@ -43,11 +47,14 @@ class FlashInferContext(CacheContext):
 
     def __init__(self, backend: "FlashInferBackend", decode: bool, csr: tuple, pool: torch.Tensor,
                  positions: torch.Tensor, batch_indices: torch.Tensor, kv_positions: torch.Tensor,
-                 kv_indices: torch.Tensor, kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor):
+                 kv_indices: torch.Tensor, kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor,
+                 shared: list[int] | None = None):
         self.backend = backend
         self.decode = decode
-        self.csr = csr
+        self.csr = csr  # cascade: each sequence's own pages only (its KV positions count from there)
+        self.shared = shared  # cascade: the pages every sequence starts with
         self.wrapper = None
+        self.level0 = None
         self.pool = pool
         self.positions = positions
         self.batch_indices = batch_indices
@@ -59,6 +66,8 @@ class FlashInferContext(CacheContext):
     def plan_once(self, num_qo_heads: int) -> None:
         if self.wrapper is None:
             self.wrapper = self.backend.plan_step(self.decode, self.csr, num_qo_heads)
+            if self.shared is not None:
+                self.level0 = self.backend.plan_shared(len(self.csr[0]) - 1, self.shared, num_qo_heads)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.plan_once(q.shape[1])
@@ -66,7 +75,17 @@ class FlashInferContext(CacheContext):
         self.backend.fi.page.append_paged_kv_cache(
             k, v, self.batch_indices, self.kv_positions, cache,
             self.kv_indices, self.kv_indptr, self.kv_last_page_len, kv_layout="NHD")
-        return self.wrapper.run(q.contiguous(), cache)
+        if self.level0 is None:
+            return self.wrapper.run(q.contiguous(), cache)
+        return cascade_run(self.backend.fi, self.wrapper, self.level0, q.contiguous(), cache)
+
+
+def cascade_run(fi, own, shared, q: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """Each query against its own pages and against the shared prefix, merged by log-sum-exp."""
+    out, lse = own.run(q, cache, return_lse=True)
+    out0, lse0 = shared.run(q, cache, return_lse=True)
+    fi.merge_state_in_place(out, lse, out0, lse0)
+    return out
 
 
 @CACHE_BACKENDS.register("flashinfer")
@@ -85,8 +104,9 @@ class FlashInferBackend(CacheBackend):
         self.num_qo_heads = num_qo_heads or spec.num_qo_heads or None
         self.pool: torch.Tensor | None = None
         dev = spec.device
-        self._prefill = self.fi.BatchPrefillWithPagedKVCacheWrapper(
-            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev), "NHD")
+        self._prefill_ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+        self._prefill = self.fi.BatchPrefillWithPagedKVCacheWrapper(self._prefill_ws, "NHD")
+        self._shared = None  # cascade level 0, built at its first use
         self._decode_ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
         self._decode = None  # built once the GQA group size is known (tensor cores or not)
         self.scale = spec.head_dim ** -0.5
@@ -119,29 +139,36 @@ class FlashInferBackend(CacheBackend):
         dev, ps = self.spec.device, self.page_size
         if not plan.seqs:
             return _EmptyContext(torch.empty(0, dtype=torch.long, device=dev))
-        qo_indptr, kv_indptr, indices, last_len, batch_idx = [0], [0], [], [], []
+        if any(st.block_table is None for st in plan.seqs):
+            raise ValueError("the flashinfer backend needs block tables: use it with a paged KV manager")
+        decode = plan.is_decode
+        skip = shared_prefix_pages(plan.seqs, ps) if self.cascade and decode else 0
+        qo_indptr, kv_indptr, indices, last_len, batch_idx, kv_pos = [0], [0], [], [], [], []
         for b, st in enumerate(plan.seqs):
-            if st.block_table is None:
-                raise ValueError("the flashinfer backend needs block tables: use it with a paged KV manager")
             n = len(st.token_ids)
             end = st.start + n
             pages = -(-end // ps)
-            indices.extend(st.block_table[:pages])
-            kv_indptr.append(kv_indptr[-1] + pages)
+            indices.extend(st.block_table[skip:pages])
+            kv_indptr.append(kv_indptr[-1] + pages - skip)
             qo_indptr.append(qo_indptr[-1] + n)
             last_len.append(end - (pages - 1) * ps)
             batch_idx.extend([b] * n)
+            if skip:  # a decode step: one token, at its position among the sequence's own pages
+                kv_pos.append(st.start - skip * ps)
         i32 = torch.int32
         qo_indptr_h = torch.tensor(qo_indptr, dtype=i32)
         kv_indptr_h = torch.tensor(kv_indptr, dtype=i32)
         last_len_h = torch.tensor(last_len, dtype=i32)
         indices_d = to_device(indices, i32, dev)
         positions = positions_of(plan, dev)
+        if skip:
+            self.cascade_steps += 1
         ctx = FlashInferContext(
-            self, plan.is_decode, (qo_indptr_h, kv_indptr_h, indices_d, last_len_h), self.pool, positions,
+            self, decode, (qo_indptr_h, kv_indptr_h, indices_d, last_len_h), self.pool, positions,
             to_device(batch_idx, i32, dev),
-            positions.to(i32), indices_d, kv_indptr_h.to(dev, non_blocking=True),
-            last_len_h.to(dev, non_blocking=True))
+            to_device(kv_pos, i32, dev) if skip else positions.to(i32), indices_d,
+            kv_indptr_h.to(dev, non_blocking=True), last_len_h.to(dev, non_blocking=True),
+            shared=plan.seqs[0].block_table[:skip] if skip else None)
         if self.num_qo_heads is not None:
             ctx.plan_once(self.num_qo_heads)
         return ctx
@@ -160,6 +187,21 @@ class FlashInferBackend(CacheBackend):
             wrapper = self._prefill
             wrapper.plan(qo_indptr_h, kv_indptr_h, indices_d, last_len_h, num_qo_heads, s.num_kv_heads,
                          s.head_dim, ps, causal=True, **common)
+        return wrapper
+
+    def plan_shared(self, batch: int, pages: list[int], num_qo_heads: int, wrapper=None):
+        """Cascade level 0: all `batch` queries (one per sequence) against the shared pages, unmasked
+        (the pages lie before every query). Returns the planned wrapper."""
+        if wrapper is None:
+            if self._shared is None:  # shares the prefill wrapper's workspace: never in the same step
+                self._shared = self.fi.BatchPrefillWithPagedKVCacheWrapper(self._prefill_ws, "NHD", backend="fa2")
+            wrapper = self._shared
+        s, i32 = self.spec, torch.int32
+        wrapper.plan(torch.tensor([0, batch], dtype=i32, pin_memory=True),
+                     torch.tensor([0, len(pages)], dtype=i32, pin_memory=True), to_device(pages, i32, s.device),
+                     torch.tensor([self.page_size], dtype=i32, pin_memory=True), num_qo_heads, s.num_kv_heads,
+                     s.head_dim, self.page_size, causal=False, q_data_type=s.dtype, kv_data_type=s.dtype,
+                     sm_scale=self.scale)
         return wrapper
 
     @classmethod

@@ -3,7 +3,9 @@
 One graph per batch-size bucket, captured at start. Inputs live in fixed buffers; before each
 replay the step's page tables are written there by the wrapper's `plan()` (run outside the graph).
 A bucket larger than the batch is filled with padding rows that read and write one scratch page,
-which the KV manager never hands out.
+which the KV manager never hands out. Buckets of MIN_BATCH or more also get a cascade-attention
+twin (nanoslg/cache/cascade.py), replayed when every sequence starts with the same cached pages;
+padding rows attend those pages too, and their output is dropped.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import torch
 from tqdm import tqdm
 
 from nanoslg.cache.base import CacheContext
+from nanoslg.cache.cascade import MIN_BATCH, shared_prefix_pages
+from nanoslg.cache.flashinfer_backend import cascade_run
 from nanoslg.scheduler.plan import StepPlan
 from nanoslg.tensors import to_device
 
@@ -21,8 +25,8 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384
 
 
 class _GraphContext(CacheContext):
-    def __init__(self, graphs: "DecodeGraphs", bs: int, wrapper):
-        self.g, self.bs, self.wrapper = graphs, bs, wrapper
+    def __init__(self, graphs: "DecodeGraphs", bs: int, wrapper, level0=None):
+        self.g, self.bs, self.wrapper, self.level0 = graphs, bs, wrapper, level0
         self.positions = graphs.positions[:bs]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -30,7 +34,9 @@ class _GraphContext(CacheContext):
         cache = g.backend.pool[layer]
         g.fi.page.append_paged_kv_cache(k, v, g.batch_idx[:bs], g.kv_pos[:bs], cache,
                                         g.indices, g.indptr[:bs + 1], g.last_len[:bs], kv_layout="NHD")
-        return self.wrapper.run(q.contiguous(), cache)
+        if self.level0 is None:
+            return self.wrapper.run(q.contiguous(), cache)
+        return cascade_run(g.fi, self.wrapper, self.level0, q.contiguous(), cache)
 
 
 class DecodeGraphs:
@@ -54,6 +60,14 @@ class DecodeGraphs:
                                    dtype=i32, device=dev)
         self.group = s.num_qo_heads // s.num_kv_heads
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, object]] = {}
+        # Cascade (a second graph per bucket of MIN_BATCH or more): level 0's own small buffers; the
+        # per-sequence level reuses the buffers above, holding only each row's own pages.
+        self.cascade = backend.cascade
+        self.shared_qo = torch.zeros(2, dtype=i32, device=dev)
+        self.shared_indptr = torch.zeros(2, dtype=i32, device=dev)
+        self.shared_indices = torch.zeros(-(-max_model_len // backend.page_size), dtype=i32, device=dev)
+        self.shared_last = torch.zeros(1, dtype=i32, device=dev)
+        self.cascade_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, object, object]] = {}
 
     def _wrapper(self, bs: int):
         return self.fi.BatchDecodeWithPagedKVCacheWrapper(
@@ -61,15 +75,23 @@ class DecodeGraphs:
             paged_kv_indptr_buffer=self.indptr[:bs + 1], paged_kv_indices_buffer=self.indices,
             paged_kv_last_page_len_buffer=self.last_len[:bs])
 
-    def _plan(self, wrapper, bs: int, plan: StepPlan | None, input_ids: torch.Tensor | None = None) -> None:
-        """Writes the batch (real rows, then padding rows on the scratch page) and plans the wrapper."""
+    def _level0_wrapper(self):
+        return self.fi.BatchPrefillWithPagedKVCacheWrapper(
+            self.backend._prefill_ws, "NHD", use_cuda_graph=True, qo_indptr_buf=self.shared_qo,
+            paged_kv_indptr_buf=self.shared_indptr, paged_kv_indices_buf=self.shared_indices,
+            paged_kv_last_page_len_buf=self.shared_last, backend="fa2")
+
+    def _plan(self, wrapper, bs: int, plan: StepPlan | None, input_ids: torch.Tensor | None = None,
+              skip: int = 0) -> None:
+        """Writes the batch (real rows, then padding rows on the scratch page) and plans the wrapper.
+        skip > 0 (cascade): each row holds its pages from page `skip` on, KV positions counted from there."""
         ps, scratch = self.backend.page_size, self.backend.scratch_page
         indptr, indices, last, pos = [0], [], [], []
         for st in plan.seqs if plan is not None else []:
             end = st.start + 1
             pages = -(-end // ps)
-            indices.extend(st.block_table[:pages])
-            indptr.append(indptr[-1] + pages)
+            indices.extend(st.block_table[skip:pages])
+            indptr.append(indptr[-1] + pages - skip)
             last.append(end - (pages - 1) * ps)
             pos.append(st.start)
         n = len(pos)
@@ -84,7 +106,10 @@ class DecodeGraphs:
         self.input_ids[n:bs].zero_()
         pos_d = to_device(pos, torch.long, dev)
         self.positions[:bs].copy_(pos_d)
-        self.kv_pos[:bs].copy_(pos_d)
+        if skip:
+            self.kv_pos[:bs].copy_(to_device([p - skip * ps for p in pos[:n]] + pos[n:], i32, dev))
+        else:
+            self.kv_pos[:bs].copy_(pos_d)
         s = self.backend.spec
         # Indices go in as a device tensor: in CUDA-graph mode FlashInfer copies host indices into its
         # buffer with a blocking copy, which would stall the host until the step in flight finished.
@@ -105,8 +130,23 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 logits = self.model.compute_logits(self.model(ids, pos, ctx))
             self.graphs[bs] = (graph, logits, wrapper)
+            if self.cascade and bs >= MIN_BATCH:
+                self.cascade_graphs[bs] = self._capture_cascade(bs, pool)
         torch.cuda.synchronize()
-        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+        log.info("captured decode CUDA graphs for batch sizes %s%s", self.buckets,
+                 f" (and cascade-attention twins from {MIN_BATCH})" if self.cascade_graphs else "")
+
+    def _capture_cascade(self, bs: int, pool):
+        wrapper, level0 = self._wrapper(bs), self._level0_wrapper()
+        self._plan(wrapper, bs, None)
+        self.backend.plan_shared(bs, [self.backend.scratch_page], self.backend.spec.num_qo_heads, level0)
+        ctx = _GraphContext(self, bs, wrapper, level0)
+        ids, pos = self.input_ids[:bs], self.positions[:bs]
+        self.model.compute_logits(self.model(ids, pos, ctx))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits = self.model.compute_logits(self.model(ids, pos, ctx))
+        return graph, logits, wrapper, level0
 
     def can_run(self, plan: StepPlan) -> bool:
         return (0 < len(plan.seqs) <= self.max_bs and not plan.copies and plan.is_decode
@@ -116,7 +156,13 @@ class DecodeGraphs:
         """Replays the smallest bucket that holds the batch; returns the real rows' logits."""
         n = len(plan.seqs)
         bs = next(b for b in self.buckets if b >= n)
-        graph, logits, wrapper = self.graphs[bs]
-        self._plan(wrapper, bs, plan, input_ids)
+        skip = shared_prefix_pages(plan.seqs, self.backend.page_size) if bs in self.cascade_graphs else 0
+        if skip:
+            graph, logits, wrapper, level0 = self.cascade_graphs[bs]
+            self.backend.plan_shared(bs, plan.seqs[0].block_table[:skip], self.backend.spec.num_qo_heads, level0)
+            self.backend.cascade_steps += 1
+        else:
+            graph, logits, wrapper = self.graphs[bs]
+        self._plan(wrapper, bs, plan, input_ids, skip)
         graph.replay()
         return logits[:n]

@@ -1,8 +1,8 @@
 """The `paged` backend: a page pool in plain torch, attention by gathering each sequence's pages.
 
-It runs anywhere torch runs, so the paged manager, prefix caching and copy-on-write are exercised
-end to end on the CPU in CI. The pool is one tensor [layers, 2, num_pages, page_size, Hkv, D];
-token slots (page * page_size + offset) are computed once per step in `prepare`, not per layer.
+It runs anywhere torch runs, so the paged manager, prefix caching, copy-on-write and cascade
+attention (nanoslg/cache/cascade.py) are exercised end to end on the CPU in CI. The pool is one
+tensor [layers, 2, num_pages, page_size, Hkv, D]; token slots (page * page_size + offset) are computed once per step in `prepare`, not per layer.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoslg.cache.base import CacheBackend, CacheContext, KVManager, KVSpec, positions_of
+from nanoslg.cache.cascade import attend_lse, merge, shared_prefix_pages
 from nanoslg.cache.sdpa import attend_one
 from nanoslg.registry import CACHE_BACKENDS
 from nanoslg.scheduler.plan import StepPlan
@@ -42,12 +43,13 @@ class _Seq:
 
 class PagedTorchContext(CacheContext):
     def __init__(self, pool: torch.Tensor, new_slots: torch.Tensor, seqs: list[_Seq],
-                 positions: torch.Tensor, scale: float):
+                 positions: torch.Tensor, scale: float, shared: torch.Tensor | None = None):
         self.pool = pool
         self.new_slots = new_slots
         self.seqs = seqs
         self.positions = positions
         self.scale = scale
+        self.shared = shared  # cascade: slots of the prefix every sequence shares (seq slots exclude it)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc = self.pool[layer, 0].flatten(0, 1)  # [pages * page_size, Hkv, D], a view
@@ -55,11 +57,21 @@ class PagedTorchContext(CacheContext):
         # All new KV is written first (one op per layer), then each sequence reads its pages.
         kc.index_copy_(0, self.new_slots, k.to(kc.dtype))
         vc.index_copy_(0, self.new_slots, v.to(vc.dtype))
+        if self.shared is not None:
+            return self._cascade(q, kc, vc)
         out = torch.empty_like(q)
         for s in self.seqs:
             rows = slice(s.offset, s.offset + s.n)
             out[rows] = attend_one(q[rows], kc[s.slots], vc[s.slots], s.start, self.scale)
         return out
+
+    def _cascade(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+        """A decode step: every query against the shared prefix at once, then each against its own
+        pages, merged by log-sum-exp (one query per sequence, so neither level needs a mask)."""
+        out0, lse0 = attend_lse(q, kc[self.shared], vc[self.shared], self.scale)
+        own = [attend_lse(q[s.offset:s.offset + 1], kc[s.slots], vc[s.slots], self.scale) for s in self.seqs]
+        out1, lse1 = torch.cat([o for o, _ in own]), torch.cat([lse for _, lse in own])
+        return merge(out0, lse0, out1, lse1).to(q.dtype)
 
 
 @CACHE_BACKENDS.register("paged")
@@ -92,11 +104,16 @@ class PagedTorchBackend(CacheBackend):
             empty = torch.empty(0, dtype=torch.long, device=dev)
             return PagedTorchContext(self.pool, empty, [], empty, self.scale)
         new_slots, kv_slots = step_slots(plan, self.page_size, dev)
+        shared = shared_prefix_pages(plan.seqs, self.page_size) * self.page_size \
+            if self.cascade and plan.is_decode else 0
         seqs, offset = [], 0
         for st, slots in zip(plan.seqs, kv_slots):
-            seqs.append(_Seq(st.start, len(st.token_ids), offset, slots))
+            seqs.append(_Seq(st.start, len(st.token_ids), offset, slots[shared:]))
             offset += len(st.token_ids)
-        return PagedTorchContext(self.pool, new_slots, seqs, positions_of(plan, dev), self.scale)
+        if shared:
+            self.cascade_steps += 1
+        return PagedTorchContext(self.pool, new_slots, seqs, positions_of(plan, dev), self.scale,
+                                 kv_slots[0][:shared] if shared else None)
 
     @classmethod
     def make_manager(cls, num_pages: int, page_size: int, prefix_caching: bool) -> KVManager:

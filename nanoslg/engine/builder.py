@@ -46,6 +46,7 @@ def build_engine(cfg: Config) -> AsyncEngine:
         "kv_pages": executor.num_pages, "kv_tokens": kv.capacity_tokens, "kv_gib": pool_bytes / 2**30,
         "kv_budget": executor.budget_why if cfg.cache.max_num_tokens is None else "cache.max_num_tokens",
         "prefix_caching": bool(cfg.cache.prefix_caching and kv.paged), "max_model_len": max_len,
+        "cascade_attention": bool(backend.cascade),
         "overlap": bool(getattr(executor, "overlap", False)),
         "sampling_kernels": getattr(getattr(rt, "runner", None) and rt.runner.sampler, "kernels", None),
         "cuda_graphs": getattr(rt.runner, "graphs", None) is not None if rt is not None else False,
@@ -58,9 +59,9 @@ def build_engine(cfg: Config) -> AsyncEngine:
     log.info("overlap scheduling %s; decode CUDA graphs %s; sampling kernels %s (model.sampling_kernels=%s)",
              _overlap_why(cfg, info["overlap"]), "on" if info["cuda_graphs"] else "off",
              info["sampling_kernels"] or "on the workers", cfg.model.sampling_kernels)
-    log.info("KV pool: %d pages x %d = %d tokens, %.2f GiB (budget: %s); prefix caching %s",
+    log.info("KV pool: %d pages x %d = %d tokens, %.2f GiB (budget: %s); prefix caching %s; cascade attention %s",
              executor.num_pages, cfg.cache.page_size, kv.capacity_tokens, info["kv_gib"], info["kv_budget"],
-             "on" if info["prefix_caching"] else "off")
+             "on" if info["prefix_caching"] else "off", "on" if info["cascade_attention"] else "off")
     return AsyncEngine(scheduler, executor, tokenizer, model_name=name,
                        max_model_len=max_len, vocab_size=args.vocab_size, eos_token_ids=eos,
                        kv_pool_bytes=pool_bytes, info=info)

@@ -123,6 +123,7 @@ def build_runner(cfg: Config, ckpt: Checkpoint, device: torch.device, sample: bo
     kv_heads = max(1, args.num_kv_heads // st.tp_size)
     spec = KVSpec(num_layers, kv_heads, args.head_dim, dtype, device, args.num_heads // st.tp_size)
     backend = backend_cls(spec, cfg.cache.page_size)
+    backend.cascade = bool(cfg.cache.cascade_attention and backend.paged)
     sampler = Sampler(device, kernels=cfg.model.sampling_kernels) if sample else None
     return RankRuntime(ModelRunner(model, backend, sampler, device), backend, name, reason, spec, dtype_reason)
 
