@@ -41,12 +41,21 @@ GAP_TOL = 0.5
 def greedy_gaps(ckpt: str, prompt: list[int], tokens: list[int]) -> list[float]:
     """For each generated token: how far (in nats) it falls below the float32 transformers argmax at
     that position, teacher-forced on the engine's own tokens. 0 = it is the reference's argmax."""
-    hf = _hf_fp32(ckpt)
-    ids = torch.tensor([prompt + tokens[:-1]], device="cuda")
-    with torch.no_grad():
-        lp = torch.log_softmax(hf(ids).logits[0, len(prompt) - 1:].float(), -1)
+    lp = _ref_logprobs(ckpt, prompt, tokens)
     rows, cols = torch.arange(len(tokens), device="cuda"), torch.tensor(tokens, device="cuda")
     return (lp.max(-1).values - lp[rows, cols]).tolist()
+
+
+def ref_logprobs(ckpt: str, prompt: list[int], tokens: list[int]) -> list[float]:
+    """The float32 reference's logprob of each generated token, teacher-forced on those tokens."""
+    lp = _ref_logprobs(ckpt, prompt, tokens)
+    return lp[torch.arange(len(tokens), device="cuda"), torch.tensor(tokens, device="cuda")].tolist()
+
+
+def _ref_logprobs(ckpt: str, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + tokens[:-1]], device="cuda")
+    with torch.no_grad():
+        return torch.log_softmax(_hf_fp32(ckpt)(ids).logits[0, len(prompt) - 1:].float(), -1)
 
 
 _HF: dict = {}
@@ -200,13 +209,14 @@ def test_flashinfer_sampling_matches_torch():
 def test_cascade_attention_on_gpu(ckpt, eager, request):
     """Ten requests sharing a 304-token cached prefix decode through cascade attention (eagerly and
     in its CUDA graphs; GQA 4 takes the tensor-core path): every greedy token is the float32
-    reference's argmax up to bf16 noise, and logprobs stay with those of cascade off."""
+    reference's argmax up to bf16 noise, and its logprobs are as close to the reference's as those of
+    the plain kernel (cascade off)."""
     pytest.importorskip("flashinfer")
     path = request.getfixturevalue(ckpt)
     g = torch.Generator().manual_seed(3)
     base = torch.randint(3, 1024, (304,), generator=g).tolist()
     prompts = [base + torch.randint(3, 1024, (n,), generator=g).tolist() for n in range(1, 11)]
-    runs, steps = {}, {}
+    runs, steps, err = {}, {}, {}
     for cascade in ("true", "false"):
         with LLM(f"model.path={path}", "cache=flashinfer", f"model.enforce_eager={eager}",
                  f"cache.cascade_attention={cascade}", "cache.max_num_tokens=16384") as llm:
@@ -214,16 +224,13 @@ def test_cascade_attention_on_gpu(ckpt, eager, request):
             runs[cascade] = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True,
                                                                  logprobs=1))
             steps[cascade] = llm.engine.executor.rt.backend.cascade_steps
+        err[cascade] = max(abs(a.logprob - r) for p, o in zip(prompts, runs[cascade])
+                           for a, r in zip(o.outputs[0].logprobs, ref_logprobs(path, p, o.token_ids)))
     assert steps["true"] >= 30 and steps["false"] == 0, steps
     gaps = [greedy_gaps(path, p, o.token_ids) for p, o in zip(prompts, runs["true"])]
-    on, off = runs["true"], runs["false"]
-    same = sum(a == b for x, y in zip(on, off) for a, b in zip(x.token_ids, y.token_ids))
-    diff = 0.0
-    for x, y in zip(on, off):
-        k = next((i for i, (a, b) in enumerate(zip(x.token_ids, y.token_ids)) if a != b), len(x.token_ids))
-        diff = max([diff] + [abs(a.logprob - b.logprob) for a, b in zip(x.outputs[0].logprobs[:k],
-                                                                          y.outputs[0].logprobs[:k])])
+    same = sum(a == b for x, y in zip(runs["true"], runs["false"]) for a, b in zip(x.token_ids, y.token_ids))
     print(f"\ncascade {ckpt} eager={eager}: {steps['true']} cascade steps; {same}/320 tokens equal to cascade off; "
-          f"max logprob diff while equal {diff:.3f}; max gap to the fp32 argmax {max(map(max, gaps)):.3f} nats")
+          f"max gap to the fp32 argmax {max(map(max, gaps)):.3f} nats; max logprob error against fp32: cascade "
+          f"{err['true']:.3f}, plain {err['false']:.3f}")
     assert max(map(max, gaps)) < GAP_TOL, gaps
-    assert diff < 0.1
+    assert err["true"] <= 2 * err["false"] + 0.1, err
