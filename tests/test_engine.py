@@ -183,3 +183,40 @@ def test_string_prompts_and_text(llama_llm):
     out = llama_llm.generate("Hello there", greedy(10))[0]
     assert out.prompt_token_ids == tok.encode("Hello there")
     assert out.text == tok.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_pinned_staging_ring():
+    """The staging ring (nanoslg/tensors.py) with plain memory and recorded waits standing in for
+    pinned memory and CUDA events: views hold their data, stay aligned, and a buffer is reused only
+    after waiting for the step that last filled it."""
+    import numpy as np
+
+    from nanoslg.tensors import PinnedStaging
+
+    class Ring(PinnedStaging):
+        def _alloc(self, nbytes):
+            return torch.zeros(nbytes, dtype=torch.uint8)
+
+        def _record(self, slot):
+            self.events[slot] = ("recorded", slot)
+            log.append(("record", slot))
+
+        def _wait(self, slot):
+            log.append(("wait", slot))
+
+    log = []
+    ring = Ring(slot_bytes=64)
+    a = ring.host(np.arange(3, dtype=np.int64))
+    b = ring.host(np.array([7, 8, 9], dtype=np.int32))
+    c = ring.empty((2,), torch.float32)
+    assert a.tolist() == [0, 1, 2] and b.tolist() == [7, 8, 9] and c.shape == (2,)
+    offsets = [t.data_ptr() - ring.bufs[0].data_ptr() for t in (a, b, c)]
+    assert offsets == [0, 24, 40]  # each view starts 8-byte aligned
+    ring.host(np.zeros(4, dtype=np.int64))  # 32 more bytes do not fit: the next buffer
+    assert ring.slot == 1 and log == [("record", 0)]
+    assert a.tolist() == [0, 1, 2]  # the filled buffer is left alone
+    big = ring.host(np.arange(40, dtype=np.int64))  # larger than a buffer: slots grow
+    assert big.tolist() == list(range(40)) and ring.slot_bytes >= 320
+    for _ in range(ring.SLOTS):
+        ring.next_step()
+    assert ("wait", 0) in log and log.index(("wait", 0)) > log.index(("record", 0))

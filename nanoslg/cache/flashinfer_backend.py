@@ -24,7 +24,7 @@ from nanoslg.cache.cascade import shared_prefix_pages
 from nanoslg.errors import ConfigError
 from nanoslg.registry import CACHE_BACKENDS
 from nanoslg.scheduler.plan import StepPlan
-from nanoslg.tensors import to_device
+from nanoslg.tensors import pinned, to_device
 
 WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended float workspace per wrapper
 
@@ -197,9 +197,9 @@ class FlashInferBackend(CacheBackend):
                 self._shared = self.fi.BatchPrefillWithPagedKVCacheWrapper(self._prefill_ws, "NHD", backend="fa2")
             wrapper = self._shared
         s, i32 = self.spec, torch.int32
-        wrapper.plan(torch.tensor([0, batch], dtype=i32, pin_memory=True),
-                     torch.tensor([0, len(pages)], dtype=i32, pin_memory=True), to_device(pages, i32, s.device),
-                     torch.tensor([self.page_size], dtype=i32, pin_memory=True), num_qo_heads, s.num_kv_heads,
+        wrapper.plan(pinned([0, batch], i32),
+                     pinned([0, len(pages)], i32), to_device(pages, i32, s.device),
+                     pinned([self.page_size], i32), num_qo_heads, s.num_kv_heads,
                      s.head_dim, self.page_size, causal=False, q_data_type=s.dtype, kv_data_type=s.dtype,
                      sm_scale=self.scale)
         return wrapper

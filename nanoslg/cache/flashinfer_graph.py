@@ -18,7 +18,7 @@ from nanoslg.cache.base import CacheContext
 from nanoslg.cache.cascade import MIN_BATCH, shared_prefix_pages
 from nanoslg.cache.flashinfer_backend import cascade_run
 from nanoslg.scheduler.plan import StepPlan
-from nanoslg.tensors import to_device
+from nanoslg.tensors import pinned, to_device
 
 log = logging.getLogger("nanoslg.graphs")
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -113,8 +113,8 @@ class DecodeGraphs:
         s = self.backend.spec
         # Indices go in as a device tensor: in CUDA-graph mode FlashInfer copies host indices into its
         # buffer with a blocking copy, which would stall the host until the step in flight finished.
-        wrapper.plan(torch.tensor(indptr, dtype=i32, pin_memory=True), to_device(indices, i32, dev),
-                     torch.tensor(last, dtype=i32, pin_memory=True), s.num_qo_heads, s.num_kv_heads, s.head_dim, ps,
+        wrapper.plan(pinned(indptr, i32), to_device(indices, i32, dev),
+                     pinned(last, i32), s.num_qo_heads, s.num_kv_heads, s.head_dim, ps,
                      q_data_type=s.dtype, kv_data_type=s.dtype, sm_scale=self.backend.scale)
 
     @torch.inference_mode()

@@ -13,7 +13,7 @@ import torch
 
 from nanoslg.model.sampler import Sampled
 from nanoslg.scheduler.plan import PLACEHOLDER, StepPlan, StepResult
-from nanoslg.tensors import to_device
+from nanoslg.tensors import STAGING, to_device
 
 
 @dataclass
@@ -76,6 +76,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> Launched:
+        STAGING.next_step()
         if not self.begin(plan):
             return Launched(plan.step_id, [])
         if self.graphs is not None and self.graphs.can_run(plan):

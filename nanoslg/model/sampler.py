@@ -19,7 +19,7 @@ import torch
 from nanoslg.engine.sampling_params import SamplingParams
 from nanoslg.errors import ConfigError
 from nanoslg.scheduler.plan import NewSeq
-from nanoslg.tensors import to_device
+from nanoslg.tensors import to_device, to_host
 
 
 @dataclass
@@ -178,7 +178,7 @@ class Sampled:
 
     def to_host(self) -> "Sampled":
         """Starts non-blocking copies to (pinned) host memory; read them after the step's event."""
-        cpu = lambda t: None if t is None else t.to("cpu", non_blocking=True)  # noqa: E731
+        cpu = lambda t: None if t is None else to_host(t)  # noqa: E731
         host = Sampled(cpu(self.tokens), self.num_logprobs)
         host.chosen, host.top_v, host.top_i = cpu(self.chosen), cpu(self.top_v), cpu(self.top_i)
         return host
