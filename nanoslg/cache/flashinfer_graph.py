@@ -68,6 +68,7 @@ class DecodeGraphs:
         self.shared_indices = torch.zeros(-(-max_model_len // backend.page_size), dtype=i32, device=dev)
         self.shared_last = torch.zeros(1, dtype=i32, device=dev)
         self.cascade_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, object, object]] = {}
+        self._level0_key = None  # (bucket, shared pages) the level-0 buffers were last planned for
 
     def _wrapper(self, bs: int):
         return self.fi.BatchDecodeWithPagedKVCacheWrapper(
@@ -140,6 +141,7 @@ class DecodeGraphs:
         wrapper, level0 = self._wrapper(bs), self._level0_wrapper()
         self._plan(wrapper, bs, None)
         self.backend.plan_shared(bs, [self.backend.scratch_page], self.backend.spec.num_qo_heads, level0)
+        self._level0_key = None
         ctx = _GraphContext(self, bs, wrapper, level0)
         ids, pos = self.input_ids[:bs], self.positions[:bs]
         self.model.compute_logits(self.model(ids, pos, ctx))
@@ -159,7 +161,10 @@ class DecodeGraphs:
         skip = shared_prefix_pages(plan.seqs, self.backend.page_size) if bs in self.cascade_graphs else 0
         if skip:
             graph, logits, wrapper, level0 = self.cascade_graphs[bs]
-            self.backend.plan_shared(bs, plan.seqs[0].block_table[:skip], self.backend.spec.num_qo_heads, level0)
+            key = (bs, tuple(plan.seqs[0].block_table[:skip]))
+            if key != self._level0_key:  # else level 0's buffers and plan already hold these pages
+                self.backend.plan_shared(bs, list(key[1]), self.backend.spec.num_qo_heads, level0)
+                self._level0_key = key
             self.backend.cascade_steps += 1
         else:
             graph, logits, wrapper = self.graphs[bs]
