@@ -15,8 +15,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from nanoslg import LLM, SamplingParams
-from nanoslg.bench.workloads import get_workload, token_space
+from nanoslg import LLM
+from nanoslg.bench.workloads import warm_requests
 from nanoslg.compose import compose_config
 
 
@@ -30,10 +30,7 @@ def main(overrides: list[str]) -> None:
     windows = [tuple(map(int, w.split(":"))) for w in os.environ.get("NANOSLG_PROFILE_WINDOWS", "5:25,300:330").split(",")]
     with LLM(config=cfg) as llm:
         eng = llm.engine
-        reqs = get_workload(cfg.bench.workload).requests(cfg.bench, token_space(eng.vocab_size, eng.tokenizer,
-                                                                                eng.eos_token_ids))
-        params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
-        llm.generate([r.prompt for r in reqs[:4]], params[:4])  # warm-up
+        reqs, params = warm_requests(llm, cfg.bench)
         ex, launch, n, lock = eng.executor, eng.executor.launch, [0], threading.Lock()
         results, state = [], {}
         cuda = torch.cuda.is_available()  # on a CPU the same table shows CPU ops (a dry run of this script)

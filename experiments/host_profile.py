@@ -4,15 +4,17 @@ loop's scheduling and output processing, the three parts of the bench's step pro
     python experiments/host_profile.py +experiment=shared-prefix-on-off [overrides]
 
 Runs the workload's requests through the Python API, then prints the functions with the most own
-time in each part (cProfile slows Python down about 2x; the ranking is what counts).
+time in each part (cProfile slows Python down about 2x; the ranking is what counts). On Python 3.12+
+a profiler sees every thread while it is on, so each part also holds what the other thread (and
+the request consumers on the loop) ran meanwhile.
 """
 import cProfile
 import io
 import pstats
 import sys
 
-from nanoslg import LLM, SamplingParams
-from nanoslg.bench.workloads import get_workload, token_space
+from nanoslg import LLM
+from nanoslg.bench.workloads import warm_requests
 from nanoslg.compose import compose_config
 
 
@@ -30,10 +32,7 @@ def main(overrides: list[str]) -> None:
     cfg, _ = compose_config(overrides)
     with LLM(config=cfg) as llm:
         eng = llm.engine
-        reqs = get_workload(cfg.bench.workload).requests(cfg.bench, token_space(eng.vocab_size, eng.tokenizer,
-                                                                                eng.eos_token_ids))
-        params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
-        llm.generate([r.prompt for r in reqs[:4]], params[:4])  # warm-up
+        reqs, params = warm_requests(llm, cfg.bench)
         parts = {"launch (step thread)": cProfile.Profile(), "schedule (loop)": cProfile.Profile(),
                  "process outputs (loop)": cProfile.Profile()}
         eng.executor.launch = profiled(eng.executor.launch, parts["launch (step thread)"])

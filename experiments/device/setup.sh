@@ -22,4 +22,6 @@ done
 nvidia-smi -L
 python3 -c "import torch, flashinfer; print('torch', torch.__version__, 'flashinfer', flashinfer.__version__)"
 echo "FlashInfer modules offered as AOT: $(ls /tmp/site/flashinfer/data/aot 2>/dev/null | wc -l)"
-# The device gets a tree whose .git may be stale: the caller passes the commit (NANOSLG_COMMIT=...).
+# The device gets a tree whose .git may be stale: the caller passes the commit, typed out
+# (NANOSLG_COMMIT=abc1234; a $(git rev-parse HEAD) in the command runs there and reads the stale one).
+[ -n "${NANOSLG_COMMIT:-}" ] || echo "WARNING: NANOSLG_COMMIT is unset: records will name the device copy's stale commit" >&2

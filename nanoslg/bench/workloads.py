@@ -155,3 +155,20 @@ def get_workload(name: str) -> Workload:
 
 def longest(reqs: list[BenchRequest]) -> Optional[BenchRequest]:
     return max(reqs, key=lambda r: len(r.prompt) + r.max_tokens, default=None)
+
+
+def engine_requests(b: BenchConfig, engine) -> list[BenchRequest]:
+    """The workload's requests for a built engine (its vocabulary, tokenizer and EOS ids)."""
+    space = token_space(engine.vocab_size, engine.tokenizer, getattr(engine, "eos_token_ids", ()))
+    return get_workload(b.workload).requests(b, space)
+
+
+def warm_requests(llm, b: BenchConfig) -> tuple[list[BenchRequest], list]:
+    """For the profiling scripts: the requests with greedy params (EOS ignored), after a warm-up of
+    the engine (an `LLM`) on the first four."""
+    from nanoslg.engine.sampling_params import SamplingParams
+
+    reqs = engine_requests(b, llm.engine)
+    params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
+    llm.generate([r.prompt for r in reqs[:4]], params[:4])
+    return reqs, params
