@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable, Optional
 from nanoslg.bench import roofline as rl
 from nanoslg.bench.metrics import RequestTiming, peak_gpu_memory, summarize
 from nanoslg.bench.record import aggregate, experiment_dir, make_record, write_record
-from nanoslg.bench.workloads import BenchRequest, TokenSpace, get_workload, token_space
+from nanoslg.bench.workloads import BenchRequest, TokenSpace, engine_requests, get_workload, token_space
 from nanoslg.config import Config
 from nanoslg.errors import ConfigError
 from nanoslg.loop import new_event_loop
@@ -70,7 +70,7 @@ def run_bench(cfg: Config, node=None) -> dict:
     if wl.transport == "http":
         results = _run_http(cfg, wl, figures)
     else:
-        results = _run_engine(cfg, wl, figures)
+        results = _run_engine(cfg, figures)
     results["workload"] = cfg.bench.workload
     folder = experiment_dir(cfg.bench)
     record = make_record(node if node is not None else cfg, results)
@@ -168,14 +168,13 @@ def _warmup_requests(cfg: Config, reqs: list[BenchRequest]) -> list[BenchRequest
 
 
 # -- engine workloads --------------------------------------------------------------------------
-def _run_engine(cfg: Config, wl, figures: Optional[rl.Figures]) -> dict:
+def _run_engine(cfg: Config, figures: Optional[rl.Figures]) -> dict:
     from nanoslg.engine.builder import build_engine
 
     engine = build_engine(cfg)
     loop = new_event_loop()
     try:
-        space = token_space(engine.vocab_size, engine.tokenizer, getattr(engine, "eos_token_ids", ()))
-        reqs = wl.requests(cfg.bench, space)
+        reqs = engine_requests(cfg.bench, engine)
         _check_lengths(reqs, engine.max_model_len)
         timings, wall = loop.run_until_complete(_engine_session(cfg, engine, reqs))
         info = dict(getattr(engine, "info", {}) or {})

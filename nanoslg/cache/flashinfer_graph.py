@@ -124,13 +124,7 @@ class DecodeGraphs:
         for bs in tqdm(list(reversed(self.buckets)), desc="capturing CUDA graphs"):
             wrapper = self._wrapper(bs)
             self._plan(wrapper, bs, None)
-            ctx = _GraphContext(self, bs, wrapper)
-            ids, pos = self.input_ids[:bs], self.positions[:bs]
-            self.model.compute_logits(self.model(ids, pos, ctx))  # warm-up outside the graph
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self.model.compute_logits(self.model(ids, pos, ctx))
-            self.graphs[bs] = (graph, logits, wrapper)
+            self.graphs[bs] = (*self._capture_one(_GraphContext(self, bs, wrapper), pool), wrapper)
             if self.cascade and bs >= MIN_BATCH:
                 self.cascade_graphs[bs] = self._capture_cascade(bs, pool)
         torch.cuda.synchronize()
@@ -142,13 +136,16 @@ class DecodeGraphs:
         self._plan(wrapper, bs, None)
         self.backend.plan_shared(bs, [self.backend.scratch_page], self.backend.spec.num_qo_heads, level0)
         self._level0_key = None
-        ctx = _GraphContext(self, bs, wrapper, level0)
-        ids, pos = self.input_ids[:bs], self.positions[:bs]
+        return (*self._capture_one(_GraphContext(self, bs, wrapper, level0), pool), wrapper, level0)
+
+    def _capture_one(self, ctx: _GraphContext, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """One decode step of ctx's bucket, run once outside the graph (warm-up), then captured."""
+        ids, pos = self.input_ids[:ctx.bs], self.positions[:ctx.bs]
         self.model.compute_logits(self.model(ids, pos, ctx))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             logits = self.model.compute_logits(self.model(ids, pos, ctx))
-        return graph, logits, wrapper, level0
+        return graph, logits
 
     def can_run(self, plan: StepPlan) -> bool:
         return (0 < len(plan.seqs) <= self.max_bs and not plan.copies and plan.is_decode

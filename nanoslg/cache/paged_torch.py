@@ -2,7 +2,8 @@
 
 It runs anywhere torch runs, so the paged manager, prefix caching, copy-on-write and cascade
 attention (nanoslg/cache/cascade.py) are exercised end to end on the CPU in CI. The pool is one
-tensor [layers, 2, num_pages, page_size, Hkv, D]; token slots (page * page_size + offset) are computed once per step in `prepare`, not per layer.
+tensor [layers, 2, num_pages, page_size, Hkv, D]; token slots (page * page_size + offset) are
+computed once per step in `prepare`, not per layer.
 """
 from __future__ import annotations
 

@@ -48,7 +48,8 @@ def build_engine(cfg: Config) -> AsyncEngine:
         "prefix_caching": bool(cfg.cache.prefix_caching and kv.paged), "max_model_len": max_len,
         "cascade_attention": bool(backend.cascade),
         "overlap": bool(getattr(executor, "overlap", False)),
-        "sampling_kernels": getattr(getattr(rt, "runner", None) and rt.runner.sampler, "kernels", None),
+        # Resolved by rank 0's sampler (None where sampling runs in worker processes).
+        "sampling_kernels": rt.runner.sampler.kernels if rt is not None and rt.runner.sampler else None,
         "cuda_graphs": getattr(rt.runner, "graphs", None) is not None if rt is not None else False,
         # The whole model's KV per token (every layer and KV head), whatever the sharding.
         "kv_bytes_per_token": 2 * args.num_layers * args.num_kv_heads * args.head_dim * _elem(backend.spec.dtype),
