@@ -5,8 +5,9 @@ which would stall the CPU until every queued kernel ran: overlap scheduling need
 Pinned staging plus a non-blocking copy returns at once and stays in stream order. Lists go through
 numpy, about 4x faster than torch.tensor on the page tables a step builds.
 
-Pinning memory per call (`tensor.pin_memory()`) cost about 0.3 ms on the H100 host, several times
-a step, so the staging memory is allocated once: a ring of pinned buffers, one taken per step
+Pinning memory per call (`tensor.pin_memory()`) took about 0.35 ms a call, several calls a step, in
+a cProfile of the shared-prefix benchmark on the H100 machine (experiments/host_profile.py), so the
+staging memory is allocated once: a ring of pinned buffers, one taken per step
 (`next_step`), each reused only once the copies of the step that last filled it have run.
 """
 from __future__ import annotations
