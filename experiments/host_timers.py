@@ -1,0 +1,74 @@
+"""Inclusive wall time per step of the host functions a decode step runs, without a profiler's
+slowdown or its cross-thread blur: each named function is wrapped in a perf_counter timer.
+
+    python experiments/host_timers.py +experiment=shared-prefix-on-off [overrides]
+
+Prints ms per engine step for each wrapped function (nested timers include their children).
+"""
+import collections
+import sys
+import time
+
+import torch
+
+from nanoslg import LLM
+from nanoslg.bench.workloads import warm_requests
+from nanoslg.compose import compose_config
+
+TOTALS: dict[str, float] = collections.defaultdict(float)
+CALLS: dict[str, int] = collections.defaultdict(int)
+
+
+def timed(obj, attr: str, name: str) -> None:
+    fn = getattr(obj, attr)
+
+    def run(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            TOTALS[name] += time.perf_counter() - t
+            CALLS[name] += 1
+    setattr(obj, attr, run)
+
+
+def main(overrides: list[str]) -> None:
+    cfg, _ = compose_config(overrides)
+    with LLM(config=cfg) as llm:
+        eng = llm.engine
+        reqs, params = warm_requests(llm, cfg.bench)
+        ex = eng.executor
+        runner = ex.rt.runner
+        import nanoslg.cache.flashinfer_graph as fg
+        import nanoslg.model.sampler as sm
+        import nanoslg.tensors as tn
+        from nanoslg.model.runner import ModelRunner
+        targets = [(ex, "launch", "launch"), (ex, "collect", "collect"), (runner, "input_ids", "launch.input_ids"),
+                   (runner, "begin", "launch.begin"), (runner.sampler, "sample_async", "launch.sample_async"),
+                   (sm.Sampled, "to_host", "launch.to_host"), (tn.STAGING, "next_step", "launch.staging_next"),
+                   (eng.scheduler, "schedule", "schedule"), (eng.scheduler, "_plan", "schedule._plan"),
+                   (eng.scheduler.policy, "order", "schedule.policy_order"),
+                   (eng, "_process", "process"), (eng, "_append", "process._append"), (eng, "_emit", "process._emit"),
+                   (eng, "_update_gauges", "process.gauges")]
+        g = runner.graphs
+        if g is not None:
+            targets += [(g, "run", "launch.graphs_run"), (g, "_plan", "launch.graphs_run._plan"),
+                        (fg, "shared_prefix_pages", "launch.graphs_run.shared_prefix"),
+                        (g.backend, "plan_shared", "launch.graphs_run.plan_shared"),
+                        (g.fi.BatchDecodeWithPagedKVCacheWrapper, "plan", "launch.graphs_run._plan.fi_plan"),
+                        (torch.cuda.CUDAGraph, "replay", "launch.graphs_run.replay"),
+                        (fg, "to_device", "launch.graphs_run._plan.to_device")]
+        for obj, attr, name in targets:
+            timed(obj, attr, name)
+        eng.metrics.profile.steps = 0
+        t = time.perf_counter()
+        llm.generate([r.prompt for r in reqs], params)
+        wall = time.perf_counter() - t
+        steps = max(eng.metrics.profile.steps, 1)
+    print(f"\n{steps} steps, {wall * 1e3 / steps:.3f} ms wall per step")
+    for name in sorted(TOTALS):
+        print(f"  {name:45s} {TOTALS[name] * 1e3 / steps:8.3f} ms/step  ({CALLS[name]} calls)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
