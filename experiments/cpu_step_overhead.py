@@ -1,6 +1,6 @@
 """Host-side cost of one engine step, without a model: scheduler + KV manager + output processing.
 
-    python experiments/cpu_step_overhead.py [num_seqs] [prompt_len] [steps]
+    python experiments/cpu_step_overhead.py [num_seqs] [prompt_len] [steps] [shared_prefix_len]
 
 The executor returns a token at once, so the time per step is what the CPU adds to every decode
 step (and what overlap scheduling would hide behind the GPU).
@@ -39,7 +39,7 @@ class InstantExecutor:
         pass
 
 
-async def main(num_seqs: int, prompt_len: int, steps: int) -> None:
+async def main(num_seqs: int, prompt_len: int, steps: int, shared: int = 0) -> None:
     cfg = SchedulerConfig(max_num_seqs=num_seqs, max_num_batched_tokens=num_seqs * prompt_len)
     kv = PagedKVManager(num_seqs * (prompt_len + steps) // 16 + num_seqs, 16, True)
     engine = AsyncEngine(Scheduler(cfg, kv, FCFSPolicy(cfg)), InstantExecutor(), None, model_name="none",
@@ -47,7 +47,8 @@ async def main(num_seqs: int, prompt_len: int, steps: int) -> None:
     await engine.start()
     rng = random.Random(0)
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
-    streams = [engine.add_request([rng.randrange(2, 1000) for _ in range(prompt_len)], params)
+    prefix = [rng.randrange(2, 1000) for _ in range(shared)]  # the first `shared` prompt tokens of all
+    streams = [engine.add_request(prefix + [rng.randrange(2, 1000) for _ in range(prompt_len - shared)], params)
                for _ in range(num_seqs)]
     t = time.perf_counter()
     await asyncio.gather(*(collect(s) for s in streams))
@@ -60,5 +61,5 @@ async def main(num_seqs: int, prompt_len: int, steps: int) -> None:
 
 
 if __name__ == "__main__":
-    args = [int(a) for a in sys.argv[1:]] + [256, 600, 300][len(sys.argv) - 1:]
-    asyncio.run(main(*args[:3]))
+    args = [int(a) for a in sys.argv[1:]] + [256, 600, 300, 0][len(sys.argv) - 1:]
+    asyncio.run(main(*args[:4]))

@@ -3,7 +3,8 @@ slowdown or its cross-thread blur: each named function is wrapped in a perf_coun
 
     python experiments/host_timers.py +experiment=shared-prefix-on-off [overrides]
 
-Prints ms per engine step for each wrapped function (nested timers include their children).
+Prints ms per engine step for each wrapped function (nested timers include their children), then a
+timeline of the first steps: when each was launched and processed, and what it held.
 """
 import collections
 import sys
@@ -60,14 +61,31 @@ def main(overrides: list[str]) -> None:
                         (fg, "to_device", "launch.graphs_run._plan.to_device")]
         for obj, attr, name in targets:
             timed(obj, attr, name)
+        timeline: list[tuple] = []  # (event, seconds since the run began, step id, sequences, tokens)
+        t0 = [0.0]
+
+        def note(obj, attr, event):
+            fn = getattr(obj, attr)
+
+            def run(plan, *a):
+                out = fn(plan, *a)
+                if len(timeline) < 40:
+                    timeline.append((event, time.perf_counter() - t0[0], plan.step_id, len(plan.seqs), plan.num_tokens))
+                return out
+            setattr(obj, attr, run)
+        note(ex, "launch", "launched")
+        note(eng, "_process", "processed")
         eng.metrics.profile.steps = 0
-        t = time.perf_counter()
+        t = t0[0] = time.perf_counter()
         llm.generate([r.prompt for r in reqs], params)
         wall = time.perf_counter() - t
         steps = max(eng.metrics.profile.steps, 1)
     print(f"\n{steps} steps, {wall * 1e3 / steps:.3f} ms wall per step")
     for name in sorted(TOTALS):
         print(f"  {name:45s} {TOTALS[name] * 1e3 / steps:8.3f} ms/step  ({CALLS[name]} calls)")
+    print("\nfirst steps: event, ms since the requests were sent, step, sequences, tokens")
+    for event, at, sid, nseq, ntok in timeline:
+        print(f"  {event:9s} {at * 1e3:8.2f}  step {sid:4d}  {nseq:4d} seqs  {ntok:6d} tokens")
 
 
 if __name__ == "__main__":

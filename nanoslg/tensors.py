@@ -50,7 +50,9 @@ class PinnedStaging:
         ev.record()
 
     def _wait(self, slot: int) -> None:
-        self.events[slot].synchronize()
+        ev = self.events[slot]
+        if not ev.query():  # a synchronize would hand the GIL to the loop thread even when done
+            ev.synchronize()
 
     def host(self, arr: np.ndarray) -> torch.Tensor:
         """A pinned tensor holding arr, valid until its buffer comes round again."""

@@ -96,6 +96,29 @@ def test_radix_insert_from_a_node_equals_insert_from_the_root():
     assert trees[0] == trees[1]
 
 
+def test_radix_relock_equals_lock_then_unlock():
+    """relock walks only below the old node when it can; the locks must come out as lock + unlock."""
+    states = []
+    for fast in (False, True):
+        a = PageAllocator(32)
+        t = RadixTree(2, a)
+        t.insert([1, 1, 2, 2, 3, 3], a.alloc(3))
+        t.insert([1, 1, 5, 5], a.alloc(2))
+        _, _, n1 = t.match_prefix([1, 1, 2, 2, 9])  # splits: [1 1] -> [2 2] -> [3 3]
+        _, _, n3 = t.match_prefix([1, 1, 2, 2, 3, 3])
+        _, _, other = t.match_prefix([1, 1, 5, 5])
+        t.lock(n1)
+        for old, new in ((n1, n3), (n3, other), (other, n1)):  # down the path, across, up
+            if fast:
+                t.relock(old, new)
+            else:
+                t.lock(new)
+                t.unlock(old)
+            t.check()
+        states.append(([(nd.key, nd.lock_ref) for nd in t.nodes()], t.evictable_pages))
+    assert states[0] == states[1]
+
+
 def test_radix_lock_blocks_eviction_and_lru_order():
     a = PageAllocator(8)
     t = RadixTree(2, a)

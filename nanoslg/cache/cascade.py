@@ -27,14 +27,18 @@ def shared_prefix_pages(seqs, page_size: int) -> int:
     if len(seqs) < MIN_BATCH:
         return 0
     first = seqs[0].block_table
-    n = min(st.start for st in seqs) // page_size
-    for st in seqs[1:]:
-        if n * page_size < MIN_SHARED_TOKENS:
-            return 0
+    n = min([st.start for st in seqs]) // page_size
+    if n * page_size < MIN_SHARED_TOKENS:
+        return 0
+    head = first[:n]
+    for st in seqs:  # every decode step: one slice and one C-level compare per sequence
         bt = st.block_table
-        if bt[:n] != first[:n]:
-            n = next(i for i in range(n) if bt[i] != first[i])
-    return n if n * page_size >= MIN_SHARED_TOKENS else 0
+        if bt[:n] != head:
+            n = next(i for i in range(n) if bt[i] != head[i])
+            if n * page_size < MIN_SHARED_TOKENS:
+                return 0
+            head = first[:n]
+    return n
 
 
 def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -85,38 +86,44 @@ class DecodeGraphs:
     def _plan(self, wrapper, bs: int, plan: StepPlan | None, input_ids: torch.Tensor | None = None,
               skip: int = 0) -> None:
         """Writes the batch (real rows, then padding rows on the scratch page) and plans the wrapper.
-        skip > 0 (cascade): each row holds its pages from page `skip` on, KV positions counted from there."""
+        skip > 0 (cascade): each row holds its pages from page `skip` on, KV positions counted from there.
+        It runs every decode step, so the per-row work is one slice; the rest is numpy."""
         ps, scratch = self.backend.page_size, self.backend.scratch_page
-        indptr, indices, last, pos = [0], [], [], []
-        for st in plan.seqs if plan is not None else []:
-            end = st.start + 1
-            pages = -(-end // ps)
-            indices.extend(st.block_table[skip:pages])
-            indptr.append(indptr[-1] + pages - skip)
-            last.append(end - (pages - 1) * ps)
-            pos.append(st.start)
-        n = len(pos)
-        pad = bs - n
+        seqs = plan.seqs if plan is not None else []
+        n, pad = len(seqs), bs - len(seqs)
+        starts = np.fromiter((st.start for st in seqs), np.int32, n)
+        pages = starts // ps + 1  # pages holding positions 0..start
+        indices: list[int] = []
+        extend = indices.extend
+        for st, p in zip(seqs, pages.tolist()):
+            extend(st.block_table[skip:p])
         indices.extend([scratch] * pad)
-        indptr.extend(range(indptr[-1] + 1, indptr[-1] + pad + 1))
-        last.extend([1] * pad)
-        pos.extend([0] * pad)
-        dev, i32 = self.input_ids.device, torch.int32
+        counts = np.ones(bs, np.int32)  # a padding row holds the scratch page
+        counts[:n] = pages - skip
+        indptr = np.zeros(bs + 1, np.int32)
+        np.cumsum(counts, out=indptr[1:])
+        last = np.ones(bs, np.int32)
+        last[:n] = starts + 1 - (pages - 1) * ps
+        # One host-to-device copy: positions, KV positions, then the page indices.
+        host = np.empty(2 * bs + len(indices), np.int32)
+        host[:bs] = 0
+        host[:n] = starts
+        host[bs:2 * bs] = host[:bs]
+        host[bs:bs + n] -= skip * ps
+        host[2 * bs:] = indices
+        dev = to_device(host, torch.int32, self.input_ids.device)
         if input_ids is not None:
             self.input_ids[:n].copy_(input_ids)
-        self.input_ids[n:bs].zero_()
-        pos_d = to_device(pos, torch.long, dev)
-        self.positions[:bs].copy_(pos_d)
-        if skip:
-            self.kv_pos[:bs].copy_(to_device([p - skip * ps for p in pos[:n]] + pos[n:], i32, dev))
-        else:
-            self.kv_pos[:bs].copy_(pos_d)
+        if pad:
+            self.input_ids[n:bs].zero_()
+        self.positions[:bs].copy_(dev[:bs])
+        self.kv_pos[:bs].copy_(dev[bs:2 * bs])
         s = self.backend.spec
         # Indices go in as a device tensor: in CUDA-graph mode FlashInfer copies host indices into its
         # buffer with a blocking copy, which would stall the host until the step in flight finished.
-        wrapper.plan(pinned(indptr, i32), to_device(indices, i32, dev),
-                     pinned(last, i32), s.num_qo_heads, s.num_kv_heads, s.head_dim, ps,
-                     q_data_type=s.dtype, kv_data_type=s.dtype, sm_scale=self.backend.scale)
+        wrapper.plan(pinned(indptr, torch.int32), dev[2 * bs:], pinned(last, torch.int32), s.num_qo_heads,
+                     s.num_kv_heads, s.head_dim, ps, q_data_type=s.dtype, kv_data_type=s.dtype,
+                     sm_scale=self.backend.scale)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -148,8 +155,7 @@ class DecodeGraphs:
         return graph, logits
 
     def can_run(self, plan: StepPlan) -> bool:
-        return (0 < len(plan.seqs) <= self.max_bs and not plan.copies and plan.is_decode
-                and all(s.sample for s in plan.seqs))
+        return 0 < len(plan.seqs) <= self.max_bs and not plan.copies and plan.is_sampled_decode
 
     def run(self, plan: StepPlan, input_ids: torch.Tensor) -> torch.Tensor:
         """Replays the smallest bucket that holds the batch; returns the real rows' logits."""

@@ -27,6 +27,7 @@ from nanoslg.engine.sequence import Sequence
 @dataclass
 class _SeqState:
     node: Optional[Node] = None  # the locked tree node (None: nothing locked)
+    depth: int = 0  # tokens on the path from the root to the end of `node` (fixed while it is locked)
     cached: int = 0  # leading block-table pages already known to be in the tree
     lookup: Optional[tuple[int, int]] = None  # (prompt tokens, matched) not yet counted in the stats
 
@@ -80,7 +81,7 @@ class PagedKVManager(KVManager):
         full = n // self.page_size
         if n:
             self.tree.lock(node)
-            st.node = node
+            st.node, st.depth = node, len(pages) * self.page_size
             for p in pages[:full]:
                 self.allocator.incref(p)
             table = pages[:full]
@@ -147,7 +148,7 @@ class PagedKVManager(KVManager):
         if k <= st.cached:
             return
         ps = self.page_size
-        base = st.cached if st.node is not None and self.tree.depth(st.node) == st.cached * ps else 0
+        base = st.cached if st.node is not None and st.depth == st.cached * ps else 0
         _, tree_pages, node = self.tree.insert(seq.token_ids[base * ps:k * ps], seq.block_table[base:k],
                                                start=st.node if base else None)
         table = seq.block_table
@@ -156,10 +157,11 @@ class PagedKVManager(KVManager):
                 self.allocator.incref(p)
                 self.allocator.decref(table[i])
                 table[i] = p
-        self.tree.lock(node)
         if st.node is not None:
-            self.tree.unlock(st.node)
-        st.node = node
+            self.tree.relock(st.node, node)
+        else:
+            self.tree.lock(node)
+        st.node, st.depth = node, k * ps
         st.cached = k
 
     # -- release ---------------------------------------------------------------------------------
@@ -192,3 +194,7 @@ class PagedKVManager(KVManager):
         self.allocator.check()
         if self.tree is not None:
             self.tree.check()
+            for sid, st in self._states.items():
+                if st.node is not None and self.tree.depth(st.node) != st.depth:
+                    raise PageError(f"sequence {sid}: its locked node ends at token {self.tree.depth(st.node)}, "
+                                    f"not {st.depth}")

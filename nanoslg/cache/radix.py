@@ -214,6 +214,23 @@ class RadixTree:
             node.lock_ref += 1
             node = node.parent
 
+    def relock(self, old: Node, new: Node) -> None:
+        """lock(new) then unlock(old); when `old` is on new's path (a sequence that grew), only the
+        nodes below it change, so the walk stops there."""
+        node = new
+        while node is not old and node is not self.root:
+            node = node.parent
+        if node is not old:
+            self.lock(new)
+            self.unlock(old)
+            return
+        node = new
+        while node is not old:
+            if node.lock_ref == 0:
+                self.evictable_pages -= len(node.pages)
+            node.lock_ref += 1
+            node = node.parent
+
     def unlock(self, node: Node) -> None:
         start = node
         while node is not self.root:

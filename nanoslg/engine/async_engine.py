@@ -12,6 +12,7 @@ import asyncio
 import collections
 import dataclasses
 import gc
+import itertools
 import logging
 import time
 import uuid
@@ -22,7 +23,7 @@ from nanoslg.engine.detokenizer import IncrementalDetokenizer
 from nanoslg.engine.metrics import EngineMetrics
 from nanoslg.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from nanoslg.engine.sampling_params import SamplingParams
-from nanoslg.engine.sequence import Sequence
+from nanoslg.engine.sequence import Sequence, SeqStatus
 from nanoslg.errors import EngineDeadError, RequestError
 from nanoslg.scheduler.plan import StepPlan, StepResult
 from nanoslg.scheduler.scheduler import Scheduler
@@ -73,6 +74,8 @@ class _Request:
                  seqs: list[Sequence], stream: RequestStream):
         self.id, self.prompt, self.prompt_ids, self.params = rid, prompt, prompt_ids, params
         self.seqs, self.stream = seqs, stream
+        # Characters held back from the stream while they may still begin a stop string.
+        self.hold = max((len(s) for s in params.stop), default=1) - 1
         self.arrival = time.monotonic()
         self.first_token_time: Optional[float] = None
 
@@ -92,7 +95,8 @@ class AsyncEngine:
         self.info = info or {}  # what the builder chose (backend, mode, dtype, ...) and why
         self.metrics = EngineMetrics()
         self._requests: dict[str, _Request] = {}
-        self._seqs: dict[int, Sequence] = {}
+        self._seqs: dict[int, tuple[Sequence, _Request]] = {}
+        self._abort_pending: set[int] = set()  # aborted while a step holding them was in flight
         # Overlap needs an executor that splits a step into launch (no host sync) and collect.
         self.overlap = bool(getattr(executor, "overlap", False))
         scheduler.lookahead = self.overlap
@@ -134,12 +138,12 @@ class AsyncEngine:
         # With a seed, sample i of n draws from seed + i: reproducible, yet independent samples.
         seqs = [Sequence(rid, i, ids, params if params.seed is None or i == 0 else
                          dataclasses.replace(params, seed=params.seed + i)) for i in range(params.n)]
-        self._requests[rid] = _Request(rid, text, ids, params, seqs, stream)
+        req = self._requests[rid] = _Request(rid, text, ids, params, seqs, stream)
         for seq in seqs:
             seq.eos_token_ids = self.eos_token_ids
             seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) \
                 if self.tokenizer is not None else None
-            self._seqs[seq.seq_id] = seq
+            self._seqs[seq.seq_id] = (seq, req)
             self.scheduler.add(seq)
         self.metrics.prompt_tokens += len(ids)
         self._poke()
@@ -160,6 +164,7 @@ class AsyncEngine:
                 continue
             if seq.inflight:
                 seq.abort_pending = True  # finished when its step comes back
+                self._abort_pending.add(seq.seq_id)
             else:
                 self._finish(req, seq, "abort")
         self._poke()
@@ -303,31 +308,43 @@ class AsyncEngine:
                 self._process_timed(inflight.pop(fut), fut.result())
 
     def _process(self, plan: StepPlan, result: StepResult) -> None:
+        """Appends a step's tokens and streams one delta per request. It runs once per step for every
+        running sequence, so it is written for speed: one pass, a request of one sample emits at once."""
         now = time.monotonic()
+        seqs = self._seqs
         for st in plan.seqs:
-            seq = self._seqs.get(st.seq_id)
-            if seq is not None:
-                seq.inflight -= 1
-        deltas: dict[str, dict[int, CompletionOutput]] = {}
-        lps = result.logprobs or [None] * len(result.seq_ids)
+            entry = seqs.get(st.seq_id)
+            if entry is not None:
+                entry[0].inflight -= 1
+        grouped: dict[str, list[CompletionOutput]] = {}  # requests of n > 1: one delta for all samples
+        lps = result.logprobs or itertools.repeat(None)
+        finished = SeqStatus.FINISHED
         for seq_id, tok, lp in zip(result.seq_ids, result.token_ids, lps):
-            seq = self._seqs.get(seq_id)
-            if seq is None or seq.finished:
+            entry = seqs.get(seq_id)
+            if entry is None:
+                continue
+            seq, req = entry
+            if seq.status is finished:
                 continue  # lookahead: finished while this step was in flight; its token is dropped
             seq.num_pending -= 1
-            req = self._requests[seq.request_id]
             if seq.abort_pending:
                 self._finish(req, seq, "abort")
                 continue
-            self._append(req, seq, tok, lp, now, deltas)
-        for seq_id in [s.seq_id for s in plan.seqs]:  # aborted mid-step without sampling
-            seq = self._seqs.get(seq_id)
-            if seq is not None and seq.abort_pending and not seq.finished:
-                self._finish(self._requests[seq.request_id], seq, "abort")
-        for rid, outs in deltas.items():
+            out = self._append(req, seq, tok, lp, now)
+            if len(req.seqs) == 1:
+                self._emit(req, [out])
+            else:
+                grouped.setdefault(req.id, []).append(out)
+        self.metrics.generation_tokens += len(result.token_ids)
+        if self._abort_pending:  # aborted mid-step without sampling
+            for st in plan.seqs:
+                entry = seqs.get(st.seq_id)
+                if entry is not None and entry[0].abort_pending and not entry[0].finished:
+                    self._finish(entry[1], entry[0], "abort")
+        for rid, outs in grouped.items():
             req = self._requests.get(rid)
             if req is not None:
-                self._emit(req, list(outs.values()))
+                self._emit(req, outs)
         self._update_gauges()
 
     def _update_gauges(self) -> None:
@@ -336,36 +353,38 @@ class AsyncEngine:
         m.preemptions = s.num_preemptions
         m.prefix_cache_queries, m.prefix_cache_hits = s.kv.prefix_queries, s.kv.prefix_hits
 
-    def _append(self, req: _Request, seq: Sequence, tok: int, lp, now: float, deltas: dict) -> None:
+    def _append(self, req: _Request, seq: Sequence, tok: int, lp, now: float) -> CompletionOutput:
+        """Appends one sampled token to `seq`; returns the delta to stream for it."""
         seq.token_ids.append(tok)
-        self.metrics.generation_tokens += 1
-        if seq.first_token_time is None:
+        last = seq.last_token_time
+        if last is None:
             seq.first_token_time = now
             if req.first_token_time is None:
                 req.first_token_time = now
                 self.metrics.time_to_first_token.observe(now - req.arrival)
                 self.metrics.request_queue_time.observe((seq.first_scheduled_time or now) - req.arrival)
         else:
-            self.metrics.inter_token_latency.observe(now - seq.last_token_time)
+            self.metrics.inter_token_latency.observe(now - last)
         seq.last_token_time = now
-        logprob = Logprob(tok, lp[0], lp[1]) if lp is not None else None
-        if logprob is not None:
+        out = CompletionOutput(seq.index, "", [tok])
+        if lp is not None:
+            logprob = Logprob(tok, lp[0], lp[1])
             seq.logprobs.append(logprob)
+            if req.params.logprobs is not None:
+                out.logprobs = [logprob]
+        elif req.params.logprobs is not None:
+            out.logprobs = []
         if seq.detok is not None:
             seq.text += seq.detok.add(tok)
         reason = self._stop_reason(seq, tok)
-        out = deltas.setdefault(req.id, {}).setdefault(
-            seq.index, CompletionOutput(seq.index, logprobs=[] if req.params.logprobs is not None else None))
-        out.token_ids.append(tok)
-        if out.logprobs is not None and logprob is not None:
-            out.logprobs.append(logprob)
         if reason is not None:
             self.scheduler.finish(seq, reason)
             out.finish_reason, out.stop_reason = reason, seq.stop_reason
-        hold = 0 if reason is not None else max((len(s) for s in req.params.stop), default=1) - 1
-        upto = max(seq.emitted, len(seq.text) - hold)
-        out.text += seq.text[seq.emitted:upto]
-        seq.emitted = upto
+        if seq.detok is not None:
+            upto = max(seq.emitted, len(seq.text) - (0 if reason is not None else req.hold))
+            out.text = seq.text[seq.emitted:upto]
+            seq.emitted = upto
+        return out
 
     def _stop_reason(self, seq: Sequence, tok: int) -> Optional[str]:
         p = seq.params
@@ -389,15 +408,17 @@ class AsyncEngine:
 
     def _finish(self, req: _Request, seq: Sequence, reason: str) -> None:
         """Ends one sequence outside the normal token path (abort) and emits its last delta."""
+        self._abort_pending.discard(seq.seq_id)
         self.scheduler.finish(seq, reason)
         self._emit(req, [CompletionOutput(seq.index, finish_reason=reason)])
         self._update_gauges()
         self._poke()
 
     def _emit(self, req: _Request, outs: list[CompletionOutput]) -> None:
-        done = all(s.finished for s in req.seqs)
-        req.stream.put(RequestOutput(req.id, req.prompt_ids, sorted(outs, key=lambda o: o.index), done,
-                                     req.seqs[0].num_cached_tokens, req.prompt))
+        done = req.seqs[0].finished if len(req.seqs) == 1 else all(s.finished for s in req.seqs)
+        if len(outs) > 1:
+            outs.sort(key=lambda o: o.index)
+        req.stream.put(RequestOutput(req.id, req.prompt_ids, outs, done, req.seqs[0].num_cached_tokens, req.prompt))
         if done:
             now = time.monotonic()
             self.metrics.e2e_request_latency.observe(now - req.arrival)

@@ -33,15 +33,19 @@ class ModelRunner:
         self.sampler = sampler  # None on ranks that do not sample
         self.device = device
         self.graphs = None  # captured decode graphs (nanoslg.cache.flashinfer_graph), when enabled
-        self._last: Optional[tuple[dict[int, int], torch.Tensor]] = None  # last draw: seq id -> row, tokens
+        self._last_ids: list[int] = []  # the sequences the last launch sampled, in row order
+        self._last_tokens: Optional[torch.Tensor] = None  # and its draws, on the device
 
-    def input_ids(self, plan: StepPlan) -> torch.Tensor:
-        """The step's flattened input ids; PLACEHOLDERs take the last launch's draws on the device."""
+    def input_ids(self, plan: StepPlan, seq_ids: Optional[list[int]] = None) -> torch.Tensor:
+        """The step's flattened input ids; PLACEHOLDERs take the last launch's draws on the device.
+        seq_ids: the plan's sequence ids when the caller has them (a decode step)."""
+        if plan.decode and seq_ids == self._last_ids and all(s.token_ids[0] == PLACEHOLDER for s in plan.seqs):
+            return self._last_tokens  # the steady decode step: the same batch feeds its own draws
         ids = [t for s in plan.seqs for t in s.token_ids]
         holes = [i for i, t in enumerate(ids) if t == PLACEHOLDER]
         if not holes:
             return to_device(ids, torch.long, self.device)
-        rows, tokens = self._last if self._last is not None else ({}, None)
+        rows, tokens = {i: r for r, i in enumerate(self._last_ids)}, self._last_tokens
         owners = [s.seq_id for s in plan.seqs for t in s.token_ids if t == PLACEHOLDER]
         missing = [i for i in owners if i not in rows]
         if missing:
@@ -53,7 +57,7 @@ class ModelRunner:
         input_ids[to_device(holes, torch.long, self.device)] = tokens[to_device(src, torch.long, self.device)]
         return input_ids
 
-    def inputs(self, plan: StepPlan):
+    def inputs(self, plan: StepPlan, seq_ids: Optional[list[int]] = None):
         """The step's input ids, its cache context, and the rows whose logits are sampled."""
         ctx = self.backend.prepare(plan)
         rows, end = [], 0
@@ -61,7 +65,7 @@ class ModelRunner:
             end += len(s.token_ids)
             if s.sample:
                 rows.append(end - 1)
-        return self.input_ids(plan), ctx, rows
+        return self.input_ids(plan, seq_ids), ctx, rows
 
     def begin(self, plan: StepPlan) -> bool:
         """Sampler bookkeeping for the plan; False (after releasing what it freed) if it runs nothing."""
@@ -79,18 +83,19 @@ class ModelRunner:
         STAGING.next_step()
         if not self.begin(plan):
             return Launched(plan.step_id, [])
+        seq_ids = [s.seq_id for s in plan.seqs] if plan.decode else None
         if self.graphs is not None and self.graphs.can_run(plan):
-            seq_ids = [s.seq_id for s in plan.seqs]
-            logits = self.graphs.run(plan, self.input_ids(plan))
+            seq_ids = seq_ids or [s.seq_id for s in plan.seqs]
+            logits = self.graphs.run(plan, self.input_ids(plan, seq_ids))
         else:
-            input_ids, ctx, rows = self.inputs(plan)
+            input_ids, ctx, rows = self.inputs(plan, seq_ids)
             hidden = self.model(input_ids, ctx.positions, ctx)
             seq_ids = [s.seq_id for s in plan.seqs if s.sample]
             if not rows:
                 return Launched(plan.step_id, [])
             logits = self.model.compute_logits(hidden[to_device(rows, torch.long, self.device)])
         sampled = self.sampler.sample_async(logits, seq_ids)
-        self._last = ({i: r for r, i in enumerate(seq_ids)}, sampled.tokens)
+        self._last_ids, self._last_tokens = seq_ids, sampled.tokens
         event = None
         host = sampled.to_host()
         if self.device.type == "cuda":

@@ -38,6 +38,9 @@ class Sampler:
     def __init__(self, device: torch.device | str = "cpu", kernels: str = "auto"):
         self.device = torch.device(device)
         self.seqs: dict[int, _Seq] = {}
+        # Sequences that need more than an argmax (sampling, penalties, min_tokens, logprobs): a step
+        # with none of them is one argmax, without a Python pass over its rows.
+        self.special: set[int] = set()
         self.fused = None
         if kernels == "auto":  # the fused kernel wherever it can run
             from nanoslg.model.kernels import _flashinfer
@@ -61,10 +64,13 @@ class Sampler:
             gen = torch.Generator(device=self.device).manual_seed(seed)
         self.seqs[ns.seq_id] = _Seq(p, list(ns.prompt_token_ids), len(ns.output_token_ids), list(ns.stop_ids),
                                     gen, init_out=list(ns.output_token_ids))
+        if not p.greedy or p.has_penalties or p.min_tokens > 0 or p.logprobs is not None:
+            self.special.add(ns.seq_id)
 
     def remove(self, seq_ids) -> None:
         for i in seq_ids:
             self.seqs.pop(i, None)
+            self.special.discard(i)
 
     def _penalty_state(self, s: _Seq, vocab: int) -> None:
         if s.counts is not None:
@@ -82,6 +88,8 @@ class Sampler:
 
     def sample_async(self, logits: torch.Tensor, seq_ids: list[int]) -> "Sampled":
         """The same, left on the device: no host sync, so the next step can be launched at once."""
+        if self.special.isdisjoint(seq_ids) and self.seqs.keys() >= set(seq_ids):
+            return Sampled(logits.argmax(dim=-1), None)  # every row plain greedy: its step count matters to nothing
         states = [self.seqs[i] for i in seq_ids]
         B, V = logits.shape
         want_lp = any(s.params.logprobs is not None for s in states)

@@ -14,7 +14,7 @@ from nanoslg.engine.sampling_params import SamplingParams
 PLACEHOLDER = -1
 
 
-@dataclass
+@dataclass(slots=True)
 class SeqStep:
     seq_id: int
     token_ids: list[int]  # the new tokens fed this step (a prefill chunk, or one decode token / PLACEHOLDER)
@@ -42,6 +42,8 @@ class StepPlan:
     freed: list[int] = field(default_factory=list)  # seq ids whose KV slabs are gone (finished or preempted)
     finished: list[int] = field(default_factory=list)  # seq ids that are done: drop sampler state too
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src page, dst page) before the step
+    # The scheduler's note that every sequence feeds one token and samples it; None: not known.
+    decode: Optional[bool] = None
 
     @property
     def num_tokens(self) -> int:
@@ -49,7 +51,17 @@ class StepPlan:
 
     @property
     def is_decode(self) -> bool:
+        """One new token per sequence (a decode step; some may not sample, e.g. pipeline stages)."""
+        if self.decode:
+            return True
         return all(len(s.token_ids) == 1 for s in self.seqs)
+
+    @property
+    def is_sampled_decode(self) -> bool:
+        """A decode step where every sequence samples: what a captured decode graph replays."""
+        if self.decode is not None:
+            return self.decode
+        return bool(self.seqs) and all(len(s.token_ids) == 1 and s.sample for s in self.seqs)
 
 
 @dataclass

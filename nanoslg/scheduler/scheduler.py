@@ -84,15 +84,21 @@ class Scheduler:
         preemptions_before = self.num_preemptions
 
         computing: set = set()  # next-page keys of the prefill chunks in this step (prefix caching)
+        running, lookahead, kv = SeqStatus.RUNNING, self.lookahead, self.kv
+        # Runs for every running sequence every step: the checks are inlined (num_uncomputed_tokens,
+        # _ready), and a decode that stays inside its pages costs one has_room call.
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SeqStatus.RUNNING or seq.num_uncomputed_tokens == 0 or not self._ready(seq):
+            computed = seq.num_computed_tokens
+            unc = len(seq.token_ids) + seq.num_pending - computed
+            if seq.status is not running or unc == 0 or (
+                    seq.inflight and not (lookahead and seq.inflight == 1 and seq.num_pending == 1)):
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
-            key = self.kv.next_page_key(seq) if n > 1 else None  # before grow: from the chunk's start
-            total = seq.num_computed_tokens + n
-            if not self.kv.has_room(seq, total):
+            n = unc if unc < budget else budget
+            key = kv.next_page_key(seq) if n > 1 else None  # before grow: from the chunk's start
+            total = computed + n
+            if not kv.has_room(seq, total):
                 if not self._make_room(seq, total, chosen):
                     continue
                 self.kv.grow(seq, total)
@@ -165,21 +171,34 @@ class Scheduler:
 
     def _plan(self, chosen: list[tuple[Sequence, int]]) -> StepPlan:
         steps, new = [], []
+        paged = self.kv.paged
+        decode = True  # every sequence feeds one token and samples (what CUDA graphs replay)
         for seq, n in chosen:
             start = seq.num_computed_tokens
-            ids = seq.token_ids[start:start + n]
-            if len(ids) < n:  # lookahead: the one token still being sampled
-                ids.append(PLACEHOLDER)
-            sample = start + n == len(seq.token_ids) + seq.num_pending
-            table = list(seq.block_table) if self.kv.paged else None
-            steps.append(SeqStep(seq.seq_id, ids, start, sample, table))
+            tokens = seq.token_ids
+            known = len(tokens)
+            if n == 1:
+                ids = [tokens[start] if start < known else PLACEHOLDER]  # lookahead: being sampled
+            else:
+                ids = tokens[start:start + n]
+                if len(ids) < n:
+                    ids.append(PLACEHOLDER)
+                decode = False
+            sample = start + n == known + seq.num_pending
+            # A copy: the KV manager may grow or swap pages of the live table before this step runs.
+            steps.append(SeqStep(seq.seq_id, ids, start, sample, list(seq.block_table) if paged else None))
             seq.num_computed_tokens = start + n
-            seq.num_pending += sample
-            if sample and not seq.sampler_registered:
-                seq.sampler_registered = True
-                stop_ids = ([] if seq.params.ignore_eos else list(seq.eos_token_ids)) + seq.params.stop_token_ids
-                new.append(NewSeq(seq.seq_id, seq.params, seq.prompt_token_ids, seq.output_token_ids, stop_ids))
+            if sample:
+                seq.num_pending += 1
+                if not seq.sampler_registered:
+                    seq.sampler_registered = True
+                    stop_ids = ([] if seq.params.ignore_eos else list(seq.eos_token_ids)) + seq.params.stop_token_ids
+                    new.append(NewSeq(seq.seq_id, seq.params, seq.prompt_token_ids, seq.output_token_ids,
+                                      stop_ids))
+            else:
+                decode = False
             seq.inflight += 1
-        plan = StepPlan(next(self._step_ids), steps, new, self._freed, self._finished, self.kv.pop_copies())
+        plan = StepPlan(next(self._step_ids), steps, new, self._freed, self._finished, self.kv.pop_copies(),
+                        decode=decode and bool(steps))
         self._freed, self._finished = [], []
         return plan
