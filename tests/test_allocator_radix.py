@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from nanoslg.cache.allocator import PageAllocator, PageError
 from nanoslg.cache.paged import PagedKVManager
-from nanoslg.cache.radix import RadixTree
+from nanoslg.cache.radix import RadixTree, _common_len
 from nanoslg.config import SchedulerConfig
 from nanoslg.engine.sampling_params import SamplingParams
 from nanoslg.engine.sequence import Sequence
@@ -94,6 +94,16 @@ def test_radix_insert_from_a_node_equals_insert_from_the_root():
         t.check()
         trees.append((t.match_prefix(toks, touch=False)[:2], t.num_cached_pages, list(a.refs)))
     assert trees[0] == trees[1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 1), max_size=90), st.lists(st.integers(0, 1), max_size=90))
+def test_common_len_is_the_common_head(a, b):
+    naive = 0
+    while naive < min(len(a), len(b)) and a[naive] == b[naive]:
+        naive += 1
+    assert _common_len(tuple(a), b) == naive == _common_len(b, tuple(a))
+    assert _common_len(a + [2] * 40, a + [3]) == len(a)
 
 
 def test_radix_relock_equals_lock_then_unlock():

@@ -167,8 +167,12 @@ def test_bad_requests_are_refused_clearly(llama_llm):
         llama_llm.generate([[5] * (e.max_model_len + 1)], greedy(4))
     with pytest.raises(RequestError, match="max_tokens"):
         llama_llm.generate([[5] * 10], greedy(e.max_model_len))
-    with pytest.raises(RequestError, match="vocabulary"):
-        llama_llm.generate([[e.vocab_size + 3]], greedy(4))
+    for bad in ([e.vocab_size + 3], [5, -1], [5, 2**70]):
+        with pytest.raises(RequestError, match=f"token id {bad[-1]!r} is outside the vocabulary"):
+            llama_llm.generate([bad], greedy(4))
+    for bad in ([5, True], [5, 2.0], [5, "7"]):
+        with pytest.raises(RequestError, match=f"token ids must be integers, got {bad[-1]!r}"):
+            llama_llm.generate([bad], greedy(4))
     with pytest.raises(RequestError, match="empty"):
         llama_llm.generate([""], greedy(4))
     with pytest.raises(RequestError, match="temperature"):

@@ -39,6 +39,14 @@ class PageAllocator:
             raise PageError(f"page {page} is free; it cannot gain a reference")
         self.refs[page] += 1
 
+    def incref_many(self, pages: list[int]) -> None:
+        refs = self.refs
+        if 0 in [refs[p] for p in pages]:
+            free = next(p for p in pages if refs[p] <= 0)
+            raise PageError(f"page {free} is free; it cannot gain a reference")
+        for p in pages:
+            refs[p] += 1
+
     def decref(self, page: int) -> bool:
         """Drops one reference; returns True when that freed the page."""
         if self.refs[page] <= 0:

@@ -110,6 +110,7 @@ class FlashInferBackend(CacheBackend):
         self._decode_ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
         self._decode = None  # built once the GQA group size is known (tensor cores or not)
         self.scale = spec.head_dim ** -0.5
+        self._plan_events: dict = {}  # wrapper -> event recorded after its last plan()
 
     def allocate(self, num_pages: int) -> None:
         s = self.spec
@@ -156,9 +157,9 @@ class FlashInferBackend(CacheBackend):
             if skip:  # a decode step: one token, at its position among the sequence's own pages
                 kv_pos.append(st.start - skip * ps)
         i32 = torch.int32
-        qo_indptr_h = torch.tensor(qo_indptr, dtype=i32)
-        kv_indptr_h = torch.tensor(kv_indptr, dtype=i32)
-        last_len_h = torch.tensor(last_len, dtype=i32)
+        # Pinned: FlashInfer's plan() copies them to the device, and from pageable memory that copy
+        # waits for the step in flight (the host would lose its step ahead).
+        qo_indptr_h, kv_indptr_h, last_len_h = pinned(qo_indptr, i32), pinned(kv_indptr, i32), pinned(last_len, i32)
         indices_d = to_device(indices, i32, dev)
         positions = positions_of(plan, dev)
         if skip:
@@ -173,6 +174,21 @@ class FlashInferBackend(CacheBackend):
             ctx.plan_once(self.num_qo_heads)
         return ctx
 
+    def run_plan(self, wrapper, *args, **kwargs) -> None:
+        """wrapper.plan(...), never while the copy of that wrapper's previous plan may still be queued.
+
+        FlashInfer's plan() fills a pinned host buffer the wrapper owns and queues its copy to the
+        device. With two steps in flight, a second plan could overwrite that buffer before the first
+        copy ran (mini-sglang#103). An event after each plan makes the next one wait for it; in
+        practice it has long fired (the copy opens the step after the one the host last collected)."""
+        ev = self._plan_events.get(wrapper)
+        if ev is not None and not ev.query():
+            ev.synchronize()
+        wrapper.plan(*args, **kwargs)
+        if ev is None:
+            ev = self._plan_events[wrapper] = torch.cuda.Event()
+        ev.record()
+
     def plan_step(self, decode: bool, csr: tuple, num_qo_heads: int):
         """Runs the wrapper's plan() for this step's page tables; returns the planned wrapper."""
         self.num_qo_heads = num_qo_heads
@@ -181,12 +197,12 @@ class FlashInferBackend(CacheBackend):
         common = dict(q_data_type=s.dtype, kv_data_type=s.dtype, sm_scale=self.scale)
         if decode:
             wrapper = self._decode_wrapper()
-            wrapper.plan(kv_indptr_h, indices_d, last_len_h, num_qo_heads, s.num_kv_heads, s.head_dim, ps,
-                         **common)
+            self.run_plan(wrapper, kv_indptr_h, indices_d, last_len_h, num_qo_heads, s.num_kv_heads, s.head_dim,
+                          ps, **common)
         else:
             wrapper = self._prefill
-            wrapper.plan(qo_indptr_h, kv_indptr_h, indices_d, last_len_h, num_qo_heads, s.num_kv_heads,
-                         s.head_dim, ps, causal=True, **common)
+            self.run_plan(wrapper, qo_indptr_h, kv_indptr_h, indices_d, last_len_h, num_qo_heads, s.num_kv_heads,
+                          s.head_dim, ps, causal=True, **common)
         return wrapper
 
     def plan_shared(self, batch: int, pages: list[int], num_qo_heads: int, wrapper=None):
@@ -197,11 +213,9 @@ class FlashInferBackend(CacheBackend):
                 self._shared = self.fi.BatchPrefillWithPagedKVCacheWrapper(self._prefill_ws, "NHD", backend="fa2")
             wrapper = self._shared
         s, i32 = self.spec, torch.int32
-        wrapper.plan(pinned([0, batch], i32),
-                     pinned([0, len(pages)], i32), to_device(pages, i32, s.device),
-                     pinned([self.page_size], i32), num_qo_heads, s.num_kv_heads,
-                     s.head_dim, self.page_size, causal=False, q_data_type=s.dtype, kv_data_type=s.dtype,
-                     sm_scale=self.scale)
+        self.run_plan(wrapper, pinned([0, batch], i32), pinned([0, len(pages)], i32), to_device(pages, i32, s.device),
+                      pinned([self.page_size], i32), num_qo_heads, s.num_kv_heads, s.head_dim, self.page_size,
+                      causal=False, q_data_type=s.dtype, kv_data_type=s.dtype, sm_scale=self.scale)
         return wrapper
 
     @classmethod

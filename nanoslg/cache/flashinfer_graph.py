@@ -121,9 +121,9 @@ class DecodeGraphs:
         s = self.backend.spec
         # Indices go in as a device tensor: in CUDA-graph mode FlashInfer copies host indices into its
         # buffer with a blocking copy, which would stall the host until the step in flight finished.
-        wrapper.plan(pinned(indptr, torch.int32), dev[2 * bs:], pinned(last, torch.int32), s.num_qo_heads,
-                     s.num_kv_heads, s.head_dim, ps, q_data_type=s.dtype, kv_data_type=s.dtype,
-                     sm_scale=self.backend.scale)
+        self.backend.run_plan(wrapper, pinned(indptr, torch.int32), dev[2 * bs:], pinned(last, torch.int32),
+                              s.num_qo_heads, s.num_kv_heads, s.head_dim, ps, q_data_type=s.dtype,
+                              kv_data_type=s.dtype, sm_scale=self.backend.scale)
 
     @torch.inference_mode()
     def capture(self) -> None:

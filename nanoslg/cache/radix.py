@@ -38,11 +38,20 @@ class Node:
 
 
 def _common_len(a: Seq[int], b: Seq[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    """Length of the common head of a and b. Keys are a thousand tokens long where a long prompt is
+    cached, so the search halves the range with C-level slice compares instead of a Python loop."""
+    lo, hi = 0, min(len(a), len(b))  # a[:lo] == b[:lo]; the first difference, if any, is below hi
+    if tuple(a[:hi]) == tuple(b[:hi]):
+        return hi
+    while hi - lo > 16:
+        mid = (lo + hi) // 2
+        if tuple(a[lo:mid]) == tuple(b[lo:mid]):
+            lo = mid
+        else:
+            hi = mid
+    while a[lo] == b[lo]:
+        lo += 1
+    return lo
 
 
 class RadixTree:

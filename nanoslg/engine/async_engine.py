@@ -19,6 +19,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Optional, Union
 
+import numpy as np
+
 from nanoslg.engine.detokenizer import IncrementalDetokenizer
 from nanoslg.engine.metrics import EngineMetrics
 from nanoslg.engine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -199,11 +201,23 @@ class AsyncEngine:
         ids = list(prompt)
         if not ids:
             raise RequestError("the prompt is empty", param="prompt")
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise RequestError(f"token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})",
-                               param="prompt")
+        if not self._ids_valid(ids):
+            bad = next(t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size)
+            if not isinstance(bad, int) or isinstance(bad, bool):
+                raise RequestError(f"token ids must be integers, got {bad!r}", param="prompt")
+            raise RequestError(f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})", param="prompt")
         return None, ids
+
+    def _ids_valid(self, ids: list[int]) -> bool:
+        """All plain ints inside the vocabulary. C-level checks (a long prompt is thousands of ids and
+        a burst of requests validates them all before the first step); a loop only names a culprit."""
+        if set(map(type, ids)) != {int}:
+            return False
+        try:
+            arr = np.fromiter(ids, np.int64, len(ids))
+        except OverflowError:
+            return False
+        return bool(arr.min() >= 0 and arr.max() < self.vocab_size)
 
     def _fit_max_tokens(self, ids: list[int], params: SamplingParams) -> SamplingParams:
         n, ctx = len(ids), self.max_model_len
