@@ -212,6 +212,9 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, H] -> float32 logits [B, vocab], gathered from every TP rank, padding trimmed."""
+        """x [B, H] -> logits [B, vocab] in the model's dtype, gathered from every TP rank, padding
+        trimmed. The sampler upcasts what it needs: a greedy step's argmax reads them as they are
+        (bf16 -> float32 is exact, so it picks the same token), which saves writing a float32 copy
+        of the whole vocabulary every step."""
         logits = tp_all_gather_last_dim(F.linear(x, self.weight))
-        return logits[:, :self.vocab_size].float()
+        return logits[:, :self.vocab_size]

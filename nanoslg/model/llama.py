@@ -116,7 +116,7 @@ class LlamaForCausalLM(nn.Module):
         return m.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, H] (rows to sample) -> float32 logits [B, vocab]."""
+        """hidden [B, H] (rows to sample) -> logits [B, vocab] in the model's dtype."""
         return self.lm_head(hidden)
 
 

@@ -82,7 +82,7 @@ class Sampler:
         s.prompt = []  # folded into `seen`
 
     def sample(self, logits: torch.Tensor, seq_ids: list[int]) -> tuple[list[int], Optional[list]]:
-        """logits: float32 [B, V], row i for seq_ids[i]. Returns token ids and per-row logprobs
+        """logits: [B, V] (float32 or the model's dtype), row i for seq_ids[i]. Returns token ids and per-row logprobs
         (None, or per row None | (logprob, [(token_id, logprob), ...])), or None if no row asked."""
         return self.sample_async(logits, seq_ids).to_host().result()
 
