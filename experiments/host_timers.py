@@ -3,10 +3,13 @@ slowdown or its cross-thread blur: each named function is wrapped in a perf_coun
 
     python experiments/host_timers.py +experiment=shared-prefix-on-off [overrides]
 
-Prints ms per engine step for each wrapped function (nested timers include their children), then a
-timeline of the first steps: when each was launched and processed, and what it held.
+Prints ms per engine step for each wrapped function (nested timers include their children), the
+garbage collector's share, then a timeline of the first steps: when each was launched and processed.
+NANOSLG_LAUNCH_INLINE=0|1 overrides where the engine launches steps (the loop thread or the worker).
 """
 import collections
+import gc
+import os
 import sys
 import time
 
@@ -37,7 +40,17 @@ def main(overrides: list[str]) -> None:
     cfg, _ = compose_config(overrides)
     with LLM(config=cfg) as llm:
         eng = llm.engine
+        if os.environ.get("NANOSLG_LAUNCH_INLINE"):
+            eng.launch_inline = os.environ["NANOSLG_LAUNCH_INLINE"] == "1"
         reqs, params = warm_requests(llm, cfg.bench)
+        gc_start = [0.0]
+
+        def gc_timer(phase, info):
+            if phase == "start":
+                gc_start[0] = time.perf_counter()
+            else:
+                TOTALS[f"gc.gen{info['generation']}"] += time.perf_counter() - gc_start[0]
+                CALLS[f"gc.gen{info['generation']}"] += 1
         ex = eng.executor
         runner = ex.rt.runner
         import nanoslg.cache.flashinfer_graph as fg
@@ -69,18 +82,24 @@ def main(overrides: list[str]) -> None:
 
             def run(plan, *a):
                 out = fn(plan, *a)
-                if len(timeline) < 40:
+                if len(timeline) < 14:
                     timeline.append((event, time.perf_counter() - t0[0], plan.step_id, len(plan.seqs), plan.num_tokens))
                 return out
             setattr(obj, attr, run)
         note(ex, "launch", "launched")
         note(eng, "_process", "processed")
         eng.metrics.profile.steps = 0
+        gc.callbacks.append(gc_timer)
         t = t0[0] = time.perf_counter()
-        llm.generate([r.prompt for r in reqs], params)
+        outs = llm.generate([r.prompt for r in reqs], params)
         wall = time.perf_counter() - t
+        gc.callbacks.remove(gc_timer)
         steps = max(eng.metrics.profile.steps, 1)
-    print(f"\n{steps} steps, {wall * 1e3 / steps:.3f} ms wall per step")
+        ntok = sum(len(o.token_ids) for o in outs)
+        prof = eng.metrics.profile.per_step_ms()
+    print(f"\nlaunch on the {'loop thread' if eng.launch_inline else 'worker thread'}: {ntok / wall:,.0f} output tok/s; "
+          f"{steps} steps, {wall * 1e3 / steps:.3f} ms wall per step; step profile " +
+          ", ".join(f"{k} {v:.2f}" for k, v in prof.items() if k != "steps"))
     for name in sorted(TOTALS):
         print(f"  {name:45s} {TOTALS[name] * 1e3 / steps:8.3f} ms/step  ({CALLS[name]} calls)")
     print("\nfirst steps: event, ms since the requests were sent, step, sequences, tokens")
