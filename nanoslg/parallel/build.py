@@ -151,13 +151,34 @@ def kv_budget_bytes(cfg: Config, rt: RankRuntime) -> tuple[int, str]:
 
 def profile_activation_bytes(cfg: Config, rt: RankRuntime) -> int:
     """Peak extra memory of a forward over a full token budget (attention without any cache)."""
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    full_budget_forward(cfg, rt)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    torch.cuda.empty_cache()
+    return peak
+
+
+def warm_step_stream(cfg: Config, rt: RankRuntime, stream: Optional[torch.cuda.Stream]) -> None:
+    """One full-budget forward on the step stream, its memory left in the allocator's cache. The
+    caching allocator keeps blocks per stream, and the profile forward ran on the default stream and
+    gave its memory back: without this, the first big prefill a user sends waits on cudaMalloc."""
+    if stream is None:
+        return
+    with on_stream(stream):
+        full_budget_forward(cfg, rt)
+    torch.cuda.synchronize()
+
+
+def full_budget_forward(cfg: Config, rt: RankRuntime) -> None:
+    """A forward over scheduler.max_num_batched_tokens tokens (attention without any cache), and the
+    logits of up to max_num_seqs rows: the most activation memory a step can take."""
     from nanoslg.cache.sdpa import NoCacheContext
 
     st, args = get_state(), rt.runner.model.args
     n = min(cfg.scheduler.max_num_batched_tokens, 8192)
     dev = rt.spec.device
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
     ids = torch.zeros(n, dtype=torch.long, device=dev)
     # Positions wrap at the model's length: the rotary cache has no rows past it.
     ctx = NoCacheContext(torch.arange(n, device=dev) % args.max_position_embeddings, rt.spec.head_dim ** -0.5)
@@ -169,11 +190,6 @@ def profile_activation_bytes(cfg: Config, rt: RankRuntime) -> int:
         hidden = rt.runner.model(ids, ctx.positions, ctx, **extra)
         if st.is_last_stage:
             rt.runner.model.compute_logits(hidden[:min(n, cfg.scheduler.max_num_seqs)])
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del hidden, ids, ctx, extra
-    torch.cuda.empty_cache()
-    return peak
 
 
 def num_pages_for(cfg: Config, rt: RankRuntime, budget_bytes: Optional[int]) -> int:

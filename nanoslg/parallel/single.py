@@ -12,7 +12,7 @@ import torch
 from nanoslg.config import Config
 from nanoslg.model.runner import Launched
 from nanoslg.parallel.build import (RankRuntime, build_runner, kv_budget_bytes, num_pages_for, on_stream,
-                                    resolve_device, step_stream)
+                                    resolve_device, step_stream, warm_step_stream)
 from nanoslg.registry import PARALLEL
 from nanoslg.scheduler.plan import StepPlan, StepResult
 
@@ -35,6 +35,7 @@ class SingleExecutor:
         self.rt.backend.allocate(self.num_pages)
         self._maybe_capture(cfg)
         self.stream = step_stream(self.device)
+        warm_step_stream(cfg, self.rt, self.stream)
 
     def _maybe_capture(self, cfg: Config) -> None:
         """CUDA graphs for decode: FlashInfer on one GPU, unless model.enforce_eager."""
