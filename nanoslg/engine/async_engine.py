@@ -4,16 +4,12 @@
 
 The loop never blocks on the model, so an HTTP server on the same loop keeps answering while a
 step runs. With overlap scheduling (one GPU) two steps are in flight: the host prepares step N+1 while
-the device runs step N. There the loop itself queues each step's kernels (`launch` never waits for the
-GPU) and only the wait for its tokens runs in the worker thread: a launch in that thread released
-the GIL at every torch call, and the request consumers running on the loop meanwhile turned each
-release into a thread switch. Each request owns a RequestStream of deltas.
+the device runs step N. Each request owns a RequestStream of deltas.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import dataclasses
 import gc
 import itertools
@@ -105,8 +101,6 @@ class AsyncEngine:
         self._abort_pending: set[int] = set()  # aborted while a step holding them was in flight
         # Overlap needs an executor that splits a step into launch (no host sync) and collect.
         self.overlap = bool(getattr(executor, "overlap", False))
-        # Queue a step's kernels on the loop thread (CUDA: they return at once) instead of the worker.
-        self.launch_inline = self.overlap and bool(getattr(executor, "launch_inline", False))
         scheduler.lookahead = self.overlap
         self.max_inflight = 1 if self.overlap else getattr(executor, "max_inflight", 1)
         self._thread = ThreadPoolExecutor(max_workers=self.max_inflight, thread_name_prefix="nanoslg-step")
@@ -280,28 +274,15 @@ class AsyncEngine:
                 plan = self._timed(self.scheduler.schedule, "schedule_s")
                 if plan is None:
                     break
-                if self.launch_inline:
-                    launched = concurrent.futures.Future()
-                    launched.set_result(self._timed(self.executor.launch, "launch_s", plan))
-                else:
-                    launched = self._thread.submit(self._timed, self.executor.launch, "launch_s", plan)
-                inflight.append((plan, launched))
+                inflight.append((plan, self._thread.submit(self._timed, self.executor.launch, "launch_s", plan)))
             self._wake.clear()
             if not inflight:
                 await self._idle()
                 continue
             plan, launched = inflight.popleft()
-            if self.launch_inline and self.executor.ready(launched.result()):
-                # The device is done already (the host is the slower side): no trip through the
-                # thread, but the loop still gets its turn (request consumers, the server).
-                await asyncio.sleep(0)
-                result = self._timed(self.executor.collect, "wait_s", launched.result())
-            else:
-                # Queued behind the launch of the next step, so the device has it before we wait.
-                collected = self._thread.submit(
-                    lambda h=launched: self._timed(self.executor.collect, "wait_s", h.result()))
-                result = await asyncio.wrap_future(collected)
-            self._process_timed(plan, result)
+            # Queued behind the launch of the next step, so the device has it before we wait.
+            collected = self._thread.submit(lambda h=launched: self._timed(self.executor.collect, "wait_s", h.result()))
+            self._process_timed(plan, await asyncio.wrap_future(collected))
 
     def _timed(self, fn, key: str, *args):
         """fn(*args), its time added to the step profile's `key` (the bench swaps in a fresh profile)."""

@@ -26,9 +26,6 @@ class SingleExecutor:
     def __init__(self, cfg: Config, ckpt):
         self.overlap = cfg.scheduler.overlap
         self.device = resolve_device(cfg)
-        # On a GPU, launch only queues work (no host sync), so the engine runs it on its loop thread;
-        # on a CPU, launch computes the whole step and stays in the worker thread.
-        self.launch_inline = self.device.type == "cuda"
         self.rt: RankRuntime = build_runner(cfg, ckpt, self.device, sample=True)
         budget, self.budget_why = kv_budget_bytes(cfg, self.rt)
         self.num_pages = num_pages_for(cfg, self.rt, budget)
@@ -58,10 +55,6 @@ class SingleExecutor:
     def launch(self, plan: StepPlan) -> Launched:
         with on_stream(self.stream):
             return self.rt.runner.launch(plan)
-
-    def ready(self, launched: Launched) -> bool:
-        """Whether collect would return without waiting for the device."""
-        return launched.event is None or launched.event.query()
 
     def collect(self, launched: Launched) -> StepResult:
         return self.rt.runner.collect(launched)
