@@ -5,11 +5,9 @@ slowdown or its cross-thread blur: each named function is wrapped in a perf_coun
 
 Prints ms per engine step for each wrapped function (nested timers include their children), the
 garbage collector's share, then a timeline of the first steps: when each was launched and processed.
-NANOSLG_LAUNCH_INLINE=0|1 overrides where the engine launches steps (the loop thread or the worker).
 """
 import collections
 import gc
-import os
 import sys
 import time
 
@@ -40,8 +38,6 @@ def main(overrides: list[str]) -> None:
     cfg, _ = compose_config(overrides)
     with LLM(config=cfg) as llm:
         eng = llm.engine
-        if os.environ.get("NANOSLG_LAUNCH_INLINE"):
-            eng.launch_inline = os.environ["NANOSLG_LAUNCH_INLINE"] == "1"
         reqs, params = warm_requests(llm, cfg.bench)
         gc_start = [0.0]
 
@@ -56,7 +52,6 @@ def main(overrides: list[str]) -> None:
         import nanoslg.cache.flashinfer_graph as fg
         import nanoslg.model.sampler as sm
         import nanoslg.tensors as tn
-        from nanoslg.model.runner import ModelRunner
         targets = [(ex, "launch", "launch"), (ex, "collect", "collect"), (runner, "input_ids", "launch.input_ids"),
                    (runner, "begin", "launch.begin"), (runner.sampler, "sample_async", "launch.sample_async"),
                    (sm.Sampled, "to_host", "launch.to_host"), (tn.STAGING, "next_step", "launch.staging_next"),
@@ -97,7 +92,7 @@ def main(overrides: list[str]) -> None:
         steps = max(eng.metrics.profile.steps, 1)
         ntok = sum(len(o.token_ids) for o in outs)
         prof = eng.metrics.profile.per_step_ms()
-    print(f"\nlaunch on the {'loop thread' if eng.launch_inline else 'worker thread'}: {ntok / wall:,.0f} output tok/s; "
+    print(f"\n{ntok / wall:,.0f} output tok/s; "
           f"{steps} steps, {wall * 1e3 / steps:.3f} ms wall per step; step profile " +
           ", ".join(f"{k} {v:.2f}" for k, v in prof.items() if k != "steps"))
     for name in sorted(TOTALS):
