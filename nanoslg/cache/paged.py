@@ -109,18 +109,12 @@ class PagedKVManager(KVManager):
         """No new page needed, and (prefix caching) no computed full page still waiting to be cached:
         a prompt's pages must reach the tree as soon as they are computed, not when decoding next
         crosses a page boundary."""
-        table = len(seq.block_table)
-        if num_tokens > table * self.page_size:
+        if num_tokens > len(seq.block_table) * self.page_size:
             return False
         if self.tree is None:
             return True
         st = self._states.get(seq.seq_id)
-        if st is None:
-            return False
-        # _full_computed_pages inlined: this runs for every running sequence every step.
-        computed, known = seq.num_computed_tokens, len(seq.token_ids)
-        full = (computed if computed < known else known) // self.page_size
-        return (full if full < table else table) <= st.cached
+        return st is not None and self._full_computed_pages(seq) <= st.cached
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         need = self.pages_for(num_tokens) - len(seq.block_table)

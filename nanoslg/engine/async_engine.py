@@ -165,8 +165,7 @@ class AsyncEngine:
             if seq.finished:
                 continue
             if seq.inflight:
-                seq.abort_pending = True  # finished when its step comes back
-                self._abort_pending.add(seq.seq_id)
+                self._abort_pending.add(seq.seq_id)  # finished when its step comes back
             else:
                 self._finish(req, seq, "abort")
         self._poke()
@@ -332,7 +331,7 @@ class AsyncEngine:
                 entry[0].inflight -= 1
         grouped: dict[str, list[CompletionOutput]] = {}  # requests of n > 1: one delta for all samples
         lps = result.logprobs or itertools.repeat(None)
-        finished = SeqStatus.FINISHED
+        finished, aborting = SeqStatus.FINISHED, self._abort_pending
         for seq_id, tok, lp in zip(result.seq_ids, result.token_ids, lps):
             entry = seqs.get(seq_id)
             if entry is None:
@@ -341,7 +340,7 @@ class AsyncEngine:
             if seq.status is finished:
                 continue  # lookahead: finished while this step was in flight; its token is dropped
             seq.num_pending -= 1
-            if seq.abort_pending:
+            if seq_id in aborting:
                 self._finish(req, seq, "abort")
                 continue
             out = self._append(req, seq, tok, lp, now)
@@ -350,10 +349,10 @@ class AsyncEngine:
             else:
                 grouped.setdefault(req.id, []).append(out)
         self.metrics.generation_tokens += len(result.token_ids)
-        if self._abort_pending:  # aborted mid-step without sampling
+        if aborting:  # aborted mid-step without sampling
             for st in plan.seqs:
                 entry = seqs.get(st.seq_id)
-                if entry is not None and entry[0].abort_pending and not entry[0].finished:
+                if entry is not None and st.seq_id in aborting and not entry[0].finished:
                     self._finish(entry[1], entry[0], "abort")
         for rid, outs in grouped.items():
             req = self._requests.get(rid)

@@ -48,7 +48,6 @@ class Sequence:
         self.detok = None  # the engine's IncrementalDetokenizer (None without a tokenizer)
         self.text = ""  # detokenized output so far (stop strings cut off)
         self.emitted = 0  # characters of text already streamed out
-        self.abort_pending = False  # aborted while its step was in flight
         self.stop_reason: object = None
 
     @property

@@ -85,8 +85,10 @@ class Scheduler:
 
         computing: set = set()  # next-page keys of the prefill chunks in this step (prefix caching)
         running, lookahead, kv = SeqStatus.RUNNING, self.lookahead, self.kv
-        # Runs for every running sequence every step: the checks are inlined (num_uncomputed_tokens,
-        # _ready), and a decode that stays inside its pages costs one has_room call.
+        # Runs for every running sequence every step, so the checks are written out here: tokens left
+        # to compute, and whether the sequence may run (not in flight, or, with lookahead, in exactly
+        # one step that samples its next input). A decode that stays inside its pages costs one
+        # has_room call.
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -142,10 +144,6 @@ class Scheduler:
         if not chosen and not self._freed:
             return None
         return self._plan(chosen)
-
-    def _ready(self, seq: Sequence) -> bool:
-        """Not in flight, or (lookahead) in exactly one step that samples its next input."""
-        return not seq.inflight or (self.lookahead and seq.inflight == 1 and seq.num_pending == 1)
 
     def _make_room(self, seq: Sequence, total: int, chosen: list) -> bool:
         """Preempt the newest other running sequences until `seq` fits; False if seq itself went."""
