@@ -32,6 +32,7 @@ def test_default_config_composes():
     ("scheduler.policy=nope", "scheduler.policy"),
     ("parallel.tp_size=2", "parallel.mode"),
     ("model.sampling_kernels=cuda", "model.sampling_kernels"),
+    ("model.blas=mkl", "model.blas"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match) as e:

@@ -164,11 +164,13 @@ def engine_requests(b: BenchConfig, engine) -> list[BenchRequest]:
 
 
 def warm_requests(llm, b: BenchConfig) -> tuple[list[BenchRequest], list]:
-    """For the profiling scripts: the requests with greedy params (EOS ignored), after a warm-up of
-    the engine (an `LLM`) on the first four."""
+    """For the profiling scripts: the requests with greedy params (EOS ignored), after the bench's
+    own warm-up (the first 16 tokens of the first prompts, 8 out), so the timed run starts as cold
+    as the bench's: with prefix caching, nothing past the first page is cached yet."""
     from nanoslg.engine.sampling_params import SamplingParams
 
     reqs = engine_requests(b, llm.engine)
     params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
-    llm.generate([r.prompt for r in reqs[:4]], params[:4])
+    n = min(16, min(len(r.prompt) for r in reqs))
+    llm.generate([r.prompt[:n] for r in reqs[:max(b.warmup, 1)]], SamplingParams(max_tokens=8, ignore_eos=True))
     return reqs, params

@@ -48,11 +48,12 @@ class FlashInferContext(CacheContext):
     def __init__(self, backend: "FlashInferBackend", decode: bool, csr: tuple, pool: torch.Tensor,
                  positions: torch.Tensor, batch_indices: torch.Tensor, kv_positions: torch.Tensor,
                  kv_indices: torch.Tensor, kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor,
-                 shared: list[int] | None = None):
+                 shared: list[int] | None = None, max_q: int = 1):
         self.backend = backend
         self.decode = decode
         self.csr = csr  # cascade: each sequence's own pages only (its KV positions count from there)
         self.shared = shared  # cascade: the pages every sequence starts with
+        self.max_q = max_q  # the most query tokens of one sequence
         self.wrapper = None
         self.level0 = None
         self.pool = pool
@@ -65,7 +66,7 @@ class FlashInferContext(CacheContext):
 
     def plan_once(self, num_qo_heads: int) -> None:
         if self.wrapper is None:
-            self.wrapper = self.backend.plan_step(self.decode, self.csr, num_qo_heads)
+            self.wrapper = self.backend.plan_step(self.decode, self.csr, num_qo_heads, self.max_q)
             if self.shared is not None:
                 self.level0 = self.backend.plan_shared(len(self.csr[0]) - 1, self.shared, num_qo_heads)
 
@@ -145,8 +146,11 @@ class FlashInferBackend(CacheBackend):
         decode = plan.is_decode
         skip = shared_prefix_pages(plan.seqs, ps) if self.cascade and decode else 0
         qo_indptr, kv_indptr, indices, last_len, batch_idx, kv_pos = [0], [0], [], [], [], []
+        max_q = 1
         for b, st in enumerate(plan.seqs):
             n = len(st.token_ids)
+            if n > max_q:
+                max_q = n
             end = st.start + n
             pages = -(-end // ps)
             indices.extend(st.block_table[skip:pages])
@@ -169,7 +173,7 @@ class FlashInferBackend(CacheBackend):
             to_device(batch_idx, i32, dev),
             to_device(kv_pos, i32, dev) if skip else positions.to(i32), indices_d,
             kv_indptr_h.to(dev, non_blocking=True), last_len_h.to(dev, non_blocking=True),
-            shared=plan.seqs[0].block_table[:skip] if skip else None)
+            shared=plan.seqs[0].block_table[:skip] if skip else None, max_q=max_q)
         if self.num_qo_heads is not None:
             ctx.plan_once(self.num_qo_heads)
         return ctx
@@ -189,7 +193,7 @@ class FlashInferBackend(CacheBackend):
             ev = self._plan_events[wrapper] = torch.cuda.Event()
         ev.record()
 
-    def plan_step(self, decode: bool, csr: tuple, num_qo_heads: int):
+    def plan_step(self, decode: bool, csr: tuple, num_qo_heads: int, max_q: int = 1):
         """Runs the wrapper's plan() for this step's page tables; returns the planned wrapper."""
         self.num_qo_heads = num_qo_heads
         qo_indptr_h, kv_indptr_h, indices_d, last_len_h = csr
@@ -201,8 +205,9 @@ class FlashInferBackend(CacheBackend):
                           ps, **common)
         else:
             wrapper = self._prefill
+            # The longest query, given: plan() would find it with Python's max over a tensor's elements.
             self.run_plan(wrapper, qo_indptr_h, kv_indptr_h, indices_d, last_len_h, num_qo_heads, s.num_kv_heads,
-                          s.head_dim, ps, causal=True, **common)
+                          s.head_dim, ps, causal=True, max_token_per_sequence=max_q, **common)
         return wrapper
 
     def plan_shared(self, batch: int, pages: list[int], num_qo_heads: int, wrapper=None):

@@ -19,7 +19,7 @@ def build_engine(cfg: Config) -> AsyncEngine:
     from nanoslg.scheduler import register_all
 
     register_all()
-    from nanoslg.parallel.build import resolve_checkpoint
+    from nanoslg.parallel.build import blas_library, resolve_checkpoint
 
     ckpt = resolve_checkpoint(cfg)
     args = ckpt.args
@@ -50,6 +50,7 @@ def build_engine(cfg: Config) -> AsyncEngine:
         "overlap": bool(getattr(executor, "overlap", False)),
         # Resolved by rank 0's sampler (None where sampling runs in worker processes).
         "sampling_kernels": rt.runner.sampler.kernels if rt is not None and rt.runner.sampler else None,
+        "blas": blas_library(cfg.model.blas) if executor.device.type == "cuda" else None,
         "cuda_graphs": getattr(rt.runner, "graphs", None) is not None if rt is not None else False,
         # The whole model's KV per token (every layer and KV head), whatever the sharding.
         "kv_bytes_per_token": 2 * args.num_layers * args.num_kv_heads * args.head_dim * _elem(backend.spec.dtype),
@@ -57,9 +58,10 @@ def build_engine(cfg: Config) -> AsyncEngine:
     log.info("model %s (%s, %s) on %s, dtype %s: %s", info["model"], args.architecture, info["load_format"],
              info["device"], info["dtype"], info["dtype_reason"])
     log.info("parallel %s; cache backend %s: %s", info["parallel"], info["cache_backend"], info["cache_reason"])
-    log.info("overlap scheduling %s; decode CUDA graphs %s; sampling kernels %s (model.sampling_kernels=%s)",
+    log.info("overlap scheduling %s; decode CUDA graphs %s; sampling kernels %s (model.sampling_kernels=%s)%s",
              _overlap_why(cfg, info["overlap"]), "on" if info["cuda_graphs"] else "off",
-             info["sampling_kernels"] or "on the workers", cfg.model.sampling_kernels)
+             info["sampling_kernels"] or "on the workers", cfg.model.sampling_kernels,
+             f"; GEMMs {info['blas']} (model.blas={cfg.model.blas})" if info["blas"] else "")
     log.info("KV pool: %d pages x %d = %d tokens, %.2f GiB (budget: %s); prefix caching %s; cascade attention %s",
              executor.num_pages, cfg.cache.page_size, kv.capacity_tokens, info["kv_gib"], info["kv_budget"],
              "on" if info["prefix_caching"] else "off", "on" if info["cascade_attention"] else "off")
