@@ -45,6 +45,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         if residual is None:
+            if x.dim() in (2, 3):  # 3-D: Qwen3's per-head q/k norm on strided views of qkv, read in place
+                return kernels.rms_norm(x, self.weight, self.eps)
             shape = x.shape
             return kernels.rms_norm(x.reshape(-1, shape[-1]), self.weight, self.eps).view(shape)
         return kernels.add_rms_norm(x, residual, self.weight, self.eps)
