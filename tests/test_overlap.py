@@ -73,3 +73,36 @@ def test_overlap_under_churn_changes_no_token_and_leaks_nothing(tiny_llama, hf_g
                                               (r["stop_first"] and ref[-1] == stop_tok) else "length")
         if reason_s != "abort":
             assert toks_s == ref
+
+
+def test_finished_step_streams_while_the_next_prefill_launches(tiny_llama):
+    """A step's tokens reach their request while the worker is still queuing the eager (prefill)
+    step after it: the collector thread waits for the device, not the worker. Step 1 prefills A and
+    part of B; step 2, scheduled before step 1 comes back, decodes A beside C's prefill. Its launch
+    is held until A's first token arrives: waiting behind that launch would time out instead."""
+    import threading
+
+    with LLM(f"model.path={tiny_llama}", "cache=paged", "scheduler.max_num_batched_tokens=8") as llm:
+        eng = llm.engine
+        assert eng.overlap
+        launch, launches, gate, held = eng.executor.launch, [], threading.Event(), []
+
+        def gated(plan):
+            launches.append(plan)
+            if len(launches) == 2:
+                held.append((len(plan.seqs), plan.decode, gate.wait(timeout=10)))
+            return launch(plan)
+        eng.executor.launch = gated
+
+        async def run():
+            greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+            a = eng.add_request([5, 6, 7], greedy)
+            b = eng.add_request(list(range(10, 40)), greedy)
+            c = eng.add_request(list(range(50, 60)), greedy)
+            first = await a.__anext__()
+            gate.set()
+            assert first.outputs[0].token_ids
+            for s in (a, b, c):
+                await collect(s)
+        llm._call(run())
+    assert held == [(2, False, True)]  # step 2 was eager (A and C), and A's token came while it was held

@@ -104,6 +104,10 @@ class AsyncEngine:
         scheduler.lookahead = self.overlap
         self.max_inflight = 1 if self.overlap else getattr(executor, "max_inflight", 1)
         self._thread = ThreadPoolExecutor(max_workers=self.max_inflight, thread_name_prefix="nanoslg-step")
+        # Overlap: a second thread waits for the device, so the worker never holds a finished step's
+        # tokens behind the launch of the next one.
+        self._collector = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanoslg-collect") \
+            if self.overlap else None
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
         self._accepting = True
@@ -187,6 +191,8 @@ class AsyncEngine:
             except (asyncio.CancelledError, Exception):
                 pass
         self._thread.shutdown(wait=True)
+        if self._collector is not None:
+            self._collector.shutdown(wait=True)
         self.executor.shutdown()
 
     # -- input checks --------------------------------------------------------------------------
@@ -266,7 +272,10 @@ class AsyncEngine:
 
     async def _run_overlapped(self) -> None:
         """Two steps in flight: while the device runs step N, the host processes step N-1's tokens,
-        schedules step N+1 and launches it. One worker thread runs launch and collect in order."""
+        schedules step N+1 and launches it. The worker thread launches, then waits for the step
+        before; when the step it launches is an eager one (a prefill: 10-30 ms of Python), the
+        collector thread waits instead, so a finished step's tokens do not sit behind that launch.
+        A decode launch is short, and waiting behind it keeps the two threads off the GIL at once."""
         inflight: collections.deque = collections.deque()  # (plan, future of its launch handle)
         while True:
             while len(inflight) < 2:
@@ -279,8 +288,8 @@ class AsyncEngine:
                 await self._idle()
                 continue
             plan, launched = inflight.popleft()
-            # Queued behind the launch of the next step, so the device has it before we wait.
-            collected = self._thread.submit(lambda h=launched: self._timed(self.executor.collect, "wait_s", h.result()))
+            waiter = self._collector if inflight and not inflight[0][0].decode else self._thread
+            collected = waiter.submit(lambda h=launched: self._timed(self.executor.collect, "wait_s", h.result()))
             self._process_timed(plan, await asyncio.wrap_future(collected))
 
     def _timed(self, fn, key: str, *args):
