@@ -47,8 +47,10 @@ class KVManager(ABC):
         return 0
 
     def next_page_key(self, seq: Sequence):
-        """With prefix caching: the tokens up to the end of the first page this sequence would compute
-        next (a key two sequences share exactly when they would compute the same page), else None."""
+        """With prefix caching: a key for the tokens up to the end of the first page this sequence
+        would compute next (two sequences computing the same page share it), else None. It only
+        decides whether a sequence waits a step to hit the cache, so a hash of the tokens will do: a
+        collision costs one step's wait, never a wrong token."""
         return None
 
     def has_room(self, seq: Sequence, num_tokens: int) -> bool:

@@ -102,7 +102,9 @@ class PagedKVManager(KVManager):
         if self.tree is None:
             return None
         end = seq.num_computed_tokens // self.page_size * self.page_size + self.page_size
-        return tuple(seq.token_ids[:end]) if end <= len(seq.token_ids) else None
+        # A hash, not the tuple: a prompt-long tuple per admission is garbage the collector would
+        # walk element by element if a collection came during the step (a few ms per burst).
+        return hash(tuple(seq.token_ids[:end])) if end <= len(seq.token_ids) else None
 
     # -- growth ----------------------------------------------------------------------------------
     def has_room(self, seq: Sequence, num_tokens: int) -> bool:

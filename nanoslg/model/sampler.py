@@ -62,7 +62,10 @@ class Sampler:
         if p.seed is not None and not p.greedy:
             seed = p.seed % 2**64
             gen = torch.Generator(device=self.device).manual_seed(seed)
-        self.seqs[ns.seq_id] = _Seq(p, list(ns.prompt_token_ids), len(ns.output_token_ids), list(ns.stop_ids),
+        # Only penalties read the prompt: no per-sequence copy of it otherwise (a burst of long prompts
+        # would hand the garbage collector that many more elements to walk).
+        prompt = list(ns.prompt_token_ids) if p.has_penalties else []
+        self.seqs[ns.seq_id] = _Seq(p, prompt, len(ns.output_token_ids), list(ns.stop_ids),
                                     gen, init_out=list(ns.output_token_ids))
         if not p.greedy or p.has_penalties or p.min_tokens > 0 or p.logprobs is not None:
             self.special.add(ns.seq_id)
