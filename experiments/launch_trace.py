@@ -3,6 +3,7 @@ CUDA calls that block the host.
 
     python experiments/launch_trace.py +experiment=shared-prefix-on-off [overrides]
     NANOSLG_TRACE_STEPS=8 ...   # how many launches the timeline shows
+    NANOSLG_TRACE_CPROFILE=1 ...   # also cProfile the first run's eager launches (slows them ~1.5x)
 
 Runs the workload twice, after the bench's own short warm-up, emptying the prefix cache between:
 first with CUDA events around every launch, then under torch.profiler (host ops with Python stacks,
@@ -31,6 +32,7 @@ def main(overrides: list[str]) -> None:
     global live
     cfg, _ = compose_config(overrides)
     steps = int(os.environ.get("NANOSLG_TRACE_STEPS", "8"))
+    cprofile = os.environ.get("NANOSLG_TRACE_CPROFILE") == "1"
     cuda = torch.cuda.is_available()
     with LLM(config=cfg) as llm:
         eng = llm.engine
@@ -47,7 +49,7 @@ def main(overrides: list[str]) -> None:
             ev = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)] if cuda else None
             if ev:
                 ev[0].record()
-            profiled = not plan.decode
+            profiled = cprofile and not plan.decode
             start = time.perf_counter()
             if profiled:
                 host_prof.enable()
@@ -113,10 +115,11 @@ def main(overrides: list[str]) -> None:
     for k in ("schedule", "process"):
         print(f"{k} (loop thread), start .. end ms: " +
               ", ".join(f"{a * 1e3:.1f}..{b * 1e3:.1f}" for a, b in spans[k][:steps + 2]))
-    print("\nthe eager launches of the first run, cProfile (worker thread), by cumulative time:")
-    pstats.Stats(host_prof).sort_stats("cumulative").print_stats(28)
-    print("by own time:")
-    pstats.Stats(host_prof).sort_stats("tottime").print_stats(18)
+    if cprofile:
+        print("\nthe eager launches of the first run, cProfile (worker thread), by cumulative time:")
+        pstats.Stats(host_prof).sort_stats("cumulative").print_stats(28)
+        print("by own time:")
+        pstats.Stats(host_prof).sort_stats("tottime").print_stats(18)
     avg = prof.key_averages(group_by_stack_n=6)
     blocking = [e for e in avg if any(b in e.key for b in BLOCKING)]
     print("\nhost calls that may wait on the device (total ms, calls), with the frames that made them:")
