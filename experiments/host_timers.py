@@ -21,7 +21,8 @@ TOTALS: dict[str, float] = collections.defaultdict(float)
 CALLS: dict[str, int] = collections.defaultdict(int)
 
 
-def timed(obj, attr: str, name: str) -> None:
+def wrap(obj, attr: str, record) -> None:
+    """Replaces obj.attr with a version that calls record(start, end) (perf_counter) after each call."""
     fn = getattr(obj, attr)
 
     def run(*a, **k):
@@ -29,9 +30,15 @@ def timed(obj, attr: str, name: str) -> None:
         try:
             return fn(*a, **k)
         finally:
-            TOTALS[name] += time.perf_counter() - t
-            CALLS[name] += 1
+            record(t, time.perf_counter())
     setattr(obj, attr, run)
+
+
+def timed(obj, attr: str, name: str) -> None:
+    def record(start: float, end: float) -> None:
+        TOTALS[name] += end - start
+        CALLS[name] += 1
+    wrap(obj, attr, record)
 
 
 def main(overrides: list[str]) -> None:

@@ -25,11 +25,12 @@ from nanoslg import LLM
 from nanoslg.bench.workloads import warm_requests
 from nanoslg.compose import compose_config
 
+from host_timers import wrap  # experiments/ is on the path when a script in it runs
+
 BLOCKING = ("Synchronize", "cudaMemcpy", "cudaStreamWait", "aten::item", "aten::_local_scalar_dense")
 
 
 def main(overrides: list[str]) -> None:
-    global live
     cfg, _ = compose_config(overrides)
     steps = int(os.environ.get("NANOSLG_TRACE_STEPS", "8"))
     cprofile = os.environ.get("NANOSLG_TRACE_CPROFILE") == "1"
@@ -41,10 +42,10 @@ def main(overrides: list[str]) -> None:
         launch, rows, t0 = runner.launch, [], [0.0, None]
         host_prof = cProfile.Profile()  # the worker thread's eager launches (the first `steps`)
         spans: dict[str, list] = {"add_request": [], "schedule": [], "process": []}
-        live = True  # spans are kept in the first run only
+        live = [True]  # the timeline and spans keep the first run only
 
         def traced(plan):
-            if len(rows) >= steps:
+            if not live[0] or len(rows) >= steps:  # the first run only
                 return launch(plan)
             ev = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)] if cuda else None
             if ev:
@@ -64,16 +65,12 @@ def main(overrides: list[str]) -> None:
         runner.launch = traced
 
         def span(obj, attr):
-            fn = getattr(obj, attr)
+            kept = spans[attr.strip("_")]
 
-            def run(*a, **k):
-                t = time.perf_counter()
-                try:
-                    return fn(*a, **k)
-                finally:
-                    if live and len(spans[attr.strip("_")]) < 4 * steps:
-                        spans[attr.strip("_")].append((t, time.perf_counter()))
-            setattr(obj, attr, run)
+            def record(start: float, end: float) -> None:
+                if live[0] and len(kept) < 4 * steps:
+                    kept.append((start, end))
+            wrap(obj, attr, record)
         span(eng, "add_request")
         span(eng.scheduler, "schedule")
         span(eng, "_process")
@@ -87,7 +84,7 @@ def main(overrides: list[str]) -> None:
         wall = time.perf_counter() - t0[0]
         if cuda:
             torch.cuda.synchronize()
-        live = False
+        live[0] = False
         for k in spans:
             spans[k] = [(a - t0[0], b - t0[0]) for a, b in spans[k]]
         adds = spans["add_request"]

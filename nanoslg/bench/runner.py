@@ -27,7 +27,8 @@ from typing import Any, Awaitable, Callable, Optional
 from nanoslg.bench import roofline as rl
 from nanoslg.bench.metrics import RequestTiming, peak_gpu_memory, summarize
 from nanoslg.bench.record import aggregate, experiment_dir, make_record, write_record
-from nanoslg.bench.workloads import BenchRequest, TokenSpace, engine_requests, get_workload, token_space
+from nanoslg.bench.workloads import (BenchRequest, TokenSpace, engine_requests, get_workload, token_space,
+                                     warmup_requests)
 from nanoslg.config import Config
 from nanoslg.errors import ConfigError
 from nanoslg.loop import new_event_loop
@@ -161,12 +162,6 @@ def _check_lengths(reqs: list[BenchRequest], max_model_len: int) -> None:
                           "bench.shared_prefix_len, or raise model.max_model_len")
 
 
-def _warmup_requests(cfg: Config, reqs: list[BenchRequest]) -> list[BenchRequest]:
-    """Small requests that compile/allocate what the first real step would otherwise pay for."""
-    n = min(16, min(len(r.prompt) for r in reqs))
-    return [BenchRequest(reqs[i % len(reqs)].prompt[:n], 8) for i in range(cfg.bench.warmup)]
-
-
 # -- engine workloads --------------------------------------------------------------------------
 def _run_engine(cfg: Config, figures: Optional[rl.Figures]) -> dict:
     from nanoslg.engine.builder import build_engine
@@ -225,7 +220,7 @@ async def _engine_session(cfg: Config, engine, reqs: list[BenchRequest]) -> tupl
         except Exception as e:  # one failed request is reported, not fatal
             t.finish(error=f"{type(e).__name__}: {e}")
 
-    warm = _warmup_requests(cfg, reqs)
+    warm = warmup_requests(cfg.bench, reqs)
     if warm:
         wt, _ = await drive(warm, send, progress=False)
         bad = [t.error for t in wt if t.error]
@@ -532,7 +527,7 @@ async def _http_session(cfg: Config, url: str, reqs: list[BenchRequest]) -> tupl
             except (httpx.HTTPError, ValueError) as e:
                 t.finish(error=f"{type(e).__name__}: {e}")
 
-        warm = _warmup_requests(cfg, reqs)
+        warm = warmup_requests(cfg.bench, reqs)
         if warm:
             wt, _ = await drive(warm, send, progress=False)
             bad = [t.error for t in wt if t.error]

@@ -163,14 +163,21 @@ def engine_requests(b: BenchConfig, engine) -> list[BenchRequest]:
     return get_workload(b.workload).requests(b, space)
 
 
+def warmup_requests(b: BenchConfig, reqs: list[BenchRequest]) -> list[BenchRequest]:
+    """The bench's warm-up (bench.warmup requests): small ones that compile and allocate what the
+    first real step would otherwise pay for, and cache no more than the first page of a prompt."""
+    n = min(16, min(len(r.prompt) for r in reqs))
+    return [BenchRequest(reqs[i % len(reqs)].prompt[:n], 8) for i in range(b.warmup)]
+
+
 def warm_requests(llm, b: BenchConfig) -> tuple[list[BenchRequest], list]:
     """For the profiling scripts: the requests with greedy params (EOS ignored), after the bench's
-    own warm-up (the first 16 tokens of the first prompts, 8 out), so the timed run starts as cold
-    as the bench's: with prefix caching, nothing past the first page is cached yet."""
+    own warm-up, so the timed run starts as cold as the bench's."""
     from nanoslg.engine.sampling_params import SamplingParams
 
     reqs = engine_requests(b, llm.engine)
     params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
-    n = min(16, min(len(r.prompt) for r in reqs))
-    llm.generate([r.prompt[:n] for r in reqs[:max(b.warmup, 1)]], SamplingParams(max_tokens=8, ignore_eos=True))
+    warm = warmup_requests(b, reqs)
+    if warm:
+        llm.generate([r.prompt for r in warm], [SamplingParams(max_tokens=r.max_tokens, ignore_eos=True) for r in warm])
     return reqs, params

@@ -138,9 +138,7 @@ def blas_library(choice: str) -> str:
 
 def set_blas(choice: str) -> None:
     """Makes model.blas this process's GEMM library (every rank calls it)."""
-    lib = blas_library(choice)
-    if str(torch.backends.cuda.preferred_blas_library()).split(".")[-1].lower() != lib:
-        torch.backends.cuda.preferred_blas_library(lib)
+    torch.backends.cuda.preferred_blas_library(blas_library(choice))
 
 
 def kv_budget_bytes(cfg: Config, rt: RankRuntime) -> tuple[int, str]:
