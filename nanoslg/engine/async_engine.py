@@ -273,9 +273,10 @@ class AsyncEngine:
     async def _run_overlapped(self) -> None:
         """Two steps in flight: while the device runs step N, the host processes step N-1's tokens,
         schedules step N+1 and launches it. The worker thread launches, then waits for the step
-        before; when the step it launches is an eager one (a prefill: 17-47 ms of Python in the H100 traces), the
-        collector thread waits instead, so a finished step's tokens do not sit behind that launch.
-        A decode launch is short, and waiting behind it keeps the two threads off the GIL at once."""
+        before; when the step it launches is an eager one (a prefill: 17-47 ms of Python in the H100
+        traces), the collector thread waits instead, so a finished step's tokens do not sit behind
+        that launch. A decode launch is short, and waiting behind it keeps the two threads off the
+        GIL at once."""
         inflight: collections.deque = collections.deque()  # (plan, future of its launch handle)
         while True:
             while len(inflight) < 2:
