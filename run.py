@@ -9,7 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from nanoslg.config import register_schema
+from nanoslg.core.config import register_schema
 
 register_schema()
 

@@ -11,32 +11,13 @@ import sys
 import time
 
 from nanoslg.cache.paged import PagedKVManager
-from nanoslg.config import SchedulerConfig
-from nanoslg.engine.async_engine import AsyncEngine, collect
-from nanoslg.engine.sampling_params import SamplingParams
-from nanoslg.scheduler.plan import StepResult
+from nanoslg.core.config import SchedulerConfig
+from nanoslg.engine.async_engine import AsyncEngine
+from nanoslg.engine.stream import collect
+from nanoslg.core.sampling_params import SamplingParams
+from nanoslg.parallel.instant import InstantExecutor
 from nanoslg.scheduler.policy import FCFSPolicy
 from nanoslg.scheduler.scheduler import Scheduler
-
-
-class InstantExecutor:
-    """Answers every step at once, with the overlap interface the single-GPU executor has."""
-
-    max_inflight = 1
-    overlap = True
-
-    def launch(self, plan):
-        ids = [s.seq_id for s in plan.seqs if s.sample]
-        return StepResult(plan.step_id, ids, [7] * len(ids))
-
-    def collect(self, result):
-        return result
-
-    def execute(self, plan):
-        return self.launch(plan)
-
-    def shutdown(self):
-        pass
 
 
 async def main(num_seqs: int, prompt_len: int, steps: int, shared: int = 0) -> None:

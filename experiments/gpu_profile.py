@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from nanoslg import LLM
 from nanoslg.bench.workloads import warm_requests
-from nanoslg.compose import compose_config
+from nanoslg.core.compose import compose_config
 
 
 def _time(e) -> float:

@@ -15,7 +15,7 @@ import sys
 
 from nanoslg import LLM
 from nanoslg.bench.workloads import warm_requests
-from nanoslg.compose import compose_config
+from nanoslg.core.compose import compose_config
 
 
 def profiled(fn, prof: cProfile.Profile):

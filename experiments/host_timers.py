@@ -15,7 +15,7 @@ import torch
 
 from nanoslg import LLM
 from nanoslg.bench.workloads import warm_requests
-from nanoslg.compose import compose_config
+from nanoslg.core.compose import compose_config
 
 TOTALS: dict[str, float] = collections.defaultdict(float)
 CALLS: dict[str, int] = collections.defaultdict(int)
@@ -56,9 +56,9 @@ def main(overrides: list[str]) -> None:
                 CALLS[f"gc.gen{info['generation']}"] += 1
         ex = eng.executor
         runner = ex.rt.runner
-        import nanoslg.cache.flashinfer_graph as fg
+        import nanoslg.runtime.graph_runner as fg
         import nanoslg.model.sampler as sm
-        import nanoslg.tensors as tn
+        import nanoslg.core.tensors as tn
         targets = [(ex, "launch", "launch"), (ex, "collect", "collect"), (runner, "input_ids", "launch.input_ids"),
                    (runner, "begin", "launch.begin"), (runner.sampler, "sample_async", "launch.sample_async"),
                    (sm.Sampled, "to_host", "launch.to_host"), (tn.STAGING, "next_step", "launch.staging_next"),

@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from nanoslg import LLM
 from nanoslg.bench.workloads import warm_requests
-from nanoslg.compose import compose_config
+from nanoslg.core.compose import compose_config
 
 from host_timers import wrap  # experiments/ is on the path when a script in it runs
 

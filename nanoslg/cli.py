@@ -6,9 +6,9 @@ import sys
 
 from omegaconf import DictConfig
 
-from nanoslg.compose import setup_logging
-from nanoslg.config import validate
-from nanoslg.errors import ConfigError, RequestError
+from nanoslg.core.compose import setup_logging
+from nanoslg.core.config import validate
+from nanoslg.core.errors import ConfigError, RequestError
 
 log = logging.getLogger("nanoslg")
 
@@ -17,7 +17,7 @@ def run(node: DictConfig) -> int:
     try:
         cfg = validate(node)
         setup_logging(cfg.log_level)
-        from nanoslg.parallel.launch import maybe_run_worker
+        from nanoslg.parallel.worker import maybe_run_worker
 
         if maybe_run_worker(cfg):  # a torchrun rank > 0: it served as a worker until rank 0 ended
             return 0
@@ -37,7 +37,7 @@ def run(node: DictConfig) -> int:
 
 
 def generate(cfg) -> int:
-    from nanoslg.engine.sampling_params import SamplingParams
+    from nanoslg.core.sampling_params import SamplingParams
     from nanoslg.llm import LLM
 
     if not cfg.prompt:

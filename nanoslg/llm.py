@@ -9,14 +9,14 @@ import asyncio
 import threading
 from typing import Optional, Sequence as Seq, Union
 
-from nanoslg.compose import compose_config, setup_logging
-from nanoslg.config import Config
-from nanoslg.engine.async_engine import AsyncEngine, collect
-from nanoslg.engine.outputs import RequestOutput
-from nanoslg.engine.sampling_params import SamplingParams
-from nanoslg.loop import new_event_loop
-
-Prompt = Union[str, list[int]]
+from nanoslg.core.compose import compose_config, setup_logging
+from nanoslg.core.config import Config
+from nanoslg.core.loop import new_event_loop
+from nanoslg.core.sampling_params import SamplingParams
+from nanoslg.engine.async_engine import AsyncEngine
+from nanoslg.engine.builder import build_engine
+from nanoslg.engine.outputs import Prompt, RequestOutput
+from nanoslg.engine.stream import collect
 
 
 class LLM:
@@ -28,8 +28,6 @@ class LLM:
         self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nanoslg-loop", daemon=True)
         self._thread.start()
-        from nanoslg.engine.builder import build_engine
-
         self.engine: AsyncEngine = build_engine(config)
         self._call(self.engine.start())
 

@@ -140,7 +140,7 @@ def hf_greedy():
 @pytest.fixture
 def clean_parallel_state():
     """Restores the one-process parallel state after a test that sets TP/PP by hand."""
-    from nanoslg.parallel import state
+    from nanoslg.core import dist as state
 
     old = state.get_state()
     yield state

@@ -13,17 +13,15 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from nanoslg.cache.allocator import PageAllocator, PageError
 from nanoslg.cache.paged import PagedKVManager
 from nanoslg.cache.radix import RadixTree, _common_len
-from nanoslg.config import SchedulerConfig
-from nanoslg.engine.sampling_params import SamplingParams
-from nanoslg.engine.sequence import Sequence
-from nanoslg.registry import SCHEDULERS
-from nanoslg.scheduler import register_all
+from nanoslg.core.config import SchedulerConfig
+from nanoslg.core.sampling_params import SamplingParams
+from nanoslg.core.sequence import Sequence
+from nanoslg.core.registry import SCHEDULERS
 
-register_all()  # the policies register themselves on import
 
 
 def make_seq(tokens: list[int], t: float = 0.0) -> Sequence:
-    return Sequence("r", 0, list(tokens), SamplingParams(max_tokens=8), arrival_time=t)
+    return Sequence("r", list(tokens), SamplingParams(max_tokens=8), arrival_time=t)
 
 
 # -- allocator ---------------------------------------------------------------------------------
@@ -241,8 +239,8 @@ def test_paged_manager_random_traffic(ops, page_size, num_pages, caching):
             waiting.append(make_seq(base[: 1 + r % len(base)] + [r % 5] * (r // 7 % 4)))
         elif op == "admit" and waiting:
             seq = waiting[r % len(waiting)]
-            cached = kv.match_prefix(seq)
-            assert 0 <= cached < len(seq.token_ids) and seq.num_computed_tokens == cached
+            cached = seq.num_computed_tokens = kv.match_prefix(seq)
+            assert 0 <= cached < len(seq.token_ids)
             n = 1 + r % seq.num_uncomputed_tokens
             if kv.can_grow(seq, cached + n):
                 kv.grow(seq, cached + n)
@@ -289,7 +287,7 @@ def test_paged_manager_random_traffic(ops, page_size, num_pages, caching):
 def test_match_is_capped_and_mid_page_match_copies_on_write():
     kv = PagedKVManager(16, 4)
     a = make_seq(list(range(10)))
-    kv.match_prefix(a)
+    assert kv.match_prefix(a) == 0
     kv.grow(a, 10)
     a.num_computed_tokens = 10
     kv.release(a, finished=True)  # caches pages 0 and 1 (tokens 0..7)
@@ -298,12 +296,14 @@ def test_match_is_capped_and_mid_page_match_copies_on_write():
     # would be written at slot 3, so it is copied.
     b = make_seq(list(range(8)))
     assert kv.match_prefix(b) == 7
+    b.num_computed_tokens = 7
     copies = kv.pop_copies()
     assert len(copies) == 1 and copies[0][0] != b.block_table[1] and copies[0][1] == b.block_table[1]
     assert b.block_table[0] == kv.tree.match_prefix(list(range(4)), touch=False)[1][0]
     # A full-page prefix needs no copy.
     c = make_seq(list(range(4)) + [50, 51])
     assert kv.match_prefix(c) == 4 and kv.pop_copies() == []
+    c.num_computed_tokens = 4
     kv.grow(b, 8)
     kv.grow(c, 6)
     assert kv.prefix_queries == 10 + 8 + 6 and kv.prefix_hits == 0 + 7 + 4

@@ -16,9 +16,9 @@ from nanoslg.bench.metrics import RequestTiming, distribution, percentile, summa
 from nanoslg.bench.record import aggregate, make_record, swept_keys, write_record
 from nanoslg.bench.runner import drive, hydra_value, server_overrides
 from nanoslg.bench.workloads import BenchRequest, TokenSpace, get_workload, make_requests, token_space
-from nanoslg.compose import compose_config, compose_node
-from nanoslg.config import BenchConfig
-from nanoslg.errors import ConfigError
+from nanoslg.core.compose import compose_config, compose_node
+from nanoslg.core.config import BenchConfig
+from nanoslg.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -2,9 +2,9 @@
 import pytest
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from nanoslg.compose import compose_config
+from nanoslg.core.compose import compose_config
 from nanoslg.engine.detokenizer import IncrementalDetokenizer
-from nanoslg.errors import ConfigError
+from nanoslg.core.errors import ConfigError
 
 
 def test_detokenizer_never_splits_a_character(demo_tokenizer):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nanoslg import LLM, SamplingParams
-from nanoslg.errors import RequestError
+from nanoslg.core.errors import RequestError
 
 CHECKPOINTS = ["tiny_llama", "tiny_llama_tied", "tiny_llama3_rope", "tiny_qwen2", "tiny_qwen3"]
 NEW = 32
@@ -62,7 +62,7 @@ def test_scheduling_changes_no_token(overrides, tiny_llama, hf_greedy):
 
 def test_overlap_feeds_the_token_in_flight(tiny_llama, hf_greedy):
     """With overlap on, decodes are launched before the token they feed has reached the host."""
-    from nanoslg.scheduler.plan import PLACEHOLDER
+    from nanoslg.core.plan import PLACEHOLDER
 
     with LLM(f"model.path={tiny_llama}", "cache=paged", "scheduler.max_num_batched_tokens=16") as llm:
         ex = llm.engine.executor
@@ -137,7 +137,7 @@ def test_min_tokens_masks_eos(tiny_llama):
         p = prompts_for(llm.engine.vocab_size)[1]
         base = llm.generate([p], greedy(16))[0].token_ids
         eos = base[2]  # pretend the third greedy token is EOS
-        llm.engine.eos_token_ids = (eos,)
+        llm.engine.outputs.eos_token_ids = (eos,)
         plain = llm.generate([p], SamplingParams(temperature=0, max_tokens=16))[0]
         held = llm.generate([p], SamplingParams(temperature=0, max_tokens=16, min_tokens=5))[0]
     assert plain.token_ids == base[:3] and plain.finish_reason == "stop"
@@ -195,7 +195,7 @@ def test_pinned_staging_ring():
     after waiting for the step that last filled it."""
     import numpy as np
 
-    from nanoslg.tensors import PinnedStaging
+    from nanoslg.core.tensors import PinnedStaging
 
     class Ring(PinnedStaging):
         def _alloc(self, nbytes):

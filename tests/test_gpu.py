@@ -184,7 +184,7 @@ def test_flashinfer_sampling_matches_torch():
     within 0.015 of the exact probabilities (over 4 standard deviations), nothing outside the mask."""
     pytest.importorskip("flashinfer")
     from nanoslg.model.sampler import Sampler, top_k_top_p
-    from nanoslg.scheduler.plan import NewSeq
+    from nanoslg.core.plan import NewSeq
 
     torch.manual_seed(0)
     V, N = 64, 20000

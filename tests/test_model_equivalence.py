@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from nanoslg.cache.base import CacheContext
-from nanoslg.errors import ConfigError
-from nanoslg.model import ModelArgs, Sampler, load_args, load_model, shape_path
-from nanoslg.engine.sampling_params import SamplingParams
-from nanoslg.parallel.state import ParallelState
-from nanoslg.scheduler.plan import NewSeq
+from nanoslg.cache.backend import CacheContext
+from nanoslg.core.errors import ConfigError
+from nanoslg.model.hf_config import ModelArgs, load_args, shape_path
+from nanoslg.model.loader import load_model
+from nanoslg.model.sampler import Sampler
+from nanoslg.core.sampling_params import SamplingParams
+from nanoslg.core.dist import ParallelState
+from nanoslg.core.plan import NewSeq
 
 CHECKPOINTS = ["tiny_llama", "tiny_llama_tied", "tiny_llama3_rope", "tiny_qwen2", "tiny_qwen3"]
 

@@ -5,8 +5,8 @@ import asyncio
 import random
 
 from nanoslg import LLM, SamplingParams
-from nanoslg.engine.async_engine import collect
-from nanoslg.scheduler.plan import PLACEHOLDER
+from nanoslg.engine.stream import collect
+from nanoslg.core.plan import PLACEHOLDER
 
 CHURN = ["cache=paged", "cache.page_size=4", "cache.max_num_tokens=96", "scheduler.max_num_batched_tokens=24",
          "scheduler.max_num_seqs=6"]

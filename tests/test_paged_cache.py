@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanoslg.cache.base import KVSpec
+from nanoslg.cache.backend import KVSpec
 from nanoslg.cache.paged import PagedKVManager
 from nanoslg.cache.paged_torch import PagedTorchBackend
 from nanoslg.cache.sdpa import attend_one
-from nanoslg.engine.sampling_params import SamplingParams
-from nanoslg.engine.sequence import Sequence
-from nanoslg.scheduler.plan import SeqStep, StepPlan
+from nanoslg.core.sampling_params import SamplingParams
+from nanoslg.core.sequence import Sequence
+from nanoslg.core.plan import SeqStep, StepPlan
 
 HQ, HKV, D, LAYERS = 4, 2, 8, 2
 
@@ -51,15 +51,16 @@ def test_paged_torch_attention_with_chunks_prefix_hits_and_copy_on_write():
     kv = PagedKVManager(16, 4)
     ref: dict = {}
     params = SamplingParams(max_tokens=4)
-    a = Sequence("a", 0, list(range(11)), params)
+    a = Sequence("a", list(range(11)), params)
     kv.match_prefix(a)
     _run_step(backend, kv, [(a, 6)], ref, gen)  # chunked prefill: 6, then 5 over existing KV
     _run_step(backend, kv, [(a, 5)], ref, gen)
     a.token_ids.append(99)
     _run_step(backend, kv, [(a, 1)], ref, gen)  # a decode; caches a's full pages (0..7)
     # b shares 6 tokens with a: one full cached page and a copied partial page.
-    b = Sequence("b", 0, list(range(6)) + [50, 51, 52], params)
+    b = Sequence("b", list(range(6)) + [50, 51, 52], params)
     assert kv.match_prefix(b) == 6 and len(kv._copies) == 1
+    b.num_computed_tokens = 6  # what the scheduler does with the match
     for layer in range(LAYERS):  # b's reference KV for the shared prefix is a's
         ks, vs = ref[(a.seq_id, layer)]
         ref[(b.seq_id, layer)] = (ks[:6], vs[:6])
@@ -75,8 +76,8 @@ def test_paged_torch_attention_with_chunks_prefix_hits_and_copy_on_write():
 def test_auto_picks_sdpa_on_cpu_and_flashinfer_fails_clearly():
     from nanoslg.cache.auto import CPU_DEFAULT, resolve_backend
     from nanoslg.cache.flashinfer_backend import FlashInferBackend
-    from nanoslg.config import CacheConfig
-    from nanoslg.errors import ConfigError
+    from nanoslg.core.config import CacheConfig
+    from nanoslg.core.errors import ConfigError
 
     assert resolve_backend(CacheConfig(backend="auto"), torch.device("cpu")) == (CPU_DEFAULT, f"auto on CPU: {CPU_DEFAULT}")
     assert resolve_backend(CacheConfig(backend="paged"), torch.device("cpu"))[0] == "paged"
@@ -168,7 +169,7 @@ def test_chunked_prefill_on_a_cached_prefix(tiny_llama, uncached):
 def test_a_running_prompt_is_cached_as_soon_as_computed(tiny_llama, hf_greedy, overlap):
     """A request arriving while another decodes hits that prompt's full pages at once (the prompt
     ends mid-page, so decoding crosses no page boundary for a while)."""
-    from nanoslg.engine.async_engine import collect
+    from nanoslg.engine.stream import collect
 
     async def run(engine, a, b):
         first = engine.add_request(a, greedy())

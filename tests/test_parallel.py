@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nanoslg import LLM, SamplingParams
-from nanoslg.errors import ConfigError, EngineDeadError
+from nanoslg.core.errors import ConfigError, EngineDeadError
 
 NEW = 32
 MODES = {

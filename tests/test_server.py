@@ -494,7 +494,7 @@ class _DyingStream:
         return self
 
     async def __anext__(self):
-        from nanoslg.errors import EngineDeadError
+        from nanoslg.core.errors import EngineDeadError
 
         if self._items:
             return self._items.pop(0)

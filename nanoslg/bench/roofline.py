@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
-from nanoslg.errors import ConfigError
+from nanoslg.core.errors import ConfigError
 
 
 # -- model facts -------------------------------------------------------------------------------

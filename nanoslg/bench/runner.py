@@ -29,9 +29,9 @@ from nanoslg.bench.metrics import RequestTiming, peak_gpu_memory, summarize
 from nanoslg.bench.record import aggregate, experiment_dir, make_record, write_record
 from nanoslg.bench.workloads import (BenchRequest, TokenSpace, engine_requests, get_workload, token_space,
                                      warmup_requests)
-from nanoslg.config import Config
-from nanoslg.errors import ConfigError
-from nanoslg.loop import new_event_loop
+from nanoslg.core.config import Config
+from nanoslg.core.errors import ConfigError
+from nanoslg.core.loop import new_event_loop
 
 log = logging.getLogger("nanoslg.bench")
 REPO_DIR = Path(__file__).resolve().parent.parent.parent
@@ -148,7 +148,7 @@ async def drive(reqs: list[BenchRequest], send: Send, concurrency: Optional[int]
 
 
 def _sampling(cfg: Config, max_tokens: int):
-    from nanoslg.engine.sampling_params import SamplingParams
+    from nanoslg.core.sampling_params import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=float(extra(cfg, "temperature")),
                           ignore_eos=cfg.bench.ignore_eos)
@@ -171,7 +171,7 @@ def _run_engine(cfg: Config, figures: Optional[rl.Figures]) -> dict:
     try:
         reqs = engine_requests(cfg.bench, engine)
         _check_lengths(reqs, engine.max_model_len)
-        timings, wall = loop.run_until_complete(_engine_session(cfg, engine, reqs))
+        timings, wall, cascade_steps = loop.run_until_complete(_engine_session(cfg, engine, reqs))
         info = dict(getattr(engine, "info", {}) or {})
         facts = _facts(lambda: rl.facts_from_engine(engine))
         m = engine.metrics
@@ -183,7 +183,7 @@ def _run_engine(cfg: Config, figures: Optional[rl.Figures]) -> dict:
             # Per step, over the timed run (in the non-overlapped loop, "wait" is the whole step).
             "step_profile": m.profile.per_step_ms(),
             # Decode steps that ran cascade attention over a prefix every sequence shared.
-            "cascade_steps": getattr(_backend(engine), "cascade_steps", None),
+            "cascade_steps": cascade_steps,
         }
         results["kv_pool"] = _kv_pool(getattr(engine, "kv_capacity_tokens", None), getattr(engine, "kv_pool_bytes", None))
         results["peak_gpu_memory"] = peak_gpu_memory()
@@ -205,7 +205,7 @@ def _run_engine(cfg: Config, figures: Optional[rl.Figures]) -> dict:
     return results
 
 
-async def _engine_session(cfg: Config, engine, reqs: list[BenchRequest]) -> tuple[list[RequestTiming], float]:
+async def _engine_session(cfg: Config, engine, reqs: list[BenchRequest]) -> tuple[list[RequestTiming], float, int]:
     await engine.start()
     progress = bool(extra(cfg, "progress"))
 
@@ -229,18 +229,11 @@ async def _engine_session(cfg: Config, engine, reqs: list[BenchRequest]) -> tupl
     from nanoslg.engine.metrics import StepProfile
 
     engine.metrics.profile = StepProfile()  # the timed run only
-    backend = _backend(engine)
-    if backend is not None:
-        backend.cascade_steps = 0
+    cascade_before = engine.cascade_steps
     timings, wall = await drive(reqs, send, cfg.bench.concurrency, progress, desc=f"nanoslg {cfg.bench.workload}")
     if timings and all(t.error for t in timings):
         raise RuntimeError(f"every bench request failed; the first: {timings[0].error}")
-    return timings, wall
-
-
-def _backend(engine):
-    """Rank 0's cache backend where it lives in this process (single GPU, CPU), else None."""
-    return getattr(getattr(getattr(engine, "executor", None), "rt", None), "backend", None)
+    return timings, wall, engine.cascade_steps - cascade_before
 
 
 def _free_memory() -> None:
@@ -419,7 +412,7 @@ class ServerProcess:
 
 def _checkpoint_space(cfg: Config) -> tuple[TokenSpace, dict, str]:
     """Token space and config.json of the served model, read from its checkpoint folder."""
-    from nanoslg.parallel.build import resolve_checkpoint
+    from nanoslg.model.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(cfg)
     with open(os.path.join(ckpt.path, "config.json")) as f:

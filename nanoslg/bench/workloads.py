@@ -17,9 +17,9 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from nanoslg.config import BenchConfig
-from nanoslg.errors import ConfigError
-from nanoslg.registry import BENCHMARKS
+from nanoslg.core.config import BenchConfig
+from nanoslg.core.errors import ConfigError
+from nanoslg.core.registry import BENCHMARKS
 
 
 @dataclass
@@ -173,7 +173,7 @@ def warmup_requests(b: BenchConfig, reqs: list[BenchRequest]) -> list[BenchReque
 def warm_requests(llm, b: BenchConfig) -> tuple[list[BenchRequest], list]:
     """For the profiling scripts: the requests with greedy params (EOS ignored), after the bench's
     own warm-up, so the timed run starts as cold as the bench's."""
-    from nanoslg.engine.sampling_params import SamplingParams
+    from nanoslg.core.sampling_params import SamplingParams
 
     reqs = engine_requests(b, llm.engine)
     params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]

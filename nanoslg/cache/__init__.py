@@ -1,2 +1,2 @@
-"""KV cache: managers (rank-0 accounting) and backends (per-rank tensors). Importing registers them."""
-from nanoslg.cache import flashinfer_backend, paged_torch, sdpa  # noqa: F401  (flashinfer loads lazily)
+"""KV cache: managers (rank-0 accounting of pages and the prefix tree) and backends (each rank's KV
+tensors and attention kernels). Backends register in nanoslg.core.registry.CACHE_BACKENDS."""

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from nanoslg.config import CacheConfig
+from nanoslg.core.config import CacheConfig
 
 # The backend `auto` picks on the CPU. "sdpa" keeps the plain slab path; "paged" would turn prefix
 # caching on for CPU runs too. One constant so that choice is made in one place.

@@ -19,24 +19,24 @@ from __future__ import annotations
 
 import torch
 
-from nanoslg.cache.base import CacheBackend, CacheContext, KVManager, KVSpec, positions_of
+from nanoslg.cache.auto import flashinfer_status
+from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_of
 from nanoslg.cache.cascade import shared_prefix_pages
-from nanoslg.errors import ConfigError
-from nanoslg.registry import CACHE_BACKENDS
-from nanoslg.scheduler.plan import StepPlan
-from nanoslg.tensors import pinned, to_device
+from nanoslg.cache.flashinfer_graph import FlashInferGraphs
+from nanoslg.core.errors import ConfigError
+from nanoslg.core.registry import CACHE_BACKENDS
+from nanoslg.core.plan import StepPlan
+from nanoslg.core.tensors import pinned, to_device
 
 WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended float workspace per wrapper
 
 
 def _import_flashinfer(device: torch.device):
-    from nanoslg.cache.auto import flashinfer_status
-
     ok, why = flashinfer_status(device)
     if not ok:
         raise ConfigError(f"cache.backend=flashinfer cannot run here: {why}; use cache.backend=sdpa "
                           "(or cache=auto, which picks what runs)")
-    import flashinfer
+    import flashinfer  # deferred: a GPU-only dependency, imported when this backend is built
 
     return flashinfer
 
@@ -78,21 +78,14 @@ class FlashInferContext(CacheContext):
             self.kv_indices, self.kv_indptr, self.kv_last_page_len, kv_layout="NHD")
         if self.level0 is None:
             return self.wrapper.run(q.contiguous(), cache)
-        return cascade_run(self.backend.fi, self.wrapper, self.level0, q.contiguous(), cache)
-
-
-def cascade_run(fi, own, shared, q: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Each query against its own pages and against the shared prefix, merged by log-sum-exp."""
-    out, lse = own.run(q, cache, return_lse=True)
-    out0, lse0 = shared.run(q, cache, return_lse=True)
-    fi.merge_state_in_place(out, lse, out0, lse0)
-    return out
+        return self.backend.cascade_run(self.wrapper, self.level0, q.contiguous(), cache)
 
 
 @CACHE_BACKENDS.register("flashinfer")
 class FlashInferBackend(CacheBackend):
     name = "flashinfer"
     paged = True
+    supports_graphs = True
 
     def __init__(self, spec: KVSpec, page_size: int, num_qo_heads: int | None = None):
         super().__init__(spec, page_size)
@@ -112,6 +105,7 @@ class FlashInferBackend(CacheBackend):
         self._decode = None  # built once the GQA group size is known (tensor cores or not)
         self.scale = spec.head_dim ** -0.5
         self._plan_events: dict = {}  # wrapper -> event recorded after its last plan()
+        self._graphs: FlashInferGraphs | None = None  # the CUDA-graph buffers, once init_graphs ran
 
     def allocate(self, num_pages: int) -> None:
         s = self.spec
@@ -126,6 +120,26 @@ class FlashInferBackend(CacheBackend):
             src = to_device([c[0] for c in copies], torch.long, dev)
             dst = to_device([c[1] for c in copies], torch.long, dev)
             self.pool[:, dst] = self.pool[:, src]
+
+    # -- CUDA-graph hooks (flashinfer_graph.py holds the buffers) --------------------------------
+    def init_graphs(self, max_bs: int, max_model_len: int) -> None:
+        self._graphs = FlashInferGraphs(self, self._decode_ws, self._prefill_ws, max_bs, max_model_len)
+
+    def graph_variants(self, bs: int) -> tuple[str, ...]:
+        return self._graphs.variants(bs)
+
+    def capture_context(self, bs: int, variant: str) -> CacheContext:
+        return self._graphs.capture_context(bs, variant)
+
+    def prepare_replay(self, bs: int, plan: StepPlan) -> str:
+        return self._graphs.prepare_replay(bs, plan)
+
+    def cascade_run(self, own, shared, q: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        """Each query against its own pages and against the shared prefix, merged by log-sum-exp."""
+        out, lse = own.run(q, cache, return_lse=True)
+        out0, lse0 = shared.run(q, cache, return_lse=True)
+        self.fi.merge_state_in_place(out, lse, out0, lse0)
+        return out
 
     def _decode_wrapper(self):
         if self._decode is None:
@@ -223,11 +237,6 @@ class FlashInferBackend(CacheBackend):
                       causal=False, q_data_type=s.dtype, kv_data_type=s.dtype, sm_scale=self.scale)
         return wrapper
 
-    @classmethod
-    def make_manager(cls, num_pages: int, page_size: int, prefix_caching: bool) -> KVManager:
-        from nanoslg.cache.paged import PagedKVManager
-
-        return PagedKVManager(num_pages, page_size, prefix_caching)
 
 
 class _EmptyContext(CacheContext):

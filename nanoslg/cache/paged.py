@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence as Seq
 
 from nanoslg.cache.allocator import PageAllocator, PageError
-from nanoslg.cache.base import KVManager
+from nanoslg.cache.kv_manager import KVManager
 from nanoslg.cache.radix import Node, RadixTree
-from nanoslg.engine.sequence import Sequence
+from nanoslg.core.sequence import Sequence
 
 
 @dataclass
@@ -95,7 +95,6 @@ class PagedKVManager(KVManager):
             seq.kv_tokens = n
         st.cached = full
         st.lookup = (seq.num_prompt_tokens, min(n, seq.num_prompt_tokens))
-        seq.num_computed_tokens = n
         return n
 
     def next_page_key(self, seq: Sequence):

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoslg.cache.base import CacheBackend, CacheContext, KVManager, KVSpec, positions_of
+from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_of
 from nanoslg.cache.cascade import attend_lse, merge, shared_prefix_pages
 from nanoslg.cache.sdpa import attend_one
-from nanoslg.registry import CACHE_BACKENDS
-from nanoslg.scheduler.plan import StepPlan
-from nanoslg.tensors import to_device
+from nanoslg.core.registry import CACHE_BACKENDS
+from nanoslg.core.plan import StepPlan
+from nanoslg.core.tensors import to_device
 
 
 def step_slots(plan: StepPlan, page_size: int, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -116,8 +116,3 @@ class PagedTorchBackend(CacheBackend):
         return PagedTorchContext(self.pool, new_slots, seqs, positions_of(plan, dev), self.scale,
                                  kv_slots[0][:shared] if shared else None)
 
-    @classmethod
-    def make_manager(cls, num_pages: int, page_size: int, prefix_caching: bool) -> KVManager:
-        from nanoslg.cache.paged import PagedKVManager
-
-        return PagedKVManager(num_pages, page_size, prefix_caching)

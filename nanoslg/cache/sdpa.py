@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanoslg.cache.base import CacheBackend, CacheContext, KVSpec, positions_of
-from nanoslg.registry import CACHE_BACKENDS
-from nanoslg.scheduler.plan import StepPlan
+from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_of
+from nanoslg.core.registry import CACHE_BACKENDS
+from nanoslg.core.plan import StepPlan
 
 
 def causal_mask(start: int, n: int, device: torch.device) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """KV accounting without pages or sharing: each sequence reserves whole pages' worth of tokens."""
 from __future__ import annotations
 
-from nanoslg.cache.base import KVManager
-from nanoslg.engine.sequence import Sequence
+from nanoslg.cache.kv_manager import KVManager
+from nanoslg.core.sequence import Sequence
 
 
 class TokenBudgetManager(KVManager):

@@ -1,10 +1,11 @@
 """The engine loop: one asyncio loop alternates scheduling with model steps run in a worker thread.
 
-    schedule -> await step (worker thread, its own CUDA stream) -> update sequences -> push deltas
+    schedule -> await step (worker thread, its own CUDA stream) -> commit tokens -> process outputs
 
 The loop never blocks on the model, so an HTTP server on the same loop keeps answering while a
 step runs. With overlap scheduling (one GPU) two steps are in flight: the host prepares step N+1 while
-the device runs step N. Each request owns a RequestStream of deltas.
+the device runs step N. Each request owns a RequestStream of deltas (stream.py); what a token means
+for its request (text, stops) is the output processor's (output_processor.py).
 """
 from __future__ import annotations
 
@@ -12,97 +13,46 @@ import asyncio
 import collections
 import dataclasses
 import gc
-import itertools
 import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Optional, Union
+from typing import Optional
 
 import numpy as np
 
-from nanoslg.engine.detokenizer import IncrementalDetokenizer
+from nanoslg.core.errors import EngineDeadError, RequestError
+from nanoslg.core.plan import StepPlan, StepResult
+from nanoslg.core.sampling_params import SamplingParams
 from nanoslg.engine.metrics import EngineMetrics
-from nanoslg.engine.outputs import CompletionOutput, Logprob, RequestOutput
-from nanoslg.engine.sampling_params import SamplingParams
-from nanoslg.engine.sequence import Sequence, SeqStatus
-from nanoslg.errors import EngineDeadError, RequestError
-from nanoslg.scheduler.plan import StepPlan, StepResult
+from nanoslg.engine.output_processor import OutputProcessor
+from nanoslg.engine.outputs import Prompt, RequestOutput
+from nanoslg.engine.stream import RequestStream, collect
+from nanoslg.parallel.executor import Executor
 from nanoslg.scheduler.scheduler import Scheduler
 
 log = logging.getLogger("nanoslg.engine")
-Prompt = Union[str, list[int]]
-
-
-class RequestStream:
-    """Async iterator over one request's deltas; ends after the delta with finished=True.
-
-    A deque and one waiter future rather than an asyncio.Queue: `put` runs once per token of every
-    running request, on the loop, between steps."""
-
-    def __init__(self, request_id: str):
-        self.request_id = request_id
-        self._items: collections.deque = collections.deque()
-        self._waiter: Optional[asyncio.Future] = None
-        self._done = False
-
-    def put(self, item: Union[RequestOutput, BaseException]) -> None:
-        self._items.append(item)
-        w = self._waiter
-        if w is not None:
-            self._waiter = None
-            if not w.done():
-                w.set_result(None)
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-        item = self._items.popleft()
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        self._done = item.finished
-        return item
-
-
-class _Request:
-    def __init__(self, rid: str, prompt: Optional[str], prompt_ids: list[int], params: SamplingParams,
-                 seqs: list[Sequence], stream: RequestStream):
-        self.id, self.prompt, self.prompt_ids, self.params = rid, prompt, prompt_ids, params
-        self.seqs, self.stream = seqs, stream
-        # Characters held back from the stream while they may still begin a stop string.
-        self.hold = max((len(s) for s in params.stop), default=1) - 1
-        self.arrival = time.monotonic()
-        self.first_token_time: Optional[float] = None
 
 
 class AsyncEngine:
-    def __init__(self, scheduler: Scheduler, executor, tokenizer, *, model_name: str, max_model_len: int,
+    def __init__(self, scheduler: Scheduler, executor: Executor, tokenizer, *, model_name: str, max_model_len: int,
                  vocab_size: int, eos_token_ids: tuple[int, ...], kv_pool_bytes: int = 0, info: dict | None = None):
         self.scheduler = scheduler
-        self.executor = executor  # a parallel strategy: execute(plan) -> StepResult, shutdown()
+        self.executor = executor
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
-        self.eos_token_ids = eos_token_ids
         self.kv_capacity_tokens = scheduler.kv.capacity_tokens
         self.kv_pool_bytes = kv_pool_bytes
         self.info = info or {}  # what the builder chose (backend, mode, dtype, ...) and why
         self.metrics = EngineMetrics()
-        self._requests: dict[str, _Request] = {}
-        self._seqs: dict[int, tuple[Sequence, _Request]] = {}
+        self.outputs = OutputProcessor(tokenizer, eos_token_ids, max_model_len, self.metrics, scheduler.finish)
         self._abort_pending: set[int] = set()  # aborted while a step holding them was in flight
         # Overlap needs an executor that splits a step into launch (no host sync) and collect.
-        self.overlap = bool(getattr(executor, "overlap", False))
+        self.overlap = executor.overlap
         scheduler.lookahead = self.overlap
-        self.max_inflight = 1 if self.overlap else getattr(executor, "max_inflight", 1)
+        self.max_inflight = 1 if self.overlap else executor.max_inflight
         self._thread = ThreadPoolExecutor(max_workers=self.max_inflight, thread_name_prefix="nanoslg-step")
         # Overlap: a second thread waits for the device, so the worker never holds a finished step's
         # tokens behind the launch of the next one.
@@ -119,8 +69,17 @@ class AsyncEngine:
         return self._dead is None and (self._task is None or not self._task.done())
 
     @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.outputs.eos_token_ids
+
+    @property
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
+
+    @property
+    def cascade_steps(self) -> int:
+        """Decode steps so far that read a prefix every sequence shared once (rank 0's backend)."""
+        return self.executor.backend.cascade_steps
 
     async def start(self) -> None:
         _tune_gc()
@@ -138,19 +97,11 @@ class AsyncEngine:
         text, ids = self._tokenize(prompt)
         params = self._fit_max_tokens(ids, params)
         rid = request_id or uuid.uuid4().hex
-        if rid in self._requests:
+        if rid in self.outputs.requests:
             raise RequestError(f"request id {rid!r} is already in use", param="request_id")
         stream = RequestStream(rid)
-        # With a seed, sample i of n draws from seed + i: reproducible, yet independent samples.
-        seqs = [Sequence(rid, i, ids, params if params.seed is None or i == 0 else
-                         dataclasses.replace(params, seed=params.seed + i)) for i in range(params.n)]
-        req = self._requests[rid] = _Request(rid, text, ids, params, seqs, stream)
-        for seq in seqs:
-            seq.eos_token_ids = self.eos_token_ids
-            seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) \
-                if self.tokenizer is not None else None
-            self._seqs[seq.seq_id] = (seq, req)
-            self.scheduler.add(seq)
+        for so in self.outputs.add_request(rid, text, ids, params, stream).outs:
+            self.scheduler.add(so.seq)
         self.metrics.prompt_tokens += len(ids)
         self._poke()
         return stream
@@ -162,27 +113,28 @@ class AsyncEngine:
         return await collect(stream)
 
     def abort(self, request_id: str) -> None:
-        req = self._requests.get(request_id)
+        req = self.outputs.requests.get(request_id)
         if req is None:
             return
-        for seq in req.seqs:
-            if seq.finished:
+        for so in req.outs:
+            if so.seq.finished:
                 continue
-            if seq.inflight:
-                self._abort_pending.add(seq.seq_id)  # finished when its step comes back
+            if so.seq.inflight:
+                self._abort_pending.add(so.seq.seq_id)  # finished when its step comes back
             else:
-                self._finish(req, seq, "abort")
+                self._end(so, "abort")
         self._poke()
 
     async def shutdown(self, timeout: float = 0.0) -> None:
         """Stop accepting; let running requests finish for up to `timeout` s; abort the rest."""
         self._accepting = False
         deadline = time.monotonic() + timeout
-        while self._requests and self.is_alive and time.monotonic() < deadline:
+        requests = self.outputs.requests
+        while requests and self.is_alive and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        for rid in list(self._requests):
+        for rid in list(requests):
             self.abort(rid)
-        while self._requests and self.is_alive and self._task is not None:
+        while requests and self.is_alive and self._task is not None:
             await asyncio.sleep(0.01)  # let the loop release the aborted sequences' KV
         if self._task is not None:
             self._task.cancel()
@@ -257,25 +209,21 @@ class AsyncEngine:
         except BaseException as e:  # the engine cannot go on: fail every request, never hang
             log.exception("engine loop died")
             self._dead = e
-            for req in list(self._requests.values()):
-                req.stream.put(EngineDeadError(f"the engine stopped: {e!r}"))
-            self._requests.clear()
+            self.outputs.fail_all(EngineDeadError(f"the engine stopped: {e!r}"))
 
     async def _idle(self) -> None:
         """Nothing to run: sleep until a request arrives (checking on worker ranks meanwhile)."""
         try:
             await asyncio.wait_for(self._wake.wait(), timeout=1.0)
         except asyncio.TimeoutError:
-            check = getattr(self.executor, "check_alive", None)
-            if check is not None:
-                check()  # a dead worker rank raises here
+            self.executor.check_alive()  # a dead worker rank raises here
 
     async def _run_overlapped(self) -> None:
         """Two steps in flight: while the device runs step N, the host processes step N-1's tokens,
         schedules step N+1 and launches it. The worker thread launches, then waits for the step
-        before; when the step it launches is an eager one (a prefill: 17-47 ms of Python in the H100
-        traces), the collector thread waits instead, so a finished step's tokens do not sit behind
-        that launch. A decode launch is short, and waiting behind it keeps the two threads off the
+        before; when the step it launches is an eager one (a prefill, whose Python launch is long),
+        the collector thread waits instead, so a finished step's tokens do not sit behind that
+        launch. A decode launch is short, and waiting behind it keeps the two threads off the
         GIL at once."""
         inflight: collections.deque = collections.deque()  # (plan, future of its launch handle)
         while True:
@@ -331,43 +279,16 @@ class AsyncEngine:
                 self._process_timed(inflight.pop(fut), fut.result())
 
     def _process(self, plan: StepPlan, result: StepResult) -> None:
-        """Appends a step's tokens and streams one delta per request. It runs once per step for every
-        running sequence, so it is written for speed: one pass, a request of one sample emits at once."""
-        now = time.monotonic()
-        seqs = self._seqs
-        for st in plan.seqs:
-            entry = seqs.get(st.seq_id)
-            if entry is not None:
-                entry[0].inflight -= 1
-        grouped: dict[str, list[CompletionOutput]] = {}  # requests of n > 1: one delta for all samples
-        lps = result.logprobs or itertools.repeat(None)
-        finished, aborting = SeqStatus.FINISHED, self._abort_pending
-        for seq_id, tok, lp in zip(result.seq_ids, result.token_ids, lps):
-            entry = seqs.get(seq_id)
-            if entry is None:
-                continue
-            seq, req = entry
-            if seq.status is finished:
-                continue  # lookahead: finished while this step was in flight; its token is dropped
-            seq.num_pending -= 1
-            if seq_id in aborting:
-                self._finish(req, seq, "abort")
-                continue
-            out = self._append(req, seq, tok, lp, now)
-            if len(req.seqs) == 1:
-                self._emit(req, [out])
-            else:
-                grouped.setdefault(req.id, []).append(out)
-        self.metrics.generation_tokens += len(result.token_ids)
-        if aborting:  # aborted mid-step without sampling
+        """A step came back: the scheduler appends its tokens, the output processor streams them."""
+        sampled = self.scheduler.commit(plan, result)
+        if self._abort_pending:  # aborted while this step ran: they end now, their tokens unsent
+            outs, aborting = self.outputs.outs, self._abort_pending
             for st in plan.seqs:
-                entry = seqs.get(st.seq_id)
-                if entry is not None and st.seq_id in aborting and not entry[0].finished:
-                    self._finish(entry[1], entry[0], "abort")
-        for rid, outs in grouped.items():
-            req = self._requests.get(rid)
-            if req is not None:
-                self._emit(req, outs)
+                so = outs.get(st.seq_id)
+                if so is not None and st.seq_id in aborting and not so.seq.finished:
+                    self._end(so, "abort")
+        self.outputs.process(sampled, time.monotonic())
+        self.metrics.generation_tokens += len(result.token_ids)
         self._update_gauges()
 
     def _update_gauges(self) -> None:
@@ -376,107 +297,21 @@ class AsyncEngine:
         m.preemptions = s.num_preemptions
         m.prefix_cache_queries, m.prefix_cache_hits = s.kv.prefix_queries, s.kv.prefix_hits
 
-    def _append(self, req: _Request, seq: Sequence, tok: int, lp, now: float) -> CompletionOutput:
-        """Appends one sampled token to `seq`; returns the delta to stream for it."""
-        seq.token_ids.append(tok)
-        last = seq.last_token_time
-        if last is None:
-            seq.first_token_time = now
-            if req.first_token_time is None:
-                req.first_token_time = now
-                self.metrics.time_to_first_token.observe(now - req.arrival)
-                self.metrics.request_queue_time.observe((seq.first_scheduled_time or now) - req.arrival)
-        else:
-            self.metrics.inter_token_latency.observe(now - last)
-        seq.last_token_time = now
-        out = CompletionOutput(seq.index, "", [tok])
-        if lp is not None:
-            logprob = Logprob(tok, lp[0], lp[1])
-            seq.logprobs.append(logprob)
-            if req.params.logprobs is not None:
-                out.logprobs = [logprob]
-        elif req.params.logprobs is not None:
-            out.logprobs = []
-        if seq.detok is not None:
-            seq.text += seq.detok.add(tok)
-        reason = self._stop_reason(seq, tok)
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-            out.finish_reason, out.stop_reason = reason, seq.stop_reason
-        if seq.detok is not None:
-            upto = max(seq.emitted, len(seq.text) - (0 if reason is not None else req.hold))
-            out.text = seq.text[seq.emitted:upto]
-            seq.emitted = upto
-        return out
-
-    def _stop_reason(self, seq: Sequence, tok: int) -> Optional[str]:
-        p = seq.params
-        n_out = seq.num_output_tokens
-        if n_out >= p.min_tokens:
-            if not p.ignore_eos and tok in seq.eos_token_ids:
-                return "stop"
-            if tok in p.stop_token_ids:
-                seq.stop_reason = tok
-                return "stop"
-            if p.stop and seq.detok is not None:
-                for stop in p.stop:
-                    at = seq.text.find(stop, max(0, seq.emitted - len(stop)))
-                    if at >= 0:
-                        seq.text = seq.text[:at]
-                        seq.stop_reason = stop
-                        return "stop"
-        if n_out >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            return "length"
-        return None
-
-    def _finish(self, req: _Request, seq: Sequence, reason: str) -> None:
-        """Ends one sequence outside the normal token path (abort) and emits its last delta."""
-        self._abort_pending.discard(seq.seq_id)
-        self.scheduler.finish(seq, reason)
-        self._emit(req, [CompletionOutput(seq.index, finish_reason=reason)])
+    def _end(self, so, reason: str) -> None:
+        """Ends one sequence outside the normal token path (abort)."""
+        self._abort_pending.discard(so.seq.seq_id)
+        self.outputs.end(so, reason)
         self._update_gauges()
         self._poke()
-
-    def _emit(self, req: _Request, outs: list[CompletionOutput]) -> None:
-        done = req.seqs[0].finished if len(req.seqs) == 1 else all(s.finished for s in req.seqs)
-        if len(outs) > 1:
-            outs.sort(key=lambda o: o.index)
-        req.stream.put(RequestOutput(req.id, req.prompt_ids, outs, done, req.seqs[0].num_cached_tokens, req.prompt))
-        if done:
-            now = time.monotonic()
-            self.metrics.e2e_request_latency.observe(now - req.arrival)
-            for seq in req.seqs:
-                self.metrics.requests_finished[seq.finish_reason] = \
-                    self.metrics.requests_finished.get(seq.finish_reason, 0) + 1
-                self._seqs.pop(seq.seq_id, None)
-            self._requests.pop(req.id, None)
 
 
 def _tune_gc() -> None:
     """Each step makes a few short-lived objects per running sequence; at the default gen-0 threshold
     (700) the collector ran several times a step and doubled the host's share of a 256-sequence step
-    (experiments/cpu_step_overhead.py on a 2-core CPU: 3.9 -> 2.0 ms). What start-up built (model, tokenizer) is frozen
-    out of later full collections."""
+    (experiments/cpu_step_overhead.py; experiments/README.md has the figures). What start-up built
+    (model, tokenizer) is frozen out of later full collections."""
     gen0, gen1, gen2 = gc.get_threshold()
     if gen0 < 10_000:
         gc.collect()
         gc.freeze()
         gc.set_threshold(10_000, max(gen1, 10), max(gen2, 10))
-
-
-async def collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-    """Accumulates a stream of deltas into one final RequestOutput."""
-    final: Optional[RequestOutput] = None
-    outs: dict[int, CompletionOutput] = {}
-    async for delta in stream:
-        final = delta
-        for d in delta.outputs:
-            o = outs.setdefault(d.index, CompletionOutput(d.index, logprobs=[] if d.logprobs is not None else None))
-            o.text += d.text
-            o.token_ids += d.token_ids
-            if d.logprobs:
-                o.logprobs = (o.logprobs or []) + d.logprobs
-            if d.finish_reason is not None:
-                o.finish_reason, o.stop_reason = d.finish_reason, d.stop_reason
-    final.outputs = [outs[i] for i in sorted(outs)]
-    return final

@@ -5,29 +5,29 @@ import json
 import logging
 import os
 
-from nanoslg.config import Config
+import torch
+from transformers import AutoTokenizer
+
+from nanoslg.core.config import Config
+from nanoslg.core.errors import ConfigError
+from nanoslg.core.registry import PARALLEL, SCHEDULERS
 from nanoslg.engine.async_engine import AsyncEngine
-from nanoslg.errors import ConfigError
-from nanoslg.registry import PARALLEL, SCHEDULERS
+from nanoslg.model.checkpoint import resolve_checkpoint
+from nanoslg.parallel.executor import Executor
+from nanoslg.runtime.build import blas_library
 from nanoslg.scheduler.scheduler import Scheduler
 
 log = logging.getLogger("nanoslg")
 
 
 def build_engine(cfg: Config) -> AsyncEngine:
-    import nanoslg.parallel.strategies  # noqa: F401  (registers the strategies)
-    from nanoslg.scheduler import register_all
-
-    register_all()
-    from nanoslg.parallel.build import blas_library, resolve_checkpoint
-
     ckpt = resolve_checkpoint(cfg)
     args = ckpt.args
     max_len = cfg.model.max_model_len or args.max_position_embeddings
     if max_len > args.max_position_embeddings:
         raise ConfigError(f"model.max_model_len={max_len} is over the checkpoint's "
                           f"max_position_embeddings={args.max_position_embeddings}")
-    executor = PARALLEL.get(cfg.parallel.mode)(cfg, ckpt)
+    executor: Executor = PARALLEL.get(cfg.parallel.mode)(cfg, ckpt)
     backend = executor.backend
     kv = backend.make_manager(executor.num_pages, cfg.cache.page_size, cfg.cache.prefix_caching)
     scheduler = Scheduler(cfg.scheduler, kv, SCHEDULERS.get(cfg.scheduler.policy)(cfg.scheduler))
@@ -47,11 +47,11 @@ def build_engine(cfg: Config) -> AsyncEngine:
         "kv_budget": executor.budget_why if cfg.cache.max_num_tokens is None else "cache.max_num_tokens",
         "prefix_caching": bool(cfg.cache.prefix_caching and kv.paged), "max_model_len": max_len,
         "cascade_attention": bool(backend.cascade),
-        "overlap": bool(getattr(executor, "overlap", False)),
+        "overlap": executor.overlap,
         # Resolved by rank 0's sampler (None where sampling runs in worker processes).
-        "sampling_kernels": rt.runner.sampler.kernels if rt is not None and rt.runner.sampler else None,
+        "sampling_kernels": rt.runner.sampler.kernels if rt.runner.sampler else None,
         "blas": blas_library(cfg.model.blas) if executor.device.type == "cuda" else None,
-        "cuda_graphs": getattr(rt.runner, "graphs", None) is not None if rt is not None else False,
+        "cuda_graphs": rt.runner.graphs is not None,
         # The whole model's KV per token (every layer and KV head), whatever the sharding.
         "kv_bytes_per_token": 2 * args.num_layers * args.num_kv_heads * args.head_dim * _elem(backend.spec.dtype),
     }
@@ -79,8 +79,6 @@ def _overlap_why(cfg: Config, on: bool) -> str:
 
 
 def _elem(dtype) -> int:
-    import torch
-
     return torch.empty((), dtype=dtype).element_size()
 
 
@@ -89,8 +87,6 @@ def _tokenizer(cfg: Config, ckpt):
     if path is None:
         log.info("no tokenizer in %s: prompts must be token ids, outputs carry no text", ckpt.path)
         return None
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(path)
 
 

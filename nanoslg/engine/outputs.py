@@ -1,8 +1,10 @@
-"""What the engine returns: per request, one CompletionOutput per sample."""
+"""What the engine takes (a Prompt) and returns: per request, one CompletionOutput per sample."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
+
+Prompt = Union[str, list[int]]  # text, or token ids
 
 
 @dataclass

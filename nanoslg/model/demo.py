@@ -14,6 +14,9 @@ import tempfile
 from typing import Optional
 
 import torch
+from safetensors.torch import save_file
+
+from nanoslg.core.machine import cache_root
 
 log = logging.getLogger("nanoslg.demo")
 
@@ -51,6 +54,7 @@ def corpus(max_chars: int) -> list[str]:
 
 def build_tokenizer(vocab_size: int = 4096, max_chars: int = 1_500_000):
     """A byte-level BPE tokenizer (every string round-trips) as a transformers PreTrainedTokenizerFast."""
+    # Deferred: transformers takes seconds to import, and only the first run builds the demo.
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -110,7 +114,7 @@ def write_generation_config(path: str, bos: int = BOS, eos=(EOS, IM_END), pad: i
 def ensure_demo_checkpoint(cache_dir: Optional[str] = None) -> str:
     """The demo checkpoint folder, built on first use (default ~/.cache/nanoslg/demo-v1; root
     overridable with NANOSLG_CACHE)."""
-    root = cache_dir or os.environ.get("NANOSLG_CACHE") or os.path.expanduser("~/.cache/nanoslg")
+    root = cache_dir or cache_root()
     final = os.path.join(root, VERSION)
     if os.path.isfile(os.path.join(final, "model.safetensors")):
         return final
@@ -118,8 +122,6 @@ def ensure_demo_checkpoint(cache_dir: Optional[str] = None) -> str:
     log.info("building the demo checkpoint in %s (once)", final)
     tmp = tempfile.mkdtemp(prefix=f".{VERSION}-", dir=root)
     try:
-        from safetensors.torch import save_file
-
         tok = build_tokenizer()
         tok.save_pretrained(tmp)
         cfg = llama_config(len(tok))

@@ -12,9 +12,9 @@ from typing import Any, Optional
 
 import torch
 
-from nanoslg.errors import ConfigError
+from nanoslg.core.errors import ConfigError
+from nanoslg.core.registry import ARCHITECTURES
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SHAPES_DIR = os.path.join(os.path.dirname(__file__), "shapes")
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
@@ -46,10 +46,10 @@ class ModelArgs:
     @classmethod
     def from_dict(cls, c: dict) -> "ModelArgs":
         archs = c.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED), None)
+        arch = next((a for a in archs if a in ARCHITECTURES), None)
         if arch is None:
             raise ConfigError(f"config.json architectures={archs!r} is not supported; "
-                              f"supported: {', '.join(SUPPORTED)}")
+                              f"supported: {', '.join(ARCHITECTURES.names())}")
         heads = c["num_attention_heads"]
         rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", None) or c.get("rope_theta") or 10000.0

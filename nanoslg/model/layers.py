@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoslg.errors import ConfigError
+from nanoslg.core.errors import ConfigError
 from nanoslg.model import kernels
-from nanoslg.parallel.state import get_state, tp_all_gather_last_dim, tp_all_reduce
+from nanoslg.core.dist import get_state, tp_all_gather_last_dim, tp_all_reduce
 
 
 def _shape(loaded) -> list[int]:

@@ -21,8 +21,8 @@ from torch import nn
 from nanoslg.model.hf_config import ModelArgs
 from nanoslg.model.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
                                   RotaryEmbedding, RowParallelLinear, SiluAndMul, VocabParallelEmbedding)
-from nanoslg.parallel.state import get_state
-from nanoslg.registry import ARCHITECTURES
+from nanoslg.core.dist import get_state
+from nanoslg.core.registry import ARCHITECTURES
 
 
 class Attention(nn.Module):

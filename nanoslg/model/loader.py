@@ -12,10 +12,10 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from nanoslg.errors import ConfigError
+from nanoslg.core.errors import ConfigError
 from nanoslg.model.hf_config import ModelArgs, load_args
-from nanoslg.parallel.state import get_state
-from nanoslg.registry import ARCHITECTURES
+from nanoslg.core.dist import get_state
+from nanoslg.core.registry import ARCHITECTURES
 
 
 # HF name piece -> (our fused parameter piece, shard id)

@@ -16,10 +16,10 @@ from typing import Optional
 
 import torch
 
-from nanoslg.engine.sampling_params import SamplingParams
-from nanoslg.errors import ConfigError
-from nanoslg.scheduler.plan import NewSeq
-from nanoslg.tensors import to_device, to_host
+from nanoslg.core.sampling_params import SamplingParams
+from nanoslg.core.errors import ConfigError
+from nanoslg.core.plan import NewSeq
+from nanoslg.core.tensors import to_device, to_host
 
 
 @dataclass

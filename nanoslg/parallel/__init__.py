@@ -1,5 +1,2 @@
-"""Parallel strategies (single, tp, pp, hybrid), process groups, the worker loop.
-
-Kept import-free: the model layers read `parallel.state`, and importing every strategy here would
-pull the model loader back in while it is being imported. `strategies` registers them all.
-"""
+"""Parallel strategies (single, tp, pp, hybrid): executors behind one protocol, process groups, the
+worker loop. Strategies register in nanoslg.core.registry.PARALLEL."""

@@ -12,13 +12,13 @@ Groups every rank holds:
 Separate groups let a worker receive the next plan while it computes the current one.
 
 One machine: the engine process spawns ranks 1.. (torch.multiprocessing, spawn). Several machines:
-`torchrun` starts every rank; rank 0 builds the engine as usual, the others call `maybe_run_worker`.
+`torchrun` starts every rank; rank 0 builds the engine as usual, the others call
+`worker.maybe_run_worker`.
 """
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -28,11 +28,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from nanoslg.config import Config
-from nanoslg.errors import ConfigError
-from nanoslg.parallel.build import (Checkpoint, RankRuntime, build_runner, kv_budget_bytes, num_pages_for,
-                                    resolve_checkpoint, resolve_device)
-from nanoslg.parallel.state import ParallelState, set_state
+from nanoslg.core.config import Config
+from nanoslg.core.dist import ParallelState, set_state
+from nanoslg.core.errors import ConfigError
+from nanoslg.core.machine import resolve_device
+from nanoslg.model.checkpoint import Checkpoint
+from nanoslg.runtime.build import RankRuntime, allocate_kv, build_runner, kv_budget_bytes, num_pages_for
 
 log = logging.getLogger("nanoslg.parallel")
 
@@ -96,7 +97,7 @@ def check_layout(cfg: Config, ckpt: Checkpoint) -> Layout:
                           f"each pipeline stage needs at least one layer (pp_size <= {a.num_layers})")
     stages = split_layers(a.num_layers, pp, p.stage_layers)
     world = tp * pp
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.model.device)
     backend = dist_backend(cfg, device)
     if device.type == "cuda":
         env = torchrun_env()
@@ -129,12 +130,6 @@ def torchrun_env() -> Optional[tuple[int, int, int]]:
     return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))
 
 
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Rank:
     """One rank's share of the run: its groups, its model shard/stage and KV pool."""
@@ -150,10 +145,6 @@ class Rank:
     budget_why: str
     hidden_size: int  # width of what stages send each other
 
-    @property
-    def is_sampler(self) -> bool:
-        return self.rank == self.layout.sampler_rank
-
 
 def init_rank(cfg: Config, ckpt: Checkpoint, layout: Layout, rank: int, local_rank: int,
               init_method: str) -> Rank:
@@ -161,7 +152,7 @@ def init_rank(cfg: Config, ckpt: Checkpoint, layout: Layout, rank: int, local_ra
 
     Every rank calls this in the same order of collective calls (group creation, the page-count MIN).
     """
-    device = resolve_device(cfg, local_rank)
+    device = resolve_device(cfg.model.device, local_rank)
     backend = dist_backend(cfg, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -189,7 +180,7 @@ def init_rank(cfg: Config, ckpt: Checkpoint, layout: Layout, rank: int, local_ra
         budget, why = kv_budget_bytes(cfg, rt)
     pages = torch.tensor([num_pages_for(cfg, rt, budget)], dtype=torch.long)
     dist.all_reduce(pages, op=dist.ReduceOp.MIN, group=ctrl)  # the scheduler's pool must fit every rank
-    rt.backend.allocate(int(pages.item()))
+    allocate_kv(cfg, rt, int(pages.item()), graphs=False)
     return Rank(rank, layout, state, rt, device, ctrl, result, int(pages.item()), why, ckpt.args.hidden_size)
 
 
@@ -213,22 +204,3 @@ def watch_parent(parent_pid: int, interval: float = 1.0) -> None:
                 os._exit(1)
 
     threading.Thread(target=loop, name="nanoslg-parent-watch", daemon=True).start()
-
-
-def maybe_run_worker(cfg: Config) -> bool:
-    """Under torchrun, ranks > 0 run the worker loop here and return True when it ends.
-
-    Call it first thing after the config is validated (run.py/cli.py); rank 0 (or any run not started
-    by torchrun, or parallel.mode=single) gets False and goes on to build the engine, which joins the
-    same env:// rendezvous.
-    """
-    env = torchrun_env()
-    if env is None or cfg.parallel.mode == "single" or env[0] == 0:
-        return False
-    from nanoslg.parallel.worker import run_worker
-
-    rank, _world, local_rank = env
-    ckpt = resolve_checkpoint(cfg)
-    layout = check_layout(cfg, ckpt)
-    run_worker(cfg, ckpt, layout, rank, local_rank, "env://", report=None)
-    return True

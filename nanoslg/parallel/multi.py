@@ -20,14 +20,15 @@ from typing import Optional
 
 import torch
 
-from nanoslg.config import Config
-from nanoslg.errors import ConfigError, EngineDeadError
-from nanoslg.parallel.build import on_stream, step_stream
-from nanoslg.parallel.launch import (HEARTBEAT_S, check_layout, free_port, init_rank, teardown,
-                                     torchrun_env)
-from nanoslg.parallel.worker import (StageWorker, broadcast_plan, broadcast_stop, recv_obj, spawn_entry)
-from nanoslg.registry import PARALLEL
-from nanoslg.scheduler.plan import StepPlan, StepResult
+from nanoslg.core.config import Config
+from nanoslg.core.errors import ConfigError, EngineDeadError
+from nanoslg.core.machine import free_port, resolve_device
+from nanoslg.core.plan import StepPlan, StepResult
+from nanoslg.core.registry import PARALLEL
+from nanoslg.model.checkpoint import Checkpoint
+from nanoslg.parallel.launch import HEARTBEAT_S, check_layout, init_rank, teardown, torchrun_env
+from nanoslg.parallel.worker import StageWorker, broadcast_plan, broadcast_stop, recv_obj, spawn_entry
+from nanoslg.runtime.build import on_stream, step_stream
 
 log = logging.getLogger("nanoslg.parallel")
 
@@ -37,7 +38,9 @@ ORDER_WAIT_S = 5.0  # a step waits this long for its predecessor before going an
 
 @PARALLEL.register("tp", "pp", "hybrid")
 class MultiExecutor:
-    def __init__(self, cfg: Config, ckpt):
+    overlap = False  # a step's plan goes to every rank first: steps run whole, pipelined across stages
+
+    def __init__(self, cfg: Config, ckpt: Checkpoint):
         self.cfg = cfg
         self.layout = layout = check_layout(cfg, ckpt)
         self.max_inflight = layout.pp  # a micro-batch per stage
@@ -61,13 +64,13 @@ class MultiExecutor:
             rank, _, local_rank = env
             if rank != 0:
                 raise ConfigError(f"torchrun rank {rank} tried to build the engine; ranks > 0 must call "
-                                  "nanoslg.parallel.launch.maybe_run_worker(cfg) first (run.py does)")
+                                  "nanoslg.parallel.worker.maybe_run_worker(cfg) first (run.py does)")
             init_method = "env://"
         else:
             local_rank = 0
             host = cfg.parallel.master_addr
             init_method = f"tcp://{host}:{cfg.parallel.master_port or free_port(host)}"
-        if resolve_cpu(cfg):
+        if resolve_device(cfg.model.device).type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // layout.world))
         self._stage_thread = threading.Thread(target=self._stage_main, args=(cfg, ckpt, init_method, local_rank),
                                               name="nanoslg-stage0", daemon=True)
@@ -200,6 +203,13 @@ class MultiExecutor:
     def worker_pids(self) -> list[int]:
         return [p.pid for _, p in self._procs]
 
+    def launch(self, plan: StepPlan) -> StepResult:
+        """Without overlap a launch is the whole step; collect hands its result on."""
+        return self.execute(plan)
+
+    def collect(self, result: StepResult) -> StepResult:
+        return result
+
     def execute(self, plan: StepPlan) -> StepResult:
         self.check_alive()
         fut: Future = Future()
@@ -292,6 +302,3 @@ class MultiExecutor:
         if torch.get_num_threads() != self._threads_before:
             torch.set_num_threads(self._threads_before)
 
-
-def resolve_cpu(cfg: Config) -> bool:
-    return cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available())

@@ -5,48 +5,31 @@ With overlap (`scheduler.overlap`, the default) the engine calls `launch` for st
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from nanoslg.config import Config
-from nanoslg.model.runner import Launched
-from nanoslg.parallel.build import (RankRuntime, build_runner, kv_budget_bytes, num_pages_for, on_stream,
-                                    resolve_device, step_stream, warm_step_stream)
-from nanoslg.registry import PARALLEL
-from nanoslg.scheduler.plan import StepPlan, StepResult
-
-log = logging.getLogger("nanoslg.parallel")
+from nanoslg.core.config import Config
+from nanoslg.core.machine import free_device_memory, resolve_device
+from nanoslg.core.plan import StepPlan, StepResult
+from nanoslg.core.registry import PARALLEL
+from nanoslg.model.checkpoint import Checkpoint
+from nanoslg.runtime.build import (RankRuntime, allocate_kv, build_runner, kv_budget_bytes, num_pages_for,
+                                   on_stream, step_stream, warm_step_stream)
+from nanoslg.runtime.runner import Launched
 
 
 @PARALLEL.register("single")
 class SingleExecutor:
     max_inflight = 1
 
-    def __init__(self, cfg: Config, ckpt):
+    def __init__(self, cfg: Config, ckpt: Checkpoint):
         self.overlap = cfg.scheduler.overlap
-        self.device = resolve_device(cfg)
+        self.device: torch.device = resolve_device(cfg.model.device)
         self.rt: RankRuntime = build_runner(cfg, ckpt, self.device, sample=True)
         budget, self.budget_why = kv_budget_bytes(cfg, self.rt)
         self.num_pages = num_pages_for(cfg, self.rt, budget)
-        self.rt.backend.allocate(self.num_pages)
-        self._maybe_capture(cfg)
+        allocate_kv(cfg, self.rt, self.num_pages, graphs=True)
         self.stream = step_stream(self.device)
         warm_step_stream(cfg, self.rt, self.stream)
-
-    def _maybe_capture(self, cfg: Config) -> None:
-        """CUDA graphs for decode: FlashInfer on one GPU, unless model.enforce_eager."""
-        if cfg.model.enforce_eager or self.device.type != "cuda" or self.rt.backend_name != "flashinfer":
-            why = ("model.enforce_eager=true" if cfg.model.enforce_eager
-                   else "they need the flashinfer backend on a GPU")
-            log.info("decode runs eagerly (no CUDA graphs): %s", why)
-            return
-        from nanoslg.cache.flashinfer_graph import DecodeGraphs
-
-        max_len = cfg.model.max_model_len or self.rt.runner.model.args.max_position_embeddings
-        graphs = DecodeGraphs(self.rt.runner.model, self.rt.backend, min(cfg.scheduler.max_num_seqs, 512), max_len)
-        graphs.capture()
-        self.rt.runner.graphs = graphs
 
     @property
     def backend(self):
@@ -62,11 +45,10 @@ class SingleExecutor:
     def execute(self, plan: StepPlan) -> StepResult:
         return self.collect(self.launch(plan))
 
+    def check_alive(self) -> None:
+        """One process: nothing to lose but itself."""
+
     def shutdown(self) -> None:
         """Drops the model and the KV pool so their GPU memory is free for whatever runs next."""
-        import gc
-
         self.rt = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_device_memory()

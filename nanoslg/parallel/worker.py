@@ -22,9 +22,13 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from nanoslg.parallel.build import on_stream, step_stream
-from nanoslg.scheduler.plan import StepPlan, StepResult
-from nanoslg.tensors import to_device
+from nanoslg.core.compose import setup_logging
+from nanoslg.core.config import Config
+from nanoslg.core.plan import StepPlan, StepResult
+from nanoslg.model.checkpoint import Checkpoint, resolve_checkpoint
+from nanoslg.parallel.launch import (Layout, Rank, check_layout, init_rank, teardown, torchrun_env,
+                                     watch_parent)
+from nanoslg.runtime.build import on_stream, step_stream
 
 log = logging.getLogger("nanoslg.parallel")
 
@@ -83,49 +87,34 @@ def broadcast_stop(group) -> None:
 
 # -- one stage's step -------------------------------------------------------------------------------
 class StageWorker:
-    """Runs a plan on this rank's shard/stage (the same code on rank 0 and on the workers)."""
+    """Runs a plan on this rank's shard/stage (the same code on rank 0 and on the workers): the
+    model runner's step, with the hidden state received from the previous stage and sent on."""
 
-    def __init__(self, r):  # r: launch.Rank
+    def __init__(self, r: Rank):
         self.r = r
-        self.rt = r.rt
         self.runner = r.rt.runner
-        self.model = self.runner.model
         st = r.state
         tp = r.layout.tp
         self.prev = (st.pp_rank - 1) * tp + st.tp_rank if not st.is_first_stage else None
         self.next = (st.pp_rank + 1) * tp + st.tp_rank if not st.is_last_stage else None
-        self.is_last = st.is_last_stage
-        self.sampler = self.runner.sampler  # only on the sampling rank
+        self.samples = self.runner.sampler is not None  # the last stage's TP rank 0
 
-    @torch.inference_mode()
     def step(self, plan: StepPlan) -> Optional[StepResult]:
         """Returns the StepResult on the sampling rank (for a plan with sequences), else None."""
-        if not self.runner.begin(plan):
+        if not plan.seqs:
+            self.runner.launch(plan)  # bookkeeping only: frees what the plan released
             return None
-        input_ids, ctx, rows = self.runner.inputs(plan)
-        if self.prev is None:
-            out = self.model(input_ids, ctx.positions, ctx)
-        else:
-            hidden, residual = self._recv(plan.num_tokens)
-            out = self.model(input_ids, ctx.positions, ctx, hidden=hidden, residual=residual)
-        if not self.is_last:
-            hidden, residual = out
+        hidden_in = self._recv(plan.num_tokens) if self.prev is not None else None
+        launched = self.runner.launch(plan, hidden_in)
+        if launched.hidden_out is not None:
+            hidden, residual = launched.hidden_out
             dist.send(hidden.contiguous(), dst=self.next)
             dist.send(residual.contiguous(), dst=self.next)
             return None
-        hidden = out[0] if isinstance(out, tuple) else out
-        seq_ids = [s.seq_id for s in plan.seqs if s.sample]
-        if not rows:
-            return StepResult(plan.step_id, [], []) if self.sampler is not None else None
-        # Every TP rank of the last stage joins the logits gather; only TP rank 0 samples.
-        logits = self.model.compute_logits(hidden[to_device(rows, torch.long, hidden.device)])
-        if self.sampler is None:
-            return None
-        tokens, logprobs = self.sampler.sample(logits, seq_ids)
-        return StepResult(plan.step_id, seq_ids, tokens, logprobs)
+        return self.runner.collect(launched) if self.samples else None
 
     def _recv(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        spec = self.rt.spec
+        spec = self.r.rt.spec
         shape = (num_tokens, self.r.hidden_size)
         hidden = torch.empty(shape, dtype=spec.dtype, device=spec.device)
         residual = torch.empty(shape, dtype=spec.dtype, device=spec.device)
@@ -135,12 +124,9 @@ class StageWorker:
 
 
 # -- the loop of ranks > 0 ---------------------------------------------------------------------------
-def run_worker(cfg, ckpt, layout, rank: int, local_rank: int, init_method: str,
+def run_worker(cfg: Config, ckpt: Checkpoint, layout: Layout, rank: int, local_rank: int, init_method: str,
                report: Optional[Callable[[tuple], None]]) -> None:
     """Joins the groups, builds this rank's part, then runs plans until rank 0 says stop or is gone."""
-    from nanoslg.compose import setup_logging
-    from nanoslg.parallel.launch import init_rank, teardown
-
     setup_logging(cfg.log_level)
     try:
         r = init_rank(cfg, ckpt, layout, rank, local_rank, init_method)
@@ -178,16 +164,15 @@ def run_worker(cfg, ckpt, layout, rank: int, local_rank: int, init_method: str,
                 if isinstance(item, BaseException):
                     raise item
                 res = stage.step(item)
-                if res is not None and r.is_sampler:
+                if res is not None:
                     send_obj(res, 0, r.result)
     finally:
         teardown()
 
 
-def spawn_entry(cfg, ckpt, layout, rank: int, init_method: str, parent_pid: int, errq) -> None:
+def spawn_entry(cfg: Config, ckpt: Checkpoint, layout: Layout, rank: int, init_method: str, parent_pid: int,
+                errq) -> None:
     """Target of the processes the engine spawns (ranks 1..world-1 on one machine)."""
-    from nanoslg.parallel.launch import watch_parent
-
     watch_parent(parent_pid)
     try:
         run_worker(cfg, ckpt, layout, rank, rank, init_method, report=errq.put)
@@ -195,3 +180,20 @@ def spawn_entry(cfg, ckpt, layout, rank: int, init_method: str, parent_pid: int,
         log.error("rank %d stopped: %s", rank, e)
         os._exit(1)
     os._exit(0)  # skip interpreter teardown (CUDA/NCCL atexit hooks can hang in a child)
+
+
+def maybe_run_worker(cfg: Config) -> bool:
+    """Under torchrun, ranks > 0 run the worker loop here and return True when it ends.
+
+    Call it first thing after the config is validated (cli.py does); rank 0 (or any run not started
+    by torchrun, or parallel.mode=single) gets False and goes on to build the engine, which joins the
+    same env:// rendezvous.
+    """
+    env = torchrun_env()
+    if env is None or cfg.parallel.mode == "single" or env[0] == 0:
+        return False
+    rank, _world, local_rank = env
+    ckpt = resolve_checkpoint(cfg)
+    layout = check_layout(cfg, ckpt)
+    run_worker(cfg, ckpt, layout, rank, local_rank, "env://", report=None)
+    return True

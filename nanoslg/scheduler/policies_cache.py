@@ -8,10 +8,10 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
-from nanoslg.cache.base import KVManager
-from nanoslg.config import SchedulerConfig
-from nanoslg.engine.sequence import Sequence
-from nanoslg.registry import SCHEDULERS
+from nanoslg.cache.kv_manager import KVManager
+from nanoslg.core.config import SchedulerConfig
+from nanoslg.core.sequence import Sequence
+from nanoslg.core.registry import SCHEDULERS
 from nanoslg.scheduler.policy import Policy
 
 

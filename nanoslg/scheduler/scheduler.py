@@ -17,10 +17,10 @@ import itertools
 import time
 from typing import Optional
 
-from nanoslg.cache.base import KVManager
-from nanoslg.config import SchedulerConfig
-from nanoslg.engine.sequence import Sequence, SeqStatus
-from nanoslg.scheduler.plan import PLACEHOLDER, NewSeq, SeqStep, StepPlan
+from nanoslg.cache.kv_manager import KVManager
+from nanoslg.core.config import SchedulerConfig
+from nanoslg.core.plan import PLACEHOLDER, NewSeq, SeqStep, StepPlan, StepResult
+from nanoslg.core.sequence import Sequence, SeqStatus
 from nanoslg.scheduler.policy import Policy
 
 
@@ -35,6 +35,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # arrival order
         self.preempted: list[Sequence] = []  # re-admitted before anything new, oldest first
         self.running: list[Sequence] = []  # admission order
+        self._live: dict[int, Sequence] = {}  # every sequence added and not finished, by id
         self.num_preemptions = 0
         self._freed: list[int] = []
         self._finished: list[int] = []
@@ -44,10 +45,12 @@ class Scheduler:
     # -- queue changes --------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self._live[seq.seq_id] = seq
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Retire a sequence (finished or aborted): release its KV and drop it from the queues."""
         seq.finish_reason = reason
+        self._live.pop(seq.seq_id, None)
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.preempted:
@@ -76,6 +79,25 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self.preempted)
+
+    def commit(self, plan: StepPlan, result: StepResult) -> list[tuple[Sequence, int, object]]:
+        """A step came back: its sequences leave flight and each live one that sampled appends its
+        token. Returns (sequence, token, logprob entry) for those, in plan order; a sequence that
+        finished while the step was in flight (lookahead) is skipped and its token dropped."""
+        live = self._live
+        for st in plan.seqs:
+            seq = live.get(st.seq_id)
+            if seq is not None:
+                seq.inflight -= 1
+        out = []
+        lps = result.logprobs or itertools.repeat(None)
+        for seq_id, tok, lp in zip(result.seq_ids, result.token_ids, lps):
+            seq = live.get(seq_id)
+            if seq is not None:
+                seq.num_pending -= 1
+                seq.token_ids.append(tok)
+                out.append((seq, tok, lp))
+        return out
 
     # -- one step ------------------------------------------------------------------------------
     def schedule(self) -> Optional[StepPlan]:
@@ -116,7 +138,7 @@ class Scheduler:
                     break
                 if seq.inflight:  # preempted while its step ran: its token is not back yet
                     continue
-                cached = self.kv.match_prefix(seq)
+                cached = seq.num_computed_tokens = self.kv.match_prefix(seq)
                 key = self.kv.next_page_key(seq)
                 if key is not None and key in computing:
                     # Another sequence computes this page in this step: wait one step and hit the
@@ -190,9 +212,8 @@ class Scheduler:
                 seq.num_pending += 1
                 if not seq.sampler_registered:
                     seq.sampler_registered = True
-                    stop_ids = ([] if seq.params.ignore_eos else list(seq.eos_token_ids)) + seq.params.stop_token_ids
                     new.append(NewSeq(seq.seq_id, seq.params, seq.prompt_token_ids, seq.output_token_ids,
-                                      stop_ids))
+                                      list(seq.min_tokens_stop_ids)))
             else:
                 decode = False
             seq.inflight += 1

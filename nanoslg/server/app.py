@@ -19,8 +19,8 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.response import Stream
 
-from nanoslg.engine.sampling_params import SamplingParams
-from nanoslg.errors import EngineDeadError, RequestError
+from nanoslg.core.sampling_params import SamplingParams
+from nanoslg.core.errors import EngineDeadError, RequestError
 from nanoslg.server import protocol as P
 from nanoslg.server.protocol import APIError
 
@@ -578,6 +578,6 @@ def create_app(engine, server_cfg) -> Litestar:
 
 def server_config(**overrides) -> Any:
     """A ServerConfig with overrides (tests and embedding)."""
-    from nanoslg.config import ServerConfig
+    from nanoslg.core.config import ServerConfig
 
     return dataclasses.replace(ServerConfig(), **overrides)

@@ -15,8 +15,8 @@ from typing import Callable
 
 import uvicorn
 
-from nanoslg.config import Config
-from nanoslg.loop import loop_factory
+from nanoslg.core.config import Config
+from nanoslg.core.loop import loop_factory
 from nanoslg.server.app import create_app
 
 log = logging.getLogger("nanoslg.server")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from nanoslg.errors import RequestError
+from nanoslg.core.errors import RequestError
 
 
 @dataclass

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from nanoslg.config import Config, register_schema, validate
+from nanoslg.core.config import Config, register_schema, validate
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+REPO_DIR = Path(__file__).resolve().parents[2]  # the checkout: run.py, conf/, experiments/
+CONF_DIR = str(REPO_DIR / "conf")
 
 
 def compose_node(overrides: list[str]) -> DictConfig:

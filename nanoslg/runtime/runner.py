@@ -2,7 +2,9 @@
 
 A step is split in two so the engine can overlap steps: `launch` queues the whole step on the device
 and starts the copy of its tokens to the host without waiting for anything; `collect` waits for that
-copy. A decode fed a PLACEHOLDER reads the token the previous launch sampled, on the device.
+copy. A decode fed a PLACEHOLDER reads the token the previous launch sampled, on the device. Every
+parallel mode runs its steps through here: a pipeline stage passes the previous stage's hidden state
+in, and gets its own out to send on.
 """
 from __future__ import annotations
 
@@ -11,19 +13,22 @@ from typing import Optional
 
 import torch
 
+from nanoslg.core.plan import PLACEHOLDER, StepPlan, StepResult
+from nanoslg.core.tensors import STAGING, to_device
 from nanoslg.model.sampler import Sampled
-from nanoslg.scheduler.plan import PLACEHOLDER, StepPlan, StepResult
-from nanoslg.tensors import STAGING, to_device
+from nanoslg.runtime.graph_runner import GraphRunner
 
 
 @dataclass
 class Launched:
-    """A step queued on the device; its sampled tokens arrive in `sampled` once `event` fires."""
+    """A step queued on the device; its sampled tokens arrive in `sampled` once `event` fires. A
+    pipeline stage before the last holds its (hidden, residual) output in `hidden_out` instead."""
 
     step_id: int
     seq_ids: list[int]
     sampled: Optional[Sampled] = None
     event: Optional[torch.cuda.Event] = None
+    hidden_out: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 class ModelRunner:
@@ -32,9 +37,14 @@ class ModelRunner:
         self.backend = backend  # a CacheBackend: builds the step's CacheContext
         self.sampler = sampler  # None on ranks that do not sample
         self.device = device
-        self.graphs = None  # captured decode graphs (nanoslg.cache.flashinfer_graph), when enabled
+        self.graphs: Optional[GraphRunner] = None  # captured decode graphs, once capture_graphs ran
         self._last_ids: list[int] = []  # the sequences the last launch sampled, in row order
         self._last_tokens: Optional[torch.Tensor] = None  # and its draws, on the device
+
+    def capture_graphs(self, max_bs: int, max_model_len: int) -> None:
+        """Captures decode CUDA graphs up to `max_bs` sequences (the backend must have graph hooks)."""
+        self.graphs = GraphRunner(self.model, self.backend, max_bs, max_model_len)
+        self.graphs.capture()
 
     def input_ids(self, plan: StepPlan, seq_ids: Optional[list[int]] = None) -> torch.Tensor:
         """The step's flattened input ids; PLACEHOLDERs take the last launch's draws on the device.
@@ -79,21 +89,29 @@ class ModelRunner:
         return True
 
     @torch.inference_mode()
-    def launch(self, plan: StepPlan) -> Launched:
+    def launch(self, plan: StepPlan, hidden_in: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Launched:
+        """Queues this rank's part of the step. hidden_in: (hidden, residual) from the previous
+        pipeline stage, on every stage but the first."""
         STAGING.next_step()
         if not self.begin(plan):
             return Launched(plan.step_id, [])
         seq_ids = [s.seq_id for s in plan.seqs] if plan.decode else None
-        if self.graphs is not None and self.graphs.can_run(plan):
+        if self.graphs is not None and hidden_in is None and self.graphs.can_run(plan):
             seq_ids = seq_ids or [s.seq_id for s in plan.seqs]
             logits = self.graphs.run(plan, self.input_ids(plan, seq_ids))
         else:
             input_ids, ctx, rows = self.inputs(plan, seq_ids)
-            hidden = self.model(input_ids, ctx.positions, ctx)
+            stage_in = {} if hidden_in is None else {"hidden": hidden_in[0], "residual": hidden_in[1]}
+            out = self.model(input_ids, ctx.positions, ctx, **stage_in)
+            if self.model.lm_head is None:  # a pipeline stage before the last: its output goes on
+                return Launched(plan.step_id, [], hidden_out=out)
             seq_ids = [s.seq_id for s in plan.seqs if s.sample]
             if not rows:
                 return Launched(plan.step_id, [])
-            logits = self.model.compute_logits(hidden[to_device(rows, torch.long, self.device)])
+            # Every TP rank of the last stage joins the logits gather; only the sampling rank samples.
+            logits = self.model.compute_logits(out[to_device(rows, torch.long, self.device)])
+        if self.sampler is None:
+            return Launched(plan.step_id, [])
         sampled = self.sampler.sample_async(logits, seq_ids)
         self._last_ids, self._last_tokens = seq_ids, sampled.tokens
         event = None

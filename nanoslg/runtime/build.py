@@ -1,12 +1,11 @@
-"""Builds this rank's model runner from the config: checkpoint, device, dtype, model, KV backend.
+"""One rank's start-up: model, KV backend, sampler, GEMM library, KV pool size, CUDA graphs, stream.
 
-Every parallel strategy calls this on each of its ranks; `parallel.state` must be set first so the
-model builds only this rank's shard and stage.
+Every parallel strategy calls this on each of its ranks; the rank's `core.dist` state must be set
+first so the model builds only this rank's shard and stage.
 """
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -14,73 +13,18 @@ from typing import Optional
 import torch
 
 from nanoslg.cache.auto import resolve_backend
-from nanoslg.cache.base import CacheBackend, KVSpec
-from nanoslg.config import Config
-from nanoslg.errors import ConfigError
-from nanoslg.model.hf_config import ModelArgs, load_args, shape_path
+from nanoslg.cache.backend import CacheBackend, KVSpec
+from nanoslg.cache.sdpa import NoCacheContext
+from nanoslg.core.config import Config
+from nanoslg.core.dist import get_state
+from nanoslg.core.errors import ConfigError
+from nanoslg.core.registry import CACHE_BACKENDS
+from nanoslg.model.checkpoint import Checkpoint
 from nanoslg.model.loader import load_model, resolve_dtype
-from nanoslg.model.runner import ModelRunner
 from nanoslg.model.sampler import Sampler
-from nanoslg.parallel.state import get_state
-from nanoslg.registry import CACHE_BACKENDS
+from nanoslg.runtime.runner import ModelRunner
 
 log = logging.getLogger("nanoslg.build")
-
-
-@dataclass
-class Checkpoint:
-    path: str  # folder with config.json (and weights unless dummy)
-    args: ModelArgs
-    has_weights: bool
-    has_tokenizer: bool
-
-
-def resolve_checkpoint(cfg: Config) -> Checkpoint:
-    m = cfg.model
-    if m.path:
-        path = os.path.expanduser(m.path)
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ConfigError(f"model.path={m.path!r} is not a checkpoint folder (no config.json there)")
-    elif m.shape:
-        path = _shape_dir(m.shape)
-    elif m.name == "demo":
-        from nanoslg.model.demo import ensure_demo_checkpoint
-
-        path = ensure_demo_checkpoint()
-    else:
-        raise ConfigError(f"model.path is required for model={m.name!r} (a Hugging Face checkpoint folder)")
-    args = load_args(path)
-    has_weights = any(f.endswith(".safetensors") for f in os.listdir(path))
-    has_tok = any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
-    if m.load_format != "dummy" and not has_weights:
-        raise ConfigError(f"no *.safetensors in {path}; set model.path to a checkpoint with weights, "
-                          "or model.load_format=dummy for random weights")
-    return Checkpoint(path, args, has_weights, has_tok)
-
-
-def _shape_dir(shape: str) -> str:
-    """A bundled shape is one json file; the loader wants a folder with config.json, so make one."""
-    src = shape_path(shape)
-    cache = os.path.join(os.environ.get("NANOSLG_CACHE", os.path.expanduser("~/.cache/nanoslg")), "shapes", shape)
-    os.makedirs(cache, exist_ok=True)
-    dst = os.path.join(cache, "config.json")
-    with open(src) as f:
-        text = f.read()
-    if not os.path.exists(dst) or open(dst).read() != text:
-        tmp = f"{dst}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, dst)
-    return cache
-
-
-def resolve_device(cfg: Config, local_rank: int = 0) -> torch.device:
-    want = cfg.model.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("model.device=cuda but CUDA is not available; allowed here: auto, cpu")
-    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
 
 
 @dataclass
@@ -130,9 +74,9 @@ def build_runner(cfg: Config, ckpt: Checkpoint, device: torch.device, sample: bo
 
 
 def blas_library(choice: str) -> str:
-    """model.blas resolved. auto is cuBLAS: cuBLASLt takes about 4 ms to pick an algorithm for each
-    new shape (measured on an H100, torch 2.11), and eager prefill steps bring a new token count
-    almost every step; cuBLAS picks in about 0.25 ms, and its kernels ran as fast."""
+    """model.blas resolved. auto is cuBLAS: cuBLASLt takes much longer to pick an algorithm for each
+    new shape, and eager prefill steps bring a new token count almost every step, while the kernels
+    both pick run as fast (experiments/gemm_first_call.py; figures in experiments/README.md)."""
     return "cublas" if choice == "auto" else choice
 
 
@@ -187,8 +131,6 @@ def warm_step_stream(cfg: Config, rt: RankRuntime, stream: Optional[torch.cuda.S
 def full_budget_forward(cfg: Config, rt: RankRuntime) -> None:
     """A forward over scheduler.max_num_batched_tokens tokens (attention without any cache), and the
     logits of up to max_num_seqs rows: the most activation memory a step can take."""
-    from nanoslg.cache.sdpa import NoCacheContext
-
     st, args = get_state(), rt.runner.model.args
     n = min(cfg.scheduler.max_num_batched_tokens, 8192)
     dev = rt.spec.device
@@ -210,3 +152,18 @@ def num_pages_for(cfg: Config, rt: RankRuntime, budget_bytes: Optional[int]) -> 
     if cfg.cache.max_num_tokens is not None:
         return -(-cfg.cache.max_num_tokens // cfg.cache.page_size)
     return max(1, budget_bytes // page_bytes)
+
+
+def allocate_kv(cfg: Config, rt: RankRuntime, num_pages: int, graphs: bool) -> None:
+    """Allocates the KV pool, then captures decode CUDA graphs over it where they can run: a backend
+    with graph hooks on a GPU, unless model.enforce_eager (and the strategy allows them)."""
+    rt.backend.allocate(num_pages)
+    if not graphs:
+        return
+    if cfg.model.enforce_eager or rt.spec.device.type != "cuda" or not rt.backend.supports_graphs:
+        why = "model.enforce_eager=true" if cfg.model.enforce_eager else \
+            f"the {rt.backend_name} backend on {rt.spec.device.type} has no graph hooks"
+        log.info("decode runs eagerly (no CUDA graphs): %s", why)
+        return
+    max_len = cfg.model.max_model_len or rt.runner.model.args.max_position_embeddings
+    rt.runner.capture_graphs(min(cfg.scheduler.max_num_seqs, 512), max_len)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from nanoslg.engine.sampling_params import SamplingParams
+from nanoslg.core.sampling_params import SamplingParams
 
 # Overlap scheduling: a decode whose input is the token this sequence samples in the step still in
 # flight. The runner reads that token on the device, so the host never waits for it.

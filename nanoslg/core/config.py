@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from nanoslg.errors import ConfigError
+from nanoslg.core import registry
+from nanoslg.core.errors import ConfigError
 
 
 @dataclass
@@ -29,9 +30,8 @@ class ModelConfig:
     # torch, or flashinfer. The fused kernel takes batches with no per-request seed and no min_p;
     # the rest fall back to torch. Greedy batches take the argmax either way.
     sampling_kernels: str = "auto"
-    # GEMM library on CUDA: auto (cuBLAS), cublas, cublaslt. cuBLASLt spends about 4 ms choosing an
-    # algorithm the first time it meets a shape, and an eager prefill step brings a new token count
-    # (M) nearly every time; cuBLAS chooses in about 0.25 ms at the same kernel speed (H100, bf16).
+    # GEMM library on CUDA: auto (cuBLAS), cublas, cublaslt. cuBLASLt chooses an algorithm the first
+    # time it meets a shape, and eager prefill steps bring a new token count nearly every step.
     blas: str = "auto"
     tokenizer: Optional[str] = None  # defaults to path
 
@@ -44,8 +44,8 @@ class CacheConfig:
     max_num_tokens: Optional[int] = None  # KV pool size in tokens; overrides the memory sizing
     cpu_kv_gib: float = 2.0  # KV budget on the CPU
     prefix_caching: bool = True
-    # Decode steps whose sequences all share >= 256 cached prefix tokens (8+ sequences) read that
-    # prefix once per step, not once per sequence (paged backends; nanoslg/cache/cascade.py).
+    # Decode steps whose sequences all share a long cached prefix read it once per step, not once
+    # per sequence (paged backends; nanoslg/cache/cascade.py).
     cascade_attention: bool = True
 
 
@@ -139,7 +139,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.device": ("auto", "cuda", "cpu"),
     "model.sampling_kernels": ("auto", "torch", "flashinfer"),
     "model.blas": ("auto", "cublas", "cublaslt"),
-    "parallel.mode": ("single", "tp", "pp", "hybrid"),
     "parallel.dist_backend": ("auto", "nccl", "gloo"),
     "bench.peer": ("none", "hf"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -192,7 +191,7 @@ def validate(cfg: DictConfig) -> Config:
     _check_registries(cfg)
     mode, tp, pp = cfg.parallel.mode, cfg.parallel.tp_size, cfg.parallel.pp_size
     expect = {"single": (tp == 1 and pp == 1), "tp": pp == 1, "pp": tp == 1, "hybrid": True}
-    if not expect[mode]:
+    if not expect.get(mode, True):
         raise ConfigError(
             f"parallel.mode={mode!r} does not fit parallel.tp_size={tp}, parallel.pp_size={pp}; "
             "single needs both 1, tp needs pp_size=1, pp needs tp_size=1, hybrid takes any"
@@ -203,16 +202,9 @@ def validate(cfg: DictConfig) -> Config:
 
 
 def _check_registries(cfg: DictConfig) -> None:
-    # Import the registering modules so the registries are complete before checking names.
-    import nanoslg.cache  # noqa: F401  (registers the backends)
-    from nanoslg import registry
-    from nanoslg.scheduler import register_all
-
-    register_all()
-
-    for reg, value in (
-        (registry.CACHE_BACKENDS, cfg.cache.backend),
-        (registry.SCHEDULERS, cfg.scheduler.policy),
-    ):
-        if value != "auto" or reg is not registry.CACHE_BACKENDS:
-            reg.get(value)  # raises ValueError naming the key and the allowed values
+    """Names that select a plugin, checked against what the plugins declare (none is imported)."""
+    if cfg.cache.backend != "auto":
+        registry.CACHE_BACKENDS.check(cfg.cache.backend)
+    registry.SCHEDULERS.check(cfg.scheduler.policy)
+    registry.PARALLEL.check(cfg.parallel.mode)
+    registry.BENCHMARKS.check(cfg.bench.workload)

@@ -1,0 +1,72 @@
+"""The accounting seam: `KVManager` (rank 0, pure Python) decides how much KV memory each sequence
+holds, which pages it owns and which prompt prefix is already cached. The scheduler talks to it;
+it never writes a sequence's token counts (the scheduler owns those), only its KV fields
+(`block_table`, `kv_tokens`).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from nanoslg.core.sequence import Sequence
+
+
+class KVManager(ABC):
+    """Accounting of KV memory in pages of `page_size` tokens."""
+
+    paged: bool = False  # True: sequences carry block tables the backend reads
+
+    def __init__(self, num_pages: int, page_size: int, prefix_caching: bool = False):
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.prefix_caching = prefix_caching
+        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_hits = 0  # prompt tokens found cached
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    @abstractmethod
+    def num_free_pages(self) -> int: ...
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free_pages() / max(self.num_pages, 1)
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """On admission: reuse cached pages of the prompt. Returns how many tokens are already computed
+        (the scheduler sets seq.num_computed_tokens from it)."""
+        return 0
+
+    def next_page_key(self, seq: Sequence):
+        """With prefix caching: a key for the tokens up to the end of the first page this sequence
+        would compute next (two sequences computing the same page share it), else None. It only
+        decides whether a sequence waits a step to hit the cache, so a hash of the tokens will do: a
+        collision costs one step's wait, never a wrong token."""
+        return None
+
+    def has_room(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether the sequence already holds KV for `num_tokens` tokens (no grow needed). A decode
+        that stays inside its last page skips can_grow/grow: the scheduler's per-step fast path."""
+        return False
+
+    @abstractmethod
+    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether the sequence can hold `num_tokens` tokens of KV in total."""
+
+    @abstractmethod
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        """Reserve KV for `num_tokens` tokens in total (callers check can_grow first)."""
+
+    @abstractmethod
+    def release(self, seq: Sequence, finished: bool) -> None:
+        """Give back the sequence's KV; a finished sequence's pages may stay in the prefix cache."""
+
+    def pop_copies(self) -> list[tuple[int, int]]:
+        """Page copies (copy-on-write) the backend must run before the next step."""
+        return []
+
+    def flush(self) -> None:
+        """Drop every unreferenced cached prefix."""

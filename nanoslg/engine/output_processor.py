@@ -1,0 +1,173 @@
+"""Output processing, the one home of stop handling.
+
+For each sampled token it decides whether the sequence ends here (EOS, a stop token id, a stop
+string matched across token boundaries, max_tokens or the context) and what text to stream: text
+that may still begin a stop string is held back. It also decides which ids the sampler must mask
+while fewer than min_tokens were generated; the sampler only applies that mask. Requests, their
+per-sequence text state and their streams are kept here until the last delta is emitted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Optional
+
+from nanoslg.core.sampling_params import SamplingParams
+from nanoslg.core.sequence import Sequence, SeqStatus
+from nanoslg.engine.detokenizer import IncrementalDetokenizer
+from nanoslg.engine.metrics import EngineMetrics
+from nanoslg.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from nanoslg.engine.stream import RequestStream
+
+
+class SeqOutput:
+    """What the engine keeps for one sequence besides the scheduler's Sequence."""
+
+    __slots__ = ("seq", "req", "index", "detok", "text", "emitted", "stop_reason", "last_token_time")
+
+    def __init__(self, seq: Sequence, req: "RequestState", index: int, detok: Optional[IncrementalDetokenizer]):
+        self.seq, self.req, self.index, self.detok = seq, req, index, detok
+        self.text = ""  # detokenized output so far (a matched stop string cut off)
+        self.emitted = 0  # characters of text already streamed out
+        self.stop_reason: object = None  # the stop string or token id that matched
+        self.last_token_time: Optional[float] = None
+
+
+class RequestState:
+    def __init__(self, rid: str, prompt: Optional[str], prompt_ids: list[int], params: SamplingParams,
+                 stream: RequestStream):
+        self.id, self.prompt, self.prompt_ids, self.params, self.stream = rid, prompt, prompt_ids, params, stream
+        self.outs: list[SeqOutput] = []
+        # Characters held back from the stream while they may still begin a stop string.
+        self.hold = max((len(s) for s in params.stop), default=1) - 1
+        self.arrival = time.monotonic()
+        self.first_token_time: Optional[float] = None
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], max_model_len: int, metrics: EngineMetrics,
+                 finish: Callable[[Sequence, str], None]):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.metrics = metrics
+        self.finish = finish  # retires a sequence in the scheduler (frees its KV)
+        self.requests: dict[str, RequestState] = {}
+        self.outs: dict[int, SeqOutput] = {}  # seq_id -> its output state, while its request runs
+
+    def min_tokens_stop_ids(self, params: SamplingParams) -> tuple[int, ...]:
+        """Ids the sampler masks while fewer than min_tokens were generated: those that would stop."""
+        if params.min_tokens == 0:
+            return ()
+        return (() if params.ignore_eos else self.eos_token_ids) + tuple(params.stop_token_ids)
+
+    def add_request(self, rid: str, prompt: Optional[str], ids: list[int], params: SamplingParams,
+                    stream: RequestStream) -> RequestState:
+        """The request's state and its n sequences (not yet scheduled)."""
+        req = self.requests[rid] = RequestState(rid, prompt, ids, params, stream)
+        stop_ids = self.min_tokens_stop_ids(params)
+        for i in range(params.n):
+            # With a seed, sample i of n draws from seed + i: reproducible, yet independent samples.
+            p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
+            seq = Sequence(rid, ids, p, min_tokens_stop_ids=stop_ids)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) \
+                if self.tokenizer is not None else None
+            so = SeqOutput(seq, req, i, detok)
+            req.outs.append(so)
+            self.outs[seq.seq_id] = so
+        return req
+
+    # -- a step's tokens -------------------------------------------------------------------------
+    def process(self, sampled: list[tuple[Sequence, int, object]], now: float) -> None:
+        """Appends each sampled token's text and streams one delta per request. It runs once per step
+        for every running sequence, so it is one pass, and a request of one sample emits at once."""
+        grouped: dict[str, list[CompletionOutput]] = {}  # requests of n > 1: one delta for all samples
+        outs, finished, append, emit = self.outs, SeqStatus.FINISHED, self._append, self._emit
+        for seq, tok, lp in sampled:
+            so = outs.get(seq.seq_id)
+            if so is None or seq.status is finished:  # its request is gone, or it was aborted just now
+                continue
+            out = append(so, seq, tok, lp, now)
+            req = so.req
+            if len(req.outs) == 1:
+                emit(req, [out])
+            else:
+                grouped.setdefault(req.id, []).append(out)
+        for rid, delta in grouped.items():
+            req = self.requests.get(rid)
+            if req is not None:
+                self._emit(req, delta)
+
+    def _append(self, so: SeqOutput, seq: Sequence, tok: int, lp, now: float) -> CompletionOutput:
+        """The delta for one token the scheduler appended to `seq`; ends the sequence if it stops."""
+        req = so.req
+        last = so.last_token_time
+        if last is None:
+            if req.first_token_time is None:
+                req.first_token_time = now
+                self.metrics.time_to_first_token.observe(now - req.arrival)
+                self.metrics.request_queue_time.observe((seq.first_scheduled_time or now) - req.arrival)
+        else:
+            self.metrics.inter_token_latency.observe(now - last)
+        so.last_token_time = now
+        out = CompletionOutput(so.index, "", [tok])
+        if req.params.logprobs is not None:
+            out.logprobs = [Logprob(tok, lp[0], lp[1])] if lp is not None else []
+        if so.detok is not None:
+            so.text += so.detok.add(tok)
+        reason = self._stop_reason(so, seq, tok)
+        if reason is not None:
+            self.finish(seq, reason)
+            out.finish_reason, out.stop_reason = reason, so.stop_reason
+        if so.detok is not None:
+            upto = max(so.emitted, len(so.text) - (0 if reason is not None else req.hold))
+            out.text = so.text[so.emitted:upto]
+            so.emitted = upto
+        return out
+
+    def _stop_reason(self, so: SeqOutput, seq: Sequence, tok: int) -> Optional[str]:
+        p = seq.params
+        n_out = seq.num_output_tokens
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and tok in self.eos_token_ids:
+                return "stop"
+            if tok in p.stop_token_ids:
+                so.stop_reason = tok
+                return "stop"
+            if p.stop and so.detok is not None:
+                for stop in p.stop:
+                    at = so.text.find(stop, max(0, so.emitted - len(stop)))
+                    if at >= 0:
+                        so.text = so.text[:at]
+                        so.stop_reason = stop
+                        return "stop"
+        if n_out >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return "length"
+        return None
+
+    # -- ends outside the token path -------------------------------------------------------------
+    def end(self, so: SeqOutput, reason: str) -> None:
+        """Ends one sequence without a token (an abort) and emits its last delta."""
+        self.finish(so.seq, reason)
+        self._emit(so.req, [CompletionOutput(so.index, finish_reason=reason)])
+
+    def fail_all(self, error: BaseException) -> None:
+        for req in self.requests.values():
+            req.stream.put(error)
+        self.requests.clear()
+        self.outs.clear()
+
+    def _emit(self, req: RequestState, outs: list[CompletionOutput]) -> None:
+        done = req.outs[0].seq.finished if len(req.outs) == 1 else all(so.seq.finished for so in req.outs)
+        if len(outs) > 1:
+            outs.sort(key=lambda o: o.index)
+        seq0 = req.outs[0].seq
+        req.stream.put(RequestOutput(req.id, req.prompt_ids, outs, done, seq0.num_cached_tokens, req.prompt))
+        if done:
+            m = self.metrics
+            m.e2e_request_latency.observe(time.monotonic() - req.arrival)
+            for so in req.outs:
+                reason = so.seq.finish_reason
+                m.requests_finished[reason] = m.requests_finished.get(reason, 0) + 1
+                self.outs.pop(so.seq.seq_id, None)
+            self.requests.pop(req.id, None)
