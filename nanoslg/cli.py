@@ -14,6 +14,7 @@ log = logging.getLogger("nanoslg")
 
 
 def run(node: DictConfig) -> int:
+    # Each mode imports only what it runs: a torchrun worker needs no server, serving no benchmarks.
     try:
         cfg = validate(node)
         setup_logging(cfg.log_level)

@@ -22,7 +22,6 @@ MODES = {
     "pp": ["parallel=pp", "parallel.pp_size=2"],
     "hybrid": ["parallel=hybrid", "parallel.tp_size=2", "parallel.pp_size=2"],
 }
-HAS_PAGED = (Path(__file__).resolve().parent.parent / "nanoslg" / "cache" / "paged_torch.py").exists()
 
 
 def prompts_for(vocab: int, lengths=(3, 11, 26, 41), seed=0) -> list[list[int]]:
@@ -83,7 +82,6 @@ def test_greedy_equals_single_and_transformers(mode, tiny_llama, reference):
         assert llm.engine.scheduler.kv.usage() == 0.0
 
 
-@pytest.mark.skipif(not HAS_PAGED, reason="nanoslg/cache/paged_torch.py not written yet")
 @pytest.mark.parametrize("mode", ["tp", "pp"])
 def test_prefix_cache_hits_change_nothing(mode, tiny_llama, hf_greedy):
     with LLM(f"model.path={tiny_llama}", "cache=paged", "cache.page_size=4", *MODES[mode]) as llm:

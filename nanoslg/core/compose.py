@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from nanoslg.core.config import Config, register_schema, validate
@@ -13,9 +15,6 @@ CONF_DIR = str(REPO_DIR / "conf")
 
 
 def compose_node(overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     register_schema()
     if GlobalHydra.instance().is_initialized():  # inside a Hydra app: reuse its search path
         return compose("config", overrides=overrides)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from nanoslg.core import registry
@@ -164,8 +165,6 @@ RANGES: list[tuple[str, float, Optional[float], bool]] = [
 
 def register_schema() -> None:
     """Registers the schema with Hydra's ConfigStore (conf/config.yaml lists it first)."""
-    from hydra.core.config_store import ConfigStore
-
     ConfigStore.instance().store(name="nanoslg_schema", node=Config)
 
 

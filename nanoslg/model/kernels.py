@@ -11,7 +11,7 @@ import torch
 
 
 @functools.lru_cache(maxsize=None)
-def _flashinfer():
+def load_flashinfer():
     try:
         import flashinfer  # noqa: F401
 
@@ -30,7 +30,7 @@ def set_fused(enabled: bool) -> None:
 
 
 def use_fused(x: torch.Tensor) -> bool:
-    return _ENABLED and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _flashinfer() is not None
+    return _ENABLED and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and load_flashinfer() is not None
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -45,7 +45,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     the fused qkv output: FlashInfer's warp-per-head kernel reads it in place and writes a contiguous
     result, instead of a copy and one 16-thread block per head."""
     if use_fused(x) and x.dim() in (2, 3) and x.stride(-1) == 1:
-        return _flashinfer().norm.rmsnorm(x, weight, eps)
+        return load_flashinfer().norm.rmsnorm(x, weight, eps)
     return rms_norm_torch(x, weight, eps)
 
 
@@ -54,7 +54,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     """residual <- x + residual; returns (rms_norm(residual), residual)."""
     if use_fused(x) and x.dim() == 2:
         x, residual = x.contiguous(), residual.contiguous()
-        _flashinfer().norm.fused_add_rmsnorm(x, residual, weight, eps)  # in place, both tensors
+        load_flashinfer().norm.fused_add_rmsnorm(x, residual, weight, eps)  # in place, both tensors
         return x, residual
     residual = x + residual
     return rms_norm_torch(residual, weight, eps), residual
@@ -63,7 +63,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x = [gate | up] on the last dim -> silu(gate) * up."""
     if use_fused(x):
-        return _flashinfer().activation.silu_and_mul(x.contiguous())
+        return load_flashinfer().activation.silu_and_mul(x.contiguous())
     gate, up = x.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
 
@@ -86,6 +86,6 @@ def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     """In place on the GPU: q and k may be strided views of the fused qkv output (the kernel takes
     head and token strides), so no copy is made."""
     if use_fused(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
-        _flashinfer().rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, q.shape[-1], cos_sin, True)
+        load_flashinfer().rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, q.shape[-1], cos_sin, True)
         return q, k
     return rope_torch(positions, q, k, cos_sin)

@@ -20,6 +20,7 @@ from nanoslg.core.sampling_params import SamplingParams
 from nanoslg.core.errors import ConfigError
 from nanoslg.core.plan import NewSeq
 from nanoslg.core.tensors import to_device, to_host
+from nanoslg.model.kernels import load_flashinfer
 
 
 @dataclass
@@ -43,14 +44,12 @@ class Sampler:
         self.special: set[int] = set()
         self.fused = None
         if kernels == "auto":  # the fused kernel wherever it can run
-            from nanoslg.model.kernels import _flashinfer
-
-            kernels = "flashinfer" if self.device.type == "cuda" and _flashinfer() is not None else "torch"
+            kernels = "flashinfer" if self.device.type == "cuda" and load_flashinfer() is not None else "torch"
         self.kernels = kernels
         if kernels == "flashinfer":
             if self.device.type != "cuda":
                 raise ConfigError("model.sampling_kernels=flashinfer needs a CUDA device; use torch")
-            from flashinfer import sampling
+            from flashinfer import sampling  # deferred: a GPU-only dependency
 
             self.fused = sampling
 

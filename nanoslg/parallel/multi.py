@@ -19,6 +19,7 @@ from concurrent.futures import Future, TimeoutError as FutureTimeout
 from typing import Optional
 
 import torch
+import torch.multiprocessing as mp
 
 from nanoslg.core.config import Config
 from nanoslg.core.errors import ConfigError, EngineDeadError
@@ -92,8 +93,6 @@ class MultiExecutor:
 
     # -- start ---------------------------------------------------------------------------------
     def _spawn(self, cfg: Config, ckpt, init_method: str) -> None:
-        import torch.multiprocessing as mp
-
         ctx = mp.get_context("spawn")
         self._errq = ctx.Queue()
         for rank in range(1, self.layout.world):

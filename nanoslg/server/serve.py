@@ -17,6 +17,7 @@ import uvicorn
 
 from nanoslg.core.config import Config
 from nanoslg.core.loop import loop_factory
+from nanoslg.engine.builder import build_engine
 from nanoslg.server.app import create_app
 
 log = logging.getLogger("nanoslg.server")
@@ -104,8 +105,6 @@ async def serve_engine(engine, cfg: Config) -> int:
 
 
 def serve(cfg: Config) -> int:
-    from nanoslg.engine.builder import build_engine
-
     engine = build_engine(cfg)  # loads weights and sizes the KV pool: blocking work, before the loop
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(serve_engine(engine, cfg))

@@ -1,0 +1,349 @@
+"""The OpenAI completions and chat completions endpoints over an AsyncEngine on the same event loop.
+
+Every client mistake is answered in OpenAI's error shape with a 4xx status; a client that goes away
+(mid-stream or while waiting for a whole answer) aborts its engine request so its KV is freed.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any, AsyncIterator, Optional
+
+import msgspec
+from litestar import Request, Response
+from litestar.response import Stream
+
+from nanoslg.core.errors import EngineDeadError, RequestError
+from nanoslg.core.sampling_params import SamplingParams
+from nanoslg.engine.outputs import RequestOutput
+from nanoslg.engine.stream import collect
+from nanoslg.server import protocol as P
+from nanoslg.server.protocol import APIError
+
+log = logging.getLogger("nanoslg.server")
+
+
+async def _merge(streams: list) -> AsyncIterator[tuple[int, Any]]:
+    """Yields (stream index, delta) from several engine streams as they come."""
+    if len(streams) == 1:
+        async for d in streams[0]:
+            yield 0, d
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s) -> None:
+        try:
+            async for d in s:
+                queue.put_nowait((i, d))
+            queue.put_nowait((i, None))
+        except Exception as e:  # EngineDeadError: hand it to the reader
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, d = await queue.get()
+            if d is None:
+                left -= 1
+            elif isinstance(d, BaseException):
+                raise d
+            else:
+                yield i, d
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _until_disconnect(request: Request) -> None:
+    # The body is already read, so the next ASGI message is the client going away.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> P.Usage:
+    return P.Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens,
+                   P.PromptTokensDetails(cached))
+
+
+class OpenAIServer:
+    def __init__(self, engine, server_cfg):
+        self.engine = engine
+        self.cfg = server_cfg
+        self.model = engine.model_name
+        self._tok_cache: dict[int, str] = {}
+
+    # -- request checks --------------------------------------------------------------------------
+    def check_model(self, model: Optional[str]) -> None:
+        if model is not None and model != self.model:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model}`",
+                           param="model", code="model_not_found")
+
+    def check_capacity(self) -> None:
+        if self.engine.num_waiting >= self.cfg.max_waiting:
+            raise APIError(503, f"the waiting queue is full ({self.cfg.max_waiting} requests); retry later",
+                           code="server_overloaded")
+
+    def sampling(self, req, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+        kw: dict[str, Any] = {"n": req.n or 1, "max_tokens": max_tokens, "logprobs": logprobs}
+        for name in ("temperature", "top_p", "min_p", "seed", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens", "stop_token_ids"):
+            value = getattr(req, name)
+            if value is not None:
+                kw[name] = value
+        if req.top_k is not None:
+            # A top_k at or over the vocabulary keeps every token: the same as off, and it keeps
+            # huge values away from tensor code.
+            kw["top_k"] = -1 if req.top_k >= self.engine.vocab_size else req.top_k
+        if req.stop is not None:
+            kw["stop"] = req.stop  # a string or a list: SamplingParams normalises it
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options",
+                           code="invalid_value")
+        return SamplingParams(**kw)
+
+    def add_all(self, prompts: list, params: SamplingParams, base_id: str, param: str = "prompt") -> list:
+        """Adds one engine request per prompt; all or none."""
+        self.check_capacity()
+        streams = []
+        try:
+            for i, p in enumerate(prompts):
+                streams.append(self.engine.add_request(p, params, f"{base_id}-{i}"))
+        except BaseException as e:
+            self.abort(streams)
+            if isinstance(e, RequestError) and e.param == "prompt" and param != "prompt":
+                raise RequestError(str(e), param=param, code=e.code) from None
+            raise
+        return streams
+
+    def abort(self, streams: list) -> None:
+        for s in streams:
+            self.engine.abort(s.request_id)
+
+    async def wait_all(self, request: Request, streams: list) -> list[RequestOutput]:
+        """Collects every stream; a client that disconnects first aborts them."""
+        work = asyncio.ensure_future(asyncio.gather(*(collect(s) for s in streams)))
+        gone = asyncio.ensure_future(_until_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+                work.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it now
+                self.abort(streams)
+        if not work.done() or work.cancelled():
+            raise APIError(400, "the client disconnected", code="client_disconnected")
+        if work.exception() is not None:  # one prompt failed: the others must not keep running
+            self.abort(streams)
+        return work.result()
+
+    # -- token text for logprobs -----------------------------------------------------------------
+    def tok_str(self, tid: int) -> str:
+        s = self._tok_cache.get(tid)
+        if s is None:
+            tok = self.engine.tokenizer
+            try:
+                s = tok.decode([tid]) if tok is not None else f"token_id:{tid}"
+            except Exception:  # an id the tokenizer lacks (a padded embedding row)
+                s = f"token_id:{tid}"
+            if len(self._tok_cache) < 1_000_000:
+                self._tok_cache[tid] = s
+        return s
+
+    def completion_logprobs(self, lps: list, offset: int, prompt_ids: Optional[list[int]] = None
+                            ) -> P.CompletionLogprobs:
+        out = P.CompletionLogprobs()
+        for tid in prompt_ids or []:  # echoed prompt tokens: the engine scores no prompt logprobs
+            s = self.tok_str(tid)
+            out.tokens.append(s)
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            out.text_offset.append(offset)
+            offset += len(s)
+        for lp in lps:
+            s = self.tok_str(lp.token_id)
+            out.tokens.append(s)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append({self.tok_str(t): v for t, v in lp.top})
+            out.text_offset.append(offset)
+            offset += len(s)
+        return out
+
+    def chat_logprobs(self, lps: list) -> P.ChatLogprobs:
+        content = []
+        for lp in lps:
+            s = self.tok_str(lp.token_id)
+            top = [P.TopLogprob(self.tok_str(t), v, list(self.tok_str(t).encode())) for t, v in lp.top]
+            content.append(P.ChatTokenLogprob(s, lp.logprob, list(s.encode()), top))
+        return P.ChatLogprobs(content)
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def completion_prompts(self, prompt) -> list:
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
+        kinds = {type(x) for x in prompt}
+        if kinds == {int}:
+            return [list(prompt)]
+        if kinds in ({str}, {list}):
+            return list(prompt)
+        raise APIError(400, "prompt must be a string, a list of strings, a list of token ids, or a list of "
+                            "token-id lists (not a mix)", param="prompt", code="invalid_type")
+
+    def prompt_text(self, out: RequestOutput) -> str:
+        if out.prompt is not None:
+            return out.prompt
+        tok = self.engine.tokenizer
+        return tok.decode(out.prompt_token_ids) if tok is not None else ""
+
+    def chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
+        msgs = []
+        for m in req.messages:
+            if m.content is None or isinstance(m.content, str):
+                content = m.content or ""
+            else:
+                content = "".join(part.text for part in m.content)
+            msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise APIError(400, "this model has no tokenizer, so chat is not available; use /v1/completions "
+                                "with token ids", param="messages", code="invalid_value")
+        try:
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # no template, or the template refused the messages
+            raise APIError(400, f"the chat template could not render the messages: {e}", param="messages",
+                           code="invalid_value") from None
+        # The template already holds the special tokens it wants (BOS...): add none again.
+        return list(tok.encode(text, add_special_tokens=False))
+
+    # -- /v1/completions -------------------------------------------------------------------------
+    async def completions(self, request: Request, req: P.CompletionRequest) -> Response:
+        self.check_model(req.model)
+        prompts = self.completion_prompts(req.prompt)
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        params = self.sampling(req, max_tokens, req.logprobs)
+        if params.n * len(prompts) > P.MAX_CHOICES:
+            raise APIError(400, f"n x number of prompts = {params.n * len(prompts)} is over {P.MAX_CHOICES}",
+                           param="n", code="invalid_value")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        streams = self.add_all(prompts, params, rid)
+        if req.stream:
+            return self.sse(self.completion_events(rid, req, params, streams), streams)
+        results = await self.wait_all(request, streams)
+        choices, completion_tokens = [], 0
+        for i, r in enumerate(results):
+            prefix = self.prompt_text(r) if req.echo else ""
+            for c in r.outputs:
+                completion_tokens += len(c.token_ids)
+                lp = None
+                if req.logprobs is not None:
+                    lp = self.completion_logprobs(c.logprobs or [], 0, r.prompt_token_ids if req.echo else None)
+                choices.append(P.CompletionChoice(i * params.n + c.index, prefix + c.text, lp, c.finish_reason))
+        usage = _usage(sum(len(r.prompt_token_ids) for r in results), completion_tokens,
+                       sum(r.num_cached_tokens for r in results))
+        return self.json(P.CompletionResponse(rid, self.model, choices, usage))
+
+    async def completion_events(self, rid: str, req: P.CompletionRequest, params: SamplingParams,
+                                streams: list) -> AsyncIterator[bytes]:
+        created = P.now()
+        n = params.n
+        offsets: dict[int, int] = {}
+        prompt_tokens: dict[int, int] = {}
+        cached: dict[int, int] = {}
+        completion_tokens = 0
+        echoed: set[int] = set()
+        async for i, delta in _merge(streams):
+            prompt_tokens[i], cached[i] = len(delta.prompt_token_ids), delta.num_cached_tokens
+            if req.echo and i not in echoed:
+                echoed.add(i)
+                text = self.prompt_text(delta)
+                for j in range(n):
+                    lp = self.completion_logprobs([], 0, delta.prompt_token_ids) if req.logprobs is not None else None
+                    offsets[i * n + j] = len(text)
+                    yield P.sse(P.CompletionChunk(rid, self.model, [P.CompletionChoice(i * n + j, text, lp)],
+                                                  created))
+            for o in delta.outputs:
+                idx = i * n + o.index
+                completion_tokens += len(o.token_ids)
+                if not o.token_ids and not o.text and o.finish_reason is None:
+                    continue  # no new token this step (its text may still be held back: one chunk a step)
+                lp = None
+                if req.logprobs is not None:
+                    lp = self.completion_logprobs(o.logprobs or [], offsets.get(idx, 0))
+                offsets[idx] = offsets.get(idx, 0) + len(o.text)
+                yield P.sse(P.CompletionChunk(rid, self.model, [P.CompletionChoice(idx, o.text, lp, o.finish_reason)],
+                                              created))
+        if req.stream_options is not None and req.stream_options.include_usage:
+            usage = _usage(sum(prompt_tokens.values()), completion_tokens, sum(cached.values()))
+            yield P.sse(P.CompletionChunk(rid, self.model, [], created, usage=usage))
+
+    # -- /v1/chat/completions --------------------------------------------------------------------
+    async def chat(self, request: Request, req: P.ChatCompletionRequest) -> Response:
+        self.check_model(req.model)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
+        ids = self.chat_prompt(req)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self.sampling(req, max_tokens, logprobs)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = self.add_all([ids], params, rid, param="messages")
+        if req.stream:
+            return self.sse(self.chat_events(rid, req, params, streams), streams)
+        (r,) = await self.wait_all(request, streams)
+        choices = []
+        for c in r.outputs:
+            lp = self.chat_logprobs(c.logprobs or []) if req.logprobs else None
+            choices.append(P.ChatChoice(c.index, P.ChatResponseMessage("assistant", c.text), lp, c.finish_reason))
+        usage = _usage(len(r.prompt_token_ids), sum(len(c.token_ids) for c in r.outputs), r.num_cached_tokens)
+        return self.json(P.ChatCompletionResponse(rid, self.model, choices, usage))
+
+    async def chat_events(self, rid: str, req: P.ChatCompletionRequest, params: SamplingParams,
+                          streams: list) -> AsyncIterator[bytes]:
+        created = P.now()
+        for j in range(params.n):  # every choice starts with the role
+            yield P.sse(P.ChatCompletionChunk(rid, self.model, [P.ChatChunkChoice(j, P.DeltaMessage("assistant", ""))],
+                                              created))
+        prompt_tokens = cached = completion_tokens = 0
+        async for _, delta in _merge(streams):
+            prompt_tokens, cached = len(delta.prompt_token_ids), delta.num_cached_tokens
+            for o in delta.outputs:
+                completion_tokens += len(o.token_ids)
+                if not o.token_ids and not o.text and o.finish_reason is None:
+                    continue  # one chunk per step with new tokens, as vLLM sends
+                lp = self.chat_logprobs(o.logprobs or []) if req.logprobs else None
+                d = P.DeltaMessage(content=o.text) if o.text else P.DeltaMessage()
+                yield P.sse(P.ChatCompletionChunk(rid, self.model, [P.ChatChunkChoice(o.index, d, lp, o.finish_reason)],
+                                                  created))
+        if req.stream_options is not None and req.stream_options.include_usage:
+            usage = _usage(prompt_tokens, completion_tokens, cached)
+            yield P.sse(P.ChatCompletionChunk(rid, self.model, [], created, usage=usage))
+
+    # -- responses -------------------------------------------------------------------------------
+    @staticmethod
+    def json(obj: Any, status: int = 200) -> Response:
+        return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+
+    def sse(self, events: AsyncIterator[bytes], streams: list) -> Stream:
+        async def framed() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in events:
+                    yield chunk
+            except EngineDeadError as e:  # headers are gone: report in-band, then end properly
+                yield P.sse(P.error_body(503, str(e), code="engine_unavailable"))
+            except Exception:
+                log.exception("stream %s failed", streams[0].request_id if streams else "?")
+                yield P.sse(P.error_body(500, "internal error", code="internal_error"))
+            finally:
+                # Runs on normal end, on error and when the client disconnects (cancellation or
+                # generator close): aborting a finished request is a no-op.
+                self.abort(streams)
+            yield P.SSE_DONE
+
+        return Stream(framed(), status_code=200, media_type="text/event-stream",
+                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,72 @@
+"""Every error the server answers, in OpenAI's shape: one exception handler maps what was raised
+(an APIError, a RequestError from the engine, a validation failure, Litestar's HTTP errors) to a
+status and an error body naming the field."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import ResponseSpec
+
+from nanoslg.core.errors import EngineDeadError, RequestError
+from nanoslg.server import protocol as P
+from nanoslg.server.protocol import APIError
+
+log = logging.getLogger("nanoslg.server")
+
+
+def error_response(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> Response:
+    return Response(msgspec.json.encode(P.error_body(status, message, param, code)), status_code=status,
+                    media_type="application/json")
+
+
+def _validation_message(exc: ValidationException) -> tuple[str, Optional[str]]:
+    """Litestar's validation detail -> (message, param) naming the offending field."""
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    for item in extra:
+        if isinstance(item, dict) and item.get("message"):
+            key = item.get("key")
+            param = key.split(".", 1)[1] if isinstance(key, str) and key.startswith("data.") else key
+            if param == "data":
+                param = None
+            msg = str(item["message"])
+            return (f"{param}: {msg}" if param else msg), param
+    return str(exc.detail or "invalid request"), None
+
+
+def handle_exception(request: Request, exc: Exception) -> Response:
+    """One handler for everything, so no error escapes in a non-OpenAI shape."""
+    if isinstance(exc, APIError):
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+    if isinstance(exc, RequestError):
+        return error_response(400, str(exc), exc.param, exc.code)
+    if isinstance(exc, EngineDeadError):
+        return error_response(503, str(exc), code="engine_unavailable")
+    if isinstance(exc, ValidationException):
+        msg, param = _validation_message(exc)
+        return error_response(400, msg, param, "invalid_value")
+    if isinstance(exc, HTTPException):
+        status = exc.status_code
+        if status == 404:
+            return error_response(404, f"{request.method} {request.url.path} is not a route of this server",
+                                   code="not_found")
+        if status == 413:
+            return error_response(413, "the request body is larger than server.max_body_bytes",
+                                   code="request_too_large")
+        if status >= 500:  # e.g. the client went away while its body was being read
+            log.warning("%s %s: %s", request.method, request.url.path, exc.detail)
+        return error_response(status, str(exc.detail))
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal error", code="internal_error")
+
+
+ERROR_RESPONSES = {
+    400: ResponseSpec(P.ErrorResponse, description="Invalid request (the `param` names the field)"),
+    401: ResponseSpec(P.ErrorResponse, description="Missing or wrong API key (when server.api_key is set)"),
+    404: ResponseSpec(P.ErrorResponse, description="Unknown model"),
+    413: ResponseSpec(P.ErrorResponse, description="Request body larger than server.max_body_bytes"),
+    503: ResponseSpec(P.ErrorResponse, description="Waiting queue full, or the engine is shutting down"),
+}
