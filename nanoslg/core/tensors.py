@@ -3,12 +3,12 @@
 `torch.tensor(data, device="cuda")` copies from pageable memory and then synchronizes the stream,
 which would stall the CPU until every queued kernel ran: overlap scheduling needs the opposite.
 Pinned staging plus a non-blocking copy returns at once and stays in stream order. Lists go through
-numpy, about 4x faster than torch.tensor on the page tables a step builds.
+numpy, which converts the page tables a step builds much faster than torch.tensor does.
 
-Pinning memory per call (`tensor.pin_memory()`) took about 0.35 ms a call, several calls a step, in
-a cProfile of the shared-prefix benchmark on the H100 machine (experiments/host_profile.py), so the
-staging memory is allocated once: a ring of pinned buffers, one taken per step
-(`next_step`), each reused only once the copies of the step that last filled it have run.
+Pinning memory per call (`tensor.pin_memory()`) showed up in a cProfile of the shared-prefix
+benchmark (experiments/host_profile.py; experiments/README.md), several calls a step, so the staging
+memory is allocated once: a ring of pinned buffers, one taken per step (`next_step`), each reused
+only once the copies of the step that last filled it have run.
 """
 from __future__ import annotations
 
