@@ -1,9 +1,10 @@
 """NanoSLG entry point: `python run.py [group=option ...] [key=value ...]` (Hydra).
 
-    python run.py                                   # serve the demo model on 127.0.0.1:8000
-    python run.py mode=generate prompt="Hello"      # print one completion
-    python run.py mode=bench bench=offline model=llama3-8b
+python run.py                                   # serve the demo model on 127.0.0.1:8000
+python run.py mode=generate prompt="Hello"      # print one completion
+python run.py mode=bench bench=offline model=llama3-8b
 """
+
 import sys
 
 import hydra

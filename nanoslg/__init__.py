@@ -3,6 +3,7 @@
 `LLM` and `SamplingParams` load lazily, so importing a light part of the package (the HTTP server's
 protocol, say) does not import torch.
 """
+
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 

@@ -1,4 +1,5 @@
 """What run.py does for each mode, after Hydra composed the config."""
+
 from __future__ import annotations
 
 import logging
@@ -42,16 +43,24 @@ def generate(cfg) -> int:
     from nanoslg.llm import LLM
 
     if not cfg.prompt:
-        raise ConfigError("mode=generate needs prompt=\"...\"")
+        raise ConfigError('mode=generate needs prompt="..."')
     s = cfg.sampling
-    params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                            min_p=s.min_p, seed=s.seed, ignore_eos=s.ignore_eos)
+    params = SamplingParams(
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        min_p=s.min_p,
+        seed=s.seed,
+        ignore_eos=s.ignore_eos,
+    )
     llm = LLM(config=cfg)
     try:
         prompt = cfg.prompt
         if cfg.chat and llm.tokenizer is not None:
-            prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                       tokenize=False, add_generation_prompt=True)
+            prompt = llm.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
         out = llm.generate(prompt, params)[0]
         print(out.text)
     finally:

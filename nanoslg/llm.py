@@ -3,11 +3,12 @@
 The engine runs on its own event loop in a background thread, so this works from plain scripts,
 notebooks and inside other event loops alike.
 """
+
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Optional, Sequence as Seq, Union
+from collections.abc import Sequence as Seq
 
 from nanoslg.core.compose import compose_config, setup_logging
 from nanoslg.core.config import Config
@@ -20,7 +21,7 @@ from nanoslg.engine.stream import collect
 
 
 class LLM:
-    def __init__(self, *overrides: str, config: Optional[Config] = None):
+    def __init__(self, *overrides: str, config: Config | None = None):
         if config is None:
             config, _ = compose_config(list(overrides))
         self.config = config
@@ -38,8 +39,9 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts: Union[Prompt, Seq[Prompt]],
-                 params: Union[SamplingParams, Seq[SamplingParams], None] = None) -> list[RequestOutput]:
+    def generate(
+        self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
         """Generates for each prompt (a string or a list of token ids); returns results in order."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -68,7 +70,7 @@ class LLM:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc) -> None:

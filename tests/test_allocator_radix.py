@@ -5,19 +5,20 @@ grow, compute, finish, preempt, undo an admission, flush) and keeps a shadow of 
 holds: the identity of the prefix whose KV sits there. Reading a slot that holds another prefix's
 KV, or writing into a page somebody else shares, fails the test; so do leaked or double-freed pages.
 """
+
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nanoslg.cache.allocator import PageAllocator, PageError
 from nanoslg.cache.paged import PagedKVManager
 from nanoslg.cache.radix import RadixTree, _common_len
 from nanoslg.core.config import SchedulerConfig
+from nanoslg.core.registry import SCHEDULERS
 from nanoslg.core.sampling_params import SamplingParams
 from nanoslg.core.sequence import Sequence
-from nanoslg.core.registry import SCHEDULERS
-
 
 
 def make_seq(tokens: list[int], t: float = 0.0) -> Sequence:
@@ -85,9 +86,9 @@ def test_radix_insert_from_a_node_equals_insert_from_the_root():
         for k in (1, 2, 4):  # the sequence's pages fill one after another
             if incremental and node is not None:
                 base = t.depth(node) // 2
-                _, got, node = t.insert(toks[base * 2:k * 2], pages[base:k], start=node)
+                _, got, node = t.insert(toks[base * 2 : k * 2], pages[base:k], start=node)
             else:
-                _, got, node = t.insert(toks[:k * 2], pages[:k])
+                _, got, node = t.insert(toks[: k * 2], pages[:k])
             assert t.depth(node) == k * 2
         t.check()
         trees.append((t.match_prefix(toks, touch=False)[:2], t.num_cached_pages, list(a.refs)))
@@ -151,8 +152,10 @@ def test_radix_lock_blocks_eviction_and_lru_order():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=14), min_size=1, max_size=12),
-       st.lists(st.integers(0, 2), max_size=14))
+@given(
+    st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=14), min_size=1, max_size=12),
+    st.lists(st.integers(0, 2), max_size=14),
+)
 def test_radix_match_is_longest_common_prefix(inserted, query):
     """Without eviction, a match finds the longest common prefix over all inserted full pages."""
     ps = 3
@@ -166,7 +169,7 @@ def test_radix_match_is_longest_common_prefix(inserted, query):
         t.check()
     best = 0
     for toks in inserted:
-        full = toks[:len(toks) // ps * ps]
+        full = toks[: len(toks) // ps * ps]
         k = 0
         while k < min(len(full), len(query)) and full[k] == query[k]:
             k += 1
@@ -197,11 +200,11 @@ class Shadow:
         ps, refs = self.kv.page_size, self.kv.allocator.refs
         for pos in range(seq.num_computed_tokens):  # everything cached or computed reads right
             page = seq.block_table[pos // ps]
-            assert self.slots.get((page, pos % ps)) == tuple(seq.token_ids[:pos + 1]), f"bad KV at {pos}"
+            assert self.slots.get((page, pos % ps)) == tuple(seq.token_ids[: pos + 1]), f"bad KV at {pos}"
         for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
             page = seq.block_table[pos // ps]
             assert refs[page] == 1, f"write into shared page {page} (refs {refs[page]})"
-            self.slots[(page, pos % ps)] = tuple(seq.token_ids[:pos + 1])
+            self.slots[(page, pos % ps)] = tuple(seq.token_ids[: pos + 1])
         seq.num_computed_tokens += n
 
 
@@ -226,8 +229,7 @@ ops = st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 10_000)), min_size
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=ops, page_size=st.sampled_from([1, 2, 3, 4]), num_pages=st.integers(6, 24),
-       caching=st.booleans())
+@given(ops=ops, page_size=st.sampled_from([1, 2, 3, 4]), num_pages=st.integers(6, 24), caching=st.booleans())
 def test_paged_manager_random_traffic(ops, page_size, num_pages, caching):
     kv = PagedKVManager(num_pages, page_size, prefix_caching=caching)
     shadow = Shadow(kv)
@@ -363,8 +365,13 @@ def _cached_manager(prompts: list[list[int]], page_size: int = 2) -> PagedKVMana
 
 def test_lpm_orders_by_cached_prefix_then_arrival():
     kv = _cached_manager([[1, 2, 3, 4, 5, 6, 7, 8]])
-    q = [make_seq([9, 9, 9], 0), make_seq([1, 2, 0], 1), make_seq([1, 2, 3, 4, 5, 6, 0], 2),
-         make_seq([1, 2, 3, 4, 0], 3), make_seq([1, 2, 3, 4, 9], 4)]
+    q = [
+        make_seq([9, 9, 9], 0),
+        make_seq([1, 2, 0], 1),
+        make_seq([1, 2, 3, 4, 5, 6, 0], 2),
+        make_seq([1, 2, 3, 4, 0], 3),
+        make_seq([1, 2, 3, 4, 9], 4),
+    ]
     pol = SCHEDULERS.get("lpm")(SchedulerConfig(policy="lpm"))
     got = [s.arrival_time for s in pol.order(q, kv)]
     assert got == [2, 3, 4, 1, 0]
@@ -373,11 +380,13 @@ def test_lpm_orders_by_cached_prefix_then_arrival():
 
 def test_dfs_weight_groups_heavy_branches():
     kv = _cached_manager([[1, 1, 1, 1, 2, 2], [1, 1, 1, 1, 3, 3], [5, 5, 5, 5]])
-    q = [make_seq([5, 5, 5, 5, 0], 0),  # light branch (1 request)
-         make_seq([1, 1, 1, 1, 2, 2, 0], 1),  # heavy branch (3 requests under [1,1,1,1])
-         make_seq([7, 7], 2),  # no match: last
-         make_seq([1, 1, 1, 1, 3, 3, 0], 3),
-         make_seq([1, 1, 1, 1, 2, 2, 9], 4)]
+    q = [
+        make_seq([5, 5, 5, 5, 0], 0),  # light branch (1 request)
+        make_seq([1, 1, 1, 1, 2, 2, 0], 1),  # heavy branch (3 requests under [1,1,1,1])
+        make_seq([7, 7], 2),  # no match: last
+        make_seq([1, 1, 1, 1, 3, 3, 0], 3),
+        make_seq([1, 1, 1, 1, 2, 2, 9], 4),
+    ]
     pol = SCHEDULERS.get("dfs-weight")(SchedulerConfig(policy="dfs-weight"))
     got = [s.arrival_time for s in pol.order(q, kv)]
     assert got == [1, 4, 3, 0, 2]

@@ -1,5 +1,6 @@
 """The floor plan, enforced: the import contract of pyproject.toml (ARCHITECTURE.md draws it), small
 files, registries that name exactly what their plugins register, and the linter's rules."""
+
 from __future__ import annotations
 
 import importlib
@@ -33,13 +34,19 @@ def test_import_contracts_are_kept():
 
 
 def test_every_module_is_small():
-    big = {str(p.relative_to(ROOT)): n for p in (ROOT / "nanoslg").rglob("*.py")
-           if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    big = {
+        str(p.relative_to(ROOT)): n
+        for p in (ROOT / "nanoslg").rglob("*.py")
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+    }
     assert not big, f"split these along their seams (at most {MAX_LINES} lines): {big}"
 
 
-@pytest.mark.parametrize("reg", [registry.CACHE_BACKENDS, registry.SCHEDULERS, registry.PARALLEL,
-                                 registry.ARCHITECTURES, registry.BENCHMARKS], ids=lambda r: r.key)
+@pytest.mark.parametrize(
+    "reg",
+    [registry.CACHE_BACKENDS, registry.SCHEDULERS, registry.PARALLEL, registry.ARCHITECTURES, registry.BENCHMARKS],
+    ids=lambda r: r.key,
+)
 def test_registry_names_are_what_the_plugins_register(reg):
     """Names are read from the sources without importing; importing every module of the package must
     register exactly those, so a config check at compose time and `get` can never disagree."""
@@ -54,16 +61,21 @@ def test_registry_names_are_what_the_plugins_register(reg):
 def test_an_unknown_name_lists_the_allowed_ones():
     from nanoslg.core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"scheduler.policy='lifo' is not a known scheduler policy; "
-                                          r"allowed: dfs-weight, fcfs, lpm, random"):
+    with pytest.raises(
+        ConfigError,
+        match=r"scheduler.policy='lifo' is not a known scheduler policy; "
+        r"allowed: dfs-weight, fcfs, lpm, random",
+    ):
         registry.SCHEDULERS.get("lifo")
 
 
 def test_config_check_imports_no_plugin():
     """Composing and validating a config reads plugin names from the sources and imports none."""
-    code = ("import sys; from nanoslg.core.compose import compose_config; compose_config(['cache=paged', "
-            "'scheduler=lpm']); bad = [m for m in ('torch', 'nanoslg.cache.paged_torch', 'nanoslg.scheduler"
-            ".policies_cache', 'nanoslg.parallel.single') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    code = (
+        "import sys; from nanoslg.core.compose import compose_config; compose_config(['cache=paged', "
+        "'scheduler=lpm']); bad = [m for m in ('torch', 'nanoslg.cache.paged_torch', 'nanoslg.scheduler"
+        ".policies_cache', 'nanoslg.parallel.single') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 

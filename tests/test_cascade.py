@@ -1,5 +1,6 @@
 """Cascade attention (nanoslg/cache/cascade.py): the shared-prefix decision, the two-level math, and
 the engine on the CPU's paged backend: cascade on and off give the same greedy tokens as transformers."""
+
 import random
 from types import SimpleNamespace
 
@@ -40,8 +41,8 @@ def test_two_levels_merged_equal_one_attention():
     torch.manual_seed(0)
     q = torch.randn(5, 8, 32)
     k, v = torch.randn(300, 2, 32), torch.randn(300, 2, 32)
-    scale = 32 ** -0.5
-    ref = torch.cat([attend_one(q[i:i + 1], k, v, 299, scale) for i in range(5)])
+    scale = 32**-0.5
+    ref = torch.cat([attend_one(q[i : i + 1], k, v, 299, scale) for i in range(5)])
     out0, lse0 = attend_lse(q, k[:256], v[:256], scale)
     out1, lse1 = attend_lse(q, k[256:], v[256:], scale)
     torch.testing.assert_close(merge(out0, lse0, out1, lse1), ref, atol=1e-5, rtol=1e-5)
@@ -59,13 +60,13 @@ def test_cascade_attention_changes_no_token(model, request, hf_greedy):
     rng = random.Random(9)
     runs = {}
     for cascade in ("true", "false"):
-        with LLM(f"model.path={path}", "cache=paged", "cache.page_size=4",
-                 f"cache.cascade_attention={cascade}") as llm:
+        with LLM(f"model.path={path}", "cache=paged", "cache.page_size=4", f"cache.cascade_attention={cascade}") as llm:
             vocab = llm.engine.vocab_size
             if not runs:
                 base = [rng.randrange(3, vocab) for _ in range(MIN_SHARED_TOKENS + 8)]
-                prompts = [base + [rng.randrange(3, vocab) for _ in range(rng.randrange(1, 9))]
-                           for _ in range(MIN_BATCH + 1)]
+                prompts = [
+                    base + [rng.randrange(3, vocab) for _ in range(rng.randrange(1, 9))] for _ in range(MIN_BATCH + 1)
+                ]
             llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=1))  # caches the base
             outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True))
             backend = llm.engine.executor.rt.backend

@@ -1,10 +1,11 @@
 """Incremental detokenization and config validation (no model needed)."""
+
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from nanoslg.core.compose import compose_config
-from nanoslg.engine.detokenizer import IncrementalDetokenizer
 from nanoslg.core.errors import ConfigError
+from nanoslg.engine.detokenizer import IncrementalDetokenizer
 
 
 def test_detokenizer_never_splits_a_character(demo_tokenizer):
@@ -23,17 +24,20 @@ def test_default_config_composes():
     assert cfg.parallel.mode == "single" and cfg.scheduler.policy == "fcfs"
 
 
-@pytest.mark.parametrize("override,match", [
-    ("model.dtype=float64", "model.dtype"),
-    ("mode=train", "mode"),
-    ("cache.gpu_memory_utilization=1.5", "cache.gpu_memory_utilization"),
-    ("scheduler.max_num_batched_tokens=0", "scheduler.max_num_batched_tokens"),
-    ("cache.backend=magic", "cache.backend"),
-    ("scheduler.policy=nope", "scheduler.policy"),
-    ("parallel.tp_size=2", "parallel.mode"),
-    ("model.sampling_kernels=cuda", "model.sampling_kernels"),
-    ("model.blas=mkl", "model.blas"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("model.dtype=float64", "model.dtype"),
+        ("mode=train", "mode"),
+        ("cache.gpu_memory_utilization=1.5", "cache.gpu_memory_utilization"),
+        ("scheduler.max_num_batched_tokens=0", "scheduler.max_num_batched_tokens"),
+        ("cache.backend=magic", "cache.backend"),
+        ("scheduler.policy=nope", "scheduler.policy"),
+        ("parallel.tp_size=2", "parallel.mode"),
+        ("model.sampling_kernels=cuda", "model.sampling_kernels"),
+        ("model.blas=mkl", "model.blas"),
+    ],
+)
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match) as e:
         compose_config([override])

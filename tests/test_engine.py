@@ -3,6 +3,7 @@
 Chunked prefill and preemption must not change a single token; sampling options behave as the
 OpenAI API documents.
 """
+
 import random
 
 import pytest
@@ -42,13 +43,17 @@ def test_greedy_equals_transformers(name, request, hf_greedy):
         assert out.finish_reason == "length"
 
 
-@pytest.mark.parametrize("overrides", [
-    ["scheduler.max_num_batched_tokens=7"],  # chunked prefill: every prompt but one spans chunks
-    ["cache.max_num_tokens=96", "cache.page_size=8"],  # too little KV for the batch: preemption
-    ["scheduler.max_num_seqs=2"],  # a cap on running sequences
-    ["scheduler.overlap=false"],  # one step at a time (the default overlaps two)
-    ["scheduler.overlap=false", "cache.max_num_tokens=96", "cache.page_size=8"],
-], ids=["chunked", "preempt", "max-seqs", "no-overlap", "no-overlap-preempt"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["scheduler.max_num_batched_tokens=7"],  # chunked prefill: every prompt but one spans chunks
+        ["cache.max_num_tokens=96", "cache.page_size=8"],  # too little KV for the batch: preemption
+        ["scheduler.max_num_seqs=2"],  # a cap on running sequences
+        ["scheduler.overlap=false"],  # one step at a time (the default overlaps two)
+        ["scheduler.overlap=false", "cache.max_num_tokens=96", "cache.page_size=8"],
+    ],
+    ids=["chunked", "preempt", "max-seqs", "no-overlap", "no-overlap-preempt"],
+)
 def test_scheduling_changes_no_token(overrides, tiny_llama, hf_greedy):
     with LLM(f"model.path={tiny_llama}", "cache=sdpa", *overrides) as llm:
         prompts = prompts_for(llm.engine.vocab_size)
@@ -77,16 +82,28 @@ def test_overlap_feeds_the_token_in_flight(tiny_llama, hf_greedy):
 
 def test_overlap_changes_no_sample(tiny_llama):
     """Penalties, seeded draws, min_tokens and logprobs give the same results with and without overlap."""
-    sp = [SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=20, ignore_eos=True,
-                         repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.4, logprobs=2),
-          SamplingParams(temperature=0, max_tokens=20, min_tokens=10, repetition_penalty=1.5),
-          SamplingParams(temperature=1.0, top_k=20, seed=11, max_tokens=20, ignore_eos=True)]
+    sp = [
+        SamplingParams(
+            temperature=0.8,
+            top_p=0.9,
+            seed=5,
+            max_tokens=20,
+            ignore_eos=True,
+            repetition_penalty=1.3,
+            frequency_penalty=0.5,
+            presence_penalty=0.4,
+            logprobs=2,
+        ),
+        SamplingParams(temperature=0, max_tokens=20, min_tokens=10, repetition_penalty=1.5),
+        SamplingParams(temperature=1.0, top_k=20, seed=11, max_tokens=20, ignore_eos=True),
+    ]
     runs = []
     for overlap in ("true", "false"):
         with LLM(f"model.path={tiny_llama}", "cache=sdpa", f"scheduler.overlap={overlap}") as llm:
             outs = llm.generate(prompts_for(llm.engine.vocab_size)[:3], sp)
-        runs.append([(o.token_ids, [(lp.token_id, round(lp.logprob, 5)) for lp in o.outputs[0].logprobs or []])
-                     for o in outs])
+        runs.append(
+            [(o.token_ids, [(lp.token_id, round(lp.logprob, 5)) for lp in o.outputs[0].logprobs or []]) for o in outs]
+        )
     assert runs[0] == runs[1]
 
 
@@ -115,7 +132,7 @@ def test_max_tokens_and_stop_ids(llama_llm):
     stop_tok = base.token_ids[6]
     first = base.token_ids.index(stop_tok)
     out = llama_llm.generate([p], greedy(20, stop_token_ids=[stop_tok]))[0]
-    assert out.token_ids == base.token_ids[:first + 1]  # the stop token ends the output, included
+    assert out.token_ids == base.token_ids[: first + 1]  # the stop token ends the output, included
     assert out.finish_reason == "stop" and out.outputs[0].stop_reason == stop_tok
 
 
@@ -127,9 +144,9 @@ def test_stop_strings_cut_the_text(llama_llm):
     stop = text[8:11]
     out = llama_llm.generate([p], greedy(40, stop=[stop, "\x00never"]))[0]
     assert out.finish_reason == "stop"
-    assert out.text == text[:text.index(stop)]
+    assert out.text == text[: text.index(stop)]
     assert stop not in out.text
-    assert out.token_ids == base.token_ids[:len(out.token_ids)]
+    assert out.token_ids == base.token_ids[: len(out.token_ids)]
 
 
 def test_min_tokens_masks_eos(tiny_llama):

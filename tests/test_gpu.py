@@ -1,5 +1,6 @@
 """GPU checks in bf16 (skipped without CUDA): the engine against transformers, and the fused kernels
 against their torch twins."""
+
 import pytest
 import torch
 
@@ -13,9 +14,17 @@ def _bf16_llama(root, kv_heads: int) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=kv_heads, head_dim=128, vocab_size=1024, max_position_embeddings=1024,
-                      initializer_range=0.1)
+    cfg = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=128,
+        vocab_size=1024,
+        max_position_embeddings=1024,
+        initializer_range=0.1,
+    )
     path = root / f"llama-kv{kv_heads}"
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
     return str(path)
@@ -55,7 +64,7 @@ def ref_logprobs(ckpt: str, prompt: list[int], tokens: list[int]) -> list[float]
 def _ref_logprobs(ckpt: str, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     ids = torch.tensor([prompt + tokens[:-1]], device="cuda")
     with torch.no_grad():
-        return torch.log_softmax(_hf_fp32(ckpt)(ids).logits[0, len(prompt) - 1:].float(), -1)
+        return torch.log_softmax(_hf_fp32(ckpt)(ids).logits[0, len(prompt) - 1 :].float(), -1)
 
 
 _HF: dict = {}
@@ -147,14 +156,19 @@ def test_flashinfer_equals_sdpa_on_a_decisive_model(ckpt, request):
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (9, 64, 300)]
     runs = {}
     for cache in ("flashinfer", "sdpa"):
-        with LLM(f"model.path={path}", f"cache={cache}", "model.enforce_eager=true",
-                 "cache.max_num_tokens=8192") as llm:
-            runs[cache] = [o.token_ids for o in llm.generate(prompts, SamplingParams(
-                temperature=0, max_tokens=32, ignore_eos=True))]
+        with LLM(
+            f"model.path={path}", f"cache={cache}", "model.enforce_eager=true", "cache.max_num_tokens=8192"
+        ) as llm:
+            runs[cache] = [
+                o.token_ids
+                for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+            ]
     same = sum(a == b for x, y in zip(runs["flashinfer"], runs["sdpa"]) for a, b in zip(x, y))
     gaps = {c: max(max(greedy_gaps(path, p, t)) for p, t in zip(prompts, runs[c])) for c in runs}
-    print(f"\nflashinfer vs sdpa ({ckpt}): {same}/{32 * len(prompts)} greedy tokens equal; max gap to the "
-          f"fp32 argmax: flashinfer {gaps['flashinfer']:.3f}, sdpa {gaps['sdpa']:.3f} nats")
+    print(
+        f"\nflashinfer vs sdpa ({ckpt}): {same}/{32 * len(prompts)} greedy tokens equal; max gap to the "
+        f"fp32 argmax: flashinfer {gaps['flashinfer']:.3f}, sdpa {gaps['sdpa']:.3f} nats"
+    )
     assert gaps["flashinfer"] < GAP_TOL and gaps["sdpa"] < GAP_TOL
 
 
@@ -165,14 +179,23 @@ def test_cuda_graphs_and_overlap_change_no_token(bf16_llama):
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (3, 17, 40, 90, 130)] * 4
     runs = {}
     for eager, overlap in (("true", "false"), ("false", "true"), ("true", "true")):
-        with LLM(f"model.path={bf16_llama}", "cache=flashinfer", f"model.enforce_eager={eager}",
-                 f"scheduler.overlap={overlap}", "cache.max_num_tokens=16384", "scheduler.max_num_seqs=32") as llm:
+        with LLM(
+            f"model.path={bf16_llama}",
+            "cache=flashinfer",
+            f"model.enforce_eager={eager}",
+            f"scheduler.overlap={overlap}",
+            "cache.max_num_tokens=16384",
+            "scheduler.max_num_seqs=32",
+        ) as llm:
             assert (llm.engine.executor.rt.runner.graphs is None) == (eager == "true")
             assert llm.engine.overlap == (overlap == "true")
-            runs[eager, overlap] = [o.token_ids for o in llm.generate(prompts, SamplingParams(
-                temperature=0, max_tokens=24, ignore_eos=True))]
-            runs[eager, overlap, 1] = llm.generate(prompts[:1], SamplingParams(
-                temperature=0, max_tokens=24, ignore_eos=True))[0].token_ids
+            runs[eager, overlap] = [
+                o.token_ids
+                for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+            ]
+            runs[eager, overlap, 1] = llm.generate(
+                prompts[:1], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+            )[0].token_ids
     ref = runs["true", "false"]
     assert runs["false", "true"] == ref and runs["true", "true"] == ref
     assert runs["false", "true", 1] == runs["true", "false", 1] == runs["true", "true", 1]
@@ -183,19 +206,23 @@ def test_flashinfer_sampling_matches_torch():
     both draw from the distribution the torch masks define: 20,000 draws per case, frequencies
     within 0.015 of the exact probabilities (over 4 standard deviations), nothing outside the mask."""
     pytest.importorskip("flashinfer")
-    from nanoslg.model.sampler import Sampler, top_k_top_p
     from nanoslg.core.plan import NewSeq
+    from nanoslg.model.sampler import Sampler, top_k_top_p
 
     torch.manual_seed(0)
     V, N = 64, 20000
     logits = torch.randn(V, device="cuda") * 2
-    for kw in (dict(temperature=1.0), dict(temperature=0.7, top_k=10), dict(temperature=1.0, top_p=0.8),
-               dict(temperature=1.3, top_k=20, top_p=0.9)):
+    for kw in (
+        dict(temperature=1.0),
+        dict(temperature=0.7, top_k=10),
+        dict(temperature=1.0, top_p=0.8),
+        dict(temperature=1.3, top_k=20, top_p=0.9),
+    ):
         sp = SamplingParams(max_tokens=1, **kw)
         k = torch.tensor([sp.top_k if sp.top_k > 0 else V], device="cuda")
         exact = top_k_top_p(logits[None] / sp.temperature, k, torch.tensor([sp.top_p], device="cuda")).softmax(-1)[0]
-        for kernels in ("torch", "flashinfer"):
-            sampler = Sampler("cuda", kernels=kernels)
+        for which in ("torch", "flashinfer"):
+            sampler = Sampler("cuda", kernels=which)
             for i in range(N):
                 sampler.add(NewSeq(i, sp, [1], [], []))
             tokens, _ = sampler.sample(logits.expand(N, V).contiguous(), list(range(N)))
@@ -218,19 +245,30 @@ def test_cascade_attention_on_gpu(ckpt, eager, request):
     prompts = [base + torch.randint(3, 1024, (n,), generator=g).tolist() for n in range(1, 11)]
     runs, steps, err = {}, {}, {}
     for cascade in ("true", "false"):
-        with LLM(f"model.path={path}", "cache=flashinfer", f"model.enforce_eager={eager}",
-                 f"cache.cascade_attention={cascade}", "cache.max_num_tokens=16384") as llm:
+        with LLM(
+            f"model.path={path}",
+            "cache=flashinfer",
+            f"model.enforce_eager={eager}",
+            f"cache.cascade_attention={cascade}",
+            "cache.max_num_tokens=16384",
+        ) as llm:
             llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=1))  # caches the base
-            runs[cascade] = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True,
-                                                                 logprobs=1))
+            runs[cascade] = llm.generate(
+                prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=1)
+            )
             steps[cascade] = llm.engine.executor.rt.backend.cascade_steps
-        err[cascade] = max(abs(a.logprob - r) for p, o in zip(prompts, runs[cascade])
-                           for a, r in zip(o.outputs[0].logprobs, ref_logprobs(path, p, o.token_ids)))
+        err[cascade] = max(
+            abs(a.logprob - r)
+            for p, o in zip(prompts, runs[cascade])
+            for a, r in zip(o.outputs[0].logprobs, ref_logprobs(path, p, o.token_ids))
+        )
     assert steps["true"] >= 30 and steps["false"] == 0, steps
     gaps = [greedy_gaps(path, p, o.token_ids) for p, o in zip(prompts, runs["true"])]
     same = sum(a == b for x, y in zip(runs["true"], runs["false"]) for a, b in zip(x.token_ids, y.token_ids))
-    print(f"\ncascade {ckpt} eager={eager}: {steps['true']} cascade steps; {same}/320 tokens equal to cascade off; "
-          f"max gap to the fp32 argmax {max(map(max, gaps)):.3f} nats; max logprob error against fp32: cascade "
-          f"{err['true']:.3f}, plain {err['false']:.3f}")
+    print(
+        f"\ncascade {ckpt} eager={eager}: {steps['true']} cascade steps; {same}/320 tokens equal to cascade off; "
+        f"max gap to the fp32 argmax {max(map(max, gaps)):.3f} nats; max logprob error against fp32: cascade "
+        f"{err['true']:.3f}, plain {err['false']:.3f}"
+    )
     assert max(map(max, gaps)) < GAP_TOL, gaps
     assert err["true"] <= 2 * err["false"] + 0.1, err

@@ -1,5 +1,6 @@
 """The model layer against transformers (CPU, float32): logits, loading, TP slicing, PP stages, sampling,
 and the demo checkpoint."""
+
 import json
 import os
 import random
@@ -10,13 +11,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from nanoslg.cache.backend import CacheContext
+from nanoslg.core.dist import ParallelState
 from nanoslg.core.errors import ConfigError
+from nanoslg.core.plan import NewSeq
+from nanoslg.core.sampling_params import SamplingParams
 from nanoslg.model.hf_config import ModelArgs, load_args, shape_path
 from nanoslg.model.loader import load_model
 from nanoslg.model.sampler import Sampler
-from nanoslg.core.sampling_params import SamplingParams
-from nanoslg.core.dist import ParallelState
-from nanoslg.core.plan import NewSeq
 
 CHECKPOINTS = ["tiny_llama", "tiny_llama_tied", "tiny_llama3_rope", "tiny_qwen2", "tiny_qwen3"]
 
@@ -38,8 +39,9 @@ class SeqContext(CacheContext):
         self.kv[layer] = (k, v)
         t, s = q.shape[0], k.shape[0]
         mask = torch.ones(t, s, dtype=torch.bool).tril(s - t)  # query i sits at key s - t + i
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                           attn_mask=mask, enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
+        )
         return o.transpose(0, 1)
 
 
@@ -48,7 +50,7 @@ def run(model, ids: list[int], chunks=None) -> torch.Tensor:
     ctx, out, start = SeqContext(), [], 0
     for n in chunks or [len(ids)]:
         pos = torch.arange(start, start + n)
-        hidden = model(torch.tensor(ids[start:start + n]), pos, ctx.step(pos))
+        hidden = model(torch.tensor(ids[start : start + n]), pos, ctx.step(pos))
         out.append(model.compute_logits(hidden))
         start += n
     return torch.cat(out)
@@ -88,8 +90,10 @@ def test_llama3_scaling_matters(tiny_llama3_rope):
 
     args = load_args(tiny_llama3_rope)
     assert args.rope_scaling["rope_type"] == "llama3" and args.rope_theta == 500000.0
-    assert not torch.allclose(rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling),
-                              rope_inv_freq(args.head_dim, args.rope_theta, None))
+    assert not torch.allclose(
+        rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling),
+        rope_inv_freq(args.head_dim, args.rope_theta, None),
+    )
 
 
 def test_args_parse_both_transformers_layouts(tiny_qwen3):
@@ -107,12 +111,26 @@ def test_args_parse_both_transformers_layouts(tiny_qwen3):
 
 def test_bundled_shapes():
     a = load_args(shape_path("llama3-8b"))
-    assert (a.vocab_size, a.num_layers, a.hidden_size, a.intermediate_size, a.num_heads, a.num_kv_heads,
-            a.head_dim) == (128256, 32, 4096, 14336, 32, 8, 128)
+    assert (
+        a.vocab_size,
+        a.num_layers,
+        a.hidden_size,
+        a.intermediate_size,
+        a.num_heads,
+        a.num_kv_heads,
+        a.head_dim,
+    ) == (128256, 32, 4096, 14336, 32, 8, 128)
     assert a.rope_theta == 500000.0 and a.rope_scaling["factor"] == 8.0 and a.torch_dtype == torch.bfloat16
     q = load_args(shape_path("qwen3-0.6b"))
-    assert (q.vocab_size, q.num_layers, q.hidden_size, q.intermediate_size, q.num_heads, q.num_kv_heads,
-            q.head_dim) == (151936, 28, 1024, 3072, 16, 8, 128)
+    assert (
+        q.vocab_size,
+        q.num_layers,
+        q.hidden_size,
+        q.intermediate_size,
+        q.num_heads,
+        q.num_kv_heads,
+        q.head_dim,
+    ) == (151936, 28, 1024, 3072, 16, 8, 128)
     assert q.tie_word_embeddings and q.qk_norm and q.rope_theta == 1e6
     with pytest.raises(ConfigError, match="llama3-8b"):
         shape_path("gpt-5")
@@ -131,8 +149,7 @@ def test_config_errors(tiny_llama, tmp_path):
 def test_sharded_equals_single(tiny_llama, tokenizer_dir, tmp_path):
     from conftest import make_checkpoint
 
-    sharded = make_checkpoint(tmp_path, "tiny_llama", tokenizer_dir, tie_word_embeddings=False,
-                              max_shard_size="40KB")
+    sharded = make_checkpoint(tmp_path, "tiny_llama", tokenizer_dir, tie_word_embeddings=False, max_shard_size="40KB")
     assert os.path.exists(os.path.join(sharded, "model.safetensors.index.json"))
     assert len([f for f in os.listdir(sharded) if f.endswith(".safetensors")]) > 2
     a, b = load_model(tiny_llama), load_model(sharded)  # same name -> same seed -> same weights
@@ -181,15 +198,20 @@ def test_tp_shards(tiny_llama, clean_parallel_state):
             m = load_model(tiny_llama)
             attn = m.model.layers["0"].self_attn
             nq, kv_head = 4 // tp, rank * 2 // tp
-            want = torch.cat([q[rank * nq * hd:(rank + 1) * nq * hd],
-                              k[kv_head * hd:(kv_head + 1) * hd],
-                              v[kv_head * hd:(kv_head + 1) * hd]])
+            want = torch.cat(
+                [
+                    q[rank * nq * hd : (rank + 1) * nq * hd],
+                    k[kv_head * hd : (kv_head + 1) * hd],
+                    v[kv_head * hd : (kv_head + 1) * hd],
+                ]
+            )
             assert torch.equal(attn.qkv_proj.weight, want), (tp, rank)
             o = w["model.layers.0.self_attn.o_proj.weight"]
             assert torch.equal(attn.o_proj.weight, o.chunk(tp, dim=1)[rank])
             gate, up = w["model.layers.0.mlp.gate_proj.weight"], w["model.layers.0.mlp.up_proj.weight"]
-            assert torch.equal(m.model.layers["0"].mlp.gate_up_proj.weight,
-                               torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]]))
+            assert torch.equal(
+                m.model.layers["0"].mlp.gate_up_proj.weight, torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
+            )
             emb = m.model.embed_tokens.weight
             assert torch.equal(emb, w["model.embed_tokens.weight"].chunk(tp)[rank])
 
@@ -236,8 +258,9 @@ def test_seeded_sampling_ignores_batch_neighbours():
         return [s.sample(logits[rows], seq_ids)[0] for _ in range(20)]
 
     alone = [d[0] for d in draws([1], [sp], [7])]
-    in_batch = [d[1] for d in draws([0, 1, 2], [SamplingParams(temperature=1.0), sp, SamplingParams(seed=5)],
-                                    [3, 7, 9])]
+    in_batch = [
+        d[1] for d in draws([0, 1, 2], [SamplingParams(temperature=1.0), sp, SamplingParams(seed=5)], [3, 7, 9])
+    ]
     other = [d[0] for d in draws([1], [SamplingParams(temperature=1.0, top_p=0.9, top_k=20, seed=99)], [7])]
     assert alone == in_batch and alone != other
 
@@ -275,9 +298,11 @@ def test_top_k_1_and_greedy_agree():
     logits = torch.randn(6, 300)
     g = make_sampler([SamplingParams(temperature=0.0)] * 6).sample(logits, list(range(6)))[0]
     k1 = make_sampler([SamplingParams(temperature=1.3, top_k=1, seed=i) for i in range(6)]).sample(
-        logits, list(range(6)))[0]
+        logits, list(range(6))
+    )[0]
     mixed = make_sampler([SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)] * 3).sample(
-        logits, list(range(6)))[0]
+        logits, list(range(6))
+    )[0]
     assert g == logits.argmax(-1).tolist() == k1
     assert mixed[0::2] == g[0::2]
 
@@ -310,8 +335,13 @@ def test_min_tokens_masks_stop_ids():
 def test_logprobs():
     torch.manual_seed(2)
     logits = torch.randn(3, 40)
-    s = make_sampler([SamplingParams(temperature=0.0, logprobs=5, repetition_penalty=3.0),
-                      SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, logprobs=0, seed=1)])
+    s = make_sampler(
+        [
+            SamplingParams(temperature=0.0, logprobs=5, repetition_penalty=3.0),
+            SamplingParams(temperature=0.0),
+            SamplingParams(temperature=1.0, logprobs=0, seed=1),
+        ]
+    )
     toks, lps = s.sample(logits, [0, 1, 2])
     raw = logits.log_softmax(-1)
     assert lps[1] is None and lps[2][1] == [] and lps[2][0] == pytest.approx(raw[2, toks[2]].item())

@@ -1,15 +1,21 @@
 """Overlap scheduling under churn: requests arriving while others run, aborts mid-flight, stop
 tokens, chunked prefill, prefix hits and preemption in a tiny pool, all at once. Overlapped steps
 must give every surviving request the tokens of one-step-at-a-time decoding, and leak no page."""
+
 import asyncio
 import random
 
 from nanoslg import LLM, SamplingParams
-from nanoslg.engine.stream import collect
 from nanoslg.core.plan import PLACEHOLDER
+from nanoslg.engine.stream import collect
 
-CHURN = ["cache=paged", "cache.page_size=4", "cache.max_num_tokens=96", "scheduler.max_num_batched_tokens=24",
-         "scheduler.max_num_seqs=6"]
+CHURN = [
+    "cache=paged",
+    "cache.page_size=4",
+    "cache.max_num_tokens=96",
+    "scheduler.max_num_batched_tokens=24",
+    "scheduler.max_num_seqs=6",
+]
 
 
 def _workload(vocab: int, seed: int = 0):
@@ -18,25 +24,36 @@ def _workload(vocab: int, seed: int = 0):
     reqs = []
     for i in range(24):
         own = [rng.randrange(3, vocab) for _ in range(rng.randrange(1, 30))]
-        prompt = (base[:rng.choice((4, 9, 14))] + own) if i % 2 else own
+        prompt = (base[: rng.choice((4, 9, 14))] + own) if i % 2 else own
         # Half arrive at once (a burst that cannot fit the pool: preemption), half trickle in.
-        reqs.append(dict(prompt=prompt, max_tokens=rng.randrange(1, 24), delay=0.0 if i < 12 else rng.random() * 0.02,
-                         abort_after=rng.choice([None, None, None, None, 0.0, 0.01, 0.02]),
-                         stop_first=rng.random() < 0.2))
+        reqs.append(
+            dict(
+                prompt=prompt,
+                max_tokens=rng.randrange(1, 24),
+                delay=0.0 if i < 12 else rng.random() * 0.02,
+                abort_after=rng.choice([None, None, None, None, 0.0, 0.01, 0.02]),
+                stop_first=rng.random() < 0.2,
+            )
+        )
     return reqs
 
 
 async def _drive(engine, reqs, stop_tok):
     async def one(i, r):
         await asyncio.sleep(r["delay"])
-        sp = SamplingParams(temperature=0, max_tokens=r["max_tokens"], ignore_eos=True,
-                            stop_token_ids=[stop_tok] if r["stop_first"] else [])
+        sp = SamplingParams(
+            temperature=0,
+            max_tokens=r["max_tokens"],
+            ignore_eos=True,
+            stop_token_ids=[stop_tok] if r["stop_first"] else [],
+        )
         stream = engine.add_request(r["prompt"], sp, request_id=f"r{i}")
         if r["abort_after"] is not None:
             await asyncio.sleep(r["abort_after"])
             engine.abort(f"r{i}")
         out = await collect(stream)
         return out.token_ids, out.finish_reason
+
     return await asyncio.gather(*(one(i, r) for i, r in enumerate(reqs)))
 
 
@@ -65,12 +82,13 @@ def test_overlap_under_churn_changes_no_token_and_leaks_nothing(tiny_llama, hf_g
     for r, (toks, reason), (toks_s, reason_s) in zip(reqs, overlapped, serial):
         ref = hf_greedy(tiny_llama, r["prompt"], r["max_tokens"])
         if r["stop_first"] and stop_tok in ref:
-            ref = ref[:ref.index(stop_tok) + 1]
+            ref = ref[: ref.index(stop_tok) + 1]
         # An aborted request keeps a prefix of its greedy tokens (how long depends on timing).
-        assert toks == ref[:len(toks)] and toks_s == ref[:len(toks_s)]
+        assert toks == ref[: len(toks)] and toks_s == ref[: len(toks_s)]
         if reason != "abort":
-            assert toks == ref and reason == ("stop" if len(ref) < r["max_tokens"] or
-                                              (r["stop_first"] and ref[-1] == stop_tok) else "length")
+            assert toks == ref and reason == (
+                "stop" if len(ref) < r["max_tokens"] or (r["stop_first"] and ref[-1] == stop_tok) else "length"
+            )
         if reason_s != "abort":
             assert toks_s == ref
 
@@ -92,6 +110,7 @@ def test_finished_step_streams_while_the_next_prefill_launches(tiny_llama):
             if len(launches) == 2:
                 held.append((len(plan.seqs), plan.decode, gate.wait(timeout=10)))
             return launch(plan)
+
         eng.executor.launch = gated
 
         async def run():
@@ -104,5 +123,6 @@ def test_finished_step_streams_while_the_next_prefill_launches(tiny_llama):
             assert first.outputs[0].token_ids
             for s in (a, b, c):
                 await collect(s)
+
         llm._call(run())
     assert held == [(2, False, True)]  # step 2 was eager (A and C), and A's token came while it was held

@@ -1,5 +1,6 @@
 """The paged KV path end to end: backend attention over page tables, prefix caching in the engine
 (CPU, `cache=paged`), and FlashInfer against SDPA on the GPU (skipped without CUDA)."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,9 +10,9 @@ from nanoslg.cache.backend import KVSpec
 from nanoslg.cache.paged import PagedKVManager
 from nanoslg.cache.paged_torch import PagedTorchBackend
 from nanoslg.cache.sdpa import attend_one
+from nanoslg.core.plan import SeqStep, StepPlan
 from nanoslg.core.sampling_params import SamplingParams
 from nanoslg.core.sequence import Sequence
-from nanoslg.core.plan import SeqStep, StepPlan
 
 HQ, HKV, D, LAYERS = 4, 2, 8, 2
 
@@ -22,7 +23,7 @@ def _run_step(backend, kv, steps, ref_kv, gen):
     for seq, n in steps:
         kv.grow(seq, seq.num_computed_tokens + n)
         start = seq.num_computed_tokens
-        plan_steps.append(SeqStep(seq.seq_id, seq.token_ids[start:start + n], start, True, list(seq.block_table)))
+        plan_steps.append(SeqStep(seq.seq_id, seq.token_ids[start : start + n], start, True, list(seq.block_table)))
     plan = StepPlan(0, plan_steps, copies=kv.pop_copies())
     ctx = backend.prepare(plan)
     total = plan.num_tokens
@@ -34,11 +35,11 @@ def _run_step(backend, kv, steps, ref_kv, gen):
         off = 0
         for (seq, n), st in zip(steps, plan_steps):
             ks, vs = ref_kv.setdefault((seq.seq_id, layer), ([], []))
-            del ks[st.start:], vs[st.start:]
-            ks.extend(k[off:off + n])
-            vs.extend(v[off:off + n])
-            want = attend_one(q[off:off + n], torch.stack(ks), torch.stack(vs), st.start, D ** -0.5)
-            torch.testing.assert_close(out[off:off + n], want)
+            del ks[st.start :], vs[st.start :]
+            ks.extend(k[off : off + n])
+            vs.extend(v[off : off + n])
+            want = attend_one(q[off : off + n], torch.stack(ks), torch.stack(vs), st.start, D**-0.5)
+            torch.testing.assert_close(out[off : off + n], want)
             off += n
     for seq, n in steps:
         seq.num_computed_tokens += n
@@ -79,7 +80,10 @@ def test_auto_picks_sdpa_on_cpu_and_flashinfer_fails_clearly():
     from nanoslg.core.config import CacheConfig
     from nanoslg.core.errors import ConfigError
 
-    assert resolve_backend(CacheConfig(backend="auto"), torch.device("cpu")) == (CPU_DEFAULT, f"auto on CPU: {CPU_DEFAULT}")
+    assert resolve_backend(CacheConfig(backend="auto"), torch.device("cpu")) == (
+        CPU_DEFAULT,
+        f"auto on CPU: {CPU_DEFAULT}",
+    )
     assert resolve_backend(CacheConfig(backend="paged"), torch.device("cpu"))[0] == "paged"
     with pytest.raises(ConfigError, match="cache.backend=flashinfer cannot run here: no CUDA device"):
         FlashInferBackend(KVSpec(2, 2, 8, torch.bfloat16, torch.device("cpu")), 16)
@@ -218,8 +222,15 @@ GPU_NEW = 256
 
 
 def _gpu_run(model: str, backend: str, *extra: str):
-    base = [f"model={model}", "model.load_format=dummy", "model.seed=0", "model.max_model_len=2048",
-            "cache.max_num_tokens=32768", f"cache={backend}", *extra]
+    base = [
+        f"model={model}",
+        "model.load_format=dummy",
+        "model.seed=0",
+        "model.max_model_len=2048",
+        "cache.max_num_tokens=32768",
+        f"cache={backend}",
+        *extra,
+    ]
     with LLM(*base) as llm:
         rng = random.Random(1)
         vocab = llm.engine.vocab_size
@@ -258,8 +269,10 @@ def test_gpu_flashinfer_matches_sdpa(model):
     assert info["cache_backend"] == "flashinfer"
     sd_tokens, sd_lps, sd_info = _gpu_run(model, "sdpa")
     rate, prefixes, diff = _compare((fi_tokens, fi_lps), (sd_tokens, sd_lps))
-    print(f"\n{model}: flashinfer vs sdpa greedy match rate {rate:.1%} over {GPU_NEW} tokens x "
-          f"{len(fi_tokens)} prompts; agreeing prefixes {prefixes}; max logprob diff {diff:.4f}")
+    print(
+        f"\n{model}: flashinfer vs sdpa greedy match rate {rate:.1%} over {GPU_NEW} tokens x "
+        f"{len(fi_tokens)} prompts; agreeing prefixes {prefixes}; max logprob diff {diff:.4f}"
+    )
     # Dummy weights give flat logits (std ~1.3 over 128k tokens: top-1 and top-2 are ~0.25 apart),
     # so bf16 rounding flips greedy picks and the match rate is reported, not asserted. What must
     # hold is the distribution: at the first token each backend's top pick is in the other's top 5,
@@ -281,8 +294,10 @@ def test_gpu_flashinfer_prefix_caching_on_off_identical():
     off, off_lps, off_info = _gpu_run("qwen3-0.6b", "flashinfer", "cache.prefix_caching=false")
     assert on_info["cached"] == [0, 300, 300, 0] and off_info["cached"] == [0] * 4
     rate, prefixes, diff = _compare((on, on_lps), (off, off_lps))
-    print(f"\nqwen3-0.6b flashinfer prefix caching on vs off: match rate {rate:.1%}; agreeing prefixes "
-          f"{prefixes}; max logprob diff {diff:.4f}")
+    print(
+        f"\nqwen3-0.6b flashinfer prefix caching on vs off: match rate {rate:.1%}; agreeing prefixes "
+        f"{prefixes}; max logprob diff {diff:.4f}"
+    )
     # Cached KV was computed in another batch than the recomputed one; in bf16 the GEMMs may round
     # differently by batch size, so equality is asserted on the leading tokens and reported overall.
     assert all(k >= 32 for k in prefixes), prefixes

@@ -3,12 +3,12 @@
 Each parallel LLM spawns its worker ranks, so instances are shared per module where possible; one
 parallel engine runs in a process at a time (ParallelState is per process).
 """
+
 import asyncio
 import os
 import random
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -97,8 +97,7 @@ def test_prefix_cache_hits_change_nothing(mode, tiny_llama, hf_greedy):
 
 @pytest.mark.parametrize("mode", ["tp", "pp"])
 def test_qwen3_greedy_equals_transformers(mode, tiny_qwen3, hf_greedy):
-    with LLM(f"model.path={tiny_qwen3}", "cache=sdpa", "scheduler.max_num_batched_tokens=16",
-             *MODES[mode]) as llm:
+    with LLM(f"model.path={tiny_qwen3}", "cache=sdpa", "scheduler.max_num_batched_tokens=16", *MODES[mode]) as llm:
         prompts = prompts_for(llm.engine.vocab_size)
         outs = llm.generate(prompts, greedy())
     for p, out in zip(prompts, outs):
@@ -145,11 +144,15 @@ def test_clean_shutdown_leaves_no_process(tiny_llama):
     assert all(p.exitcode == 0 for _, p in procs), [p.exitcode for _, p in procs]
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (["parallel=tp", "parallel.tp_size=3"], r"parallel\.tp_size=3 does not divide"),
-    (["parallel=pp", "parallel.pp_size=64"], r"parallel\.pp_size=64 is more than"),
-    (["parallel=pp", "parallel.pp_size=2", "parallel.stage_layers=[1]"], r"parallel\.stage_layers"),
-], ids=["tp-heads", "pp-layers", "stage-layers"])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["parallel=tp", "parallel.tp_size=3"], r"parallel\.tp_size=3 does not divide"),
+        (["parallel=pp", "parallel.pp_size=64"], r"parallel\.pp_size=64 is more than"),
+        (["parallel=pp", "parallel.pp_size=2", "parallel.stage_layers=[1]"], r"parallel\.stage_layers"),
+    ],
+    ids=["tp-heads", "pp-layers", "stage-layers"],
+)
 def test_config_errors_are_clear(overrides, match, tiny_llama):
     t0 = time.monotonic()
     with pytest.raises(ConfigError, match=match):
@@ -164,10 +167,15 @@ def test_nccl_needs_gpus(tiny_llama):
 
 
 # -- GPU: a Llama-3.1-8B shape with dummy weights, tp=2 and pp=2 against one GPU -------------------
-GPU2 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-                          reason="needs 2 CUDA devices")
-GPU_BASE = ["model=llama3-8b", "model.load_format=dummy", "model.seed=0", "model.max_model_len=2048",
-            "cache=sdpa", "cache.max_num_tokens=65536"]
+GPU2 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+GPU_BASE = [
+    "model=llama3-8b",
+    "model.load_format=dummy",
+    "model.seed=0",
+    "model.max_model_len=2048",
+    "cache=sdpa",
+    "cache.max_num_tokens=65536",
+]
 
 
 def gpu_tokens(*overrides) -> list[list[int]]:

@@ -1,6 +1,7 @@
 """The scheduler on its own: what each step's plan holds under a token budget, with lookahead, with a
 prefix another sequence computes in the same step (held back), and under preemption; and the engine
 loop over a model-less executor, every plan checked against the limits."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,7 @@ from nanoslg.cache.token_budget import TokenBudgetManager
 from nanoslg.core.config import SchedulerConfig
 from nanoslg.core.plan import PLACEHOLDER, StepPlan, StepResult
 from nanoslg.core.sampling_params import SamplingParams
-from nanoslg.core.sequence import Sequence, SeqStatus
+from nanoslg.core.sequence import SeqStatus, Sequence
 from nanoslg.engine.async_engine import AsyncEngine
 from nanoslg.engine.stream import collect
 from nanoslg.parallel.instant import InstantExecutor
@@ -123,7 +124,7 @@ def test_preemption_frees_the_newest_and_it_recomputes_its_outputs():
     # Re-admitted after a finished: prompt and its own outputs computed again from position 0.
     assert readmitted == (snapshot, 0, True)
     assert a.finished and b.finished and not s.has_work() and kv.used_pages == 0
-    assert b.output_token_ids[:len(snapshot) - 7] == snapshot[7:]  # what it had sampled is kept
+    assert b.output_token_ids[: len(snapshot) - 7] == snapshot[7:]  # what it had sampled is kept
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -138,13 +139,24 @@ def test_engine_plans_respect_every_limit(overlap):
     shared = [rng.randrange(10, 500) for _ in range(12)]
 
     async def run():
-        engine = AsyncEngine(Scheduler(cfg, kv, FCFSPolicy(cfg)), executor, None, model_name="none",
-                             max_model_len=128, vocab_size=1000, eos_token_ids=())
+        engine = AsyncEngine(
+            Scheduler(cfg, kv, FCFSPolicy(cfg)),
+            executor,
+            None,
+            model_name="none",
+            max_model_len=128,
+            vocab_size=1000,
+            eos_token_ids=(),
+        )
         await engine.start()
         lens = [rng.randrange(1, 30) for _ in range(12)]
-        streams = [engine.add_request(shared[:rng.randrange(0, 12)] + [rng.randrange(10, 500) for _ in range(n)],
-                                      SamplingParams(temperature=0.0, max_tokens=1 + i % 7, ignore_eos=True))
-                   for i, n in enumerate(lens)]
+        streams = [
+            engine.add_request(
+                shared[: rng.randrange(0, 12)] + [rng.randrange(10, 500) for _ in range(n)],
+                SamplingParams(temperature=0.0, max_tokens=1 + i % 7, ignore_eos=True),
+            )
+            for i, n in enumerate(lens)
+        ]
         outs = await asyncio.gather(*(collect(st) for st in streams))
         await engine.shutdown()
         return outs, engine

@@ -3,6 +3,7 @@
 A page's owners each hold one reference: every sequence whose block table lists it, and the radix
 tree while the page is cached there. The page returns to the free list when the last one lets go.
 """
+
 from __future__ import annotations
 
 

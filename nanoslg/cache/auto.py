@@ -1,7 +1,6 @@
 """`cache.backend=auto`: pick the KV backend for this device, and say why (for the log)."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -27,8 +26,7 @@ def flashinfer_status(device: torch.device) -> tuple[bool, str]:
     return True, f"SM{major}{minor} and flashinfer {getattr(flashinfer, '__version__', '?')} imports"
 
 
-def resolve_backend(cache_cfg: CacheConfig, device: torch.device,
-                    dtype: Optional[torch.dtype] = None) -> tuple[str, str]:
+def resolve_backend(cache_cfg: CacheConfig, device: torch.device, dtype: torch.dtype | None = None) -> tuple[str, str]:
     """(backend name, reason). Names other than `auto` are taken as given. With the model dtype
     known, auto also avoids FlashInfer for float32, which it does not run."""
     name = cache_cfg.backend

@@ -2,6 +2,7 @@
 per step, the `CacheContext` the model's attention layers call. Its rank-0 twin, the `KVManager`
 that `make_manager` returns, does the accounting (kv_manager.py).
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -10,6 +10,7 @@ floating-point sums changes, as it does between kernels that split the KV differ
 `shared_prefix_pages` is the host-side decision, shared by the GPU backend and its plain-torch twin
 (`paged`), which runs the same two levels on the CPU so CI tests them.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,9 @@ def shared_prefix_pages(seqs, page_size: int) -> int:
     return n
 
 
-def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-               start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def attend_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q [n, Hq, D] against k, v [L, Hkv, D] in float32; returns (out [n, Hq, D], lse [n, Hq]), lse
     in natural log. start=None: no mask (every key lies before every query); else the queries sit at
     positions start.. of a sequence whose keys k are its positions start+n-L.. (causal)."""
@@ -61,8 +63,7 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return out.transpose(0, 1), lse.transpose(0, 1)
 
 
-def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-          lse_b: torch.Tensor) -> torch.Tensor:
+def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
     """Attention over the union of two disjoint key sets from each set's (out, lse)."""
     lse = torch.logaddexp(lse_a, lse_b)
     wa, wb = torch.exp(lse_a - lse)[..., None], torch.exp(lse_b - lse)[..., None]

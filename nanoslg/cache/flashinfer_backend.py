@@ -15,6 +15,7 @@
 
 flashinfer is imported only when this backend is built, so CPU machines never import it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,8 @@ from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_
 from nanoslg.cache.cascade import shared_prefix_pages
 from nanoslg.cache.flashinfer_graph import FlashInferGraphs
 from nanoslg.core.errors import ConfigError
-from nanoslg.core.registry import CACHE_BACKENDS
 from nanoslg.core.plan import StepPlan
+from nanoslg.core.registry import CACHE_BACKENDS
 from nanoslg.core.tensors import pinned, to_device
 
 WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended float workspace per wrapper
@@ -34,8 +35,10 @@ WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended float workspace 
 def _import_flashinfer(device: torch.device):
     ok, why = flashinfer_status(device)
     if not ok:
-        raise ConfigError(f"cache.backend=flashinfer cannot run here: {why}; use cache.backend=sdpa "
-                          "(or cache=auto, which picks what runs)")
+        raise ConfigError(
+            f"cache.backend=flashinfer cannot run here: {why}; use cache.backend=sdpa "
+            "(or cache=auto, which picks what runs)"
+        )
     import flashinfer  # deferred: a GPU-only dependency, imported when this backend is built
 
     return flashinfer
@@ -45,10 +48,21 @@ class FlashInferContext(CacheContext):
     """One step. The kernels are planned once: in prepare when the query head count is known, else
     at the first layer's attend (from q's shape); every later layer reuses that plan."""
 
-    def __init__(self, backend: "FlashInferBackend", decode: bool, csr: tuple, pool: torch.Tensor,
-                 positions: torch.Tensor, batch_indices: torch.Tensor, kv_positions: torch.Tensor,
-                 kv_indices: torch.Tensor, kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor,
-                 shared: list[int] | None = None, max_q: int = 1):
+    def __init__(
+        self,
+        backend: FlashInferBackend,
+        decode: bool,
+        csr: tuple,
+        pool: torch.Tensor,
+        positions: torch.Tensor,
+        batch_indices: torch.Tensor,
+        kv_positions: torch.Tensor,
+        kv_indices: torch.Tensor,
+        kv_indptr: torch.Tensor,
+        kv_last_page_len: torch.Tensor,
+        shared: list[int] | None = None,
+        max_q: int = 1,
+    ):
         self.backend = backend
         self.decode = decode
         self.csr = csr  # cascade: each sequence's own pages only (its KV positions count from there)
@@ -74,8 +88,16 @@ class FlashInferContext(CacheContext):
         self.plan_once(q.shape[1])
         cache = self.pool[layer]
         self.backend.fi.page.append_paged_kv_cache(
-            k, v, self.batch_indices, self.kv_positions, cache,
-            self.kv_indices, self.kv_indptr, self.kv_last_page_len, kv_layout="NHD")
+            k,
+            v,
+            self.batch_indices,
+            self.kv_positions,
+            cache,
+            self.kv_indices,
+            self.kv_indptr,
+            self.kv_last_page_len,
+            kv_layout="NHD",
+        )
         if self.level0 is None:
             return self.wrapper.run(q.contiguous(), cache)
         return self.backend.cascade_run(self.wrapper, self.level0, q.contiguous(), cache)
@@ -91,8 +113,10 @@ class FlashInferBackend(CacheBackend):
         super().__init__(spec, page_size)
         self.fi = _import_flashinfer(spec.device)
         if spec.dtype not in (torch.bfloat16, torch.float16):
-            raise ConfigError(f"cache.backend=flashinfer runs bfloat16 or float16, not {spec.dtype}; "
-                              "set model.dtype=bfloat16 (or float16), or use cache.backend=sdpa")
+            raise ConfigError(
+                f"cache.backend=flashinfer runs bfloat16 or float16, not {spec.dtype}; "
+                "set model.dtype=bfloat16 (or float16), or use cache.backend=sdpa"
+            )
         # This rank's query head count (tensor parallelism shards it). KVSpec does not carry it, so
         # the first step reads it from q; from then on plan() runs in prepare.
         self.num_qo_heads = num_qo_heads or spec.num_qo_heads or None
@@ -103,7 +127,7 @@ class FlashInferBackend(CacheBackend):
         self._shared = None  # cascade level 0, built at its first use
         self._decode_ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
         self._decode = None  # built once the GQA group size is known (tensor cores or not)
-        self.scale = spec.head_dim ** -0.5
+        self.scale = spec.head_dim**-0.5
         self._plan_events: dict = {}  # wrapper -> event recorded after its last plan()
         self._graphs: FlashInferGraphs | None = None  # the CUDA-graph buffers, once init_graphs ran
 
@@ -111,8 +135,9 @@ class FlashInferBackend(CacheBackend):
         s = self.spec
         # One page more than the manager hands out: CUDA-graph padding rows read and write it.
         self.scratch_page = num_pages
-        self.pool = torch.zeros(s.num_layers, num_pages + 1, 2, self.page_size, s.num_kv_heads, s.head_dim,
-                                dtype=s.dtype, device=s.device)
+        self.pool = torch.zeros(
+            s.num_layers, num_pages + 1, 2, self.page_size, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=s.device
+        )
 
     def run_copies(self, copies: list[tuple[int, int]]) -> None:
         if copies:
@@ -145,7 +170,8 @@ class FlashInferBackend(CacheBackend):
         if self._decode is None:
             group = self.num_qo_heads // self.spec.num_kv_heads
             self._decode = self.fi.BatchDecodeWithPagedKVCacheWrapper(
-                self._decode_ws, "NHD", use_tensor_cores=group >= 4)
+                self._decode_ws, "NHD", use_tensor_cores=group >= 4
+            )
         return self._decode
 
     def prepare(self, plan: StepPlan) -> CacheContext:
@@ -183,11 +209,19 @@ class FlashInferBackend(CacheBackend):
         if skip:
             self.cascade_steps += 1
         ctx = FlashInferContext(
-            self, decode, (qo_indptr_h, kv_indptr_h, indices_d, last_len_h), self.pool, positions,
+            self,
+            decode,
+            (qo_indptr_h, kv_indptr_h, indices_d, last_len_h),
+            self.pool,
+            positions,
             to_device(batch_idx, i32, dev),
-            to_device(kv_pos, i32, dev) if skip else positions.to(i32), indices_d,
-            kv_indptr_h.to(dev, non_blocking=True), last_len_h.to(dev, non_blocking=True),
-            shared=plan.seqs[0].block_table[:skip] if skip else None, max_q=max_q)
+            to_device(kv_pos, i32, dev) if skip else positions.to(i32),
+            indices_d,
+            kv_indptr_h.to(dev, non_blocking=True),
+            last_len_h.to(dev, non_blocking=True),
+            shared=plan.seqs[0].block_table[:skip] if skip else None,
+            max_q=max_q,
+        )
         if self.num_qo_heads is not None:
             ctx.plan_once(self.num_qo_heads)
         return ctx
@@ -215,13 +249,26 @@ class FlashInferBackend(CacheBackend):
         common = dict(q_data_type=s.dtype, kv_data_type=s.dtype, sm_scale=self.scale)
         if decode:
             wrapper = self._decode_wrapper()
-            self.run_plan(wrapper, kv_indptr_h, indices_d, last_len_h, num_qo_heads, s.num_kv_heads, s.head_dim,
-                          ps, **common)
+            self.run_plan(
+                wrapper, kv_indptr_h, indices_d, last_len_h, num_qo_heads, s.num_kv_heads, s.head_dim, ps, **common
+            )
         else:
             wrapper = self._prefill
             # The longest query, given: plan() would find it with Python's max over a tensor's elements.
-            self.run_plan(wrapper, qo_indptr_h, kv_indptr_h, indices_d, last_len_h, num_qo_heads, s.num_kv_heads,
-                          s.head_dim, ps, causal=True, max_token_per_sequence=max_q, **common)
+            self.run_plan(
+                wrapper,
+                qo_indptr_h,
+                kv_indptr_h,
+                indices_d,
+                last_len_h,
+                num_qo_heads,
+                s.num_kv_heads,
+                s.head_dim,
+                ps,
+                causal=True,
+                max_token_per_sequence=max_q,
+                **common,
+            )
         return wrapper
 
     def plan_shared(self, batch: int, pages: list[int], num_qo_heads: int, wrapper=None):
@@ -232,11 +279,22 @@ class FlashInferBackend(CacheBackend):
                 self._shared = self.fi.BatchPrefillWithPagedKVCacheWrapper(self._prefill_ws, "NHD", backend="fa2")
             wrapper = self._shared
         s, i32 = self.spec, torch.int32
-        self.run_plan(wrapper, pinned([0, batch], i32), pinned([0, len(pages)], i32), to_device(pages, i32, s.device),
-                      pinned([self.page_size], i32), num_qo_heads, s.num_kv_heads, s.head_dim, self.page_size,
-                      causal=False, q_data_type=s.dtype, kv_data_type=s.dtype, sm_scale=self.scale)
+        self.run_plan(
+            wrapper,
+            pinned([0, batch], i32),
+            pinned([0, len(pages)], i32),
+            to_device(pages, i32, s.device),
+            pinned([self.page_size], i32),
+            num_qo_heads,
+            s.num_kv_heads,
+            s.head_dim,
+            self.page_size,
+            causal=False,
+            q_data_type=s.dtype,
+            kv_data_type=s.dtype,
+            sm_scale=self.scale,
+        )
         return wrapper
-
 
 
 class _EmptyContext(CacheContext):

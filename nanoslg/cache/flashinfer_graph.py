@@ -7,6 +7,7 @@ write one scratch page, which the KV manager never hands out. Buckets of MIN_BAT
 a cascade-attention variant (nanoslg/cache/cascade.py), replayed when every sequence starts with the
 same cached pages; padding rows attend those pages too, and their output is dropped.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,15 +20,24 @@ from nanoslg.core.tensors import pinned, to_device
 
 
 class _GraphContext(CacheContext):
-    def __init__(self, g: "FlashInferGraphs", bs: int, wrapper, level0=None):
+    def __init__(self, g: FlashInferGraphs, bs: int, wrapper, level0=None):
         self.g, self.bs, self.wrapper, self.level0 = g, bs, wrapper, level0
         self.positions = g.positions[:bs]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         g, bs = self.g, self.bs
         cache = g.backend.pool[layer]
-        g.fi.page.append_paged_kv_cache(k, v, g.batch_idx[:bs], g.kv_pos[:bs], cache,
-                                        g.indices, g.indptr[:bs + 1], g.last_len[:bs], kv_layout="NHD")
+        g.fi.page.append_paged_kv_cache(
+            k,
+            v,
+            g.batch_idx[:bs],
+            g.kv_pos[:bs],
+            cache,
+            g.indices,
+            g.indptr[: bs + 1],
+            g.last_len[:bs],
+            kv_layout="NHD",
+        )
         if self.level0 is None:
             return self.wrapper.run(q.contiguous(), cache)
         return g.backend.cascade_run(self.wrapper, self.level0, q.contiguous(), cache)
@@ -63,15 +73,26 @@ class FlashInferGraphs:
 
     def _wrapper(self, bs: int):
         return self.fi.BatchDecodeWithPagedKVCacheWrapper(
-            self.decode_ws, "NHD", use_cuda_graph=True, use_tensor_cores=self.group >= 4,
-            paged_kv_indptr_buffer=self.indptr[:bs + 1], paged_kv_indices_buffer=self.indices,
-            paged_kv_last_page_len_buffer=self.last_len[:bs])
+            self.decode_ws,
+            "NHD",
+            use_cuda_graph=True,
+            use_tensor_cores=self.group >= 4,
+            paged_kv_indptr_buffer=self.indptr[: bs + 1],
+            paged_kv_indices_buffer=self.indices,
+            paged_kv_last_page_len_buffer=self.last_len[:bs],
+        )
 
     def _level0_wrapper(self):
         return self.fi.BatchPrefillWithPagedKVCacheWrapper(
-            self.prefill_ws, "NHD", use_cuda_graph=True, qo_indptr_buf=self.shared_qo,
-            paged_kv_indptr_buf=self.shared_indptr, paged_kv_indices_buf=self.shared_indices,
-            paged_kv_last_page_len_buf=self.shared_last, backend="fa2")
+            self.prefill_ws,
+            "NHD",
+            use_cuda_graph=True,
+            qo_indptr_buf=self.shared_qo,
+            paged_kv_indptr_buf=self.shared_indptr,
+            paged_kv_indices_buf=self.shared_indices,
+            paged_kv_last_page_len_buf=self.shared_last,
+            backend="fa2",
+        )
 
     def capture_context(self, bs: int, variant: str) -> CacheContext:
         """A context over the fixed buffers, planned for a batch of padding rows only."""
@@ -124,15 +145,25 @@ class FlashInferGraphs:
         host = np.empty(2 * bs + len(indices), np.int32)
         host[:bs] = 0
         host[:n] = starts
-        host[bs:2 * bs] = host[:bs]
-        host[bs:bs + n] -= skip * ps
-        host[2 * bs:] = indices
+        host[bs : 2 * bs] = host[:bs]
+        host[bs : bs + n] -= skip * ps
+        host[2 * bs :] = indices
         dev = to_device(host, torch.int32, self.positions.device)
         self.positions[:bs].copy_(dev[:bs])
-        self.kv_pos[:bs].copy_(dev[bs:2 * bs])
+        self.kv_pos[:bs].copy_(dev[bs : 2 * bs])
         s = self.backend.spec
         # Indices go in as a device tensor: in CUDA-graph mode FlashInfer copies host indices into its
         # buffer with a blocking copy, which would stall the host until the step in flight finished.
-        self.backend.run_plan(wrapper, pinned(indptr, torch.int32), dev[2 * bs:], pinned(last, torch.int32),
-                              s.num_qo_heads, s.num_kv_heads, s.head_dim, ps, q_data_type=s.dtype,
-                              kv_data_type=s.dtype, sm_scale=self.backend.scale)
+        self.backend.run_plan(
+            wrapper,
+            pinned(indptr, torch.int32),
+            dev[2 * bs :],
+            pinned(last, torch.int32),
+            s.num_qo_heads,
+            s.num_kv_heads,
+            s.head_dim,
+            ps,
+            q_data_type=s.dtype,
+            kv_data_type=s.dtype,
+            sm_scale=self.backend.scale,
+        )

@@ -3,6 +3,7 @@ holds, which pages it owns and which prompt prefix is already cached. The schedu
 it never writes a sequence's token counts (the scheduler owns those), only its KV fields
 (`block_table`, `kv_tokens`).
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -68,5 +69,5 @@ class KVManager(ABC):
         """Page copies (copy-on-write) the backend must run before the next step."""
         return []
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027 (a manager without a prefix cache has nothing to drop)
         """Drop every unreferenced cached prefix."""

@@ -13,10 +13,11 @@ caching on:
 - each sequence locks the deepest tree node it uses, so its pages are never evicted under it;
   `grow` evicts least-recently-used unlocked cache when the free list runs short.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Optional, Sequence as Seq
 
 from nanoslg.cache.allocator import PageAllocator, PageError
 from nanoslg.cache.kv_manager import KVManager
@@ -26,10 +27,10 @@ from nanoslg.core.sequence import Sequence
 
 @dataclass
 class _SeqState:
-    node: Optional[Node] = None  # the locked tree node (None: nothing locked)
+    node: Node | None = None  # the locked tree node (None: nothing locked)
     depth: int = 0  # tokens on the path from the root to the end of `node` (fixed while it is locked)
     cached: int = 0  # leading block-table pages already known to be in the tree
-    lookup: Optional[tuple[int, int]] = None  # (prompt tokens, matched) not yet counted in the stats
+    lookup: tuple[int, int] | None = None  # (prompt tokens, matched) not yet counted in the stats
 
 
 class PagedKVManager(KVManager):
@@ -38,7 +39,7 @@ class PagedKVManager(KVManager):
     def __init__(self, num_pages: int, page_size: int, prefix_caching: bool = True):
         super().__init__(num_pages, page_size, prefix_caching)
         self.allocator = PageAllocator(num_pages)
-        self.tree: Optional[RadixTree] = RadixTree(page_size, self.allocator) if prefix_caching else None
+        self.tree: RadixTree | None = RadixTree(page_size, self.allocator) if prefix_caching else None
         self._states: dict[int, _SeqState] = {}
         self._copies: list[tuple[int, int]] = []
 
@@ -77,7 +78,7 @@ class PagedKVManager(KVManager):
             return seq.num_computed_tokens
         st = self._state(seq)
         tokens = seq.token_ids  # after a preemption this includes the outputs: they are reusable too
-        n, pages, node = self.tree.match_prefix(tokens[:len(tokens) - 1])
+        n, pages, node = self.tree.match_prefix(tokens[: len(tokens) - 1])
         full = n // self.page_size
         if n:
             self.tree.lock(node)
@@ -133,8 +134,10 @@ class PagedKVManager(KVManager):
         need = self.pages_for(num_tokens) - len(seq.block_table)
         if need > 0:
             if not self._ensure_free(need):
-                raise PageError(f"grow to {num_tokens} tokens needs {need} pages, {self.allocator.num_free} "
-                                "free after eviction (the scheduler must check can_grow first)")
+                raise PageError(
+                    f"grow to {num_tokens} tokens needs {need} pages, {self.allocator.num_free} "
+                    "free after eviction (the scheduler must check can_grow first)"
+                )
             seq.block_table.extend(self.allocator.alloc(need))
         seq.kv_tokens = max(seq.kv_tokens, num_tokens)
 
@@ -149,8 +152,9 @@ class PagedKVManager(KVManager):
             return
         ps = self.page_size
         base = st.cached if st.node is not None and st.depth == st.cached * ps else 0
-        _, tree_pages, node = self.tree.insert(seq.token_ids[base * ps:k * ps], seq.block_table[base:k],
-                                               start=st.node if base else None)
+        _, tree_pages, node = self.tree.insert(
+            seq.token_ids[base * ps : k * ps], seq.block_table[base:k], start=st.node if base else None
+        )
         table = seq.block_table
         for i, p in enumerate(tree_pages, base):
             if table[i] != p:  # the tree had these tokens already: share its page, drop ours
@@ -196,5 +200,6 @@ class PagedKVManager(KVManager):
             self.tree.check()
             for sid, st in self._states.items():
                 if st.node is not None and self.tree.depth(st.node) != st.depth:
-                    raise PageError(f"sequence {sid}: its locked node ends at token {self.tree.depth(st.node)}, "
-                                    f"not {st.depth}")
+                    raise PageError(
+                        f"sequence {sid}: its locked node ends at token {self.tree.depth(st.node)}, not {st.depth}"
+                    )

@@ -5,6 +5,7 @@ attention (nanoslg/cache/cascade.py) are exercised end to end on the CPU in CI. 
 tensor [layers, 2, num_pages, page_size, Hkv, D]; token slots (page * page_size + offset) are
 computed once per step in `prepare`, not per layer.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,8 +15,8 @@ import torch
 from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_of
 from nanoslg.cache.cascade import attend_lse, merge, shared_prefix_pages
 from nanoslg.cache.sdpa import attend_one
-from nanoslg.core.registry import CACHE_BACKENDS
 from nanoslg.core.plan import StepPlan
+from nanoslg.core.registry import CACHE_BACKENDS
 from nanoslg.core.tensors import to_device
 
 
@@ -30,7 +31,7 @@ def step_slots(plan: StepPlan, page_size: int, device: torch.device) -> tuple[to
         pos = torch.arange(end)
         slots = table[pos // page_size] * page_size + pos % page_size
         kv.append(slots.to(device))
-        new.append(slots[st.start:])
+        new.append(slots[st.start :])
     return torch.cat(new).to(device), kv
 
 
@@ -43,8 +44,15 @@ class _Seq:
 
 
 class PagedTorchContext(CacheContext):
-    def __init__(self, pool: torch.Tensor, new_slots: torch.Tensor, seqs: list[_Seq],
-                 positions: torch.Tensor, scale: float, shared: torch.Tensor | None = None):
+    def __init__(
+        self,
+        pool: torch.Tensor,
+        new_slots: torch.Tensor,
+        seqs: list[_Seq],
+        positions: torch.Tensor,
+        scale: float,
+        shared: torch.Tensor | None = None,
+    ):
         self.pool = pool
         self.new_slots = new_slots
         self.seqs = seqs
@@ -70,7 +78,7 @@ class PagedTorchContext(CacheContext):
         """A decode step: every query against the shared prefix at once, then each against its own
         pages, merged by log-sum-exp (one query per sequence, so neither level needs a mask)."""
         out0, lse0 = attend_lse(q, kc[self.shared], vc[self.shared], self.scale)
-        own = [attend_lse(q[s.offset:s.offset + 1], kc[s.slots], vc[s.slots], self.scale) for s in self.seqs]
+        own = [attend_lse(q[s.offset : s.offset + 1], kc[s.slots], vc[s.slots], self.scale) for s in self.seqs]
         out1, lse1 = torch.cat([o for o, _ in own]), torch.cat([lse for _, lse in own])
         return merge(out0, lse0, out1, lse1).to(q.dtype)
 
@@ -82,13 +90,14 @@ class PagedTorchBackend(CacheBackend):
 
     def __init__(self, spec: KVSpec, page_size: int):
         super().__init__(spec, page_size)
-        self.scale = spec.head_dim ** -0.5
+        self.scale = spec.head_dim**-0.5
         self.pool: torch.Tensor | None = None
 
     def allocate(self, num_pages: int) -> None:
         s = self.spec
-        self.pool = torch.zeros(s.num_layers, 2, num_pages, self.page_size, s.num_kv_heads, s.head_dim,
-                                dtype=s.dtype, device=s.device)
+        self.pool = torch.zeros(
+            s.num_layers, 2, num_pages, self.page_size, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=s.device
+        )
 
     def run_copies(self, copies: list[tuple[int, int]]) -> None:
         if copies:
@@ -105,14 +114,15 @@ class PagedTorchBackend(CacheBackend):
             empty = torch.empty(0, dtype=torch.long, device=dev)
             return PagedTorchContext(self.pool, empty, [], empty, self.scale)
         new_slots, kv_slots = step_slots(plan, self.page_size, dev)
-        shared = shared_prefix_pages(plan.seqs, self.page_size) * self.page_size \
-            if self.cascade and plan.is_decode else 0
+        shared = (
+            shared_prefix_pages(plan.seqs, self.page_size) * self.page_size if self.cascade and plan.is_decode else 0
+        )
         seqs, offset = [], 0
         for st, slots in zip(plan.seqs, kv_slots):
             seqs.append(_Seq(st.start, len(st.token_ids), offset, slots[shared:]))
             offset += len(st.token_ids)
         if shared:
             self.cascade_steps += 1
-        return PagedTorchContext(self.pool, new_slots, seqs, positions_of(plan, dev), self.scale,
-                                 kv_slots[0][:shared] if shared else None)
-
+        return PagedTorchContext(
+            self.pool, new_slots, seqs, positions_of(plan, dev), self.scale, kv_slots[0][:shared] if shared else None
+        )

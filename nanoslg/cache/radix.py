@@ -11,11 +11,13 @@ Choices, so every reader can rely on them:
 - Eviction is LRU over unlocked leaves, and trims a leaf from its tail, a page at a time, so a long
   leaf gives up only what is needed.
 """
+
 from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Iterator, Optional, Sequence as Seq
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 
 from nanoslg.cache.allocator import PageAllocator, PageError
 
@@ -23,7 +25,7 @@ from nanoslg.cache.allocator import PageAllocator, PageError
 class Node:
     __slots__ = ("key", "pages", "children", "by_first", "parent", "lock_ref", "last_access", "hits")
 
-    def __init__(self, key: tuple, pages: list[int], parent: Optional["Node"]):
+    def __init__(self, key: tuple, pages: list[int], parent: Node | None):
         self.key = key  # token ids, len(key) == len(pages) * page_size
         self.pages = pages
         self.children: dict[tuple, Node] = {}  # first page's token ids -> child
@@ -70,13 +72,13 @@ class RadixTree:
 
     # -- structure helpers ---------------------------------------------------------------------
     def _add_child(self, parent: Node, child: Node) -> None:
-        first = child.key[:self.page_size]
+        first = child.key[: self.page_size]
         parent.children[first] = child
         parent.by_first.setdefault(first[0], []).append(first)
         child.parent = parent
 
     def _remove_child(self, parent: Node, child: Node) -> None:
-        first = child.key[:self.page_size]
+        first = child.key[: self.page_size]
         del parent.children[first]
         lst = parent.by_first[first[0]]
         lst.remove(first)
@@ -101,20 +103,20 @@ class RadixTree:
         """Cuts `node` after `num_pages` pages; returns the new upper part (node keeps the rest)."""
         ps = self.page_size
         parent = node.parent
-        upper = Node(node.key[:num_pages * ps], node.pages[:num_pages], parent)
+        upper = Node(node.key[: num_pages * ps], node.pages[:num_pages], parent)
         upper.lock_ref, upper.last_access, upper.hits = node.lock_ref, node.last_access, node.hits
         self._remove_child(parent, node)
-        node.key, node.pages = node.key[num_pages * ps:], node.pages[num_pages:]
+        node.key, node.pages = node.key[num_pages * ps :], node.pages[num_pages:]
         self._add_child(parent, upper)
         self._add_child(upper, node)
         self._num_nodes += 1
         return upper
 
-    def _partial_child(self, node: Node, rest: Seq[int]) -> tuple[Optional[Node], int]:
+    def _partial_child(self, node: Node, rest: Seq[int]) -> tuple[Node | None, int]:
         """The child whose first page shares the longest (non-empty) head with `rest`."""
         best, best_len = None, 0
         for first in node.by_first.get(rest[0], ()) if rest else ():
-            n = _common_len(first, rest[:self.page_size])
+            n = _common_len(first, rest[: self.page_size])
             if n > best_len:
                 best, best_len = node.children[first], n
         return best, best_len
@@ -167,7 +169,7 @@ class RadixTree:
         return n, pages, node
 
     # -- insertion -----------------------------------------------------------------------------
-    def insert(self, token_ids: Seq[int], pages: Seq[int], start: Optional[Node] = None) -> tuple[int, list[int], Node]:
+    def insert(self, token_ids: Seq[int], pages: Seq[int], start: Node | None = None) -> tuple[int, list[int], Node]:
         """Caches the full pages of `token_ids` (page i holds tokens [i*ps, (i+1)*ps)).
 
         Returns (tokens that were already cached, the tree's pages for the inserted prefix, last node).
@@ -178,14 +180,14 @@ class RadixTree:
         """
         ps = self.page_size
         num = min(len(token_ids) // ps, len(pages))
-        tokens = tuple(token_ids[:num * ps])
+        tokens = tuple(token_ids[: num * ps])
         now = next(self._clock)
         node, i, out = start or self.root, 0, []
         existing = 0
         while i < len(tokens):
-            child = node.children.get(tokens[i:i + ps])
+            child = node.children.get(tokens[i : i + ps])
             if child is None:
-                new_pages = list(pages[i // ps:num])
+                new_pages = list(pages[i // ps : num])
                 for p in new_pages:
                     self.allocator.incref(p)
                 new = Node(tokens[i:], new_pages, node)
@@ -258,18 +260,18 @@ class RadixTree:
         freed = 0
         while freed < num_pages and self._heap:
             t, _, node = heapq.heappop(self._heap)
-            if (node.parent is None or node.children or node.lock_ref > 0 or t != node.last_access):
+            if node.parent is None or node.children or node.lock_ref > 0 or t != node.last_access:
                 continue  # stale entry: gone, inner, locked or touched since
             take = min(num_pages - freed, len(node.pages))
-            for p in node.pages[len(node.pages) - take:]:
+            for p in node.pages[len(node.pages) - take :]:
                 self.allocator.decref(p)
             freed += take
             self.evicted_pages += take
             self.num_cached_pages -= take
             self.evictable_pages -= take
             if take < len(node.pages):  # trim the tail; the rest stays cached
-                node.key = node.key[:(len(node.pages) - take) * self.page_size]
-                node.pages = node.pages[:len(node.pages) - take]
+                node.key = node.key[: (len(node.pages) - take) * self.page_size]
+                node.pages = node.pages[: len(node.pages) - take]
                 self._push(node)
                 continue
             parent = node.parent
@@ -321,5 +323,7 @@ class RadixTree:
             if firsts != sorted(node.children):
                 raise PageError(f"{node}: first-token index out of sync")
         if (cached, evictable, count) != (self.num_cached_pages, self.evictable_pages, self._num_nodes):
-            raise PageError(f"counters (cached={self.num_cached_pages}, evictable={self.evictable_pages}, "
-                            f"nodes={self._num_nodes}) but found ({cached}, {evictable}, {count})")
+            raise PageError(
+                f"counters (cached={self.num_cached_pages}, evictable={self.evictable_pages}, "
+                f"nodes={self._num_nodes}) but found ({cached}, {evictable}, {count})"
+            )

@@ -3,6 +3,7 @@
 It runs everywhere torch runs (the CPU path of CI, and GPUs without FlashInfer). Slabs grow by
 a quarter at a time; the rank-0 TokenBudgetManager keeps the sum of reservations within the budget.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_of
-from nanoslg.core.registry import CACHE_BACKENDS
 from nanoslg.core.plan import StepPlan
+from nanoslg.core.registry import CACHE_BACKENDS
 
 
 def causal_mask(start: int, n: int, device: torch.device) -> torch.Tensor:
@@ -55,8 +56,8 @@ class SdpaContext(CacheContext):
         for s in self.slots:
             rows = slice(s.offset, s.offset + s.n)
             end = s.start + s.n
-            s.slab[0, layer, s.start:end] = k[rows]
-            s.slab[1, layer, s.start:end] = v[rows]
+            s.slab[0, layer, s.start : end] = k[rows]
+            s.slab[1, layer, s.start : end] = v[rows]
             out[rows] = attend_one(q[rows], s.slab[0, layer, :end], s.slab[1, layer, :end], s.start, self.scale)
         return out
 
@@ -69,7 +70,7 @@ class SdpaBackend(CacheBackend):
     def __init__(self, spec: KVSpec, page_size: int):
         super().__init__(spec, page_size)
         self.slabs: dict[int, torch.Tensor] = {}
-        self.scale = spec.head_dim ** -0.5
+        self.scale = spec.head_dim**-0.5
 
     def allocate(self, num_pages: int) -> None:
         self.capacity_tokens = num_pages * self.page_size  # slabs are allocated lazily per sequence

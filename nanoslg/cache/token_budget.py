@@ -1,4 +1,5 @@
 """KV accounting without pages or sharing: each sequence reserves whole pages' worth of tokens."""
+
 from __future__ import annotations
 
 from nanoslg.cache.kv_manager import KVManager

@@ -1,4 +1,5 @@
 """Composes a config from override strings, exactly as `python run.py <overrides>` would."""
+
 from __future__ import annotations
 
 import logging
@@ -28,6 +29,5 @@ def compose_config(overrides: list[str]) -> tuple[Config, DictConfig]:
 
 
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("nanoslg").setLevel(level)

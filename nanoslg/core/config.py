@@ -4,10 +4,11 @@ Hydra merges each group's YAML into these dataclasses, so an unknown key or a wr
 compose time with the key's full name. `validate()` then checks values (choices and ranges) and
 names the key and the allowed values.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -19,12 +20,12 @@ from nanoslg.core.errors import ConfigError
 @dataclass
 class ModelConfig:
     name: str = "demo"
-    path: Optional[str] = None  # a Hugging Face checkpoint folder; null with name=demo builds the demo
-    shape: Optional[str] = None  # a bundled config.json (e.g. llama3-8b) for load_format=dummy
+    path: str | None = None  # a Hugging Face checkpoint folder; null with name=demo builds the demo
+    shape: str | None = None  # a bundled config.json (e.g. llama3-8b) for load_format=dummy
     load_format: str = "auto"  # auto | safetensors | dummy
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cuda | cpu
-    max_model_len: Optional[int] = None
+    max_model_len: int | None = None
     seed: int = 0  # seeds dummy weights
     enforce_eager: bool = False  # true: no CUDA graphs for decode (they need flashinfer on one GPU)
     # Random draws: auto (flashinfer's fused top-k/top-p kernel on a GPU where it imports, else torch),
@@ -34,7 +35,7 @@ class ModelConfig:
     # GEMM library on CUDA: auto (cuBLAS), cublas, cublaslt. cuBLASLt chooses an algorithm the first
     # time it meets a shape, and eager prefill steps bring a new token count nearly every step.
     blas: str = "auto"
-    tokenizer: Optional[str] = None  # defaults to path
+    tokenizer: str | None = None  # defaults to path
 
 
 @dataclass
@@ -42,7 +43,7 @@ class CacheConfig:
     backend: str = "auto"  # auto | sdpa | paged | flashinfer
     page_size: int = 16
     gpu_memory_utilization: float = 0.9
-    max_num_tokens: Optional[int] = None  # KV pool size in tokens; overrides the memory sizing
+    max_num_tokens: int | None = None  # KV pool size in tokens; overrides the memory sizing
     cpu_kv_gib: float = 2.0  # KV budget on the CPU
     prefix_caching: bool = True
     # Decode steps whose sequences all share a long cached prefix read it once per step, not once
@@ -66,7 +67,7 @@ class ParallelConfig:
     mode: str = "single"  # single | tp | pp | hybrid
     tp_size: int = 1
     pp_size: int = 1
-    stage_layers: Optional[list] = None  # layers per PP stage; even split when null
+    stage_layers: list | None = None  # layers per PP stage; even split when null
     dist_backend: str = "auto"  # auto | nccl | gloo
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0 picks a free port
@@ -76,8 +77,8 @@ class ParallelConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: Optional[str] = None
-    served_model_name: Optional[str] = None
+    api_key: str | None = None
+    served_model_name: str | None = None
     max_waiting: int = 1024
     shutdown_timeout: float = 30.0
     max_body_bytes: int = 16 * 1024 * 1024
@@ -93,22 +94,22 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = -1
     min_p: float = 0.0
-    seed: Optional[int] = None
+    seed: int | None = None
     ignore_eos: bool = False
 
 
 @dataclass
 class BenchConfig:
     workload: str = "offline"  # offline | batch1 | shared_prefix | serving
-    name: Optional[str] = None  # experiment folder under experiments/; defaults to workload
+    name: str | None = None  # experiment folder under experiments/; defaults to workload
     num_requests: int = 256
     input_len_min: int = 100
     input_len_max: int = 1024
     output_len_min: int = 100
     output_len_max: int = 1024
     shared_prefix_len: int = 0
-    request_rate: Optional[float] = None  # Poisson arrivals per second (serving); null = all at once
-    concurrency: Optional[int] = None  # fixed concurrency (serving)
+    request_rate: float | None = None  # Poisson arrivals per second (serving); null = all at once
+    concurrency: int | None = None  # fixed concurrency (serving)
     seed: int = 0
     ignore_eos: bool = True
     peer: str = "none"  # none | hf
@@ -120,7 +121,7 @@ class BenchConfig:
 @dataclass
 class Config:
     mode: str = "serve"  # serve | generate | bench
-    prompt: Optional[str] = None  # for mode=generate
+    prompt: str | None = None  # for mode=generate
     chat: bool = False  # mode=generate: apply the chat template
     log_level: str = "INFO"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -146,7 +147,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 # (key, lower bound, upper bound or None, lower bound inclusive)
-RANGES: list[tuple[str, float, Optional[float], bool]] = [
+RANGES: list[tuple[str, float, float | None, bool]] = [
     ("cache.page_size", 1, None, True),
     ("cache.gpu_memory_utilization", 0.0, 1.0, False),
     ("cache.cpu_kv_gib", 0.0, None, False),

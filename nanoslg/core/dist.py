@@ -1,8 +1,8 @@
 """Process-group state the model layers read. Defaults describe one process (no parallelism)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -14,7 +14,7 @@ class ParallelState:
     tp_size: int = 1
     pp_rank: int = 0
     pp_size: int = 1
-    tp_group: Optional[object] = None  # torch.distributed ProcessGroup of this rank's TP group
+    tp_group: object | None = None  # torch.distributed ProcessGroup of this rank's TP group
     stage_layers: tuple[int, int] = (0, -1)  # [first, last) layer this PP stage runs; -1: to the end
 
     @property

@@ -1,8 +1,9 @@
 """The event loop NanoSLG runs on: uvloop where it is installed, else asyncio's own (torch-free)."""
+
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

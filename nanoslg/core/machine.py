@@ -1,5 +1,6 @@
 """The machine this process runs on: its compute device, a free port, memory to hand back, and the
 folder NanoSLG caches built files in (the demo checkpoint, bundled shapes)."""
+
 from __future__ import annotations
 
 import gc

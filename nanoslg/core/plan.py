@@ -2,10 +2,10 @@
 
 It is plain data (ints and lists) so the parallel strategies can send it to other ranks cheaply.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from nanoslg.core.sampling_params import SamplingParams
 
@@ -20,7 +20,7 @@ class SeqStep:
     token_ids: list[int]  # the new tokens fed this step (a prefill chunk, or one decode token / PLACEHOLDER)
     start: int  # position of token_ids[0]; equals the number of tokens already in the KV cache
     sample: bool  # sample a token after this chunk (it reaches the end of the known tokens)
-    block_table: Optional[list[int]] = None  # paged managers: the sequence's pages, in order
+    block_table: list[int] | None = None  # paged managers: the sequence's pages, in order
 
 
 @dataclass
@@ -43,7 +43,7 @@ class StepPlan:
     finished: list[int] = field(default_factory=list)  # seq ids that are done: drop sampler state too
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src page, dst page) before the step
     # The scheduler's note that every sequence feeds one token and samples it; None: not known.
-    decode: Optional[bool] = None
+    decode: bool | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -69,4 +69,4 @@ class StepResult:
     step_id: int
     seq_ids: list[int]  # the sequences that sampled, in plan order
     token_ids: list[int]
-    logprobs: Optional[list] = None  # per sampled seq: None or (logprob, [(id, logprob), ...])
+    logprobs: list | None = None  # per sampled seq: None or (logprob, [(id, logprob), ...])

@@ -6,13 +6,15 @@ them, so the config schema checks a name at compose time without importing torch
 `get` then imports only the module that registered the name. Adding a plugin is one file in the
 package plus one YAML under conf/: nothing else lists it.
 """
+
 from __future__ import annotations
 
 import ast
 import importlib
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Generic, Optional, TypeVar
+from typing import Generic, TypeVar
 
 from nanoslg.core.errors import ConfigError
 
@@ -30,8 +32,13 @@ def declared_names(package: str, symbol: str) -> dict[str, str]:
             module = package if file.stem == "__init__" else f"{package}.{file.stem}"
             for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"), str(file))):
                 func = getattr(node, "func", None)
-                if (isinstance(node, ast.Call) and isinstance(func, ast.Attribute) and func.attr == "register"
-                        and isinstance(func.value, ast.Name) and func.value.id == symbol):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(func, ast.Attribute)
+                    and func.attr == "register"
+                    and isinstance(func.value, ast.Name)
+                    and func.value.id == symbol
+                ):
                     for arg in node.args:
                         if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
                             found[arg.value] = module
@@ -45,7 +52,7 @@ class Registry(Generic[T]):
         self.package = package  # where its plugins live ("nanoslg.cache")
         self.symbol = symbol  # this registry's name in nanoslg.core.registry, as plugins write it
         self._items: dict[str, T] = {}  # filled as plugin modules are imported
-        self._where: Optional[dict[str, str]] = None  # name -> module, read from the sources
+        self._where: dict[str, str] | None = None  # name -> module, read from the sources
 
     def register(self, *names: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -85,6 +92,5 @@ class Registry(Generic[T]):
 CACHE_BACKENDS: Registry = Registry("cache backend", "cache.backend", "nanoslg.cache", "CACHE_BACKENDS")
 SCHEDULERS: Registry = Registry("scheduler policy", "scheduler.policy", "nanoslg.scheduler", "SCHEDULERS")
 PARALLEL: Registry = Registry("parallel strategy", "parallel.mode", "nanoslg.parallel", "PARALLEL")
-ARCHITECTURES: Registry = Registry("model architecture", "config.json architectures", "nanoslg.model",
-                                   "ARCHITECTURES")
+ARCHITECTURES: Registry = Registry("model architecture", "config.json architectures", "nanoslg.model", "ARCHITECTURES")
 BENCHMARKS: Registry = Registry("bench workload", "bench.workload", "nanoslg.bench", "BENCHMARKS")

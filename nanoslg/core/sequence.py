@@ -6,12 +6,12 @@ num_computed_tokens, inflight, num_pending, and token_ids as steps come back); t
 the sequence's KV (block_table, kv_tokens). What only the engine needs (text, detokenizer, logprobs,
 stop reason) lives in the engine's per-request state.
 """
+
 from __future__ import annotations
 
 import enum
 import itertools
 import time
-from typing import Optional
 
 from nanoslg.core.sampling_params import SamplingParams
 
@@ -25,8 +25,14 @@ class SeqStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival_time: Optional[float] = None, min_tokens_stop_ids: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        min_tokens_stop_ids: tuple[int, ...] = (),
+    ):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -44,8 +50,8 @@ class Sequence:
         self.num_pending = 0  # tokens sampled in flight, not yet appended to token_ids
         self.admitted = False  # has been admitted at least once (for num_cached_tokens)
         self.sampler_registered = False  # the sampling rank has this sequence's params
-        self.finish_reason: Optional[str] = None
-        self.first_scheduled_time: Optional[float] = None
+        self.finish_reason: str | None = None
+        self.first_scheduled_time: float | None = None
         self.num_preemptions = 0
         # -- the KV manager's -------------------------------------------------------------------
         self.block_table: list[int] = []  # pages, for paged KV managers
@@ -57,7 +63,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_token_ids):]
+        return self.token_ids[len(self.prompt_token_ids) :]
 
     @property
     def num_output_tokens(self) -> int:
@@ -72,5 +78,7 @@ class Sequence:
         return self.status is SeqStatus.FINISHED
 
     def __repr__(self) -> str:
-        return (f"Sequence(id={self.seq_id}, req={self.request_id}, {self.status.name}, "
-                f"tokens={len(self.token_ids)}, computed={self.num_computed_tokens})")
+        return (
+            f"Sequence(id={self.seq_id}, req={self.request_id}, {self.status.name}, "
+            f"tokens={len(self.token_ids)}, computed={self.num_computed_tokens})"
+        )

@@ -10,6 +10,7 @@ benchmark (experiments/host_profile.py; experiments/README.md), several calls a 
 memory is allocated once: a ring of pinned buffers, one taken per step (`next_step`), each reused
 only once the copies of the step that last filled it have run.
 """
+
 from __future__ import annotations
 
 import threading
@@ -73,7 +74,7 @@ class PinnedStaging:
                 buf = self.bufs[self.slot] = self._alloc(self.slot_bytes)
             start = self.offset
             self.offset += -(-n // 8) * 8  # keep every view 8-byte aligned
-        return buf[start:start + nbytes].view(dtype).view(shape)
+        return buf[start : start + nbytes].view(dtype).view(shape)
 
 
 STAGING = PinnedStaging()

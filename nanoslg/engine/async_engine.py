@@ -7,6 +7,7 @@ step runs. With overlap scheduling (one GPU) two steps are in flight: the host p
 the device runs step N. Each request owns a RequestStream of deltas (stream.py); what a token means
 for its request (text, stops) is the output processor's (output_processor.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +18,6 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
 
 import numpy as np
 
@@ -35,8 +35,19 @@ log = logging.getLogger("nanoslg.engine")
 
 
 class AsyncEngine:
-    def __init__(self, scheduler: Scheduler, executor: Executor, tokenizer, *, model_name: str, max_model_len: int,
-                 vocab_size: int, eos_token_ids: tuple[int, ...], kv_pool_bytes: int = 0, info: dict | None = None):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        executor: Executor,
+        tokenizer,
+        *,
+        model_name: str,
+        max_model_len: int,
+        vocab_size: int,
+        eos_token_ids: tuple[int, ...],
+        kv_pool_bytes: int = 0,
+        info: dict | None = None,
+    ):
         self.scheduler = scheduler
         self.executor = executor
         self.tokenizer = tokenizer
@@ -56,12 +67,13 @@ class AsyncEngine:
         self._thread = ThreadPoolExecutor(max_workers=self.max_inflight, thread_name_prefix="nanoslg-step")
         # Overlap: a second thread waits for the device, so the worker never holds a finished step's
         # tokens behind the launch of the next one.
-        self._collector = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanoslg-collect") \
-            if self.overlap else None
-        self._wake: Optional[asyncio.Event] = None
-        self._task: Optional[asyncio.Task] = None
+        self._collector = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanoslg-collect") if self.overlap else None
+        )
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
         self._accepting = True
-        self._dead: Optional[BaseException] = None
+        self._dead: BaseException | None = None
 
     # -- public API ----------------------------------------------------------------------------
     @property
@@ -87,8 +99,9 @@ class AsyncEngine:
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="nanoslg-engine")
 
-    def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,
-                    request_id: Optional[str] = None) -> RequestStream:
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> RequestStream:
         if self._dead is not None:
             raise EngineDeadError(f"the engine has stopped: {self._dead}")
         if not self._accepting:
@@ -106,8 +119,9 @@ class AsyncEngine:
         self._poke()
         return stream
 
-    async def generate(self, prompt: Prompt, params: Optional[SamplingParams] = None,
-                       request_id: Optional[str] = None) -> RequestOutput:
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> RequestOutput:
         """Runs one request to the end and returns the accumulated result."""
         stream = self.add_request(prompt, params, request_id)
         return await collect(stream)
@@ -148,7 +162,7 @@ class AsyncEngine:
         self.executor.shutdown()
 
     # -- input checks --------------------------------------------------------------------------
-    def _tokenize(self, prompt: Prompt) -> tuple[Optional[str], list[int]]:
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("the prompt is empty", param="prompt")
@@ -179,18 +193,27 @@ class AsyncEngine:
     def _fit_max_tokens(self, ids: list[int], params: SamplingParams) -> SamplingParams:
         n, ctx = len(ids), self.max_model_len
         if n >= ctx:
-            raise RequestError(f"the prompt has {n} tokens; this model's context is {ctx} tokens",
-                               param="prompt", code="context_length_exceeded")
+            raise RequestError(
+                f"the prompt has {n} tokens; this model's context is {ctx} tokens",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         if params.max_tokens is None:
             params = dataclasses.replace(params, max_tokens=ctx - n)
         elif n + params.max_tokens > ctx:
-            raise RequestError(f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) is over this "
-                               f"model's context of {ctx} tokens", param="max_tokens",
-                               code="context_length_exceeded")
+            raise RequestError(
+                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) is over this "
+                f"model's context of {ctx} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         cap = self.kv_capacity_tokens
         if n + params.max_tokens > cap:
-            raise RequestError(f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) can never fit "
-                               f"the KV cache of {cap} tokens", param="max_tokens")
+            raise RequestError(
+                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) can never fit "
+                f"the KV cache of {cap} tokens",
+                param="max_tokens",
+            )
         return params
 
     # -- the loop ------------------------------------------------------------------------------
@@ -215,7 +238,7 @@ class AsyncEngine:
         """Nothing to run: sleep until a request arrives (checking on worker ranks meanwhile)."""
         try:
             await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.executor.check_alive()  # a dead worker rank raises here
 
     async def _run_overlapped(self) -> None:

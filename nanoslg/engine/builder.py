@@ -1,4 +1,5 @@
 """Turns a validated config into a running-ready AsyncEngine, through the registries."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,10 @@ def build_engine(cfg: Config) -> AsyncEngine:
     args = ckpt.args
     max_len = cfg.model.max_model_len or args.max_position_embeddings
     if max_len > args.max_position_embeddings:
-        raise ConfigError(f"model.max_model_len={max_len} is over the checkpoint's "
-                          f"max_position_embeddings={args.max_position_embeddings}")
+        raise ConfigError(
+            f"model.max_model_len={max_len} is over the checkpoint's "
+            f"max_position_embeddings={args.max_position_embeddings}"
+        )
     executor: Executor = PARALLEL.get(cfg.parallel.mode)(cfg, ckpt)
     backend = executor.backend
     kv = backend.make_manager(executor.num_pages, cfg.cache.page_size, cfg.cache.prefix_caching)
@@ -35,17 +38,26 @@ def build_engine(cfg: Config) -> AsyncEngine:
     eos = _eos_ids(ckpt.path, args, tokenizer)
     pool_bytes = executor.num_pages * cfg.cache.page_size * backend.spec.bytes_per_token
     rt = executor.rt
-    name = cfg.server.served_model_name or (os.path.basename(os.path.normpath(cfg.model.path))
-                                            if cfg.model.path else cfg.model.name)
+    name = cfg.server.served_model_name or (
+        os.path.basename(os.path.normpath(cfg.model.path)) if cfg.model.path else cfg.model.name
+    )
     info = {
-        "model": name, "path": ckpt.path, "architecture": args.architecture,
+        "model": name,
+        "path": ckpt.path,
+        "architecture": args.architecture,
         "load_format": "dummy" if cfg.model.load_format == "dummy" else "safetensors",
-        "device": str(executor.device), "dtype": str(backend.spec.dtype).replace("torch.", ""),
-        "dtype_reason": rt.dtype_reason, "cache_backend": rt.backend_name, "cache_reason": rt.backend_reason,
+        "device": str(executor.device),
+        "dtype": str(backend.spec.dtype).replace("torch.", ""),
+        "dtype_reason": rt.dtype_reason,
+        "cache_backend": rt.backend_name,
+        "cache_reason": rt.backend_reason,
         "parallel": f"{cfg.parallel.mode} (tp={cfg.parallel.tp_size}, pp={cfg.parallel.pp_size})",
-        "kv_pages": executor.num_pages, "kv_tokens": kv.capacity_tokens, "kv_gib": pool_bytes / 2**30,
+        "kv_pages": executor.num_pages,
+        "kv_tokens": kv.capacity_tokens,
+        "kv_gib": pool_bytes / 2**30,
         "kv_budget": executor.budget_why if cfg.cache.max_num_tokens is None else "cache.max_num_tokens",
-        "prefix_caching": bool(cfg.cache.prefix_caching and kv.paged), "max_model_len": max_len,
+        "prefix_caching": bool(cfg.cache.prefix_caching and kv.paged),
+        "max_model_len": max_len,
         "cascade_attention": bool(backend.cascade),
         "overlap": executor.overlap,
         # Resolved by rank 0's sampler (None where sampling runs in worker processes).
@@ -55,19 +67,45 @@ def build_engine(cfg: Config) -> AsyncEngine:
         # The whole model's KV per token (every layer and KV head), whatever the sharding.
         "kv_bytes_per_token": 2 * args.num_layers * args.num_kv_heads * args.head_dim * _elem(backend.spec.dtype),
     }
-    log.info("model %s (%s, %s) on %s, dtype %s: %s", info["model"], args.architecture, info["load_format"],
-             info["device"], info["dtype"], info["dtype_reason"])
+    log.info(
+        "model %s (%s, %s) on %s, dtype %s: %s",
+        info["model"],
+        args.architecture,
+        info["load_format"],
+        info["device"],
+        info["dtype"],
+        info["dtype_reason"],
+    )
     log.info("parallel %s; cache backend %s: %s", info["parallel"], info["cache_backend"], info["cache_reason"])
-    log.info("overlap scheduling %s; decode CUDA graphs %s; sampling kernels %s (model.sampling_kernels=%s)%s",
-             _overlap_why(cfg, info["overlap"]), "on" if info["cuda_graphs"] else "off",
-             info["sampling_kernels"] or "on the workers", cfg.model.sampling_kernels,
-             f"; GEMMs {info['blas']} (model.blas={cfg.model.blas})" if info["blas"] else "")
-    log.info("KV pool: %d pages x %d = %d tokens, %.2f GiB (budget: %s); prefix caching %s; cascade attention %s",
-             executor.num_pages, cfg.cache.page_size, kv.capacity_tokens, info["kv_gib"], info["kv_budget"],
-             "on" if info["prefix_caching"] else "off", "on" if info["cascade_attention"] else "off")
-    return AsyncEngine(scheduler, executor, tokenizer, model_name=name,
-                       max_model_len=max_len, vocab_size=args.vocab_size, eos_token_ids=eos,
-                       kv_pool_bytes=pool_bytes, info=info)
+    log.info(
+        "overlap scheduling %s; decode CUDA graphs %s; sampling kernels %s (model.sampling_kernels=%s)%s",
+        _overlap_why(cfg, info["overlap"]),
+        "on" if info["cuda_graphs"] else "off",
+        info["sampling_kernels"] or "on the workers",
+        cfg.model.sampling_kernels,
+        f"; GEMMs {info['blas']} (model.blas={cfg.model.blas})" if info["blas"] else "",
+    )
+    log.info(
+        "KV pool: %d pages x %d = %d tokens, %.2f GiB (budget: %s); prefix caching %s; cascade attention %s",
+        executor.num_pages,
+        cfg.cache.page_size,
+        kv.capacity_tokens,
+        info["kv_gib"],
+        info["kv_budget"],
+        "on" if info["prefix_caching"] else "off",
+        "on" if info["cascade_attention"] else "off",
+    )
+    return AsyncEngine(
+        scheduler,
+        executor,
+        tokenizer,
+        model_name=name,
+        max_model_len=max_len,
+        vocab_size=args.vocab_size,
+        eos_token_ids=eos,
+        kv_pool_bytes=pool_bytes,
+        info=info,
+    )
 
 
 def _overlap_why(cfg: Config, on: bool) -> str:

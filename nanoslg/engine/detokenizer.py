@@ -5,6 +5,7 @@ Each new token is decoded together with a few tokens of context: the text it add
 sequence, so nothing is emitted until a later token completes it. The context also keeps
 SentencePiece-style leading spaces right.
 """
+
 from __future__ import annotations
 
 _CONTEXT = 5
@@ -24,10 +25,10 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Appends a token; returns the text it completes (possibly empty)."""
         self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
         if full.endswith("\ufffd") or len(full) <= len(prefix):
             return ""  # an incomplete character (or a skipped special token): wait
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
-        return full[len(prefix):]
+        return full[len(prefix) :]

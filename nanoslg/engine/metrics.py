@@ -1,11 +1,31 @@
 """Engine metrics as plain numbers; the server renders them (Prometheus), the bench reads them."""
+
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
 
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                   2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 
 
 @dataclass
@@ -38,8 +58,10 @@ class StepProfile:
 
     def per_step_ms(self) -> dict:
         n = max(self.steps, 1)
-        return {"steps": self.steps, **{k[:-2] + "_ms": getattr(self, k) / n * 1e3
-                                        for k in ("schedule_s", "process_s", "launch_s", "wait_s")}}
+        return {
+            "steps": self.steps,
+            **{k[:-2] + "_ms": getattr(self, k) / n * 1e3 for k in ("schedule_s", "process_s", "launch_s", "wait_s")},
+        }
 
 
 @dataclass

@@ -6,14 +6,15 @@ that may still begin a stop string is held back. It also decides which ids the s
 while fewer than min_tokens were generated; the sampler only applies that mask. Requests, their
 per-sequence text state and their streams are kept here until the last delta is emitted.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from nanoslg.core.sampling_params import SamplingParams
-from nanoslg.core.sequence import Sequence, SeqStatus
+from nanoslg.core.sequence import SeqStatus, Sequence
 from nanoslg.engine.detokenizer import IncrementalDetokenizer
 from nanoslg.engine.metrics import EngineMetrics
 from nanoslg.engine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -25,28 +26,35 @@ class SeqOutput:
 
     __slots__ = ("seq", "req", "index", "detok", "text", "emitted", "stop_reason", "last_token_time")
 
-    def __init__(self, seq: Sequence, req: "RequestState", index: int, detok: Optional[IncrementalDetokenizer]):
+    def __init__(self, seq: Sequence, req: RequestState, index: int, detok: IncrementalDetokenizer | None):
         self.seq, self.req, self.index, self.detok = seq, req, index, detok
         self.text = ""  # detokenized output so far (a matched stop string cut off)
         self.emitted = 0  # characters of text already streamed out
         self.stop_reason: object = None  # the stop string or token id that matched
-        self.last_token_time: Optional[float] = None
+        self.last_token_time: float | None = None
 
 
 class RequestState:
-    def __init__(self, rid: str, prompt: Optional[str], prompt_ids: list[int], params: SamplingParams,
-                 stream: RequestStream):
+    def __init__(
+        self, rid: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams, stream: RequestStream
+    ):
         self.id, self.prompt, self.prompt_ids, self.params, self.stream = rid, prompt, prompt_ids, params, stream
         self.outs: list[SeqOutput] = []
         # Characters held back from the stream while they may still begin a stop string.
         self.hold = max((len(s) for s in params.stop), default=1) - 1
         self.arrival = time.monotonic()
-        self.first_token_time: Optional[float] = None
+        self.first_token_time: float | None = None
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], max_model_len: int, metrics: EngineMetrics,
-                 finish: Callable[[Sequence, str], None]):
+    def __init__(
+        self,
+        tokenizer,
+        eos_token_ids: tuple[int, ...],
+        max_model_len: int,
+        metrics: EngineMetrics,
+        finish: Callable[[Sequence, str], None],
+    ):
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
@@ -61,8 +69,9 @@ class OutputProcessor:
             return ()
         return (() if params.ignore_eos else self.eos_token_ids) + tuple(params.stop_token_ids)
 
-    def add_request(self, rid: str, prompt: Optional[str], ids: list[int], params: SamplingParams,
-                    stream: RequestStream) -> RequestState:
+    def add_request(
+        self, rid: str, prompt: str | None, ids: list[int], params: SamplingParams, stream: RequestStream
+    ) -> RequestState:
         """The request's state and its n sequences (not yet scheduled)."""
         req = self.requests[rid] = RequestState(rid, prompt, ids, params, stream)
         stop_ids = self.min_tokens_stop_ids(params)
@@ -70,8 +79,11 @@ class OutputProcessor:
             # With a seed, sample i of n draws from seed + i: reproducible, yet independent samples.
             p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
             seq = Sequence(rid, ids, p, min_tokens_stop_ids=stop_ids)
-            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) \
-                if self.tokenizer is not None else None
+            detok = (
+                IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+                if self.tokenizer is not None
+                else None
+            )
             so = SeqOutput(seq, req, i, detok)
             req.outs.append(so)
             self.outs[seq.seq_id] = so
@@ -121,11 +133,11 @@ class OutputProcessor:
             out.finish_reason, out.stop_reason = reason, so.stop_reason
         if so.detok is not None:
             upto = max(so.emitted, len(so.text) - (0 if reason is not None else req.hold))
-            out.text = so.text[so.emitted:upto]
+            out.text = so.text[so.emitted : upto]
             so.emitted = upto
         return out
 
-    def _stop_reason(self, so: SeqOutput, seq: Sequence, tok: int) -> Optional[str]:
+    def _stop_reason(self, so: SeqOutput, seq: Sequence, tok: int) -> str | None:
         p = seq.params
         n_out = seq.num_output_tokens
         if n_out >= p.min_tokens:

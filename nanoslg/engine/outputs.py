@@ -1,10 +1,10 @@
 """What the engine takes (a Prompt) and returns: per request, one CompletionOutput per sample."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
-Prompt = Union[str, list[int]]  # text, or token ids
+Prompt = str | list[int]  # text, or token ids
 
 
 @dataclass
@@ -19,9 +19,9 @@ class CompletionOutput:
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    logprobs: Optional[list[Logprob]] = None
-    finish_reason: Optional[str] = None  # "stop" | "length" | "abort"
-    stop_reason: Optional[object] = None  # the stop string or token id that matched, if any
+    logprobs: list[Logprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: object | None = None  # the stop string or token id that matched, if any
 
 
 @dataclass
@@ -33,7 +33,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0
-    prompt: Optional[str] = None
+    prompt: str | None = None
 
     # The single-sample view the issue's API promises: .text, .token_ids, .finish_reason.
     @property
@@ -45,5 +45,5 @@ class RequestOutput:
         return self.outputs[0].token_ids
 
     @property
-    def finish_reason(self) -> Optional[str]:
+    def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason

@@ -1,9 +1,10 @@
 """A request's stream of deltas, and `collect`, which folds one into the final result."""
+
 from __future__ import annotations
 
 import asyncio
 import collections
-from typing import AsyncIterator, Optional, Union
+from collections.abc import AsyncIterator
 
 from nanoslg.engine.outputs import CompletionOutput, RequestOutput
 
@@ -17,10 +18,10 @@ class RequestStream:
     def __init__(self, request_id: str):
         self.request_id = request_id
         self._items: collections.deque = collections.deque()
-        self._waiter: Optional[asyncio.Future] = None
+        self._waiter: asyncio.Future | None = None
         self._done = False
 
-    def put(self, item: Union[RequestOutput, BaseException]) -> None:
+    def put(self, item: RequestOutput | BaseException) -> None:
         self._items.append(item)
         w = self._waiter
         if w is not None:
@@ -28,7 +29,7 @@ class RequestStream:
             if not w.done():
                 w.set_result(None)
 
-    def __aiter__(self) -> "RequestStream":
+    def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
@@ -47,7 +48,7 @@ class RequestStream:
 
 async def collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
     """Accumulates a stream of deltas into one final RequestOutput."""
-    final: Optional[RequestOutput] = None
+    final: RequestOutput | None = None
     outs: dict[int, CompletionOutput] = {}
     async for delta in stream:
         final = delta

@@ -1,5 +1,6 @@
 """Which checkpoint a config names: a Hugging Face folder (model.path), a bundled shape for random
 weights (model.shape), or the demo model built on first use."""
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,10 @@ def resolve_checkpoint(cfg: Config) -> Checkpoint:
     has_weights = any(f.endswith(".safetensors") for f in os.listdir(path))
     has_tok = any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
     if m.load_format != "dummy" and not has_weights:
-        raise ConfigError(f"no *.safetensors in {path}; set model.path to a checkpoint with weights, "
-                          "or model.load_format=dummy for random weights")
+        raise ConfigError(
+            f"no *.safetensors in {path}; set model.path to a checkpoint with weights, "
+            "or model.load_format=dummy for random weights"
+        )
     return Checkpoint(path, args, has_weights, has_tok)
 
 

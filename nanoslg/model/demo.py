@@ -4,6 +4,7 @@ The tokenizer is trained with `tokenizers` on the Python standard library's own 
 on disk, no network). The checkpoint is written to a temp folder and renamed into place, so
 concurrent first runs never see a half-written folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -29,10 +29,28 @@ CHAT_TEMPLATE = (
 )
 # Standard-library files whose text trains the tokenizer (docstrings, comments and code: plenty of
 # English and Python). Only files present are read, so any CPython layout works.
-CORPUS_FILES = ["textwrap.py", "string.py", "json/__init__.py", "json/decoder.py", "argparse.py", "pathlib.py",
-                "pathlib/__init__.py", "pathlib/_local.py", "typing.py", "functools.py", "dataclasses.py",
-                "logging/__init__.py", "random.py", "statistics.py", "fractions.py", "datetime.py",
-                "_pydatetime.py", "difflib.py", "calendar.py", "inspect.py"]
+CORPUS_FILES = [
+    "textwrap.py",
+    "string.py",
+    "json/__init__.py",
+    "json/decoder.py",
+    "argparse.py",
+    "pathlib.py",
+    "pathlib/__init__.py",
+    "pathlib/_local.py",
+    "typing.py",
+    "functools.py",
+    "dataclasses.py",
+    "logging/__init__.py",
+    "random.py",
+    "statistics.py",
+    "fractions.py",
+    "datetime.py",
+    "_pydatetime.py",
+    "difflib.py",
+    "calendar.py",
+    "inspect.py",
+]
 EXTRA_TEXT = "héllo wörld, café naïve ünïcödé — 世界 你好 こんにちは 🙂\n"
 
 
@@ -61,26 +79,58 @@ def build_tokenizer(vocab_size: int = 4096, max_chars: int = 1_500_000):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus(max_chars), trainer)
     tok.post_processor = processors.TemplateProcessing(  # prepend BOS, like Llama tokenizers
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def llama_config(vocab_size: int, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int = 2,
-                 intermediate: int = 704, max_pos: int = 2048) -> dict:
+def llama_config(
+    vocab_size: int,
+    hidden: int = 256,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 704,
+    max_pos: int = 2048,
+) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab_size,
-        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
-        "hidden_act": "silu", "max_position_embeddings": max_pos, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "initializer_range": 0.05,
-        "torch_dtype": "float32", "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_pos,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": 0.05,
+        "torch_dtype": "float32",
+        "bos_token_id": BOS,
+        "eos_token_id": EOS,
+        "pad_token_id": PAD,
     }
 
 
@@ -96,13 +146,19 @@ def random_llama_weights(cfg: dict, seed: int = 0, std: float = 0.05) -> dict[st
     w = {"model.embed_tokens.weight": rnd(v, h), "model.norm.weight": torch.ones(h), "lm_head.weight": rnd(v, h)}
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
-        w.update({
-            p + "self_attn.q_proj.weight": rnd(q, h), p + "self_attn.k_proj.weight": rnd(kv, h),
-            p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, q),
-            p + "mlp.gate_proj.weight": rnd(i, h), p + "mlp.up_proj.weight": rnd(i, h),
-            p + "mlp.down_proj.weight": rnd(h, i),
-            p + "input_layernorm.weight": torch.ones(h), p + "post_attention_layernorm.weight": torch.ones(h),
-        })
+        w.update(
+            {
+                p + "self_attn.q_proj.weight": rnd(q, h),
+                p + "self_attn.k_proj.weight": rnd(kv, h),
+                p + "self_attn.v_proj.weight": rnd(kv, h),
+                p + "self_attn.o_proj.weight": rnd(h, q),
+                p + "mlp.gate_proj.weight": rnd(i, h),
+                p + "mlp.up_proj.weight": rnd(i, h),
+                p + "mlp.down_proj.weight": rnd(h, i),
+                p + "input_layernorm.weight": torch.ones(h),
+                p + "post_attention_layernorm.weight": torch.ones(h),
+            }
+        )
     return w
 
 
@@ -111,7 +167,7 @@ def write_generation_config(path: str, bos: int = BOS, eos=(EOS, IM_END), pad: i
         json.dump({"bos_token_id": bos, "eos_token_id": list(eos), "pad_token_id": pad}, f, indent=2)
 
 
-def ensure_demo_checkpoint(cache_dir: Optional[str] = None) -> str:
+def ensure_demo_checkpoint(cache_dir: str | None = None) -> str:
     """The demo checkpoint folder, built on first use (default ~/.cache/nanoslg/demo-v1; root
     overridable with NANOSLG_CACHE)."""
     root = cache_dir or cache_root()

@@ -3,12 +3,13 @@
 Read from the raw json (not transformers' AutoConfig) so configs written by transformers 4.x
 (`rope_theta` + `rope_scaling`) and 5.x (`rope_parameters`, which also holds `rope_theta`) both work.
 """
+
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -16,8 +17,13 @@ from nanoslg.core.errors import ConfigError
 from nanoslg.core.registry import ARCHITECTURES
 
 SHAPES_DIR = os.path.join(os.path.dirname(__file__), "shapes")
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-           "float16": torch.float16, "half": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
 
 
 @dataclass
@@ -32,7 +38,7 @@ class ModelArgs:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None  # None or {"rope_type": ..., factor, ...}
+    rope_scaling: dict | None = None  # None or {"rope_type": ..., factor, ...}
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # bias on q/k/v (Qwen2: always)
@@ -40,16 +46,17 @@ class ModelArgs:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before rope
     torch_dtype: torch.dtype = torch.float32  # the checkpoint's dtype
-    bos_token_id: Optional[int] = None
+    bos_token_id: int | None = None
     eos_token_id: Any = None  # int, list of ints, or None
 
     @classmethod
-    def from_dict(cls, c: dict) -> "ModelArgs":
+    def from_dict(cls, c: dict) -> ModelArgs:
         archs = c.get("architectures") or []
         arch = next((a for a in archs if a in ARCHITECTURES), None)
         if arch is None:
-            raise ConfigError(f"config.json architectures={archs!r} is not supported; "
-                              f"supported: {', '.join(ARCHITECTURES.names())}")
+            raise ConfigError(
+                f"config.json architectures={archs!r} is not supported; supported: {', '.join(ARCHITECTURES.names())}"
+            )
         heads = c["num_attention_heads"]
         rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", None) or c.get("rope_theta") or 10000.0

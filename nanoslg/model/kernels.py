@@ -3,6 +3,7 @@
 The torch versions are the reference and the CPU path; `tests/test_kernels.py` checks that both
 give the same numbers on the GPU. `use_fused()` decides per tensor: CUDA and FlashInfer importable.
 """
+
 from __future__ import annotations
 
 import functools
@@ -10,7 +11,7 @@ import functools
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_flashinfer():
     try:
         import flashinfer  # noqa: F401
@@ -49,8 +50,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm_torch(x, weight, eps)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """residual <- x + residual; returns (rms_norm(residual), residual)."""
     if use_fused(x) and x.dim() == 2:
         x, residual = x.contiguous(), residual.contiguous()
@@ -68,8 +70,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def rope_torch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-               cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_torch(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Neox-style rotary on q [T, Hq, D], k [T, Hk, D]; cos_sin [max_pos, D] (cos half | sin half), fp32."""
     cos, sin = cos_sin[positions].chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
@@ -81,8 +84,9 @@ def rope_torch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     return rot(q), rot(k)
 
 
-def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-         cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """In place on the GPU: q and k may be strided views of the fused qkv output (the kernel takes
     head and token strides), so no copy is made."""
     if use_fused(q) and q.stride(-1) == 1 and k.stride(-1) == 1:

@@ -5,18 +5,18 @@ that copies this rank's slice of a checkpoint tensor. `loaded` is a torch tensor
 slice (`safe_open(...).get_slice(name)`), so only the slice is read from disk. With tp_size=1
 everything is a plain linear.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoslg.core.dist import get_state, tp_all_gather_last_dim, tp_all_reduce
 from nanoslg.core.errors import ConfigError
 from nanoslg.model import kernels
-from nanoslg.core.dist import get_state, tp_all_gather_last_dim, tp_all_reduce
 
 
 def _shape(loaded) -> list[int]:
@@ -25,7 +25,7 @@ def _shape(loaded) -> list[int]:
 
 def _rows(loaded, start: int, size: int) -> torch.Tensor:
     """Rows [start, start+size) of a tensor or safetensors slice."""
-    return loaded[start:start + size]
+    return loaded[start : start + size]
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, name: str = "weight") -> None:
@@ -43,7 +43,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
             if x.dim() in (2, 3):  # 3-D: Qwen3's per-head q/k norm on strided views of qkv, read in place
                 return kernels.rms_norm(x, self.weight, self.eps)
@@ -58,7 +58,7 @@ class SiluAndMul(nn.Module):
 
 
 # -- rotary embedding -----------------------------------------------------------------------------------
-def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """HF's inverse frequencies, with the `linear` and `llama3` scalings."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if scaling is None:
@@ -83,7 +83,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary (HF Llama/Qwen) with a [max_pos, head_dim] fp32 cos|sin cache."""
 
-    def __init__(self, head_dim: int, max_pos: int, theta: float, scaling: Optional[dict]):
+    def __init__(self, head_dim: int, max_pos: int, theta: float, scaling: dict | None):
         super().__init__()
         inv = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv)
@@ -138,7 +138,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded, shard_id: int) -> None:
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        _copy(param.data[offset:offset + size], _rows(loaded, self.tp_rank * size, size))
+        _copy(param.data[offset : offset + size], _rows(loaded, self.tp_rank * size, size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -148,7 +148,9 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
         tp = get_state().tp_size
         if num_kv_heads % tp and tp % num_kv_heads:
-            raise ConfigError(f"num_key_value_heads={num_kv_heads} and parallel.tp_size={tp}: one must divide the other")
+            raise ConfigError(
+                f"num_key_value_heads={num_kv_heads} and parallel.tp_size={tp}: one must divide the other"
+            )
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp, "num_attention_heads")
         self.num_kv_heads = max(1, num_kv_heads // tp)
@@ -163,7 +165,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = q if shard_id == "k" else q + kv
             size, start = kv, (self.tp_rank // self.kv_replicas) * kv
-        _copy(param.data[offset:offset + size], _rows(loaded, start, size))
+        _copy(param.data[offset : offset + size], _rows(loaded, start, size))
 
 
 class RowParallelLinear(LinearBase):
@@ -176,7 +178,7 @@ class RowParallelLinear(LinearBase):
         if param.dim() == 1:  # the bias is whole on every rank, added once after the reduce
             return _copy(param.data, loaded[:])
         n = param.shape[1]
-        _copy(param.data, loaded[:, self.tp_rank * n:(self.tp_rank + 1) * n])
+        _copy(param.data, loaded[:, self.tp_rank * n : (self.tp_rank + 1) * n])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = tp_all_reduce(F.linear(x, self.weight))
@@ -219,4 +221,4 @@ class ParallelLMHead(VocabParallelEmbedding):
         (bf16 -> float32 is exact, so it picks the same token), which saves writing a float32 copy
         of the whole vocabulary every step."""
         logits = tp_all_gather_last_dim(F.linear(x, self.weight))
-        return logits[:, :self.vocab_size]
+        return logits[:, : self.vocab_size]

@@ -11,18 +11,25 @@ Pipeline stages: the model builds only the layers in `get_state().stage_layers` 
 `ctx.attend(layer, ...)` gets the LOCAL layer index (global index minus the stage's first layer),
 so each stage's KV cache holds only its own layers, numbered from 0.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 from torch import nn
 
-from nanoslg.model.hf_config import ModelArgs
-from nanoslg.model.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
-                                  RotaryEmbedding, RowParallelLinear, SiluAndMul, VocabParallelEmbedding)
 from nanoslg.core.dist import get_state
 from nanoslg.core.registry import ARCHITECTURES
+from nanoslg.model.hf_config import ModelArgs
+from nanoslg.model.layers import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    SiluAndMul,
+    VocabParallelEmbedding,
+)
 
 
 class Attention(nn.Module):
@@ -102,8 +109,14 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is not None and args.tie_word_embeddings and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx,
-                hidden: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        ctx,
+        hidden: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ):
         m = self.model
         if m.embed_tokens is not None:
             hidden, residual = m.embed_tokens(input_ids), None
@@ -121,4 +134,5 @@ class LlamaForCausalLM(nn.Module):
 
 
 ARCHITECTURES.register("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")(
-    LlamaForCausalLM)
+    LlamaForCausalLM
+)

@@ -1,22 +1,21 @@
 """Builds a model from a checkpoint folder: safetensors weights (this rank's TP slices only), or random
 weights of the right shapes (`load_format=dummy`)."""
+
 from __future__ import annotations
 
 import json
 import os
 import re
 import zlib
-from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from nanoslg.core.errors import ConfigError
-from nanoslg.model.hf_config import ModelArgs, load_args
 from nanoslg.core.dist import get_state
+from nanoslg.core.errors import ConfigError
 from nanoslg.core.registry import ARCHITECTURES
-
+from nanoslg.model.hf_config import ModelArgs, load_args
 
 # HF name piece -> (our fused parameter piece, shard id)
 STACKED = [
@@ -38,7 +37,7 @@ def default_weight_loader(param: torch.nn.Parameter, loaded, shard_id=None) -> N
     param.data.copy_(t)
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype], args: ModelArgs, device: torch.device) -> tuple[torch.dtype, str]:
+def resolve_dtype(dtype: str | torch.dtype, args: ModelArgs, device: torch.device) -> tuple[torch.dtype, str]:
     """The dtype the model runs in, and why (for the start-up log). The one place `auto` is decided."""
     if isinstance(dtype, torch.dtype):
         return dtype, "given"
@@ -53,9 +52,15 @@ def resolve_dtype(dtype: Union[str, torch.dtype], args: ModelArgs, device: torch
     return dt, f"auto on GPU: the checkpoint's {str(args.torch_dtype).replace('torch.', '')}"
 
 
-def load_model(path: Union[str, ModelArgs, None], args: Optional[ModelArgs] = None, *,
-               dtype: Union[str, torch.dtype] = "auto", device: Union[str, torch.device] = "cpu",
-               load_format: str = "auto", seed: int = 0) -> torch.nn.Module:
+def load_model(
+    path: str | ModelArgs | None,
+    args: ModelArgs | None = None,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    load_format: str = "auto",
+    seed: int = 0,
+) -> torch.nn.Module:
     """`path`: a checkpoint folder, or ModelArgs alone (then load_format must be dummy).
     load_format: auto|safetensors read the weights; dummy makes seeded random ones."""
     if isinstance(path, ModelArgs):
@@ -142,8 +147,10 @@ def load_weights(model, path: str) -> None:
                         loader(param, sl, shard)
                     loaded.add(pname if shard is None else f"{pname}#{shard}")
     if unexpected:
-        raise ConfigError(f"checkpoint {path} has weights the {model.args.architecture} model (as its config.json "
-                          f"describes it) does not use: {', '.join(sorted(unexpected)[:8])}")
+        raise ConfigError(
+            f"checkpoint {path} has weights the {model.args.architecture} model (as its config.json "
+            f"describes it) does not use: {', '.join(sorted(unexpected)[:8])}"
+        )
     need = {}  # what must be loaded -> the checkpoint name to report if it is not
     for pname in params:
         stacked = [(hf, s) for hf, ours, s in STACKED if ours in pname]
@@ -153,8 +160,10 @@ def load_weights(model, path: str) -> None:
             need[pname] = pname
     missing = sorted(v for k, v in need.items() if k not in loaded)
     if missing:
-        raise ConfigError(f"checkpoint {path} lacks weights the model needs: {', '.join(missing[:8])}"
-                          + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""))
+        raise ConfigError(
+            f"checkpoint {path} lacks weights the model needs: {', '.join(missing[:8])}"
+            + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else "")
+        )
 
 
 @torch.no_grad()
@@ -167,13 +176,21 @@ def hf_weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (args.vocab_size, h)
     for i in range(args.num_layers):
         p = f"model.layers.{i}."
-        layer = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-                 "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-                 "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
-                 "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h),
-                 "mlp.down_proj.weight": (h, inter)}
+        layer = {
+            "input_layernorm.weight": (h,),
+            "post_attention_layernorm.weight": (h,),
+            "self_attn.q_proj.weight": (q, h),
+            "self_attn.k_proj.weight": (kv, h),
+            "self_attn.v_proj.weight": (kv, h),
+            "self_attn.o_proj.weight": (h, q),
+            "mlp.gate_proj.weight": (inter, h),
+            "mlp.up_proj.weight": (inter, h),
+            "mlp.down_proj.weight": (h, inter),
+        }
         if args.attention_bias:
-            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+            layer.update(
+                {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+            )
         if args.o_bias:
             layer["self_attn.o_proj.bias"] = (h,)
         if args.mlp_bias:

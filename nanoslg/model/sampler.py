@@ -9,16 +9,16 @@ Penalties: repetition over prompt + output tokens (logit / p if > 0 else logit *
 presence over output tokens only (logit -= f * count, logit -= p * [count > 0]).
 Logprobs are the log_softmax of the raw logits, before any of the above.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-from nanoslg.core.sampling_params import SamplingParams
 from nanoslg.core.errors import ConfigError
 from nanoslg.core.plan import NewSeq
+from nanoslg.core.sampling_params import SamplingParams
 from nanoslg.core.tensors import to_device, to_host
 from nanoslg.model.kernels import load_flashinfer
 
@@ -29,10 +29,10 @@ class _Seq:
     prompt: list[int]
     num_out: int  # tokens generated so far (including those before a preemption)
     stop_ids: list[int]
-    gen: Optional[torch.Generator] = None
-    counts: Optional[torch.Tensor] = None  # [V] output token counts (penalties only)
-    seen: Optional[torch.Tensor] = None  # [V] bool: in prompt or output (repetition penalty only)
-    init_out: Optional[list[int]] = None  # output tokens known at add(), folded into counts lazily
+    gen: torch.Generator | None = None
+    counts: torch.Tensor | None = None  # [V] output token counts (penalties only)
+    seen: torch.Tensor | None = None  # [V] bool: in prompt or output (repetition penalty only)
+    init_out: list[int] | None = None  # output tokens known at add(), folded into counts lazily
 
 
 class Sampler:
@@ -64,8 +64,9 @@ class Sampler:
         # Only penalties read the prompt: no per-sequence copy of it otherwise (a burst of long prompts
         # would hand the garbage collector that many more elements to walk).
         prompt = list(ns.prompt_token_ids) if p.has_penalties else []
-        self.seqs[ns.seq_id] = _Seq(p, prompt, len(ns.output_token_ids), list(ns.stop_ids),
-                                    gen, init_out=list(ns.output_token_ids))
+        self.seqs[ns.seq_id] = _Seq(
+            p, prompt, len(ns.output_token_ids), list(ns.stop_ids), gen, init_out=list(ns.output_token_ids)
+        )
         if not p.greedy or p.has_penalties or p.min_tokens > 0 or p.logprobs is not None:
             self.special.add(ns.seq_id)
 
@@ -83,12 +84,12 @@ class Sampler:
         s.seen[to_device(s.prompt, torch.long, self.device)] = True
         s.prompt = []  # folded into `seen`
 
-    def sample(self, logits: torch.Tensor, seq_ids: list[int]) -> tuple[list[int], Optional[list]]:
+    def sample(self, logits: torch.Tensor, seq_ids: list[int]) -> tuple[list[int], list | None]:
         """logits: [B, V] (float32 or the model's dtype), row i for seq_ids[i]. Returns token ids and per-row logprobs
         (None, or per row None | (logprob, [(token_id, logprob), ...])), or None if no row asked."""
         return self.sample_async(logits, seq_ids).to_host().result()
 
-    def sample_async(self, logits: torch.Tensor, seq_ids: list[int]) -> "Sampled":
+    def sample_async(self, logits: torch.Tensor, seq_ids: list[int]) -> Sampled:
         """The same, left on the device: no host sync, so the next step can be launched at once."""
         if self.special.isdisjoint(seq_ids) and self.seqs.keys() >= set(seq_ids):
             return Sampled(logits.argmax(dim=-1), None)  # every row plain greedy: its step count matters to nothing
@@ -107,7 +108,7 @@ class Sampler:
         for r, s in enumerate(states):
             s.num_out += 1
             if s.counts is not None:
-                t = tokens[r:r + 1]
+                t = tokens[r : r + 1]
                 s.counts.index_add_(0, t, torch.ones(1, device=s.counts.device))
                 s.seen.index_fill_(0, t, True)
         out = Sampled(tokens, [s.params.logprobs for s in states] if want_lp else None)
@@ -141,8 +142,11 @@ class Sampler:
         counts = torch.stack([states[r].counts for r in rows])
         seen = torch.stack([states[r].seen for r in rows])
         col = lambda v: to_device(v, torch.float32, x.device)[:, None]  # noqa: E731
-        rep, freq, pres = col([p.repetition_penalty for p in ps]), col([p.frequency_penalty for p in ps]), \
-            col([p.presence_penalty for p in ps])
+        rep, freq, pres = (
+            col([p.repetition_penalty for p in ps]),
+            col([p.frequency_penalty for p in ps]),
+            col([p.presence_penalty for p in ps]),
+        )
         y = x[idx]
         y = torch.where(seen, torch.where(y > 0, y / rep, y * rep), y)
         y = y - freq * counts - pres * (counts > 0).float()
@@ -162,7 +166,8 @@ class Sampler:
         if self.fused is not None and all(s.gen is None for s in states) and not any(m > 0 for m in min_p):
             # One fused kernel: top-k mask, softmax, then top-p by rejection sampling (no sort).
             drawn = self.fused.top_k_top_p_sampling_from_logits(
-                x, to_device(ks, torch.int32, dev), to_device(ps, torch.float32, dev)).long()
+                x, to_device(ks, torch.int32, dev), to_device(ps, torch.float32, dev)
+            ).long()
         else:
             if any(k < V for k in ks) or any(p < 1.0 for p in ps):
                 x = top_k_top_p(x, to_device(ks, torch.long, dev), to_device(ps, torch.float32, dev))
@@ -181,25 +186,27 @@ class Sampler:
 class Sampled:
     """One step's draws, on the device until `to_host` starts their copy and `result` reads them."""
 
-    def __init__(self, tokens: torch.Tensor, num_logprobs: Optional[list]):
+    def __init__(self, tokens: torch.Tensor, num_logprobs: list | None):
         self.tokens = tokens
         self.num_logprobs = num_logprobs  # per row: None or how many top logprobs it asked for
         self.chosen = self.top_v = self.top_i = None
 
-    def to_host(self) -> "Sampled":
+    def to_host(self) -> Sampled:
         """Starts non-blocking copies to (pinned) host memory; read them after the step's event."""
         cpu = lambda t: None if t is None else to_host(t)  # noqa: E731
         host = Sampled(cpu(self.tokens), self.num_logprobs)
         host.chosen, host.top_v, host.top_i = cpu(self.chosen), cpu(self.top_v), cpu(self.top_i)
         return host
 
-    def result(self) -> tuple[list[int], Optional[list]]:
+    def result(self) -> tuple[list[int], list | None]:
         tokens = self.tokens.tolist()
         if self.num_logprobs is None:
             return tokens, None
         chosen, top_v, top_i = self.chosen.tolist(), self.top_v.tolist(), self.top_i.tolist()
-        return tokens, [None if n is None else (chosen[r], list(zip(top_i[r][:n], top_v[r][:n])))
-                        for r, n in enumerate(self.num_logprobs)]
+        return tokens, [
+            None if n is None else (chosen[r], list(zip(top_i[r][:n], top_v[r][:n])))
+            for r, n in enumerate(self.num_logprobs)
+        ]
 
 
 def top_k_top_p(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

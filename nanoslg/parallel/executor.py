@@ -4,6 +4,7 @@ Two ways to run a step: `execute(plan)` (blocking, up to `max_inflight` at once 
 threads: pipeline stages each hold a micro-batch), or, where `overlap` is true, `launch(plan)` then
 `collect(handle)`, so the host can queue step N+1 before step N's tokens are read.
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol

@@ -4,6 +4,7 @@ What is left of a step is the host's share (scheduler, KV manager, output proces
 scheduler's tests and experiments/cpu_step_overhead.py drive the real engine loop with it. It is not
 a registered strategy: no config selects it.
 """
+
 from __future__ import annotations
 
 from nanoslg.core.plan import StepPlan, StepResult

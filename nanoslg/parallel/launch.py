@@ -15,6 +15,7 @@ One machine: the engine process spawns ranks 1.. (torch.multiprocessing, spawn).
 `torchrun` starts every rank; rank 0 builds the engine as usual, the others call
 `worker.maybe_run_worker`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,7 +24,6 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -61,7 +61,7 @@ class Layout:
         return rank // self.tp, rank % self.tp
 
 
-def split_layers(num_layers: int, pp: int, counts: Optional[list] = None) -> list[tuple[int, int]]:
+def split_layers(num_layers: int, pp: int, counts: list | None = None) -> list[tuple[int, int]]:
     """[first, last) per stage: an even split (earlier stages take the remainder) or the given counts."""
     if counts is None:
         base, rem = divmod(num_layers, pp)
@@ -69,8 +69,10 @@ def split_layers(num_layers: int, pp: int, counts: Optional[list] = None) -> lis
     else:
         counts = list(counts)
         if len(counts) != pp or any(not isinstance(c, int) or c < 1 for c in counts) or sum(counts) != num_layers:
-            raise ConfigError(f"parallel.stage_layers={counts} must list {pp} positive layer counts (one per "
-                              f"stage, parallel.pp_size={pp}) summing to the model's {num_layers} layers")
+            raise ConfigError(
+                f"parallel.stage_layers={counts} must list {pp} positive layer counts (one per "
+                f"stage, parallel.pp_size={pp}) summing to the model's {num_layers} layers"
+            )
     stages, first = [], 0
     for c in counts:
         stages.append((first, first + c))
@@ -83,18 +85,24 @@ def check_layout(cfg: Config, ckpt: Checkpoint) -> Layout:
     p, a = cfg.parallel, ckpt.args
     tp, pp = p.tp_size, p.pp_size
     if a.num_heads % tp:
-        raise ConfigError(f"parallel.tp_size={tp} does not divide the model's {a.num_heads} attention "
-                          f"heads; pick a tp_size that divides {a.num_heads}")
+        raise ConfigError(
+            f"parallel.tp_size={tp} does not divide the model's {a.num_heads} attention "
+            f"heads; pick a tp_size that divides {a.num_heads}"
+        )
     kv = a.num_kv_heads
     if kv % tp and tp % kv:
-        raise ConfigError(f"parallel.tp_size={tp} and the model's {kv} KV heads: one must divide the other "
-                          "(KV heads are split across TP ranks, or replicated when tp_size exceeds them)")
+        raise ConfigError(
+            f"parallel.tp_size={tp} and the model's {kv} KV heads: one must divide the other "
+            "(KV heads are split across TP ranks, or replicated when tp_size exceeds them)"
+        )
     inter = getattr(a, "intermediate_size", None)
     if isinstance(inter, int) and inter % tp:
         raise ConfigError(f"parallel.tp_size={tp} does not divide the model's intermediate_size={inter}")
     if pp > a.num_layers:
-        raise ConfigError(f"parallel.pp_size={pp} is more than the model's {a.num_layers} layers; "
-                          f"each pipeline stage needs at least one layer (pp_size <= {a.num_layers})")
+        raise ConfigError(
+            f"parallel.pp_size={pp} is more than the model's {a.num_layers} layers; "
+            f"each pipeline stage needs at least one layer (pp_size <= {a.num_layers})"
+        )
     stages = split_layers(a.num_layers, pp, p.stage_layers)
     world = tp * pp
     device = resolve_device(cfg.model.device)
@@ -102,14 +110,18 @@ def check_layout(cfg: Config, ckpt: Checkpoint) -> Layout:
     if device.type == "cuda":
         env = torchrun_env()
         if env is not None and env[1] != world:
-            raise ConfigError(f"torchrun started WORLD_SIZE={env[1]} ranks but parallel.tp_size x parallel.pp_size "
-                              f"= {tp} x {pp} = {world}; start {world} ranks in total (nnodes x nproc_per_node)")
+            raise ConfigError(
+                f"torchrun started WORLD_SIZE={env[1]} ranks but parallel.tp_size x parallel.pp_size "
+                f"= {tp} x {pp} = {world}; start {world} ranks in total (nnodes x nproc_per_node)"
+            )
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if env is not None else world
         have = torch.cuda.device_count()
         if local > have:
-            raise ConfigError(f"parallel.tp_size x parallel.pp_size = {tp} x {pp} = {world} ranks need {local} GPUs "
-                              f"on this machine, but only {have} are visible; lower tp_size/pp_size (or use "
-                              "torchrun across nodes)")
+            raise ConfigError(
+                f"parallel.tp_size x parallel.pp_size = {tp} x {pp} = {world} ranks need {local} GPUs "
+                f"on this machine, but only {have} are visible; lower tp_size/pp_size (or use "
+                "torchrun across nodes)"
+            )
     elif backend == "nccl":
         raise ConfigError("parallel.dist_backend=nccl needs CUDA devices; on the CPU use gloo (or auto)")
     return Layout(tp, pp, stages)
@@ -122,7 +134,7 @@ def dist_backend(cfg: Config, device: torch.device) -> str:
     return want
 
 
-def torchrun_env() -> Optional[tuple[int, int, int]]:
+def torchrun_env() -> tuple[int, int, int] | None:
     """(rank, world_size, local_rank) when started by torchrun (env:// rendezvous), else None."""
     env = os.environ
     if not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
@@ -146,8 +158,7 @@ class Rank:
     hidden_size: int  # width of what stages send each other
 
 
-def init_rank(cfg: Config, ckpt: Checkpoint, layout: Layout, rank: int, local_rank: int,
-              init_method: str) -> Rank:
+def init_rank(cfg: Config, ckpt: Checkpoint, layout: Layout, rank: int, local_rank: int, init_method: str) -> Rank:
     """Joins the process groups, sets ParallelState, builds this rank's model and KV pool.
 
     Every rank calls this in the same order of collective calls (group creation, the page-count MIN).
@@ -170,8 +181,14 @@ def init_rank(cfg: Config, ckpt: Checkpoint, layout: Layout, rank: int, local_ra
         g = dist.new_group(ranks=ranks) if layout.tp > 1 else None
         if s == pp_rank:
             tp_group = g
-    state = ParallelState(tp_rank=tp_rank, tp_size=layout.tp, pp_rank=pp_rank, pp_size=layout.pp,
-                          tp_group=tp_group, stage_layers=layout.stages[pp_rank])
+    state = ParallelState(
+        tp_rank=tp_rank,
+        tp_size=layout.tp,
+        pp_rank=pp_rank,
+        pp_size=layout.pp,
+        tp_group=tp_group,
+        stage_layers=layout.stages[pp_rank],
+    )
     set_state(state)
     rt = build_runner(cfg, ckpt, device, sample=rank == layout.sampler_rank)
     if cfg.cache.max_num_tokens is not None:  # the pool size is given: skip the memory profile

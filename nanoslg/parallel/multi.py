@@ -8,6 +8,7 @@ every stage holds a micro-batch); each waits for its own step's result, matched 
 the last stage sends back and a receiver thread collects. Waits poll worker liveness, so a dead
 rank turns into EngineDeadError within a fraction of a second instead of a hang.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,8 @@ import os
 import queue
 import threading
 import time
-from concurrent.futures import Future, TimeoutError as FutureTimeout
-from typing import Optional
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
 import torch.multiprocessing as mp
@@ -46,7 +47,7 @@ class MultiExecutor:
         self.layout = layout = check_layout(cfg, ckpt)
         self.max_inflight = layout.pp  # a micro-batch per stage
         self._procs: list[tuple[int, object]] = []  # (rank, multiprocessing.Process)
-        self._dead: Optional[str] = None
+        self._dead: str | None = None
         self._closing = False
         self._lock = threading.Lock()
         self._order = threading.Condition(self._lock)
@@ -57,15 +58,17 @@ class MultiExecutor:
         self._jobs: queue.Queue = queue.Queue()
         self._expect: queue.Queue = queue.Queue()  # step ids whose results the last stage will send
         self._ready = threading.Event()
-        self._start_error: Optional[BaseException] = None
+        self._start_error: BaseException | None = None
         self._threads_before = torch.get_num_threads()
-        self._receiver: Optional[threading.Thread] = None
+        self._receiver: threading.Thread | None = None
         env = torchrun_env()
         if env is not None:
             rank, _, local_rank = env
             if rank != 0:
-                raise ConfigError(f"torchrun rank {rank} tried to build the engine; ranks > 0 must call "
-                                  "nanoslg.parallel.worker.maybe_run_worker(cfg) first (run.py does)")
+                raise ConfigError(
+                    f"torchrun rank {rank} tried to build the engine; ranks > 0 must call "
+                    "nanoslg.parallel.worker.maybe_run_worker(cfg) first (run.py does)"
+                )
             init_method = "env://"
         else:
             local_rank = 0
@@ -73,8 +76,9 @@ class MultiExecutor:
             init_method = f"tcp://{host}:{cfg.parallel.master_port or free_port(host)}"
         if resolve_device(cfg.model.device).type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // layout.world))
-        self._stage_thread = threading.Thread(target=self._stage_main, args=(cfg, ckpt, init_method, local_rank),
-                                              name="nanoslg-stage0", daemon=True)
+        self._stage_thread = threading.Thread(
+            target=self._stage_main, args=(cfg, ckpt, init_method, local_rank), name="nanoslg-stage0", daemon=True
+        )
         try:
             if env is None:
                 self._spawn(cfg, ckpt, init_method)
@@ -88,16 +92,27 @@ class MultiExecutor:
         if layout.pp > 1:
             self._receiver = threading.Thread(target=self._receive_main, name="nanoslg-results", daemon=True)
             self._receiver.start()
-        log.info("%s: %d ranks (tp=%d x pp=%d), stages %s, %d KV pages (min over ranks)", cfg.parallel.mode,
-                 layout.world, layout.tp, layout.pp, layout.stages, self.num_pages)
+        log.info(
+            "%s: %d ranks (tp=%d x pp=%d), stages %s, %d KV pages (min over ranks)",
+            cfg.parallel.mode,
+            layout.world,
+            layout.tp,
+            layout.pp,
+            layout.stages,
+            self.num_pages,
+        )
 
     # -- start ---------------------------------------------------------------------------------
     def _spawn(self, cfg: Config, ckpt, init_method: str) -> None:
         ctx = mp.get_context("spawn")
         self._errq = ctx.Queue()
         for rank in range(1, self.layout.world):
-            p = ctx.Process(target=spawn_entry, name=f"nanoslg-rank{rank}", daemon=True,
-                            args=(cfg, ckpt, self.layout, rank, init_method, os.getpid(), self._errq))
+            p = ctx.Process(
+                target=spawn_entry,
+                name=f"nanoslg-rank{rank}",
+                daemon=True,
+                args=(cfg, ckpt, self.layout, rank, init_method, os.getpid(), self._errq),
+            )
             p.start()
             self._procs.append((rank, p))
 
@@ -116,15 +131,18 @@ class MultiExecutor:
                     raise ConfigError(f"parallel worker rank {msg[1]} failed to start: {msg[2]}")
             for rank, p in self._procs:
                 if p.exitcode is not None and rank not in ready:
-                    raise ConfigError(f"parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode} "
-                                      "while starting; see its log above (workers are spawned: a script that "
-                                      "builds a parallel LLM needs an `if __name__ == \"__main__\":` guard)")
+                    raise ConfigError(
+                        f"parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode} "
+                        "while starting; see its log above (workers are spawned: a script that "
+                        'builds a parallel LLM needs an `if __name__ == "__main__":` guard)'
+                    )
             if self._start_error is not None:
                 e = self._start_error
                 if isinstance(e, ConfigError):
                     raise e
-                raise ConfigError(f"rank 0 failed to start the {self.cfg.parallel.mode} run: "
-                                  f"{type(e).__name__}: {e}") from e
+                raise ConfigError(
+                    f"rank 0 failed to start the {self.cfg.parallel.mode} run: {type(e).__name__}: {e}"
+                ) from e
             if self._ready.is_set() and ready >= need:
                 return
             self._ready.wait(0.05)
@@ -300,4 +318,3 @@ class MultiExecutor:
     def _restore_threads(self) -> None:
         if torch.get_num_threads() != self._threads_before:
             torch.set_num_threads(self._threads_before)
-

@@ -3,6 +3,7 @@
 With overlap (`scheduler.overlap`, the default) the engine calls `launch` for step N+1 before it
 `collect`s step N, so the device never waits for the host between steps.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,16 @@ from nanoslg.core.machine import free_device_memory, resolve_device
 from nanoslg.core.plan import StepPlan, StepResult
 from nanoslg.core.registry import PARALLEL
 from nanoslg.model.checkpoint import Checkpoint
-from nanoslg.runtime.build import (RankRuntime, allocate_kv, build_runner, kv_budget_bytes, num_pages_for,
-                                   on_stream, step_stream, warm_step_stream)
+from nanoslg.runtime.build import (
+    RankRuntime,
+    allocate_kv,
+    build_runner,
+    kv_budget_bytes,
+    num_pages_for,
+    on_stream,
+    step_stream,
+    warm_step_stream,
+)
 from nanoslg.runtime.runner import Launched
 
 

@@ -9,6 +9,7 @@ TP rank of the previous stage; a non-last stage sends its output on; the last st
 Workers receive plans in a thread of their own, so a stage takes the next plan (and the next
 micro-batch's hidden state) as soon as it is done with the current one: stages overlap.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,7 @@ import pickle
 import queue
 import threading
 import traceback
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -26,8 +27,7 @@ from nanoslg.core.compose import setup_logging
 from nanoslg.core.config import Config
 from nanoslg.core.plan import StepPlan, StepResult
 from nanoslg.model.checkpoint import Checkpoint, resolve_checkpoint
-from nanoslg.parallel.launch import (Layout, Rank, check_layout, init_rank, teardown, torchrun_env,
-                                     watch_parent)
+from nanoslg.parallel.launch import Layout, Rank, check_layout, init_rank, teardown, torchrun_env, watch_parent
 from nanoslg.runtime.build import on_stream, step_stream
 
 log = logging.getLogger("nanoslg.parallel")
@@ -43,12 +43,12 @@ def send_bytes_bcast(data: bytes, group) -> None:
     n = len(data)
     head = torch.zeros(HEAD, dtype=torch.uint8)
     head[:8] = torch.tensor([n], dtype=torch.int64).view(torch.uint8)
-    first = data[:HEAD - 8]
+    first = data[: HEAD - 8]
     if first:
-        head[8:8 + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
+        head[8 : 8 + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
     dist.broadcast(head, src=0, group=group)
     if n > HEAD - 8:
-        dist.broadcast(torch.frombuffer(bytearray(data[HEAD - 8:]), dtype=torch.uint8), src=0, group=group)
+        dist.broadcast(torch.frombuffer(bytearray(data[HEAD - 8 :]), dtype=torch.uint8), src=0, group=group)
 
 
 def recv_bytes_bcast(group) -> bytes:
@@ -56,7 +56,7 @@ def recv_bytes_bcast(group) -> bytes:
     dist.broadcast(head, src=0, group=group)
     n = int(head[:8].view(torch.int64).item())
     if n <= HEAD - 8:
-        return head[8:8 + n].numpy().tobytes()
+        return head[8 : 8 + n].numpy().tobytes()
     rest = torch.empty(n - (HEAD - 8), dtype=torch.uint8)
     dist.broadcast(rest, src=0, group=group)
     return head[8:].numpy().tobytes() + rest.numpy().tobytes()
@@ -76,7 +76,7 @@ def recv_obj(src: int, group):
     return pickle.loads(buf.numpy().tobytes())
 
 
-def broadcast_plan(plan: Optional[StepPlan], group) -> None:
+def broadcast_plan(plan: StepPlan | None, group) -> None:
     """Rank 0. None sends a heartbeat."""
     send_bytes_bcast(_BEAT if plan is None else pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL), group)
 
@@ -99,7 +99,7 @@ class StageWorker:
         self.next = (st.pp_rank + 1) * tp + st.tp_rank if not st.is_last_stage else None
         self.samples = self.runner.sampler is not None  # the last stage's TP rank 0
 
-    def step(self, plan: StepPlan) -> Optional[StepResult]:
+    def step(self, plan: StepPlan) -> StepResult | None:
         """Returns the StepResult on the sampling rank (for a plan with sequences), else None."""
         if not plan.seqs:
             self.runner.launch(plan)  # bookkeeping only: frees what the plan released
@@ -124,8 +124,15 @@ class StageWorker:
 
 
 # -- the loop of ranks > 0 ---------------------------------------------------------------------------
-def run_worker(cfg: Config, ckpt: Checkpoint, layout: Layout, rank: int, local_rank: int, init_method: str,
-               report: Optional[Callable[[tuple], None]]) -> None:
+def run_worker(
+    cfg: Config,
+    ckpt: Checkpoint,
+    layout: Layout,
+    rank: int,
+    local_rank: int,
+    init_method: str,
+    report: Callable[[tuple], None] | None,
+) -> None:
     """Joins the groups, builds this rank's part, then runs plans until rank 0 says stop or is gone."""
     setup_logging(cfg.log_level)
     try:
@@ -137,8 +144,15 @@ def run_worker(cfg: Config, ckpt: Checkpoint, layout: Layout, rank: int, local_r
         raise
     if report is not None:
         report(("ready", rank, os.getpid()))
-    log.info("rank %d ready: stage %d/%d, tp %d/%d, layers %s", rank, r.state.pp_rank, layout.pp,
-             r.state.tp_rank, layout.tp, r.state.stage_layers)
+    log.info(
+        "rank %d ready: stage %d/%d, tp %d/%d, layers %s",
+        rank,
+        r.state.pp_rank,
+        layout.pp,
+        r.state.tp_rank,
+        layout.tp,
+        r.state.stage_layers,
+    )
     plans: queue.Queue = queue.Queue()
 
     def receive() -> None:
@@ -170,8 +184,9 @@ def run_worker(cfg: Config, ckpt: Checkpoint, layout: Layout, rank: int, local_r
         teardown()
 
 
-def spawn_entry(cfg: Config, ckpt: Checkpoint, layout: Layout, rank: int, init_method: str, parent_pid: int,
-                errq) -> None:
+def spawn_entry(
+    cfg: Config, ckpt: Checkpoint, layout: Layout, rank: int, init_method: str, parent_pid: int, errq
+) -> None:
     """Target of the processes the engine spawns (ranks 1..world-1 on one machine)."""
     watch_parent(parent_pid)
     try:

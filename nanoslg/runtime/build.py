@@ -3,12 +3,12 @@
 Every parallel strategy calls this on each of its ranks; the rank's `core.dist` state must be set
 first so the model builds only this rank's shard and stage.
 """
+
 from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -37,7 +37,7 @@ class RankRuntime:
     dtype_reason: str
 
 
-def step_stream(device: torch.device) -> Optional[torch.cuda.Stream]:
+def step_stream(device: torch.device) -> torch.cuda.Stream | None:
     """The CUDA stream a rank runs its steps on (None on the CPU). It starts after everything queued
     so far: the weights and the KV pool were written on the default stream."""
     if device.type != "cuda":
@@ -46,7 +46,7 @@ def step_stream(device: torch.device) -> Optional[torch.cuda.Stream]:
     return torch.cuda.Stream(device)
 
 
-def on_stream(stream: Optional[torch.cuda.Stream]):
+def on_stream(stream: torch.cuda.Stream | None):
     return torch.cuda.stream(stream) if stream is not None else nullcontext()
 
 
@@ -58,9 +58,14 @@ def build_runner(cfg: Config, ckpt: Checkpoint, device: torch.device, sample: bo
     if device.type == "cuda":
         torch.cuda.set_device(device)
         set_blas(cfg.model.blas)
-    model = load_model(ckpt.path, args, dtype=dtype, device=device,
-                       load_format="dummy" if cfg.model.load_format == "dummy" else "safetensors",
-                       seed=cfg.model.seed)
+    model = load_model(
+        ckpt.path,
+        args,
+        dtype=dtype,
+        device=device,
+        load_format="dummy" if cfg.model.load_format == "dummy" else "safetensors",
+        seed=cfg.model.seed,
+    )
     name, reason = resolve_backend(cfg.cache, device, dtype)
     backend_cls = CACHE_BACKENDS.get(name)
     first, last = st.stage_layers
@@ -98,11 +103,15 @@ def kv_budget_bytes(cfg: Config, rt: RankRuntime) -> tuple[int, str]:
         return 0, f"cache.max_num_tokens={cfg.cache.max_num_tokens}"
     used = total - free
     budget = int(total * cfg.cache.gpu_memory_utilization) - used - peak
-    why = (f"{cfg.cache.gpu_memory_utilization:.2f} x {total / 2**30:.1f} GiB - {used / 2**30:.2f} GiB in use "
-           f"- {peak / 2**30:.2f} GiB activation peak")
+    why = (
+        f"{cfg.cache.gpu_memory_utilization:.2f} x {total / 2**30:.1f} GiB - {used / 2**30:.2f} GiB in use "
+        f"- {peak / 2**30:.2f} GiB activation peak"
+    )
     if budget <= 0:
-        raise ConfigError(f"no GPU memory left for the KV cache ({why}); raise cache.gpu_memory_utilization "
-                          "or lower scheduler.max_num_batched_tokens")
+        raise ConfigError(
+            f"no GPU memory left for the KV cache ({why}); raise cache.gpu_memory_utilization "
+            "or lower scheduler.max_num_batched_tokens"
+        )
     return budget, why
 
 
@@ -117,7 +126,7 @@ def profile_activation_bytes(cfg: Config, rt: RankRuntime) -> int:
     return peak
 
 
-def warm_step_stream(cfg: Config, rt: RankRuntime, stream: Optional[torch.cuda.Stream]) -> None:
+def warm_step_stream(cfg: Config, rt: RankRuntime, stream: torch.cuda.Stream | None) -> None:
     """One full-budget forward on the step stream, its memory left in the allocator's cache. The
     caching allocator keeps blocks per stream, and the profile forward ran on the default stream and
     gave its memory back: without this, the first big prefill a user sends waits on cudaMalloc."""
@@ -136,7 +145,7 @@ def full_budget_forward(cfg: Config, rt: RankRuntime) -> None:
     dev = rt.spec.device
     ids = torch.zeros(n, dtype=torch.long, device=dev)
     # Positions wrap at the model's length: the rotary cache has no rows past it.
-    ctx = NoCacheContext(torch.arange(n, device=dev) % args.max_position_embeddings, rt.spec.head_dim ** -0.5)
+    ctx = NoCacheContext(torch.arange(n, device=dev) % args.max_position_embeddings, rt.spec.head_dim**-0.5)
     extra = {}
     if not st.is_first_stage:  # later pipeline stages start from the previous stage's hidden state
         zeros = torch.zeros(n, args.hidden_size, dtype=rt.spec.dtype, device=dev)
@@ -144,10 +153,10 @@ def full_budget_forward(cfg: Config, rt: RankRuntime) -> None:
     with torch.inference_mode():
         hidden = rt.runner.model(ids, ctx.positions, ctx, **extra)
         if st.is_last_stage:
-            rt.runner.model.compute_logits(hidden[:min(n, cfg.scheduler.max_num_seqs)])
+            rt.runner.model.compute_logits(hidden[: min(n, cfg.scheduler.max_num_seqs)])
 
 
-def num_pages_for(cfg: Config, rt: RankRuntime, budget_bytes: Optional[int]) -> int:
+def num_pages_for(cfg: Config, rt: RankRuntime, budget_bytes: int | None) -> int:
     page_bytes = rt.spec.bytes_per_token * cfg.cache.page_size
     if cfg.cache.max_num_tokens is not None:
         return -(-cfg.cache.max_num_tokens // cfg.cache.page_size)
@@ -161,8 +170,11 @@ def allocate_kv(cfg: Config, rt: RankRuntime, num_pages: int, graphs: bool) -> N
     if not graphs:
         return
     if cfg.model.enforce_eager or rt.spec.device.type != "cuda" or not rt.backend.supports_graphs:
-        why = "model.enforce_eager=true" if cfg.model.enforce_eager else \
-            f"the {rt.backend_name} backend on {rt.spec.device.type} has no graph hooks"
+        why = (
+            "model.enforce_eager=true"
+            if cfg.model.enforce_eager
+            else f"the {rt.backend_name} backend on {rt.spec.device.type} has no graph hooks"
+        )
         log.info("decode runs eagerly (no CUDA graphs): %s", why)
         return
     max_len = cfg.model.max_model_len or rt.runner.model.args.max_position_embeddings

@@ -6,6 +6,7 @@ here; everything attention reads (positions, page tables) lives in the backend's
 `prepare_replay` fills for the step before the graph replays. A bucket larger than the batch runs
 padding rows the backend points at scratch memory; their logits are dropped.
 """
+
 from __future__ import annotations
 
 import logging

@@ -6,10 +6,10 @@ copy. A decode fed a PLACEHOLDER reads the token the previous launch sampled, on
 parallel mode runs its steps through here: a pipeline stage passes the previous stage's hidden state
 in, and gets its own out to send on.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -26,9 +26,9 @@ class Launched:
 
     step_id: int
     seq_ids: list[int]
-    sampled: Optional[Sampled] = None
-    event: Optional[torch.cuda.Event] = None
-    hidden_out: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    sampled: Sampled | None = None
+    event: torch.cuda.Event | None = None
+    hidden_out: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class ModelRunner:
@@ -37,16 +37,16 @@ class ModelRunner:
         self.backend = backend  # a CacheBackend: builds the step's CacheContext
         self.sampler = sampler  # None on ranks that do not sample
         self.device = device
-        self.graphs: Optional[GraphRunner] = None  # captured decode graphs, once capture_graphs ran
+        self.graphs: GraphRunner | None = None  # captured decode graphs, once capture_graphs ran
         self._last_ids: list[int] = []  # the sequences the last launch sampled, in row order
-        self._last_tokens: Optional[torch.Tensor] = None  # and its draws, on the device
+        self._last_tokens: torch.Tensor | None = None  # and its draws, on the device
 
     def capture_graphs(self, max_bs: int, max_model_len: int) -> None:
         """Captures decode CUDA graphs up to `max_bs` sequences (the backend must have graph hooks)."""
         self.graphs = GraphRunner(self.model, self.backend, max_bs, max_model_len)
         self.graphs.capture()
 
-    def input_ids(self, plan: StepPlan, seq_ids: Optional[list[int]] = None) -> torch.Tensor:
+    def input_ids(self, plan: StepPlan, seq_ids: list[int] | None = None) -> torch.Tensor:
         """The step's flattened input ids; PLACEHOLDERs take the last launch's draws on the device.
         seq_ids: the plan's sequence ids when the caller has them (a decode step)."""
         if plan.decode and seq_ids == self._last_ids and all(s.token_ids[0] == PLACEHOLDER for s in plan.seqs):
@@ -67,7 +67,7 @@ class ModelRunner:
         input_ids[to_device(holes, torch.long, self.device)] = tokens[to_device(src, torch.long, self.device)]
         return input_ids
 
-    def inputs(self, plan: StepPlan, seq_ids: Optional[list[int]] = None):
+    def inputs(self, plan: StepPlan, seq_ids: list[int] | None = None):
         """The step's input ids, its cache context, and the rows whose logits are sampled."""
         ctx = self.backend.prepare(plan)
         rows, end = [], 0
@@ -89,7 +89,7 @@ class ModelRunner:
         return True
 
     @torch.inference_mode()
-    def launch(self, plan: StepPlan, hidden_in: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Launched:
+    def launch(self, plan: StepPlan, hidden_in: tuple[torch.Tensor, torch.Tensor] | None = None) -> Launched:
         """Queues this rank's part of the step. hidden_in: (hidden, residual) from the previous
         pipeline stage, on every stage but the first."""
         STAGING.next_step()

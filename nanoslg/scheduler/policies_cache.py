@@ -3,6 +3,7 @@
 They read the paged manager's radix tree (`kv.tree`, `kv.peek_prefix`); on a manager without one
 (non-paged backends, or prefix caching off) they keep arrival order, like fcfs.
 """
+
 from __future__ import annotations
 
 import random
@@ -10,8 +11,8 @@ from collections import defaultdict
 
 from nanoslg.cache.kv_manager import KVManager
 from nanoslg.core.config import SchedulerConfig
-from nanoslg.core.sequence import Sequence
 from nanoslg.core.registry import SCHEDULERS
+from nanoslg.core.sequence import Sequence
 from nanoslg.scheduler.policy import Policy
 
 

@@ -1,10 +1,11 @@
 """Admission policies: the order in which waiting sequences are admitted."""
+
 from __future__ import annotations
 
 from nanoslg.cache.kv_manager import KVManager
 from nanoslg.core.config import SchedulerConfig
-from nanoslg.core.sequence import Sequence
 from nanoslg.core.registry import SCHEDULERS
+from nanoslg.core.sequence import Sequence
 
 
 class Policy:

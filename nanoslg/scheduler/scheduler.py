@@ -11,18 +11,17 @@ may still be preempted: its step in flight writes pages it no longer owns, but s
 order, so that write lands before any later owner's; its sampled token is kept, and it is re-admitted
 only after that step came back (never in the step that preempted it).
 """
+
 from __future__ import annotations
 
 import itertools
 import time
-from typing import Optional
 
 from nanoslg.cache.kv_manager import KVManager
 from nanoslg.core.config import SchedulerConfig
 from nanoslg.core.plan import PLACEHOLDER, NewSeq, SeqStep, StepPlan, StepResult
-from nanoslg.core.sequence import Sequence, SeqStatus
+from nanoslg.core.sequence import SeqStatus, Sequence
 from nanoslg.scheduler.policy import Policy
-
 
 MAX_HELD = 32  # waiting sequences held back per step because their next page is computed in it
 
@@ -100,7 +99,7 @@ class Scheduler:
         return out
 
     # -- one step ------------------------------------------------------------------------------
-    def schedule(self) -> Optional[StepPlan]:
+    def schedule(self) -> StepPlan | None:
         budget = self.cfg.max_num_batched_tokens
         chosen: list[tuple[Sequence, int]] = []
         preemptions_before = self.num_preemptions
@@ -116,8 +115,11 @@ class Scheduler:
                 break
             computed = seq.num_computed_tokens
             unc = len(seq.token_ids) + seq.num_pending - computed
-            if seq.status is not running or unc == 0 or (
-                    seq.inflight and not (lookahead and seq.inflight == 1 and seq.num_pending == 1)):
+            if (
+                seq.status is not running
+                or unc == 0
+                or (seq.inflight and not (lookahead and seq.inflight == 1 and seq.num_pending == 1))
+            ):
                 continue
             n = unc if unc < budget else budget
             key = kv.next_page_key(seq) if n > 1 else None  # before grow: from the chunk's start
@@ -200,7 +202,7 @@ class Scheduler:
             if n == 1:
                 ids = [tokens[start] if start < known else PLACEHOLDER]  # lookahead: being sampled
             else:
-                ids = tokens[start:start + n]
+                ids = tokens[start : start + n]
                 if len(ids) < n:
                     ids.append(PLACEHOLDER)
                 decode = False
@@ -212,12 +214,26 @@ class Scheduler:
                 seq.num_pending += 1
                 if not seq.sampler_registered:
                     seq.sampler_registered = True
-                    new.append(NewSeq(seq.seq_id, seq.params, seq.prompt_token_ids, seq.output_token_ids,
-                                      list(seq.min_tokens_stop_ids)))
+                    new.append(
+                        NewSeq(
+                            seq.seq_id,
+                            seq.params,
+                            seq.prompt_token_ids,
+                            seq.output_token_ids,
+                            list(seq.min_tokens_stop_ids),
+                        )
+                    )
             else:
                 decode = False
             seq.inflight += 1
-        plan = StepPlan(next(self._step_ids), steps, new, self._freed, self._finished, self.kv.pop_copies(),
-                        decode=decode and bool(steps))
+        plan = StepPlan(
+            next(self._step_ids),
+            steps,
+            new,
+            self._freed,
+            self._finished,
+            self.kv.pop_copies(),
+            decode=decode and bool(steps),
+        )
         self._freed, self._finished = [], []
         return plan

@@ -3,11 +3,11 @@
 The OpenAI endpoints' work is in completions.py; every error is answered by errors.py's handler.
 Only the engine API is used (add_request / abort / metrics / tokenizer): no torch here.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hmac
-from typing import Optional
 
 from litestar import Litestar, Request, Response, Router, get, post
 from litestar.openapi import OpenAPIConfig, ResponseSpec
@@ -24,37 +24,52 @@ from nanoslg.server.protocol import APIError
 def create_app(engine, server_cfg) -> Litestar:
     """Builds the Litestar app; the engine must be started on the loop that serves it."""
     srv = OpenAIServer(engine, server_cfg)
-    api_key: Optional[str] = getattr(server_cfg, "api_key", None)
+    api_key: str | None = getattr(server_cfg, "api_key", None)
     expected = f"Bearer {api_key}".encode() if api_key else None
 
     def check_key(connection, _handler) -> None:
         got = connection.headers.get("authorization", "").encode("utf-8", "surrogateescape")
         # Constant time: the comparison takes as long whatever prefix of the key is right.
         if expected is None or not hmac.compare_digest(got, expected):
-            raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <server.api_key>`",
-                           code="invalid_api_key")
+            raise APIError(
+                401, "missing or wrong API key: send `Authorization: Bearer <server.api_key>`", code="invalid_api_key"
+            )
 
     @get("/models", sync_to_thread=False, responses={401: ERROR_RESPONSES[401]})
     def models() -> P.ModelList:
         return P.ModelList([P.ModelCard(srv.model, engine.max_model_len, root=srv.model)])
 
-    @post("/completions", status_code=200, responses=ERROR_RESPONSES,
-          description="OpenAI completions. With `stream: true` the answer is `text/event-stream`: "
-                      "`data: {chunk}` events, then `data: [DONE]`.")
+    @post(
+        "/completions",
+        status_code=200,
+        responses=ERROR_RESPONSES,
+        description="OpenAI completions. With `stream: true` the answer is `text/event-stream`: "
+        "`data: {chunk}` events, then `data: [DONE]`.",
+    )
     async def completions(request: Request, data: P.CompletionRequest) -> Response[P.CompletionResponse]:
         return await srv.completions(request, data)
 
-    @post("/chat/completions", status_code=200, responses=ERROR_RESPONSES,
-          description="OpenAI chat completions, rendered with the checkpoint's chat template. With "
-                      "`stream: true`: `data: {chunk}` events (the first carries the role), then `data: [DONE]`.")
+    @post(
+        "/chat/completions",
+        status_code=200,
+        responses=ERROR_RESPONSES,
+        description="OpenAI chat completions, rendered with the checkpoint's chat template. With "
+        "`stream: true`: `data: {chunk}` events (the first carries the role), then `data: [DONE]`.",
+    )
     async def chat_completions(request: Request, data: P.ChatCompletionRequest) -> Response[P.ChatCompletionResponse]:
         return await srv.chat(request, data)
 
-    v1 = Router("/v1", route_handlers=[models, completions, chat_completions],
-                guards=[check_key] if expected is not None else [])
+    v1 = Router(
+        "/v1",
+        route_handlers=[models, completions, chat_completions],
+        guards=[check_key] if expected is not None else [],
+    )
 
-    @get("/health", sync_to_thread=False,
-         responses={503: ResponseSpec(P.ErrorResponse, description="The engine loop has died")})
+    @get(
+        "/health",
+        sync_to_thread=False,
+        responses={503: ResponseSpec(P.ErrorResponse, description="The engine loop has died")},
+    )
     def health() -> Response[P.HealthResponse]:
         if not engine.is_alive:
             return error_response(503, "the engine loop has stopped", code="engine_unavailable")
@@ -72,8 +87,9 @@ def create_app(engine, server_cfg) -> Litestar:
         route_handlers=[v1, health, metrics, version],
         exception_handlers={Exception: handle_exception},
         request_max_body_size=getattr(server_cfg, "max_body_bytes", 16 * 1024 * 1024),
-        openapi_config=OpenAPIConfig(title="NanoSLG", version=__version__,
-                                     description="OpenAI-compatible LLM inference server"),
+        openapi_config=OpenAPIConfig(
+            title="NanoSLG", version=__version__, description="OpenAI-compatible LLM inference server"
+        ),
         logging_config=None,
         debug=False,
     )

@@ -3,12 +3,14 @@
 Every client mistake is answered in OpenAI's error shape with a 4xx status; a client that goes away
 (mid-stream or while waiting for a whole answer) aborts its engine request so its KV is freed.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import uuid
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 from litestar import Request, Response
@@ -65,8 +67,7 @@ async def _until_disconnect(request: Request) -> None:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> P.Usage:
-    return P.Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens,
-                   P.PromptTokensDetails(cached))
+    return P.Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, P.PromptTokensDetails(cached))
 
 
 class OpenAIServer:
@@ -77,20 +78,38 @@ class OpenAIServer:
         self._tok_cache: dict[int, str] = {}
 
     # -- request checks --------------------------------------------------------------------------
-    def check_model(self, model: Optional[str]) -> None:
+    def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model}`",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist; this server serves `{self.model}`",
+                param="model",
+                code="model_not_found",
+            )
 
     def check_capacity(self) -> None:
         if self.engine.num_waiting >= self.cfg.max_waiting:
-            raise APIError(503, f"the waiting queue is full ({self.cfg.max_waiting} requests); retry later",
-                           code="server_overloaded")
+            raise APIError(
+                503,
+                f"the waiting queue is full ({self.cfg.max_waiting} requests); retry later",
+                code="server_overloaded",
+            )
 
-    def sampling(self, req, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+    def sampling(self, req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         kw: dict[str, Any] = {"n": req.n or 1, "max_tokens": max_tokens, "logprobs": logprobs}
-        for name in ("temperature", "top_p", "min_p", "seed", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens", "stop_token_ids"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "min_tokens",
+            "ignore_eos",
+            "skip_special_tokens",
+            "stop_token_ids",
+        ):
             value = getattr(req, name)
             if value is not None:
                 kw[name] = value
@@ -101,8 +120,9 @@ class OpenAIServer:
         if req.stop is not None:
             kw["stop"] = req.stop  # a string or a list: SamplingParams normalises it
         if req.stream_options is not None and not req.stream:
-            raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options",
-                           code="invalid_value")
+            raise APIError(
+                400, "stream_options is only allowed with stream=true", param="stream_options", code="invalid_value"
+            )
         return SamplingParams(**kw)
 
     def add_all(self, prompts: list, params: SamplingParams, base_id: str, param: str = "prompt") -> list:
@@ -154,8 +174,7 @@ class OpenAIServer:
                 self._tok_cache[tid] = s
         return s
 
-    def completion_logprobs(self, lps: list, offset: int, prompt_ids: Optional[list[int]] = None
-                            ) -> P.CompletionLogprobs:
+    def completion_logprobs(self, lps: list, offset: int, prompt_ids: list[int] | None = None) -> P.CompletionLogprobs:
         out = P.CompletionLogprobs()
         for tid in prompt_ids or []:  # echoed prompt tokens: the engine scores no prompt logprobs
             s = self.tok_str(tid)
@@ -192,8 +211,12 @@ class OpenAIServer:
             return [list(prompt)]
         if kinds in ({str}, {list}):
             return list(prompt)
-        raise APIError(400, "prompt must be a string, a list of strings, a list of token ids, or a list of "
-                            "token-id lists (not a mix)", param="prompt", code="invalid_type")
+        raise APIError(
+            400,
+            "prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists (not a mix)",
+            param="prompt",
+            code="invalid_type",
+        )
 
     def prompt_text(self, out: RequestOutput) -> str:
         if out.prompt is not None:
@@ -211,13 +234,18 @@ class OpenAIServer:
             msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
         tok = self.engine.tokenizer
         if tok is None:
-            raise APIError(400, "this model has no tokenizer, so chat is not available; use /v1/completions "
-                                "with token ids", param="messages", code="invalid_value")
+            raise APIError(
+                400,
+                "this model has no tokenizer, so chat is not available; use /v1/completions with token ids",
+                param="messages",
+                code="invalid_value",
+            )
         try:
             text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # no template, or the template refused the messages
-            raise APIError(400, f"the chat template could not render the messages: {e}", param="messages",
-                           code="invalid_value") from None
+            raise APIError(
+                400, f"the chat template could not render the messages: {e}", param="messages", code="invalid_value"
+            ) from None
         # The template already holds the special tokens it wants (BOS...): add none again.
         return list(tok.encode(text, add_special_tokens=False))
 
@@ -228,8 +256,12 @@ class OpenAIServer:
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         params = self.sampling(req, max_tokens, req.logprobs)
         if params.n * len(prompts) > P.MAX_CHOICES:
-            raise APIError(400, f"n x number of prompts = {params.n * len(prompts)} is over {P.MAX_CHOICES}",
-                           param="n", code="invalid_value")
+            raise APIError(
+                400,
+                f"n x number of prompts = {params.n * len(prompts)} is over {P.MAX_CHOICES}",
+                param="n",
+                code="invalid_value",
+            )
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = self.add_all(prompts, params, rid)
         if req.stream:
@@ -244,12 +276,14 @@ class OpenAIServer:
                 if req.logprobs is not None:
                     lp = self.completion_logprobs(c.logprobs or [], 0, r.prompt_token_ids if req.echo else None)
                 choices.append(P.CompletionChoice(i * params.n + c.index, prefix + c.text, lp, c.finish_reason))
-        usage = _usage(sum(len(r.prompt_token_ids) for r in results), completion_tokens,
-                       sum(r.num_cached_tokens for r in results))
+        usage = _usage(
+            sum(len(r.prompt_token_ids) for r in results), completion_tokens, sum(r.num_cached_tokens for r in results)
+        )
         return self.json(P.CompletionResponse(rid, self.model, choices, usage))
 
-    async def completion_events(self, rid: str, req: P.CompletionRequest, params: SamplingParams,
-                                streams: list) -> AsyncIterator[bytes]:
+    async def completion_events(
+        self, rid: str, req: P.CompletionRequest, params: SamplingParams, streams: list
+    ) -> AsyncIterator[bytes]:
         created = P.now()
         n = params.n
         offsets: dict[int, int] = {}
@@ -265,8 +299,7 @@ class OpenAIServer:
                 for j in range(n):
                     lp = self.completion_logprobs([], 0, delta.prompt_token_ids) if req.logprobs is not None else None
                     offsets[i * n + j] = len(text)
-                    yield P.sse(P.CompletionChunk(rid, self.model, [P.CompletionChoice(i * n + j, text, lp)],
-                                                  created))
+                    yield P.sse(P.CompletionChunk(rid, self.model, [P.CompletionChoice(i * n + j, text, lp)], created))
             for o in delta.outputs:
                 idx = i * n + o.index
                 completion_tokens += len(o.token_ids)
@@ -276,8 +309,9 @@ class OpenAIServer:
                 if req.logprobs is not None:
                     lp = self.completion_logprobs(o.logprobs or [], offsets.get(idx, 0))
                 offsets[idx] = offsets.get(idx, 0) + len(o.text)
-                yield P.sse(P.CompletionChunk(rid, self.model, [P.CompletionChoice(idx, o.text, lp, o.finish_reason)],
-                                              created))
+                yield P.sse(
+                    P.CompletionChunk(rid, self.model, [P.CompletionChoice(idx, o.text, lp, o.finish_reason)], created)
+                )
         if req.stream_options is not None and req.stream_options.include_usage:
             usage = _usage(sum(prompt_tokens.values()), completion_tokens, sum(cached.values()))
             yield P.sse(P.CompletionChunk(rid, self.model, [], created, usage=usage))
@@ -303,12 +337,14 @@ class OpenAIServer:
         usage = _usage(len(r.prompt_token_ids), sum(len(c.token_ids) for c in r.outputs), r.num_cached_tokens)
         return self.json(P.ChatCompletionResponse(rid, self.model, choices, usage))
 
-    async def chat_events(self, rid: str, req: P.ChatCompletionRequest, params: SamplingParams,
-                          streams: list) -> AsyncIterator[bytes]:
+    async def chat_events(
+        self, rid: str, req: P.ChatCompletionRequest, params: SamplingParams, streams: list
+    ) -> AsyncIterator[bytes]:
         created = P.now()
         for j in range(params.n):  # every choice starts with the role
-            yield P.sse(P.ChatCompletionChunk(rid, self.model, [P.ChatChunkChoice(j, P.DeltaMessage("assistant", ""))],
-                                              created))
+            yield P.sse(
+                P.ChatCompletionChunk(rid, self.model, [P.ChatChunkChoice(j, P.DeltaMessage("assistant", ""))], created)
+            )
         prompt_tokens = cached = completion_tokens = 0
         async for _, delta in _merge(streams):
             prompt_tokens, cached = len(delta.prompt_token_ids), delta.num_cached_tokens
@@ -318,8 +354,11 @@ class OpenAIServer:
                     continue  # one chunk per step with new tokens, as vLLM sends
                 lp = self.chat_logprobs(o.logprobs or []) if req.logprobs else None
                 d = P.DeltaMessage(content=o.text) if o.text else P.DeltaMessage()
-                yield P.sse(P.ChatCompletionChunk(rid, self.model, [P.ChatChunkChoice(o.index, d, lp, o.finish_reason)],
-                                                  created))
+                yield P.sse(
+                    P.ChatCompletionChunk(
+                        rid, self.model, [P.ChatChunkChoice(o.index, d, lp, o.finish_reason)], created
+                    )
+                )
         if req.stream_options is not None and req.stream_options.include_usage:
             usage = _usage(prompt_tokens, completion_tokens, cached)
             yield P.sse(P.ChatCompletionChunk(rid, self.model, [], created, usage=usage))
@@ -345,5 +384,9 @@ class OpenAIServer:
                 self.abort(streams)
             yield P.SSE_DONE
 
-        return Stream(framed(), status_code=200, media_type="text/event-stream",
-                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return Stream(
+            framed(),
+            status_code=200,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )

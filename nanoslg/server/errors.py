@@ -1,10 +1,10 @@
 """Every error the server answers, in OpenAI's shape: one exception handler maps what was raised
 (an APIError, a RequestError from the engine, a validation failure, Litestar's HTTP errors) to a
 status and an error body naming the field."""
+
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import msgspec
 from litestar import Request, Response
@@ -18,12 +18,15 @@ from nanoslg.server.protocol import APIError
 log = logging.getLogger("nanoslg.server")
 
 
-def error_response(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> Response:
-    return Response(msgspec.json.encode(P.error_body(status, message, param, code)), status_code=status,
-                    media_type="application/json")
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> Response:
+    return Response(
+        msgspec.json.encode(P.error_body(status, message, param, code)),
+        status_code=status,
+        media_type="application/json",
+    )
 
 
-def _validation_message(exc: ValidationException) -> tuple[str, Optional[str]]:
+def _validation_message(exc: ValidationException) -> tuple[str, str | None]:
     """Litestar's validation detail -> (message, param) naming the offending field."""
     extra = exc.extra if isinstance(exc.extra, list) else []
     for item in extra:
@@ -51,11 +54,13 @@ def handle_exception(request: Request, exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         status = exc.status_code
         if status == 404:
-            return error_response(404, f"{request.method} {request.url.path} is not a route of this server",
-                                   code="not_found")
+            return error_response(
+                404, f"{request.method} {request.url.path} is not a route of this server", code="not_found"
+            )
         if status == 413:
-            return error_response(413, "the request body is larger than server.max_body_bytes",
-                                   code="request_too_large")
+            return error_response(
+                413, "the request body is larger than server.max_body_bytes", code="request_too_large"
+            )
         if status >= 500:  # e.g. the client went away while its body was being read
             log.warning("%s %s: %s", request.method, request.url.path, exc.detail)
         return error_response(status, str(exc.detail))

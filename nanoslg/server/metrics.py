@@ -1,4 +1,5 @@
 """/metrics: the engine's numbers in Prometheus' text format, under the names vLLM users already graph."""
+
 from __future__ import annotations
 
 
@@ -40,8 +41,12 @@ def render_metrics(m, model: str) -> str:
     scalar("vllm:prompt_tokens_total", "counter", m.prompt_tokens, "Prompt tokens received.")
     scalar("vllm:generation_tokens_total", "counter", m.generation_tokens, "Tokens generated.")
     scalar("vllm:num_preemptions_total", "counter", m.preemptions, "Sequences preempted.")
-    scalar("vllm:prefix_cache_queries_total", "counter", m.prefix_cache_queries,
-           "Prompt tokens looked up in the prefix cache.")
+    scalar(
+        "vllm:prefix_cache_queries_total",
+        "counter",
+        m.prefix_cache_queries,
+        "Prompt tokens looked up in the prefix cache.",
+    )
     scalar("vllm:prefix_cache_hits_total", "counter", m.prefix_cache_hits, "Prompt tokens found in the prefix cache.")
     head("vllm:request_success_total", "counter", "Finished sequences by finish reason.")
     for reason in sorted({"stop", "length", "abort"} | set(m.requests_finished)):

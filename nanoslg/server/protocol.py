@@ -5,10 +5,11 @@ them and a bad value is refused before any work), plus the limits that guard the
 many choices one request may ask for). SamplingParams stays the authority: it checks again, for the
 Python API too.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -22,13 +23,13 @@ MAX_CHOICES = 256
 # allows one array type per union, so the list's items are a union and app.py checks they agree.
 TokenId = Annotated[int, Meta(ge=0)]
 NonEmptyStr = Annotated[str, Meta(min_length=1)]
-PromptItem = Union[NonEmptyStr, TokenId, Annotated[list[TokenId], Meta(min_length=1)]]
-PromptField = Union[NonEmptyStr, Annotated[list[PromptItem], Meta(min_length=1)]]
-StopField = Union[str, Annotated[list[str], Meta(max_length=16)], None]
+PromptItem = NonEmptyStr | TokenId | Annotated[list[TokenId], Meta(min_length=1)]
+PromptField = NonEmptyStr | Annotated[list[PromptItem], Meta(min_length=1)]
+StopField = str | Annotated[list[str], Meta(max_length=16)] | None
 
 
 def _range(kind: type, **bounds: float) -> Any:
-    return Optional[Annotated[kind, Meta(**bounds)]]
+    return Annotated[kind, Meta(**bounds)] | None
 
 
 class StreamOptions(Struct, kw_only=True):
@@ -38,7 +39,7 @@ class StreamOptions(Struct, kw_only=True):
 class _SamplingFields(Struct, kw_only=True):
     """The sampling fields both endpoints take, by their OpenAI (and vLLM extension) names."""
 
-    model: Optional[str] = None  # optional: the one served model is used when left out
+    model: str | None = None  # optional: the one served model is used when left out
     temperature: _range(float, ge=0.0, le=100.0) = None
     top_p: _range(float, gt=0.0, le=1.0) = None
     n: _range(int, ge=1, le=128) = None
@@ -46,23 +47,23 @@ class _SamplingFields(Struct, kw_only=True):
     seed: _range(int, ge=-(2**63), le=2**63 - 1) = None
     presence_penalty: _range(float, ge=-2.0, le=2.0) = None
     frequency_penalty: _range(float, ge=-2.0, le=2.0) = None
-    stream: Optional[bool] = None
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
     # extensions, as vLLM and SGLang name them
     top_k: _range(int, ge=-1) = None  # -1 or 0: off
     min_p: _range(float, ge=0.0, le=1.0) = None
     repetition_penalty: _range(float, gt=0.0, le=10.0) = None
     min_tokens: _range(int, ge=0) = None
-    ignore_eos: Optional[bool] = None
-    stop_token_ids: Optional[list[TokenId]] = None
-    skip_special_tokens: Optional[bool] = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[TokenId] | None = None
+    skip_special_tokens: bool | None = None
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
     prompt: PromptField
     max_tokens: _range(int, ge=1) = None  # OpenAI's default for completions is 16
-    echo: Optional[bool] = None
+    echo: bool | None = None
     logprobs: _range(int, ge=0, le=20) = None
 
 
@@ -73,15 +74,15 @@ class ContentPart(Struct, kw_only=True):
 
 class ChatMessage(Struct, kw_only=True):
     role: Literal["system", "developer", "user", "assistant"]  # developer is OpenAI's newer system
-    content: Union[str, list[ContentPart], None] = None
-    name: Optional[str] = None
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_tokens: _range(int, ge=1) = None  # default: up to the context
     max_completion_tokens: _range(int, ge=1) = None  # the newer name; wins over max_tokens
-    logprobs: Optional[bool] = None
+    logprobs: bool | None = None
     top_logprobs: _range(int, ge=0, le=20) = None
 
 
@@ -105,78 +106,78 @@ class Usage(Struct):
 
 class CompletionLogprobs(Struct):
     tokens: list[str] = field(default_factory=list)
-    token_logprobs: list[Optional[float]] = field(default_factory=list)
-    top_logprobs: list[Optional[dict[str, float]]] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
     text_offset: list[int] = field(default_factory=list)
 
 
 class CompletionChoice(Struct):
     index: int
     text: str
-    logprobs: Optional[CompletionLogprobs] = None
-    finish_reason: Optional[str] = None
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
 
 
 class CompletionResponse(Struct):
     id: str
     model: str
     choices: list[CompletionChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
     object: str = "text_completion"
     created: int = field(default_factory=now)
-    system_fingerprint: Optional[str] = None
+    system_fingerprint: str | None = None
 
 
 class TopLogprob(Struct):
     token: str
     logprob: float
-    bytes: Optional[list[int]] = None
+    bytes: list[int] | None = None
 
 
 class ChatTokenLogprob(Struct):
     token: str
     logprob: float
-    bytes: Optional[list[int]] = None
+    bytes: list[int] | None = None
     top_logprobs: list[TopLogprob] = field(default_factory=list)
 
 
 class ChatLogprobs(Struct):
-    content: Optional[list[ChatTokenLogprob]] = None
+    content: list[ChatTokenLogprob] | None = None
 
 
 class ChatResponseMessage(Struct):
     role: str = "assistant"
-    content: Optional[str] = None
+    content: str | None = None
 
 
 class ChatChoice(Struct):
     index: int
     message: ChatResponseMessage
-    logprobs: Optional[ChatLogprobs] = None
-    finish_reason: Optional[str] = None
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
 
 
 class ChatCompletionResponse(Struct):
     id: str
     model: str
     choices: list[ChatChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
     object: str = "chat.completion"
     created: int = field(default_factory=now)
-    system_fingerprint: Optional[str] = None
+    system_fingerprint: str | None = None
 
 
 class DeltaMessage(Struct, omit_defaults=True):
     # omit_defaults: later chunks carry only the new content, the first only the role.
-    role: Optional[str] = None
-    content: Optional[str] = None
+    role: str | None = None
+    content: str | None = None
 
 
 class ChatChunkChoice(Struct):
     index: int
     delta: DeltaMessage
-    logprobs: Optional[ChatLogprobs] = None
-    finish_reason: Optional[str] = None
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
 
 
 class ChatCompletionChunk(Struct):
@@ -185,8 +186,8 @@ class ChatCompletionChunk(Struct):
     choices: list[ChatChunkChoice]
     created: int
     object: str = "chat.completion.chunk"
-    usage: Optional[Usage] = None
-    system_fingerprint: Optional[str] = None
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class CompletionChunk(Struct):
@@ -195,8 +196,8 @@ class CompletionChunk(Struct):
     choices: list[CompletionChoice]
     created: int
     object: str = "text_completion"
-    usage: Optional[Usage] = None
-    system_fingerprint: Optional[str] = None
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class ModelCard(Struct):
@@ -205,7 +206,7 @@ class ModelCard(Struct):
     object: str = "model"
     created: int = field(default_factory=now)
     owned_by: str = "nanoslg"
-    root: Optional[str] = None
+    root: str | None = None
 
 
 class ModelList(Struct):
@@ -224,8 +225,8 @@ class VersionResponse(Struct):
 class ErrorInfo(Struct):
     message: str
     type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
+    param: str | None = None
+    code: str | None = None
 
 
 class ErrorResponse(Struct):
@@ -244,14 +245,14 @@ ERROR_TYPES = {
 }
 
 
-def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> ErrorResponse:
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
     return ErrorResponse(ErrorInfo(message, ERROR_TYPES.get(status, "invalid_request_error"), param, code))
 
 
 class APIError(Exception):
     """An error answered in the OpenAI shape with its HTTP status."""
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 

@@ -4,6 +4,7 @@ SIGINT/SIGTERM: uvicorn stops accepting and waits for open responses while the e
 in-flight requests run for up to `server.shutdown_timeout` seconds and then aborts the rest (their
 streams end with finish_reason "abort"); then the process exits 0. A second Ctrl+C forces the exit.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +12,7 @@ import contextlib
 import logging
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import uvicorn
 
@@ -54,8 +55,9 @@ class _Server(uvicorn.Server):
             if sig == signal.SIGINT:
                 self.force_exit = True  # a second Ctrl+C: stop waiting
             return
-        log.info("%s: stopping; in-flight requests get up to server.shutdown_timeout to finish",
-                 signal.Signals(sig).name)
+        log.info(
+            "%s: stopping; in-flight requests get up to server.shutdown_timeout to finish", signal.Signals(sig).name
+        )
         self.should_exit = True
         self._on_exit(sig)
 
@@ -80,12 +82,22 @@ async def serve_engine(engine, cfg: Config) -> int:
 
     def banner(url: str) -> None:
         info = getattr(engine, "info", {}) or {}
-        log.info("NanoSLG serving model %r at %s (OpenAI API under %s/v1; cache backend %s, parallel %s, "
-                 "device %s)", engine.model_name, url, url, info.get("cache_backend", "?"),
-                 info.get("parallel", "?"), info.get("device", "?"))
+        log.info(
+            "NanoSLG serving model %r at %s (OpenAI API under %s/v1; cache backend %s, parallel %s, device %s)",
+            engine.model_name,
+            url,
+            url,
+            info.get("cache_backend", "?"),
+            info.get("parallel", "?"),
+            info.get("device", "?"),
+        )
 
     ucfg = uvicorn.Config(
-        app, host=scfg.host, port=scfg.port, log_level=scfg.log_level, access_log=scfg.log_level == "debug",
+        app,
+        host=scfg.host,
+        port=scfg.port,
+        log_level=scfg.log_level,
+        access_log=scfg.log_level == "debug",
         # The engine starts before the server and drains after it: the app has no lifespan hooks,
         # and with "on" uvicorn leaves a lifespan task that the loop's close cancels noisily.
         lifespan="off",
@@ -108,4 +120,3 @@ def serve(cfg: Config) -> int:
     engine = build_engine(cfg)  # loads weights and sizes the KV pool: blocking work, before the loop
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(serve_engine(engine, cfg))
-
