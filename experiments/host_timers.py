@@ -56,7 +56,7 @@ def main(overrides: list[str]) -> None:
                 CALLS[f"gc.gen{info['generation']}"] += 1
         ex = eng.executor
         runner = ex.rt.runner
-        import nanoslg.runtime.graph_runner as fg
+        import nanoslg.cache.flashinfer_graph as fg
         import nanoslg.model.sampler as sm
         import nanoslg.core.tensors as tn
         targets = [(ex, "launch", "launch"), (ex, "collect", "collect"), (runner, "input_ids", "launch.input_ids"),
@@ -64,11 +64,12 @@ def main(overrides: list[str]) -> None:
                    (sm.Sampled, "to_host", "launch.to_host"), (tn.STAGING, "next_step", "launch.staging_next"),
                    (eng.scheduler, "schedule", "schedule"), (eng.scheduler, "_plan", "schedule._plan"),
                    (eng.scheduler.policy, "order", "schedule.policy_order"),
-                   (eng, "_process", "process"), (eng, "_append", "process._append"), (eng, "_emit", "process._emit"),
+                   (eng.scheduler, "commit", "process.commit"), (eng, "_process", "process"),
+                   (eng.outputs, "_append", "process._append"), (eng.outputs, "_emit", "process._emit"),
                    (eng, "_update_gauges", "process.gauges")]
-        g = runner.graphs
-        if g is not None:
-            targets += [(g, "run", "launch.graphs_run"), (g, "_plan", "launch.graphs_run._plan"),
+        if runner.graphs is not None:
+            g = runner.backend._graphs  # the FlashInfer backend's graph buffers (cache/flashinfer_graph.py)
+            targets += [(runner.graphs, "run", "launch.graphs_run"), (g, "_plan", "launch.graphs_run._plan"),
                         (fg, "shared_prefix_pages", "launch.graphs_run.shared_prefix"),
                         (g.backend, "plan_shared", "launch.graphs_run.plan_shared"),
                         (g.fi.BatchDecodeWithPagedKVCacheWrapper, "plan", "launch.graphs_run._plan.fi_plan"),
