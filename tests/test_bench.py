@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from nanoslg.bench import hardware as hw
 from nanoslg.bench import roofline as rl
+from nanoslg.bench.aggregate import aggregate, swept_keys
 from nanoslg.bench.metrics import RequestTiming, distribution, percentile, summarize
-from nanoslg.bench.record import aggregate, make_record, swept_keys, write_record
-from nanoslg.bench.runner import drive, hydra_value, server_overrides
+from nanoslg.bench.record import make_record, write_record
+from nanoslg.bench.serving import hydra_value, server_overrides
+from nanoslg.bench.session import drive
 from nanoslg.bench.workloads import BenchRequest, TokenSpace, get_workload, make_requests, token_space
 from nanoslg.core.compose import compose_config, compose_node
 from nanoslg.core.config import BenchConfig
@@ -133,7 +136,7 @@ def test_simulate_one_request_by_hand():
     assert [s.bytes for s in steps] == [w + (4 + 4) * kvb, w + (5 + 1) * kvb, w + (6 + 1) * kvb]
     body, head, attn = 2 * f.body_params, 2 * 10 * 4, 4 * 2 * 2 * 3
     assert [s.flops for s in steps] == [body * 4 + head + attn * 10, body + head + attn * 5, body + head + attn * 6]
-    fig = rl.Figures(bandwidth=100.0, peak_flops=1e4, bandwidth_source="t", flops_source="t", device_name="X")
+    fig = hw.Figures(bandwidth=100.0, peak_flops=1e4, bandwidth_source="t", flops_source="t", device_name="X")
     out = rl.roofline(steps, fig, f)
     expect = sum(max(s.bytes / 100.0, s.flops / 1e4) for s in steps)
     assert out["limit_s"] == pytest.approx(expect)
@@ -166,7 +169,7 @@ def test_offline_roofline_scale_matches_issue():
     shape = [(len(r.prompt), r.max_tokens) for r in reqs]
     facts = rl.facts_from_hf_config(QWEN3_06B, 2)
     steps = rl.simulate(shape, facts, max_num_seqs=256, max_num_batched_tokens=8192)
-    fig = rl.resolve_figures("cuda", "NVIDIA H100 80GB HBM3")
+    fig = hw.resolve_figures("cuda", "NVIDIA H100 80GB HBM3")
     out = rl.roofline(steps, fig, facts)
     assert 4.8 < out["memory_s"] < 6.5
     assert out["compute_s"] < out["memory_s"] <= out["limit_s"] <= out["memory_s"] + out["compute_s"]
@@ -194,7 +197,7 @@ def test_cascade_reads_the_shared_prefix_once_per_decode_step():
 
 def test_mbu_known_numbers():
     f = _tiny_facts(num_params=500, dtype_bytes=2, kv_bytes_per_token=10)  # 1000 weight bytes per step
-    fig = rl.Figures(1000.0, 1.0, "t", "t", "X")
+    fig = hw.Figures(1000.0, 1.0, "t", "t", "X")
     # p=2, o=3: decode steps read 1000 + (2+1+1)*10 and 1000 + (2+2+1)*10 bytes.
     assert rl.decode_bytes(f, 2, 3) == 2000 + 90
     assert rl.mbu(f, fig, 2, 3, decode_time_s=2.09) == pytest.approx(1.0)
@@ -206,23 +209,23 @@ def test_mbu_known_numbers():
     ("NVIDIA A100-SXM4-80GB", "A100-80G"), ("NVIDIA A100 80GB PCIe", "A100-80G"), ("Tesla T4", None),
 ])
 def test_gpu_table(name, expect):
-    spec = rl.lookup_gpu(name)
+    spec = hw.lookup_gpu(name)
     assert (spec.name if spec else None) == expect
 
 
 def test_figures_choice():
     h100 = "NVIDIA H100 80GB HBM3"
-    assert rl.resolve_figures("cuda", h100).bandwidth == 3.0e12  # the measured-copy figure by default
-    assert rl.resolve_figures("cuda", h100, bandwidth="spec").bandwidth == 3.35e12
-    two = rl.resolve_figures("cuda", "NVIDIA H200", num_devices=2)
+    assert hw.resolve_figures("cuda", h100).bandwidth == 3.0e12  # the measured-copy figure by default
+    assert hw.resolve_figures("cuda", h100, bandwidth="spec").bandwidth == 3.35e12
+    two = hw.resolve_figures("cuda", "NVIDIA H200", num_devices=2)
     assert (two.bandwidth, two.peak_flops) == (2 * 4.8e12, 2 * 989e12)
-    given = rl.resolve_figures("cuda", h100, bandwidth_tbs=1.5, peak_tflops=100)
+    given = hw.resolve_figures("cuda", h100, bandwidth_tbs=1.5, peak_tflops=100)
     assert (given.bandwidth, given.peak_flops) == (1.5e12, 100e12)
-    assert "989.0 TFLOP/s" in rl.resolve_figures("cuda", h100).describe()
-    cpu = rl.resolve_figures("cpu", "CPU", "float32")  # measured: a memcpy and a matmul
+    assert "989.0 TFLOP/s" in hw.resolve_figures("cuda", h100).describe()
+    cpu = hw.resolve_figures("cpu", "CPU", "float32")  # measured: a memcpy and a matmul
     assert cpu.bandwidth > 0 and cpu.peak_flops > 0 and "measured" in cpu.bandwidth_source
     with pytest.raises(ConfigError, match="bench.extra.bandwidth"):
-        rl.resolve_figures("cuda", h100, bandwidth="guess")
+        hw.resolve_figures("cuda", h100, bandwidth="guess")
 
 
 # -- workloads ---------------------------------------------------------------------------------
