@@ -1,12 +1,15 @@
 """Shared fixtures: tiny random Hugging Face checkpoints (saved by transformers, with a tokenizer and a
-generation_config), the demo checkpoint, and `hf_greedy`, transformers' own greedy decoding.
+generation_config), the demo checkpoint, `hf_greedy` (transformers' own greedy decoding), and
+`start_server` with the helpers of the server tests (`metric`, `sse_events`, MODEL, KEY).
 
 The tiny models use a large initializer_range so their logits are decisive (no near-ties that float
 noise could flip between engines).
 """
 import os
+import signal
 import zlib
 
+import httpx
 import pytest
 import torch
 
@@ -145,3 +148,50 @@ def clean_parallel_state():
     old = state.get_state()
     yield state
     state.set_state(old)
+
+
+# -- the server tests (tests/test_server*.py) ------------------------------------------------------
+MODEL = "tiny"  # server.served_model_name of every server start_server starts
+KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="module")
+def start_server():
+    """start_server(*overrides, exit_code=0) -> a ready ServerProcess running `python run.py server.port=0
+    server.served_model_name=tiny <overrides>` (the URL comes from its startup log line, so no port race).
+    Each is stopped with SIGTERM at the end of the module; where exit_code is not None it must exit so."""
+    from nanoslg.bench.serving import ServerProcess
+
+    started = []
+
+    def start(*overrides: str, exit_code=0):
+        srv = ServerProcess(["server.port=0", f"server.served_model_name={MODEL}", *overrides], start_timeout=180.0,
+                            env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        srv.start()
+        started.append((srv, exit_code))
+        return srv
+
+    yield start
+    stopped = [(srv, srv.stop(signal.SIGTERM, timeout=30.0), want) for srv, want in reversed(started)]
+    for srv, code, want in stopped:  # every server is stopped before any assertion fails
+        if want is not None:
+            assert code == want, srv.output()[-3000:]
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    """One sample from /metrics (`labels` is a substring of the label set, e.g. finished_reason="abort")."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name + "{") and labels in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(f"{name} {labels} not in /metrics:\n{text}")
+
+
+def sse_events(body: str) -> list[str]:
+    """Splits an SSE body exactly as load tools do; every event must be `data: ...`."""
+    assert body.endswith("data: [DONE]\n\n"), body[-200:]
+    events = body.split("\n\n")
+    assert events[-1] == ""
+    for e in events[:-1]:
+        assert e.startswith("data: ") and "\n" not in e, e
+    return [e[len("data: "):] for e in events[:-1]]

@@ -2,100 +2,28 @@
 (unmodified, max_retries=0) and by raw HTTP for what the SDK hides (SSE framing, disconnects, 413).
 
 The server runs the tiny Llama checkpoint (decisive logits, so greedy text is the same in any batch)
-in a subprocess, exactly as a user starts it; port 0 and the logged URL avoid port races.
+in a subprocess, exactly as a user starts it (conftest's `start_server`; port 0 and the logged URL avoid
+port races).
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = "tiny"
-KEY = "sk-test-key"
-
-
-class ServerProcess:
-    """`python run.py <overrides>` with port 0; the URL is read from the startup log line."""
-
-    def __init__(self, *overrides: str, startup_timeout: float = 180.0):
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="nanoslg-server-", suffix=".log", delete=False)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        cmd = [sys.executable, "run.py", "server.port=0", f"server.served_model_name={MODEL}", *overrides]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.final_output: str | None = None
-        self.url = self._wait_url(startup_timeout)
-
-    def output(self) -> str:
-        if self.final_output is not None:
-            return self.final_output
-        return Path(self.log.name).read_text(errors="replace")
-
-    def _wait_url(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(r"serving model .* at (http://[\d.]+:\d+)", self.output())
-            if m:
-                url = m.group(1)
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    return url
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
-            time.sleep(0.2)
-        self.proc.kill()
-        raise RuntimeError(f"the server did not start in {timeout} s:\n{self.output()[-4000:]}")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.final_output is None:  # keep the log in memory, leave nothing in /tmp
-            self.final_output = self.output()
-            self.log.close()
-            os.unlink(self.log.name)
-        return self.proc.returncode
-
-
-def metric(url: str, name: str, labels: str = "") -> float:
-    """One sample from /metrics (`labels` is a substring of the label set, e.g. finished_reason="abort")."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith(name + "{") and labels in line:
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(f"{name} {labels} not in /metrics:\n{text}")
-
-
-def sse_events(body: str) -> list[str]:
-    """Splits an SSE body exactly as load tools do; every event must be `data: ...`."""
-    assert body.endswith("data: [DONE]\n\n"), body[-200:]
-    events = body.split("\n\n")
-    assert events[-1] == ""
-    for e in events[:-1]:
-        assert e.startswith("data: ") and "\n" not in e, e
-    return [e[len("data: "):] for e in events[:-1]]
+from conftest import KEY, MODEL, metric, sse_events
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama):
-    srv = ServerProcess(f"model.path={tiny_llama}", "cache=sdpa", "cache.max_num_tokens=16384",
+def server(start_server, tiny_llama):
+    return start_server(f"model.path={tiny_llama}", "cache=sdpa", "cache.max_num_tokens=16384",
                         "server.max_body_bytes=100000")
-    yield srv
-    assert srv.stop() == 0, srv.output()[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +39,10 @@ def tokenizer(tiny_llama):
 
 
 @pytest.fixture(scope="module")
-def keyed_server(tiny_llama):
+def keyed_server(start_server, tiny_llama):
     """api_key set; one running sequence and a waiting queue of one, for the overload case."""
-    srv = ServerProcess(f"model.path={tiny_llama}", "cache=sdpa", f"server.api_key={KEY}",
-                        "server.max_waiting=1", "scheduler.max_num_seqs=1", "server.shutdown_timeout=1")
-    yield srv
-    srv.stop()
+    return start_server(f"model.path={tiny_llama}", "cache=sdpa", f"server.api_key={KEY}", "server.max_waiting=1",
+                        "scheduler.max_num_seqs=1", "server.shutdown_timeout=1", exit_code=None)
 
 
 GREEDY = dict(temperature=0.0, extra_body={"ignore_eos": True})

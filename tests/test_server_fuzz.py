@@ -15,18 +15,16 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.generation import GenerationMode
 
-from test_server import MODEL, ServerProcess, metric
+from conftest import MODEL, metric
 
 # examples per operation and generation mode; the GET endpoints have no inputs (one case each)
 EXAMPLES = {"/v1/completions": 90, "/v1/chat/completions": 90}
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_llama):
-    srv = ServerProcess(f"model.path={tiny_llama}", "cache=sdpa", "model.max_model_len=64",
+def fuzz_server(start_server, tiny_llama):
+    return start_server(f"model.path={tiny_llama}", "cache=sdpa", "model.max_model_len=64",
                         "server.max_body_bytes=65536")
-    yield srv
-    assert srv.stop() == 0, srv.output()[-3000:]
 
 
 def test_fuzz_openapi_schema_no_5xx(fuzz_server):

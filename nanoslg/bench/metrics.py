@@ -113,12 +113,6 @@ def summarize(timings: list[RequestTiming], wall_time: float) -> dict:
     }
 
 
-def decode_tok_s(timing: RequestTiming) -> Optional[float]:
-    """Decode speed of one request: tokens after the first over the time after the first."""
-    tpot = timing.tpot
-    return None if not tpot else 1.0 / tpot
-
-
 def peak_gpu_memory() -> Optional[dict]:
     """Peak bytes torch allocated on each visible CUDA device of this process (None without CUDA)."""
     try:

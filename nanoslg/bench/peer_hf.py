@@ -18,6 +18,7 @@ from typing import Optional
 
 from nanoslg.bench.metrics import RequestTiming, summarize
 from nanoslg.bench.workloads import BenchRequest
+from nanoslg.core.machine import free_device_memory
 
 log = logging.getLogger("nanoslg.bench")
 
@@ -172,7 +173,7 @@ def run_peer(path: str, dtype: str, device: str, dummy: bool, requests: list[Ben
             timings, wall = run_generate(model, requests, batch_size=batch_size, progress=progress)
     finally:
         del model
-        _free_device_memory()
+        free_device_memory()
     out = summarize(timings, wall)
     if not use_cb:  # a batch returns all at once: no first-token or inter-token times exist
         for key in ("ttft_ms", "itl_ms", "tpot_ms"):
@@ -181,16 +182,3 @@ def run_peer(path: str, dtype: str, device: str, dummy: bool, requests: list[Ben
         f"batched generate (batch {batch_size}, no continuous batching)"
     out["transformers"] = transformers.__version__
     return out
-
-
-def _free_device_memory() -> None:
-    import gc
-
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass

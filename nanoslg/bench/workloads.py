@@ -13,7 +13,7 @@ Token ids are drawn with numpy's PCG64 from bench.seed, so a run's prompts are t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable
 
 import numpy as np
 
@@ -151,10 +151,6 @@ class Serving(Workload):
 
 def get_workload(name: str) -> Workload:
     return BENCHMARKS.get(name)()
-
-
-def longest(reqs: list[BenchRequest]) -> Optional[BenchRequest]:
-    return max(reqs, key=lambda r: len(r.prompt) + r.max_tokens, default=None)
 
 
 def engine_requests(b: BenchConfig, engine) -> list[BenchRequest]:
