@@ -7,6 +7,7 @@ shapes and a few M, prints the host time of each first call, then the steady per
 the wall time of 28 layers' worth of calls. On an H100 (torch 2.11): cuBLASLt took about 4 ms for
 most first calls, cuBLAS about 0.25 ms, and both ran the GEMMs equally fast.
 """
+
 import time
 
 import torch
@@ -32,8 +33,11 @@ def run(lib: str, m: int, weights: dict, inputs: dict) -> None:
     host = (time.perf_counter() - t) * 1e6 / (28 * len(weights))
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t) * 1e3
-    print(f"{lib:9s} M={m:5d}: first call " + " ".join(f"{k} {v:6.0f} us" for k, v in first.items()) +
-          f" | then {host:5.1f} us/call on the host, {28 * len(weights)} calls {wall:5.1f} ms")
+    print(
+        f"{lib:9s} M={m:5d}: first call "
+        + " ".join(f"{k} {v:6.0f} us" for k, v in first.items())
+        + f" | then {host:5.1f} us/call on the host, {28 * len(weights)} calls {wall:5.1f} ms"
+    )
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ Runs the workload's requests through the Python API with torch.profiler (CUDA ac
 during each window, then prints, per window: wall time per step, GPU kernel time per step (the rest
 is the GPU waiting for the host), and the kernels that take the most time.
 """
+
 import os
 import sys
 import threading
@@ -27,14 +28,18 @@ def _time(e) -> float:
 
 def main(overrides: list[str]) -> None:
     cfg, _ = compose_config(overrides)
-    windows = [tuple(map(int, w.split(":"))) for w in os.environ.get("NANOSLG_PROFILE_WINDOWS", "5:25,300:330").split(",")]
+    windows = [
+        tuple(map(int, w.split(":"))) for w in os.environ.get("NANOSLG_PROFILE_WINDOWS", "5:25,300:330").split(",")
+    ]
     with LLM(config=cfg) as llm:
         eng = llm.engine
         reqs, params = warm_requests(llm, cfg.bench)
         ex, launch, n, lock = eng.executor, eng.executor.launch, [0], threading.Lock()
         results, state = [], {}
         cuda = torch.cuda.is_available()  # on a CPU the same table shows CPU ops (a dry run of this script)
-        activity, sync = (ProfilerActivity.CUDA, torch.cuda.synchronize) if cuda else (ProfilerActivity.CPU, lambda: None)
+        activity, sync = (
+            (ProfilerActivity.CUDA, torch.cuda.synchronize) if cuda else (ProfilerActivity.CPU, lambda: None)
+        )
 
         def traced_launch(plan):
             with lock:
@@ -64,9 +69,11 @@ def main(overrides: list[str]) -> None:
         steps = hi - lo
         kern = [e for e in avg if _time(e) > 0]
         busy = sum(_time(e) for e in kern) / 1e3  # ms
-        print(f"\n== launches [{lo}, {hi}): wall {wall * 1e3 / steps:.2f} ms/step, GPU kernels "
-              f"{busy / steps:.2f} ms/step ({100 * busy / (wall * 1e3):.0f}% busy)"
-              + f", {tokens / steps:.0f} tokens/step")
+        print(
+            f"\n== launches [{lo}, {hi}): wall {wall * 1e3 / steps:.2f} ms/step, GPU kernels "
+            f"{busy / steps:.2f} ms/step ({100 * busy / (wall * 1e3):.0f}% busy)"
+            + f", {tokens / steps:.0f} tokens/step"
+        )
         for e in sorted(kern, key=lambda e: -_time(e))[:18]:
             print(f"  {_time(e) / 1e3 / steps:7.3f} ms/step  {e.count / steps:6.1f}/step  {e.key[:110]}")
 

@@ -8,6 +8,7 @@ time in each part (cProfile slows Python down about 2x; the ranking is what coun
 a profiler sees every thread while it is on, so each part also holds what the other thread (and
 the request consumers on the loop) ran meanwhile.
 """
+
 import cProfile
 import io
 import pstats
@@ -25,6 +26,7 @@ def profiled(fn, prof: cProfile.Profile):
             return fn(*args)
         finally:
             prof.disable()
+
     return run
 
 
@@ -33,8 +35,11 @@ def main(overrides: list[str]) -> None:
     with LLM(config=cfg) as llm:
         eng = llm.engine
         reqs, params = warm_requests(llm, cfg.bench)
-        parts = {"launch (step thread)": cProfile.Profile(), "schedule (loop)": cProfile.Profile(),
-                 "process outputs (loop)": cProfile.Profile()}
+        parts = {
+            "launch (step thread)": cProfile.Profile(),
+            "schedule (loop)": cProfile.Profile(),
+            "process outputs (loop)": cProfile.Profile(),
+        }
         eng.executor.launch = profiled(eng.executor.launch, parts["launch (step thread)"])
         eng.scheduler.schedule = profiled(eng.scheduler.schedule, parts["schedule (loop)"])
         eng._process = profiled(eng._process, parts["process outputs (loop)"])
@@ -44,7 +49,7 @@ def main(overrides: list[str]) -> None:
         stats = pstats.Stats(prof, stream=out)
         stats.sort_stats("tottime").print_stats(22)
         text = out.getvalue()
-        print(f"\n== {name} ==\n" + text[text.index("ncalls") - 3:] if "ncalls" in text else text)
+        print(f"\n== {name} ==\n" + text[text.index("ncalls") - 3 :] if "ncalls" in text else text)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ slowdown or its cross-thread blur: each named function is wrapped in a perf_coun
 Prints ms per engine step for each wrapped function (nested timers include their children), the
 garbage collector's share, then a timeline of the first steps: when each was launched and processed.
 """
+
 import collections
 import gc
 import sys
@@ -31,6 +32,7 @@ def wrap(obj, attr: str, record) -> None:
             return fn(*a, **k)
         finally:
             record(t, time.perf_counter())
+
     setattr(obj, attr, run)
 
 
@@ -38,6 +40,7 @@ def timed(obj, attr: str, name: str) -> None:
     def record(start: float, end: float) -> None:
         TOTALS[name] += end - start
         CALLS[name] += 1
+
     wrap(obj, attr, record)
 
 
@@ -54,27 +57,41 @@ def main(overrides: list[str]) -> None:
             else:
                 TOTALS[f"gc.gen{info['generation']}"] += time.perf_counter() - gc_start[0]
                 CALLS[f"gc.gen{info['generation']}"] += 1
+
         ex = eng.executor
         runner = ex.rt.runner
         import nanoslg.cache.flashinfer_graph as fg
-        import nanoslg.model.sampler as sm
         import nanoslg.core.tensors as tn
-        targets = [(ex, "launch", "launch"), (ex, "collect", "collect"), (runner, "input_ids", "launch.input_ids"),
-                   (runner, "begin", "launch.begin"), (runner.sampler, "sample_async", "launch.sample_async"),
-                   (sm.Sampled, "to_host", "launch.to_host"), (tn.STAGING, "next_step", "launch.staging_next"),
-                   (eng.scheduler, "schedule", "schedule"), (eng.scheduler, "_plan", "schedule._plan"),
-                   (eng.scheduler.policy, "order", "schedule.policy_order"),
-                   (eng.scheduler, "commit", "process.commit"), (eng, "_process", "process"),
-                   (eng.outputs, "_append", "process._append"), (eng.outputs, "_emit", "process._emit"),
-                   (eng, "_update_gauges", "process.gauges")]
+        import nanoslg.model.sampler as sm
+
+        targets = [
+            (ex, "launch", "launch"),
+            (ex, "collect", "collect"),
+            (runner, "input_ids", "launch.input_ids"),
+            (runner, "begin", "launch.begin"),
+            (runner.sampler, "sample_async", "launch.sample_async"),
+            (sm.Sampled, "to_host", "launch.to_host"),
+            (tn.STAGING, "next_step", "launch.staging_next"),
+            (eng.scheduler, "schedule", "schedule"),
+            (eng.scheduler, "_plan", "schedule._plan"),
+            (eng.scheduler.policy, "order", "schedule.policy_order"),
+            (eng.scheduler, "commit", "process.commit"),
+            (eng, "_process", "process"),
+            (eng.outputs, "_append", "process._append"),
+            (eng.outputs, "_emit", "process._emit"),
+            (eng, "_update_gauges", "process.gauges"),
+        ]
         if runner.graphs is not None:
             g = runner.backend._graphs  # the FlashInfer backend's graph buffers (cache/flashinfer_graph.py)
-            targets += [(runner.graphs, "run", "launch.graphs_run"), (g, "_plan", "launch.graphs_run._plan"),
-                        (fg, "shared_prefix_pages", "launch.graphs_run.shared_prefix"),
-                        (g.backend, "plan_shared", "launch.graphs_run.plan_shared"),
-                        (g.fi.BatchDecodeWithPagedKVCacheWrapper, "plan", "launch.graphs_run._plan.fi_plan"),
-                        (torch.cuda.CUDAGraph, "replay", "launch.graphs_run.replay"),
-                        (fg, "to_device", "launch.graphs_run._plan.to_device")]
+            targets += [
+                (runner.graphs, "run", "launch.graphs_run"),
+                (g, "_plan", "launch.graphs_run._plan"),
+                (fg, "shared_prefix_pages", "launch.graphs_run.shared_prefix"),
+                (g.backend, "plan_shared", "launch.graphs_run.plan_shared"),
+                (g.fi.BatchDecodeWithPagedKVCacheWrapper, "plan", "launch.graphs_run._plan.fi_plan"),
+                (torch.cuda.CUDAGraph, "replay", "launch.graphs_run.replay"),
+                (fg, "to_device", "launch.graphs_run._plan.to_device"),
+            ]
         for obj, attr, name in targets:
             timed(obj, attr, name)
         timeline: list[tuple] = []  # (event, seconds since the run began, step id, sequences, tokens)
@@ -88,7 +105,9 @@ def main(overrides: list[str]) -> None:
                 if len(timeline) < 14:
                     timeline.append((event, time.perf_counter() - t0[0], plan.step_id, len(plan.seqs), plan.num_tokens))
                 return out
+
             setattr(obj, attr, run)
+
         note(ex, "launch", "launched")
         note(eng, "_process", "processed")
         eng.metrics.profile.steps = 0
@@ -100,9 +119,11 @@ def main(overrides: list[str]) -> None:
         steps = max(eng.metrics.profile.steps, 1)
         ntok = sum(len(o.token_ids) for o in outs)
         prof = eng.metrics.profile.per_step_ms()
-    print(f"\n{ntok / wall:,.0f} output tok/s; "
-          f"{steps} steps, {wall * 1e3 / steps:.3f} ms wall per step; step profile " +
-          ", ".join(f"{k} {v:.2f}" for k, v in prof.items() if k != "steps"))
+    print(
+        f"\n{ntok / wall:,.0f} output tok/s; "
+        f"{steps} steps, {wall * 1e3 / steps:.3f} ms wall per step; step profile "
+        + ", ".join(f"{k} {v:.2f}" for k, v in prof.items() if k != "steps")
+    )
     for name in sorted(TOTALS):
         print(f"  {name:45s} {TOTALS[name] * 1e3 / steps:8.3f} ms/step  ({CALLS[name]} calls)")
     print("\nfirst steps: event, ms since the requests were sent, step, sequences, tokens")

@@ -12,6 +12,7 @@ it, and when the device started and finished running it (ms since the requests w
 from the second, the host calls that may wait on the device (synchronize, copies, item), each with
 the Python frames that made it.
 """
+
 import cProfile
 import os
 import pstats
@@ -19,13 +20,12 @@ import sys
 import time
 
 import torch
+from host_timers import wrap  # experiments/ is on the path when a script in it runs
 from torch.profiler import ProfilerActivity, profile
 
 from nanoslg import LLM
 from nanoslg.bench.workloads import warm_requests
 from nanoslg.core.compose import compose_config
-
-from host_timers import wrap  # experiments/ is on the path when a script in it runs
 
 BLOCKING = ("Synchronize", "cudaMemcpy", "cudaStreamWait", "aten::item", "aten::_local_scalar_dense")
 
@@ -62,6 +62,7 @@ def main(overrides: list[str]) -> None:
                 ev[1].record()
             rows.append((plan.step_id, len(plan.seqs), plan.num_tokens, start, end, ev))
             return out
+
         runner.launch = traced
 
         def span(obj, attr):
@@ -70,7 +71,9 @@ def main(overrides: list[str]) -> None:
             def record(start: float, end: float) -> None:
                 if live[0] and len(kept) < 4 * steps:
                     kept.append((start, end))
+
             wrap(obj, attr, record)
+
         span(eng, "add_request")
         span(eng.scheduler, "schedule")
         span(eng, "_process")
@@ -95,8 +98,10 @@ def main(overrides: list[str]) -> None:
             llm.generate([r.prompt for r in reqs], params)
             print(f"\nunder the profiler: {time.perf_counter() - t:.3f} s")
     print(f"run: {len(reqs)} requests in {wall:.3f} s")
-    print("launch: step, seqs, tokens | host queued from .. to (ms) | device ran from .. to (ms), "
-          "since the requests were sent; the device's start is the previous launch's end or this one's")
+    print(
+        "launch: step, seqs, tokens | host queued from .. to (ms) | device ran from .. to (ms), "
+        "since the requests were sent; the device's start is the previous launch's end or this one's"
+    )
     prev_end = 0.0
     for sid, nseq, ntok, start, end, ev in rows:
         h0, h1 = (start - t0[0]) * 1e3, (end - t0[0]) * 1e3
@@ -107,11 +112,15 @@ def main(overrides: list[str]) -> None:
             line += f" | device {begin:8.2f} .. {d1:8.2f} ({d1 - begin:6.2f})"
             prev_end = d1
         print(line)
-    print(f"\nadd_request x{len(adds)}: {adds[0][0] * 1e3:.2f} .. {adds[-1][1] * 1e3:.2f} ms, "
-          f"{sum(b - a for a, b in adds) * 1e3:.2f} ms inside")
+    print(
+        f"\nadd_request x{len(adds)}: {adds[0][0] * 1e3:.2f} .. {adds[-1][1] * 1e3:.2f} ms, "
+        f"{sum(b - a for a, b in adds) * 1e3:.2f} ms inside"
+    )
     for k in ("schedule", "process"):
-        print(f"{k} (loop thread), start .. end ms: " +
-              ", ".join(f"{a * 1e3:.1f}..{b * 1e3:.1f}" for a, b in spans[k][:steps + 2]))
+        print(
+            f"{k} (loop thread), start .. end ms: "
+            + ", ".join(f"{a * 1e3:.1f}..{b * 1e3:.1f}" for a, b in spans[k][: steps + 2])
+        )
     if cprofile:
         print("\nthe eager launches of the first run, cProfile (worker thread), by cumulative time:")
         pstats.Stats(host_prof).sort_stats("cumulative").print_stats(28)

@@ -1,11 +1,14 @@
 """Shared fixtures: tiny random Hugging Face checkpoints (saved by transformers, with a tokenizer and a
 generation_config), the demo checkpoint, `hf_greedy` (transformers' own greedy decoding), and
-`start_server` with the helpers of the server tests (`metric`, `sse_events`, MODEL, KEY).
+`start_server` with the helpers of the server tests (`metric`, `sse_events`, MODEL, KEY); and the
+engine tests' helpers (`prompts_for`, `greedy`), which test modules import from here.
 
 The tiny models use a large initializer_range so their logits are decisive (no near-ties that float
 noise could flip between engines).
 """
+
 import os
+import random
 import signal
 import zlib
 
@@ -16,8 +19,32 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, initializer_range=0.2)
+NEW = 32  # tokens each engine test generates unless it says otherwise
+
+
+def prompts_for(vocab: int, lengths=(3, 11, 26, 41), seed=0) -> list[list[int]]:
+    """Random prompts of the given lengths, without the special ids (0..2)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+def greedy(n: int = NEW, **kw):
+    """Greedy sampling of exactly n tokens (EOS ignored), as transformers' reference generates them."""
+    from nanoslg.core.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, **kw)
+
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    initializer_range=0.2,
+)
 
 
 @pytest.fixture(scope="session")
@@ -52,8 +79,7 @@ def make_checkpoint(root, name: str, tokenizer_dir, **overrides) -> str:
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[kind]
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    kw = {**TINY, "vocab_size": len(tok), "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD,
-          **overrides}
+    kw = {**TINY, "vocab_size": len(tok), "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD, **overrides}
     torch.manual_seed(zlib.crc32(name.encode()))
     model = model_cls(cfg_cls(**kw)).to(torch.float32)
     with torch.no_grad():
@@ -86,10 +112,21 @@ def tiny_llama_tied(ckpt_root, tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_llama3_rope(ckpt_root, tokenizer_dir):
     """llama3 rope scaling with a short original context, so the scaling changes every layer's rope."""
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32}
-    return make_checkpoint(ckpt_root, "tiny_llama3_rope", tokenizer_dir, tie_word_embeddings=False,
-                           rope_scaling=scaling, rope_theta=500000.0)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
+    return make_checkpoint(
+        ckpt_root,
+        "tiny_llama3_rope",
+        tokenizer_dir,
+        tie_word_embeddings=False,
+        rope_scaling=scaling,
+        rope_theta=500000.0,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -101,8 +138,7 @@ def tiny_qwen2(ckpt_root, tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_qwen3(ckpt_root, tokenizer_dir):
     """Qwen3: per-head q/k norm, explicit head_dim, tied embeddings."""
-    return make_checkpoint(ckpt_root, "tiny_qwen3", tokenizer_dir, kind="qwen3", tie_word_embeddings=True,
-                           head_dim=32)
+    return make_checkpoint(ckpt_root, "tiny_qwen3", tokenizer_dir, kind="qwen3", tie_word_embeddings=True, head_dim=32)
 
 
 @pytest.fixture(scope="session")
@@ -132,10 +168,14 @@ def hf_greedy():
         m = models[path]
         ids = torch.tensor([list(prompt_ids)])
         with torch.no_grad():
-            out = m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens,
-                             pad_token_id=m.config.pad_token_id if m.config.pad_token_id is not None else 0)
-        return out[0, ids.shape[1]:].tolist()
+            out = m.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=m.config.pad_token_id if m.config.pad_token_id is not None else 0,
+            )
+        return out[0, ids.shape[1] :].tolist()
 
     return run
 
@@ -165,8 +205,11 @@ def start_server():
     started = []
 
     def start(*overrides: str, exit_code=0):
-        srv = ServerProcess(["server.port=0", f"server.served_model_name={MODEL}", *overrides], start_timeout=180.0,
-                            env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        srv = ServerProcess(
+            ["server.port=0", f"server.served_model_name={MODEL}", *overrides],
+            start_timeout=180.0,
+            env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        )
         srv.start()
         started.append((srv, exit_code))
         return srv
@@ -194,4 +237,4 @@ def sse_events(body: str) -> list[str]:
     assert events[-1] == ""
     for e in events[:-1]:
         assert e.startswith("data: ") and "\n" not in e, e
-    return [e[len("data: "):] for e in events[:-1]]
+    return [e[len("data: ") :] for e in events[:-1]]

@@ -1,5 +1,6 @@
 """The bench layer: metrics math, roofline math, workloads, records and sweeps, and every workload end
 to end on a tiny checkpoint (CPU). Nothing here asserts a speed."""
+
 import asyncio
 import json
 import random
@@ -85,21 +86,58 @@ def test_summarize_known_inputs():
 
 
 # -- roofline ----------------------------------------------------------------------------------
-QWEN3_06B = {"model_type": "qwen3", "hidden_size": 1024, "num_hidden_layers": 28, "vocab_size": 151936,
-             "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072,
-             "tie_word_embeddings": True}
-LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 128256,
-             "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
-             "tie_word_embeddings": False}
+QWEN3_06B = {
+    "model_type": "qwen3",
+    "hidden_size": 1024,
+    "num_hidden_layers": 28,
+    "vocab_size": 151936,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 3072,
+    "tie_word_embeddings": True,
+}
+LLAMA3_8B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "vocab_size": 128256,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 14336,
+    "tie_word_embeddings": False,
+}
 
 
-@pytest.mark.parametrize("conf", [
-    QWEN3_06B, LLAMA3_8B,
-    {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 300, "num_attention_heads": 4,
-     "num_key_value_heads": 2, "intermediate_size": 96, "tie_word_embeddings": True},
-    {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 300, "num_attention_heads": 4,
-     "num_key_value_heads": 4, "intermediate_size": 96, "attention_bias": True, "mlp_bias": True},
-], ids=["qwen3-0.6b", "llama3-8b", "qwen2-tied-bias", "llama-biases"])
+@pytest.mark.parametrize(
+    "conf",
+    [
+        QWEN3_06B,
+        LLAMA3_8B,
+        {
+            "model_type": "qwen2",
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "vocab_size": 300,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 96,
+            "tie_word_embeddings": True,
+        },
+        {
+            "model_type": "llama",
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "vocab_size": 300,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "intermediate_size": 96,
+            "attention_bias": True,
+            "mlp_bias": True,
+        },
+    ],
+    ids=["qwen3-0.6b", "llama3-8b", "qwen2-tied-bias", "llama-biases"],
+)
 def test_param_count_equals_transformers(conf):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -121,8 +159,18 @@ def test_facts_of_known_models():
 
 
 def _tiny_facts(**kw) -> rl.ModelFacts:
-    base = dict(num_params=1000, dtype_bytes=2, num_layers=2, hidden_size=4, vocab_size=10, num_heads=2,
-                num_kv_heads=1, head_dim=3, tied_embeddings=True, kv_bytes_per_token=24)
+    base = dict(
+        num_params=1000,
+        dtype_bytes=2,
+        num_layers=2,
+        hidden_size=4,
+        vocab_size=10,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=3,
+        tied_embeddings=True,
+        kv_bytes_per_token=24,
+    )
     base.update(kw)
     return rl.ModelFacts(**base)
 
@@ -206,10 +254,17 @@ def test_mbu_known_numbers():
     assert rl.mbu(f, fig, 2, 1, decode_time_s=1.0) is None
 
 
-@pytest.mark.parametrize("name, expect", [
-    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H200", "H200"),
-    ("NVIDIA A100-SXM4-80GB", "A100-80G"), ("NVIDIA A100 80GB PCIe", "A100-80G"), ("Tesla T4", None),
-])
+@pytest.mark.parametrize(
+    "name, expect",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA A100-SXM4-80GB", "A100-80G"),
+        ("NVIDIA A100 80GB PCIe", "A100-80G"),
+        ("Tesla T4", None),
+    ],
+)
 def test_gpu_table(name, expect):
     spec = hw.lookup_gpu(name)
     assert (spec.name if spec else None) == expect
@@ -245,8 +300,15 @@ def test_requests_are_seeded_and_in_bounds():
 
 
 def test_shared_prefix_and_poisson_arrivals():
-    b = BenchConfig(num_requests=400, shared_prefix_len=5, input_len_min=2, input_len_max=2, output_len_min=1,
-                    output_len_max=1, request_rate=4.0)
+    b = BenchConfig(
+        num_requests=400,
+        shared_prefix_len=5,
+        input_len_min=2,
+        input_len_max=2,
+        output_len_min=1,
+        output_len_max=1,
+        request_rate=4.0,
+    )
     reqs = make_requests(b, TokenSpace(1000))
     assert len({tuple(r.prompt[:5]) for r in reqs}) == 1
     assert all(len(r.prompt) == 7 for r in reqs)
@@ -273,12 +335,15 @@ def test_token_space_specials():
     assert t.high == 301 and t.exclude == frozenset({0, 1, 2, 300})
 
 
-@pytest.mark.parametrize("changes, key", [
-    ({"input_len_min": 10, "input_len_max": 5}, "bench.input_len_min"),
-    ({"output_len_min": 0, "output_len_max": 5}, "bench.output_len_min"),
-    ({"request_rate": 0.0}, "bench.request_rate"),
-    ({"concurrency": 0}, "bench.concurrency"),
-])
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"input_len_min": 10, "input_len_max": 5}, "bench.input_len_min"),
+        ({"output_len_min": 0, "output_len_max": 5}, "bench.output_len_min"),
+        ({"request_rate": 0.0}, "bench.request_rate"),
+        ({"concurrency": 0}, "bench.concurrency"),
+    ],
+)
 def test_bad_numbers_name_the_key(changes, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         make_requests(BenchConfig(**changes), TokenSpace(100))
@@ -295,15 +360,22 @@ def test_workload_registry():
         get_workload("shared_prefix").requests(BenchConfig(shared_prefix_len=0), TokenSpace(100))
 
 
-@pytest.mark.parametrize("name, workload", [("offline", "offline"), ("batch1", "batch1"),
-                                            ("shared_prefix", "shared_prefix"), ("serving", "serving")])
+@pytest.mark.parametrize(
+    "name, workload",
+    [("offline", "offline"), ("batch1", "batch1"), ("shared_prefix", "shared_prefix"), ("serving", "serving")],
+)
 def test_bench_yaml_numbers(name, workload):
     node = compose_node(["mode=bench", f"bench={name}"])
     assert node.bench.workload == workload
     b = node.bench
     if name == "offline":
-        assert (b.num_requests, b.input_len_min, b.input_len_max, b.output_len_min, b.output_len_max) == \
-            (256, 100, 1024, 100, 1024)
+        assert (b.num_requests, b.input_len_min, b.input_len_max, b.output_len_min, b.output_len_max) == (
+            256,
+            100,
+            1024,
+            100,
+            1024,
+        )
     if name == "batch1":
         assert (b.num_requests, b.input_len_max, b.output_len_max) == (1, 128, 256)
     if name == "shared_prefix":
@@ -359,9 +431,17 @@ def test_record_has_the_promised_keys(tmp_path):
 
 def _fake_record(folder: Path, seqs: int, tok_s: float, ttft: float) -> None:
     node = compose_node(["mode=bench", f"scheduler.max_num_seqs={seqs}"])
-    res = {"output_tok_s": tok_s, "total_tok_s": 2 * tok_s, "ttft_ms": {"p50": ttft, "p99": 2 * ttft},
-           "itl_ms": {"p50": 1.0}, "tpot_ms": {"p50": 1.0}, "e2e_ms": {"p50": 900.0}, "wall_time_s": 3.0,
-           "roofline": {"percent_of_limit": 42.0}, "peak_gpu_memory": None}
+    res = {
+        "output_tok_s": tok_s,
+        "total_tok_s": 2 * tok_s,
+        "ttft_ms": {"p50": ttft, "p99": 2 * ttft},
+        "itl_ms": {"p50": 1.0},
+        "tpot_ms": {"p50": 1.0},
+        "e2e_ms": {"p50": 900.0},
+        "wall_time_s": 3.0,
+        "roofline": {"percent_of_limit": 42.0},
+        "peak_gpu_memory": None,
+    }
     write_record(make_record(node, res, overrides=["mode=bench", f"scheduler.max_num_seqs={seqs}"]), folder)
 
 
@@ -390,8 +470,15 @@ def test_swept_keys_without_overrides_compare_configs():
 def test_server_overrides_reproduce_the_config():
     from nanoslg.bench.record import config_dict
 
-    node = compose_node(["cache=sdpa", "model.path=" + hydra_value("/tmp/it's a [path]"), "scheduler.max_num_seqs=7",
-                         "parallel.stage_layers=[1,2]", "server.api_key=" + hydra_value("k=v")])
+    node = compose_node(
+        [
+            "cache=sdpa",
+            "model.path=" + hydra_value("/tmp/it's a [path]"),
+            "scheduler.max_num_seqs=7",
+            "parallel.stage_layers=[1,2]",
+            "server.api_key=" + hydra_value("k=v"),
+        ]
+    )
     conf = config_dict(node)
     again = config_dict(compose_node(server_overrides(conf, "127.0.0.1", 1234)[1:]))
     assert again["model"]["path"] == "/tmp/it's a [path]"
@@ -402,15 +489,23 @@ def test_server_overrides_reproduce_the_config():
 
 
 # -- end to end on a tiny checkpoint (CPU) ----------------------------------------------------
-TINY = ["bench.num_requests=4", "bench.input_len_min=8", "bench.input_len_max=16", "bench.output_len_min=4",
-        "bench.output_len_max=8", "bench.warmup=1", "bench.extra.progress=false"]
+TINY = [
+    "bench.num_requests=4",
+    "bench.input_len_min=8",
+    "bench.input_len_max=16",
+    "bench.output_len_min=4",
+    "bench.output_len_max=8",
+    "bench.warmup=1",
+    "bench.extra.progress=false",
+]
 
 
 def _bench(path, tmp_path, *overrides):
     from nanoslg.bench.runner import run_bench
 
-    cfg, node = compose_config([f"model.path={path}", "cache=sdpa", "mode=bench",
-                                f"bench.output_dir={tmp_path}", *overrides])
+    cfg, node = compose_config(
+        [f"model.path={path}", "cache=sdpa", "mode=bench", f"bench.output_dir={tmp_path}", *overrides]
+    )
     return run_bench(cfg, node)
 
 
@@ -438,16 +533,31 @@ def test_offline_end_to_end(tiny_llama, tmp_path, capsys):
 
 
 def test_batch1_reports_mbu(tiny_llama, tmp_path):
-    res = _bench(tiny_llama, tmp_path, "bench=batch1", "bench.input_len_min=8", "bench.input_len_max=8",
-                 "bench.output_len_min=6", "bench.output_len_max=6", "bench.extra.progress=false")
+    res = _bench(
+        tiny_llama,
+        tmp_path,
+        "bench=batch1",
+        "bench.input_len_min=8",
+        "bench.input_len_max=8",
+        "bench.output_len_min=6",
+        "bench.output_len_max=6",
+        "bench.extra.progress=false",
+    )
     assert res["completed"] == 1 and res["output_tokens"] == 6
     assert res["roofline"]["mbu_percent"] > 0 and res["roofline"]["decode_tok_s"] > 0
     _check_record(res, "batch1")
 
 
 def test_shared_prefix_end_to_end(tiny_llama, tmp_path):
-    res = _bench(tiny_llama, tmp_path, "bench=shared_prefix", *TINY, "bench.shared_prefix_len=12",
-                 "bench.input_len_min=4", "bench.input_len_max=4")
+    res = _bench(
+        tiny_llama,
+        tmp_path,
+        "bench=shared_prefix",
+        *TINY,
+        "bench.shared_prefix_len=12",
+        "bench.input_len_min=4",
+        "bench.input_len_max=4",
+    )
     assert res["completed"] == 4 and res["input_tokens"] == 4 * 16
     _check_record(res, "shared_prefix")
 
@@ -468,8 +578,16 @@ def test_concurrency_and_rate_through_the_engine(tiny_llama, tmp_path, monkeypat
     real_drive = session.drive
     monkeypatch.setattr(session, "drive", recording_drive)
     # Outputs long enough that a request outlasts the gaps between arrivals: uncapped, they would overlap.
-    res = _bench(tiny_llama, tmp_path, "bench=offline", *TINY, "bench.concurrency=2", "bench.request_rate=20",
-                 "bench.output_len_min=48", "bench.output_len_max=64")
+    res = _bench(
+        tiny_llama,
+        tmp_path,
+        "bench=offline",
+        *TINY,
+        "bench.concurrency=2",
+        "bench.request_rate=20",
+        "bench.output_len_min=48",
+        "bench.output_len_max=64",
+    )
     assert res["completed"] == 4
     reqs, timings, t0 = runs[-1]  # the timed run
     assert len(timings) == 4 and all(t.ok for t in timings)
@@ -484,8 +602,7 @@ def test_concurrency_and_rate_through_the_engine(tiny_llama, tmp_path, monkeypat
 
 def test_too_long_requests_fail_at_start(tiny_llama, tmp_path):
     with pytest.raises(ConfigError, match="bench.input_len_max"):
-        _bench(tiny_llama, tmp_path, "bench=offline", *TINY, "bench.input_len_max=100000",
-               "bench.input_len_min=99999")
+        _bench(tiny_llama, tmp_path, "bench=offline", *TINY, "bench.input_len_max=100000", "bench.input_len_min=99999")
 
 
 def test_peer_hf_ratio(tiny_llama, tmp_path, capsys):
@@ -497,14 +614,28 @@ def test_peer_hf_ratio(tiny_llama, tmp_path, capsys):
 
 
 def test_peer_hf_plain_generate(tiny_llama, tmp_path):
-    res = _bench(tiny_llama, tmp_path, "bench=offline", *TINY, "bench.peer=hf", "bench.extra.hf_method=generate",
-                 "bench.extra.hf_batch_size=3")
+    res = _bench(
+        tiny_llama,
+        tmp_path,
+        "bench=offline",
+        *TINY,
+        "bench.peer=hf",
+        "bench.extra.hf_method=generate",
+        "bench.extra.hf_batch_size=3",
+    )
     assert res["peer"]["output_tokens"] == res["output_tokens"] and "generate" in res["peer"]["method"]
 
 
 def test_serving_against_a_loopback_server(tiny_llama, tmp_path):
-    res = _bench(tiny_llama, tmp_path, "bench=serving", *TINY, "bench.request_rate=20", "bench.concurrency=3",
-                 "bench.extra.server_start_timeout=300")
+    res = _bench(
+        tiny_llama,
+        tmp_path,
+        "bench=serving",
+        *TINY,
+        "bench.request_rate=20",
+        "bench.concurrency=3",
+        "bench.extra.server_start_timeout=300",
+    )
     assert res["completed"] == 4 and res["failed"] == 0
     b = BenchConfig(num_requests=4, input_len_min=8, input_len_max=16, output_len_min=4, output_len_max=8)
     assert res["output_tokens"] == sum(r.max_tokens for r in make_requests(b, TokenSpace(10)))
@@ -520,9 +651,21 @@ def test_serving_against_a_loopback_server(tiny_llama, tmp_path):
 
 def test_multirun_sweep_aggregates(tiny_llama, tmp_path):
     """`python run.py -m mode=bench ...` writes a record per job and one table/plot for the sweep."""
-    cmd = [sys.executable, str(REPO / "run.py"), "-m", "mode=bench", f"model.path={tiny_llama}", "cache=sdpa",
-           "bench=offline", *TINY, "bench.num_requests=2", "bench.name=sweep", f"bench.output_dir={tmp_path}",
-           "scheduler.max_num_seqs=1,2", f"hydra.sweep.dir={tmp_path}/multirun"]
+    cmd = [
+        sys.executable,
+        str(REPO / "run.py"),
+        "-m",
+        "mode=bench",
+        f"model.path={tiny_llama}",
+        "cache=sdpa",
+        "bench=offline",
+        *TINY,
+        "bench.num_requests=2",
+        "bench.name=sweep",
+        f"bench.output_dir={tmp_path}",
+        "scheduler.max_num_seqs=1,2",
+        f"hydra.sweep.dir={tmp_path}/multirun",
+    ]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     folder = tmp_path / "sweep"

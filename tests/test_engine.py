@@ -4,25 +4,14 @@ Chunked prefill and preemption must not change a single token; sampling options 
 OpenAI API documents.
 """
 
-import random
-
 import pytest
 import torch
+from conftest import NEW, greedy, prompts_for
 
 from nanoslg import LLM, SamplingParams
 from nanoslg.core.errors import RequestError
 
 CHECKPOINTS = ["tiny_llama", "tiny_llama_tied", "tiny_llama3_rope", "tiny_qwen2", "tiny_qwen3"]
-NEW = 32
-
-
-def prompts_for(vocab: int, lengths=(3, 11, 26, 41), seed=0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
-
-
-def greedy(n=NEW, **kw) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import NEW, greedy
 
 from nanoslg.cache.backend import KVSpec
 from nanoslg.cache.paged import PagedKVManager
@@ -94,12 +95,6 @@ import gc  # noqa: E402
 import random  # noqa: E402
 
 from nanoslg import LLM  # noqa: E402
-
-NEW = 32
-
-
-def greedy(n: int = NEW, **kw) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, **kw)
 
 
 def shared_prompts(vocab: int, seed: int = 0):

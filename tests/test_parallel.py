@@ -12,25 +12,16 @@ import time
 
 import pytest
 import torch
+from conftest import NEW, greedy, prompts_for
 
-from nanoslg import LLM, SamplingParams
+from nanoslg import LLM
 from nanoslg.core.errors import ConfigError, EngineDeadError
 
-NEW = 32
 MODES = {
     "tp": ["parallel=tp", "parallel.tp_size=2"],
     "pp": ["parallel=pp", "parallel.pp_size=2"],
     "hybrid": ["parallel=hybrid", "parallel.tp_size=2", "parallel.pp_size=2"],
 }
-
-
-def prompts_for(vocab: int, lengths=(3, 11, 26, 41), seed=0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
-
-
-def greedy(n=NEW, **kw) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, **kw)
 
 
 def shared_prefix_prompts(vocab: int) -> list[list[int]]:

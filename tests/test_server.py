@@ -5,6 +5,7 @@ The server runs the tiny Llama checkpoint (decisive logits, so greedy text is th
 in a subprocess, exactly as a user starts it (conftest's `start_server`; port 0 and the logged URL avoid
 port races).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,14 +17,14 @@ import time
 import httpx
 import openai
 import pytest
-
 from conftest import KEY, MODEL, metric, sse_events
 
 
 @pytest.fixture(scope="module")
 def server(start_server, tiny_llama):
-    return start_server(f"model.path={tiny_llama}", "cache=sdpa", "cache.max_num_tokens=16384",
-                        "server.max_body_bytes=100000")
+    return start_server(
+        f"model.path={tiny_llama}", "cache=sdpa", "cache.max_num_tokens=16384", "server.max_body_bytes=100000"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,15 @@ def tokenizer(tiny_llama):
 @pytest.fixture(scope="module")
 def keyed_server(start_server, tiny_llama):
     """api_key set; one running sequence and a waiting queue of one, for the overload case."""
-    return start_server(f"model.path={tiny_llama}", "cache=sdpa", f"server.api_key={KEY}", "server.max_waiting=1",
-                        "scheduler.max_num_seqs=1", "server.shutdown_timeout=1", exit_code=None)
+    return start_server(
+        f"model.path={tiny_llama}",
+        "cache=sdpa",
+        f"server.api_key={KEY}",
+        "server.max_waiting=1",
+        "scheduler.max_num_seqs=1",
+        "server.shutdown_timeout=1",
+        exit_code=None,
+    )
 
 
 GREEDY = dict(temperature=0.0, extra_body={"ignore_eos": True})
@@ -59,11 +67,21 @@ def test_models_health_version_metrics_schema(server):
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", httpx.get(f"{server.url}/version").json()["version"])
     text = httpx.get(f"{server.url}/metrics").text
-    for name in ["vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_sum",
-                 "vllm:e2e_request_latency_seconds_count", "vllm:request_queue_time_seconds_bucket",
-                 "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:num_preemptions_total",
-                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:request_success_total"]:
+    for name in [
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_sum",
+        "vllm:e2e_request_latency_seconds_count",
+        "vllm:request_queue_time_seconds_bucket",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:num_preemptions_total",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:request_success_total",
+    ]:
         assert f"\n{name}{{" in text, name
     schema = httpx.get(f"{server.url}/schema/openapi.json").json()
     post = schema["paths"]["/v1/chat/completions"]["post"]
@@ -81,15 +99,22 @@ def test_sdk_completions(client, tokenizer):
     (choice,) = out.choices
     assert out.object == "text_completion" and choice.finish_reason == "length" and choice.text
     n_prompt = len(tokenizer.encode(prompt))
-    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (n_prompt, 12, n_prompt + 12)
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (
+        n_prompt,
+        12,
+        n_prompt + 12,
+    )
     assert out.usage.prompt_tokens_details.cached_tokens == 0
 
     # the default max_tokens is OpenAI's 16
     assert client.completions.create(model=MODEL, prompt=prompt, **GREEDY).usage.completion_tokens == 16
 
     # streaming gives the same text, and include_usage a final usage-only chunk
-    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, stream=True,
-                                            stream_options={"include_usage": True}, **GREEDY))
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=12, stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -104,8 +129,9 @@ def test_sdk_completions(client, tokenizer):
     assert by_ids.choices[0].text == choice.text
     both = client.completions.create(model=MODEL, prompt=[prompt, "Hello there"], max_tokens=12, **GREEDY)
     assert [c.index for c in both.choices] == [0, 1] and both.choices[0].text == choice.text
-    lists = client.completions.create(model=MODEL, prompt=[ids, tokenizer.encode("Hello there")], max_tokens=12,
-                                      **GREEDY)
+    lists = client.completions.create(
+        model=MODEL, prompt=[ids, tokenizer.encode("Hello there")], max_tokens=12, **GREEDY
+    )
     assert [c.text for c in lists.choices] == [c.text for c in both.choices]
 
 
@@ -136,31 +162,41 @@ def test_sdk_stop_seed_n_logprobs(client):
 
 
 def test_sdk_chat(client):
-    messages = [{"role": "system", "content": "You are terse."},
-                {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]},
-                {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Again"}]
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "Again"},
+    ]
     out = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=10, **GREEDY)
     (choice,) = out.choices
     assert out.object == "chat.completion" and choice.message.role == "assistant" and choice.message.content
     assert choice.finish_reason == "length" and out.usage.completion_tokens == 10
 
-    stream = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, stream=True,
-                                                 stream_options={"include_usage": True}, **GREEDY))
+    stream = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=10, stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
     assert stream[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == choice.message.content
     assert stream[-1].choices == [] and stream[-1].usage.completion_tokens == 10
     assert stream[-1].usage.prompt_tokens == out.usage.prompt_tokens
 
-    lp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, logprobs=True,
-                                        top_logprobs=2, **GREEDY).choices[0]
+    lp = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=6, logprobs=True, top_logprobs=2, **GREEDY
+    ).choices[0]
     assert len(lp.logprobs.content) == 6
     assert "".join(t.token for t in lp.logprobs.content) == lp.message.content
     for t in lp.logprobs.content:
         assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-4)
         assert bytes(t.bytes).decode() == t.token
 
-    many = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, n=2, seed=3,
-                                               temperature=0.9, stream=True))
+    many = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=5, n=2, seed=3, temperature=0.9, stream=True
+        )
+    )
     firsts = {}
     for c in many:
         for ch in c.choices:
@@ -169,8 +205,13 @@ def test_sdk_chat(client):
 
 
 def test_sse_framing_raw(server):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True,
-            "temperature": 0}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        "stream": True,
+        "temperature": 0,
+    }
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)
@@ -179,8 +220,7 @@ def test_sse_framing_raw(server):
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": True},
-                   timeout=30)
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": True}, timeout=30)
     assert r.status_code == 200 and sse_events(r.text)[-1] == "[DONE]"
 
 
@@ -231,18 +271,23 @@ def test_raw_errors_have_the_openai_shape(server):
 
     shape(httpx.get(f"{url}/v1/nothing"), 404)
     shape(httpx.get(f"{url}/nothing"), 404)
-    shape(httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
-          400)
+    shape(httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
     shape(httpx.post(f"{url}/v1/completions", json=[1, 2]), 400)
     shape(httpx.post(f"{url}/v1/completions", json={"max_tokens": 3}), 400)  # no prompt
     assert shape(httpx.post(f"{url}/v1/completions", json={"prompt": ["a", 1]}), 400)["param"] == "prompt"
     assert shape(httpx.post(f"{url}/v1/completions", json={"prompt": "a", "seed": 10**30}), 400)["param"] == "seed"
-    assert shape(httpx.post(f"{url}/v1/completions", json={"prompt": "a", "n": 100, "max_tokens": 1,
-                                                            "stop": ["x"] * 17}), 400)["param"] == "stop"
+    assert (
+        shape(
+            httpx.post(f"{url}/v1/completions", json={"prompt": "a", "n": 100, "max_tokens": 1, "stop": ["x"] * 17}),
+            400,
+        )["param"]
+        == "stop"
+    )
     shape(httpx.post(f"{url}/v1/completions", json={"prompt": "x" * 200_000}), 413)
     # unknown fields are ignored
-    r = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2, "frobnicate": {"x": [1]},
-                                                  "logit_bias": {"5": 1}})
+    r = httpx.post(
+        f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2, "frobnicate": {"x": [1]}, "logit_bias": {"5": 1}}
+    )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     assert httpx.get(f"{url}/health").status_code == 200
 
@@ -304,8 +349,9 @@ def test_64_concurrent_streams_equal_llm_generate(server, tiny_llama):
 
     texts = asyncio.run(run())
     with LLM(f"model.path={tiny_llama}", "cache=sdpa") as llm:
-        expected = [o.text for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12,
-                                                                           ignore_eos=True))]
+        expected = [
+            o.text for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+        ]
     assert all(texts) and texts == expected
 
 
@@ -315,8 +361,14 @@ def test_disconnects_free_kv_and_health_stays_fast(server):
     aborted_before = metric(url, "vllm:request_success_total", 'finished_reason="abort"')
 
     async def run() -> tuple[float, float, float]:
-        body = {"model": MODEL, "prompt": "Tell me a long story", "max_tokens": 480, "stream": True,
-                "temperature": 0, "ignore_eos": True}
+        body = {
+            "model": MODEL,
+            "prompt": "Tell me a long story",
+            "max_tokens": 480,
+            "stream": True,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
         clients = [httpx.AsyncClient(timeout=60) for _ in range(20)]
         streams, readers = [], []
 
@@ -366,8 +418,11 @@ def test_non_streaming_disconnect_aborts(server):
     url = server.url
     aborted_before = metric(url, "vllm:request_success_total", 'finished_reason="abort"')
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{url}/v1/completions", json={"prompt": "Go on", "max_tokens": 480, "n": 8, "temperature": 0,
-                                                  "ignore_eos": True}, timeout=httpx.Timeout(10, read=0.3))
+        httpx.post(
+            f"{url}/v1/completions",
+            json={"prompt": "Go on", "max_tokens": 480, "n": 8, "temperature": 0, "ignore_eos": True},
+            timeout=httpx.Timeout(10, read=0.3),
+        )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and metric(url, "vllm:num_requests_running") > 0:
         time.sleep(0.1)
@@ -380,8 +435,14 @@ def test_non_streaming_disconnect_aborts(server):
 
 def test_sigterm_during_a_stream_exits_zero(keyed_server):
     srv = keyed_server
-    body = {"model": MODEL, "prompt": "Keep going", "max_tokens": 480, "stream": True, "temperature": 0,
-            "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": "Keep going",
+        "max_tokens": 480,
+        "stream": True,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     chunks = []
     with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as c:
         with c.stream("POST", f"{srv.url}/v1/completions", json=body) as resp:

@@ -4,6 +4,7 @@ healthy and keep answering real requests afterwards.
 
 A short context (model.max_model_len=64) bounds what a generated `n` x `max_tokens` can cost.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,9 @@ import time
 import httpx
 import pytest
 import schemathesis
+from conftest import MODEL, metric
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.generation import GenerationMode
-
-from conftest import MODEL, metric
 
 # examples per operation and generation mode; the GET endpoints have no inputs (one case each)
 EXAMPLES = {"/v1/completions": 90, "/v1/chat/completions": 90}
@@ -23,30 +23,46 @@ EXAMPLES = {"/v1/completions": 90, "/v1/chat/completions": 90}
 
 @pytest.fixture(scope="module")
 def fuzz_server(start_server, tiny_llama):
-    return start_server(f"model.path={tiny_llama}", "cache=sdpa", "model.max_model_len=64",
-                        "server.max_body_bytes=65536")
+    return start_server(
+        f"model.path={tiny_llama}", "cache=sdpa", "model.max_model_len=64", "server.max_body_bytes=65536"
+    )
 
 
 def test_fuzz_openapi_schema_no_5xx(fuzz_server):
     url = fuzz_server.url
     schema = schemathesis.openapi.from_url(f"{url}/schema/openapi.json")
     ops = [r.ok() for r in schema.get_all_operations()]
-    assert {op.path for op in ops} >= {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health",
-                                      "/metrics", "/version"}
+    assert {op.path for op in ops} >= {
+        "/v1/models",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/health",
+        "/metrics",
+        "/version",
+    }
     seen: dict[tuple[str, int], int] = {}
     failures: list[str] = []
 
     for op in ops:
-        modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE] if op.method.upper() == "POST" \
+        modes = (
+            [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
+            if op.method.upper() == "POST"
             else [GenerationMode.POSITIVE]
+        )
         for mode in modes:
 
-            @settings(max_examples=EXAMPLES.get(op.path, 5), deadline=None, database=None, derandomize=True,
-                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=EXAMPLES.get(op.path, 5),
+                deadline=None,
+                database=None,
+                derandomize=True,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=op.as_strategy(generation_mode=mode))
             def run(case) -> None:
                 resp = case.call(base_url=url, timeout=60)
-                key = (op.path, resp.status_code)
+                key = (op.path, resp.status_code)  # noqa: B023 (run is called in this iteration)
                 seen[key] = seen.get(key, 0) + 1
                 if resp.status_code >= 500:
                     failures.append(f"{case.method} {case.path} {case.body!r} -> {resp.status_code} {resp.text[:300]}")

@@ -1,14 +1,15 @@
 """A sweep's records aggregated: one table row per record, and a plot over the swept override.
 
-    experiments/<bench.name or workload>/results.md    (one row per record)
-    experiments/<bench.name or workload>/results.png   (x: the swept override; y: output tok/s, TTFT p50)
+experiments/<bench.name or workload>/results.md    (one row per record)
+experiments/<bench.name or workload>/results.png   (x: the swept override; y: output tok/s, TTFT p50)
 """
+
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 log = logging.getLogger("nanoslg.bench")
 
@@ -109,7 +110,7 @@ def _fmt(value: Any, fmt: str) -> str:
         return str(value)
 
 
-def _num(v: Any) -> Optional[float]:
+def _num(v: Any) -> float | None:
     try:
         return float(v)
     except (TypeError, ValueError):
@@ -133,7 +134,7 @@ def table(records: list[dict], keys: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def aggregate(folder: Path | str) -> Optional[dict]:
+def aggregate(folder: Path | str) -> dict | None:
     """Writes results.md and results.png for every record in folder/records. Returns their paths."""
     folder = Path(folder)
     records = load_records(folder)
@@ -144,7 +145,7 @@ def aggregate(folder: Path | str) -> Optional[dict]:
     title = f"# {folder.name}: {len(records)} run(s)\n\n"
     swept = f"Swept: {', '.join(keys)}\n\n" if keys else ""
     md.write_text(title + swept + table(records, keys))
-    png: Optional[Path] = folder / "results.png"
+    png: Path | None = folder / "results.png"
     try:
         import matplotlib  # noqa: F401  (optional: the `bench` extra)
     except ImportError:

@@ -5,11 +5,11 @@ device-to-device copy measured now (`bench.extra.bandwidth=measure`), or from nu
 `bench.extra.bandwidth_tbs` / `bench.extra.peak_tflops`. On the CPU both are measured (a memcpy and
 an fp32 matmul). With several GPUs the figures scale by their count.
 """
+
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 from nanoslg.core.errors import ConfigError
 
@@ -18,7 +18,7 @@ from nanoslg.core.errors import ConfigError
 class GpuSpec:
     name: str
     bandwidth_spec: float  # bytes/s, datasheet
-    bandwidth_copy: Optional[float]  # bytes/s, what a device-to-device copy reaches (when known)
+    bandwidth_copy: float | None  # bytes/s, what a device-to-device copy reaches (when known)
     flops_bf16: float  # dense bf16 tensor-core FLOP/s
     flops_fp32: float
 
@@ -36,7 +36,7 @@ GPU_TABLE: list[tuple[tuple[str, ...], GpuSpec]] = [
 ]
 
 
-def lookup_gpu(device_name: str) -> Optional[GpuSpec]:
+def lookup_gpu(device_name: str) -> GpuSpec | None:
     name = device_name.lower()
     for keys, spec in GPU_TABLE:
         if all(k in name for k in keys):
@@ -55,12 +55,14 @@ class Figures:
 
     def describe(self) -> str:
         per = f" x {self.num_devices} devices" if self.num_devices > 1 else ""
-        return (f"{self.device_name}{per}: {self.bandwidth / self.num_devices / TB:.2f} TB/s "
-                f"({self.bandwidth_source}), {self.peak_flops / self.num_devices / TF:.1f} TFLOP/s "
-                f"({self.flops_source})")
+        return (
+            f"{self.device_name}{per}: {self.bandwidth / self.num_devices / TB:.2f} TB/s "
+            f"({self.bandwidth_source}), {self.peak_flops / self.num_devices / TF:.1f} TFLOP/s "
+            f"({self.flops_source})"
+        )
 
 
-def measure_bandwidth(device: str = "cuda", nbytes: Optional[int] = None, repeats: int = 5) -> float:
+def measure_bandwidth(device: str = "cuda", nbytes: int | None = None, repeats: int = 5) -> float:
     """Bytes/s of a device-to-device copy (each copied byte is read once and written once)."""
     import torch
 
@@ -106,9 +108,16 @@ def measure_matmul_flops(device: str = "cpu", n: int = 1024, dtype=None, repeats
     return 2 * n**3 / best
 
 
-def resolve_figures(device_type: str, device_name: str, dtype: str = "bfloat16", num_devices: int = 1,
-                    bandwidth: str = "table", bandwidth_tbs: Optional[float] = None,
-                    peak_tflops: Optional[float] = None, device: Optional[str] = None) -> Figures:
+def resolve_figures(
+    device_type: str,
+    device_name: str,
+    dtype: str = "bfloat16",
+    num_devices: int = 1,
+    bandwidth: str = "table",
+    bandwidth_tbs: float | None = None,
+    peak_tflops: float | None = None,
+    device: str | None = None,
+) -> Figures:
     """Picks bandwidth and peak FLOP/s: given numbers first, then `bandwidth` (table|spec|measure)."""
     if bandwidth not in ("table", "spec", "measure"):
         raise ConfigError(f"bench.extra.bandwidth={bandwidth!r} is not allowed; allowed: table, spec, measure")

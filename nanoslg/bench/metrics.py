@@ -8,12 +8,13 @@ Definitions (those of vLLM's and SGLang's benchmark scripts, so numbers compare)
 - output tok/s = output tokens of completed requests / wall time; total tok/s adds their prompt tokens.
 Percentiles interpolate linearly between order statistics (numpy's default method).
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
 
 PERCENTILES = (50, 90, 99)
 
@@ -25,16 +26,16 @@ class RequestTiming:
     prompt_len: int
     arrival: float = 0.0
     chunks: list[tuple[float, int]] = field(default_factory=list)  # (arrival time, tokens in the delta)
-    end: Optional[float] = None
-    output_len: Optional[int] = None  # exact count when the transport reports one (HTTP usage)
-    error: Optional[str] = None
+    end: float | None = None
+    output_len: int | None = None  # exact count when the transport reports one (HTTP usage)
+    error: str | None = None
 
-    def on_delta(self, num_tokens: int, now: Optional[float] = None) -> None:
+    def on_delta(self, num_tokens: int, now: float | None = None) -> None:
         now = time.perf_counter() if now is None else now
         if num_tokens > 0:
             self.chunks.append((now, num_tokens))
 
-    def finish(self, now: Optional[float] = None, error: Optional[str] = None) -> None:
+    def finish(self, now: float | None = None, error: str | None = None) -> None:
         self.end = time.perf_counter() if now is None else now
         self.error = error
 
@@ -47,11 +48,11 @@ class RequestTiming:
         return self.output_len if self.output_len is not None else sum(n for _, n in self.chunks)
 
     @property
-    def ttft(self) -> Optional[float]:
+    def ttft(self) -> float | None:
         return self.chunks[0][0] - self.arrival if self.chunks else None
 
     @property
-    def e2e(self) -> Optional[float]:
+    def e2e(self) -> float | None:
         return None if self.end is None else self.end - self.arrival
 
     @property
@@ -59,14 +60,14 @@ class RequestTiming:
         return [b[0] - a[0] for a, b in zip(self.chunks, self.chunks[1:])]
 
     @property
-    def tpot(self) -> Optional[float]:
+    def tpot(self) -> float | None:
         n = self.num_output
         if not self.chunks or self.end is None or n < 2:
             return None
         return (self.end - self.chunks[0][0]) / (n - 1)
 
 
-def percentile(values: Iterable[float], q: float) -> Optional[float]:
+def percentile(values: Iterable[float], q: float) -> float | None:
     """The q-th percentile (0..100), linear interpolation between closest ranks; None when empty."""
     xs = sorted(values)
     if not xs:
@@ -113,7 +114,7 @@ def summarize(timings: list[RequestTiming], wall_time: float) -> dict:
     }
 
 
-def peak_gpu_memory() -> Optional[dict]:
+def peak_gpu_memory() -> dict | None:
     """Peak bytes torch allocated on each visible CUDA device of this process (None without CUDA)."""
     try:
         import torch
@@ -122,7 +123,9 @@ def peak_gpu_memory() -> Optional[dict]:
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
     per = [torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())]
-    return {"max_allocated_bytes": max(per), "max_allocated_gib": max(per) / 2**30,
-            "max_reserved_gib": max(torch.cuda.max_memory_reserved(i)
-                                    for i in range(torch.cuda.device_count())) / 2**30,
-            "per_device_gib": [p / 2**30 for p in per]}
+    return {
+        "max_allocated_bytes": max(per),
+        "max_allocated_gib": max(per) / 2**30,
+        "max_reserved_gib": max(torch.cuda.max_memory_reserved(i) for i in range(torch.cuda.device_count())) / 2**30,
+        "per_device_gib": [p / 2**30 for p in per],
+    }

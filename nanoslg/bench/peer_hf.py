@@ -8,13 +8,13 @@ batched `generate` (left-padded batches of bench.extra.hf_batch_size; throughput
 The model is the same checkpoint (or, for load_format=dummy, the same config with random weights:
 with EOS ignored the values do not change the work) in the same dtype on the same device.
 """
+
 from __future__ import annotations
 
 import inspect
 import logging
 import os
 import time
-from typing import Optional
 
 from nanoslg.bench.metrics import RequestTiming, summarize
 from nanoslg.bench.workloads import BenchRequest
@@ -56,8 +56,9 @@ def _accepts(fn, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def run_continuous(model, requests: list[BenchRequest], warmup: int = 1, progress: bool = True,
-                   timeout_s: float = 3600.0) -> tuple[list[RequestTiming], float]:
+def run_continuous(
+    model, requests: list[BenchRequest], warmup: int = 1, progress: bool = True, timeout_s: float = 3600.0
+) -> tuple[list[RequestTiming], float]:
     """Runs every request through transformers' continuous batching manager; returns timings, wall."""
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
@@ -123,8 +124,9 @@ def _collect(manager, ids: set, bar, timeout_s: float) -> dict:
     return out
 
 
-def run_generate(model, requests: list[BenchRequest], batch_size: int = 32,
-                 progress: bool = True) -> tuple[list[RequestTiming], float]:
+def run_generate(
+    model, requests: list[BenchRequest], batch_size: int = 32, progress: bool = True
+) -> tuple[list[RequestTiming], float]:
     """Plain batched generate (no continuous batching): throughput only, TTFT = e2e."""
     import torch
     from tqdm.auto import tqdm
@@ -133,18 +135,24 @@ def run_generate(model, requests: list[BenchRequest], batch_size: int = 32,
     timings = [RequestTiming(len(r.prompt)) for r in requests]
     start = time.perf_counter()
     for lo in tqdm(range(0, len(requests), batch_size), desc="transformers generate", disable=not progress):
-        batch = requests[lo:lo + batch_size]
+        batch = requests[lo : lo + batch_size]
         width = max(len(r.prompt) for r in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
         mask = torch.zeros_like(ids)
         for i, r in enumerate(batch):  # left padding, so every row's last prompt token lines up
-            ids[i, width - len(r.prompt):] = torch.tensor(r.prompt, device=device)
-            mask[i, width - len(r.prompt):] = 1
+            ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt, device=device)
+            mask[i, width - len(r.prompt) :] = 1
         new = max(r.max_tokens for r in batch)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                           do_sample=False, pad_token_id=0)
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t1 = time.perf_counter()
@@ -156,9 +164,19 @@ def run_generate(model, requests: list[BenchRequest], batch_size: int = 32,
     return timings, time.perf_counter() - start
 
 
-def run_peer(path: str, dtype: str, device: str, dummy: bool, requests: list[BenchRequest], *,
-             seed: int = 0, warmup: int = 1, batch_size: int = 32, method: Optional[str] = None,
-             progress: bool = True) -> dict:
+def run_peer(
+    path: str,
+    dtype: str,
+    device: str,
+    dummy: bool,
+    requests: list[BenchRequest],
+    *,
+    seed: int = 0,
+    warmup: int = 1,
+    batch_size: int = 32,
+    method: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Loads the model in transformers, runs the requests, returns the same summary as NanoSLG's."""
     import transformers
 
@@ -178,7 +196,10 @@ def run_peer(path: str, dtype: str, device: str, dummy: bool, requests: list[Ben
     if not use_cb:  # a batch returns all at once: no first-token or inter-token times exist
         for key in ("ttft_ms", "itl_ms", "tpot_ms"):
             out[key] = None
-    out["method"] = "continuous batching (init_continuous_batching)" if use_cb else \
-        f"batched generate (batch {batch_size}, no continuous batching)"
+    out["method"] = (
+        "continuous batching (init_continuous_batching)"
+        if use_cb
+        else f"batched generate (batch {batch_size}, no continuous batching)"
+    )
     out["transformers"] = transformers.__version__
     return out

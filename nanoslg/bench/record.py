@@ -1,7 +1,8 @@
 """One JSON record per bench run (nanoslg/bench/aggregate.py turns a folder of them into a table and a plot).
 
-    experiments/<bench.name or workload>/records/<YYYYmmdd-HHMMSS>-<config hash>.json
+experiments/<bench.name or workload>/records/<YYYYmmdd-HHMMSS>-<config hash>.json
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -12,7 +13,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from nanoslg.core.compose import REPO_DIR
 
@@ -28,7 +29,7 @@ def config_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def hydra_overrides() -> Optional[list[str]]:
+def hydra_overrides() -> list[str] | None:
     """The command line's overrides when running inside a Hydra app (None otherwise)."""
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -41,7 +42,7 @@ def hydra_overrides() -> Optional[list[str]]:
 
 
 def git_info(repo: Path = REPO_DIR) -> dict:
-    def git(*args: str) -> Optional[str]:
+    def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
@@ -55,7 +56,7 @@ def git_info(repo: Path = REPO_DIR) -> dict:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
-def _version(module: str) -> Optional[str]:
+def _version(module: str) -> str | None:
     try:
         mod = __import__(module)
     except Exception:  # absent (flashinfer on CPU) or broken: recorded as None
@@ -91,7 +92,7 @@ def experiment_dir(bench_cfg) -> Path:
     return Path(bench_cfg.output_dir) / name
 
 
-def make_record(cfg: Any, results: dict, overrides: Optional[list[str]] = None) -> dict:
+def make_record(cfg: Any, results: dict, overrides: list[str] | None = None) -> dict:
     conf = config_dict(cfg)
     env = environment()
     return {

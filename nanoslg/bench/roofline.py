@@ -22,13 +22,14 @@ The model of a run (an estimate: it is a lower bound, not a prediction):
 
 Bandwidth and peak (`Figures`) come from nanoslg/bench/hardware.py.
 """
+
 from __future__ import annotations
 
 import json
 import os
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
 
 from nanoslg.bench.hardware import Figures
 from nanoslg.core.errors import ConfigError
@@ -98,8 +99,13 @@ def count_params(cfg: dict) -> int:
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float8_e4m3fn": 1}
 
 
-def facts_from_hf_config(cfg: dict, dtype_bytes: int, num_params: Optional[int] = None,
-                         kv_dtype_bytes: Optional[int] = None, source: str = "config.json") -> ModelFacts:
+def facts_from_hf_config(
+    cfg: dict,
+    dtype_bytes: int,
+    num_params: int | None = None,
+    kv_dtype_bytes: int | None = None,
+    source: str = "config.json",
+) -> ModelFacts:
     c = hf_text_config(cfg)
     nq = c["num_attention_heads"]
     nkv = c.get("num_key_value_heads") or nq
@@ -107,8 +113,13 @@ def facts_from_hf_config(cfg: dict, dtype_bytes: int, num_params: Optional[int] 
     kvb = kv_dtype_bytes or dtype_bytes
     return ModelFacts(
         num_params=num_params if num_params is not None else count_params(cfg),
-        dtype_bytes=dtype_bytes, num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
-        vocab_size=c["vocab_size"], num_heads=nq, num_kv_heads=nkv, head_dim=hd,
+        dtype_bytes=dtype_bytes,
+        num_layers=c["num_hidden_layers"],
+        hidden_size=c["hidden_size"],
+        vocab_size=c["vocab_size"],
+        num_heads=nq,
+        num_kv_heads=nkv,
+        head_dim=hd,
         tied_embeddings=bool(c.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))),
         kv_bytes_per_token=2 * c["num_hidden_layers"] * nkv * hd * kvb,
         source=source + ("" if num_params is not None else " (parameters counted from the shapes)"),
@@ -120,14 +131,20 @@ def facts_from_engine(engine) -> ModelFacts:
     info = getattr(engine, "info", {}) or {}
     path = info.get("path")
     if not path or not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError("the engine does not say where its checkpoint is (engine.info['path']); "
-                          "the roofline needs the model's shape")
+        raise ConfigError(
+            "the engine does not say where its checkpoint is (engine.info['path']); "
+            "the roofline needs the model's shape"
+        )
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     dtype_bytes = DTYPE_BYTES.get(str(info.get("dtype", "bfloat16")), 2)
     num_params = info.get("num_params")  # counted from the loaded parameters when the builder gives it
-    facts = facts_from_hf_config(cfg, dtype_bytes, num_params, source=f"{path}/config.json"
-                                 + (" + engine.info['num_params']" if num_params else ""))
+    facts = facts_from_hf_config(
+        cfg,
+        dtype_bytes,
+        num_params,
+        source=f"{path}/config.json" + (" + engine.info['num_params']" if num_params else ""),
+    )
     if info.get("kv_bytes_per_token"):
         facts.kv_bytes_per_token = int(info["kv_bytes_per_token"])
     return facts
@@ -150,9 +167,17 @@ class _Sim:
     produced: int = 0
 
 
-def simulate(requests: Sequence[tuple[int, int]], facts: ModelFacts, *, max_num_seqs: int,
-             max_num_batched_tokens: int, kv_capacity_tokens: Optional[int] = None,
-             shared_prefix_len: int = 0, prefix_caching: bool = False, cascade: bool = False) -> list[StepLoad]:
+def simulate(
+    requests: Sequence[tuple[int, int]],
+    facts: ModelFacts,
+    *,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    kv_capacity_tokens: int | None = None,
+    shared_prefix_len: int = 0,
+    prefix_caching: bool = False,
+    cascade: bool = False,
+) -> list[StepLoad]:
     """Bytes and FLOPs of every step for requests given as (prompt tokens, output tokens). With prefix
     caching and cascade attention, a decode step of sequences that all share the cached prefix reads
     that prefix once (as the engine does: nanoslg/cache/cascade.py)."""
@@ -202,12 +227,20 @@ def simulate(requests: Sequence[tuple[int, int]], facts: ModelFacts, *, max_num_
             running.append(r)
             used += r.ctx + n
             run(r, n)
-        if (cascade and prefix_caching and shared_prefix_len >= MIN_SHARED_TOKENS and decodes == tokens
-                and decodes >= MIN_BATCH):
+        if (
+            cascade
+            and prefix_caching
+            and shared_prefix_len >= MIN_SHARED_TOKENS
+            and decodes == tokens
+            and decodes >= MIN_BATCH
+        ):
             kv_read -= (decodes - 1) * shared_prefix_len
         nbytes = facts.weight_bytes_per_step + (kv_read + kv_write) * facts.kv_bytes_per_token
-        flops = (2 * facts.body_params * tokens + 2 * facts.vocab_size * facts.hidden_size * sampled
-                 + attn_flops_per_pair * pairs)
+        flops = (
+            2 * facts.body_params * tokens
+            + 2 * facts.vocab_size * facts.hidden_size * sampled
+            + attn_flops_per_pair * pairs
+        )
         steps.append(StepLoad(nbytes, flops, tokens, decodes))
         running = [r for r in running if r.produced < r.output]
     return steps
@@ -234,7 +267,7 @@ def roofline(steps: Sequence[StepLoad], figures: Figures, facts: ModelFacts) -> 
     }
 
 
-def fraction_of_limit(limit_s: float, measured_s: float) -> Optional[float]:
+def fraction_of_limit(limit_s: float, measured_s: float) -> float | None:
     """How close a run came to the limit: 1.0 means it ran at the limit."""
     return limit_s / measured_s if measured_s > 0 else None
 
@@ -247,7 +280,7 @@ def decode_bytes(facts: ModelFacts, prompt_len: int, output_len: int) -> float:
     return steps * facts.weight_bytes_per_step + kv_tokens * facts.kv_bytes_per_token
 
 
-def mbu(facts: ModelFacts, figures: Figures, prompt_len: int, output_len: int, decode_time_s: float) -> Optional[float]:
+def mbu(facts: ModelFacts, figures: Figures, prompt_len: int, output_len: int, decode_time_s: float) -> float | None:
     """Model-bandwidth utilization of a batch-1 decode: bytes moved per second over the bandwidth."""
     if decode_time_s <= 0 or output_len < 2:
         return None

@@ -7,11 +7,11 @@ Engine workloads (offline, batch1, shared_prefix) build the engine in this proce
 through `engine.add_request` streams on one asyncio loop (here). The serving workload talks HTTP to the
 OpenAI endpoint (serving.py). What both sessions share is in session.py; the printed report in report.py.
 """
+
 from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
 
 from nanoslg.bench import roofline as rl
 from nanoslg.bench.aggregate import aggregate
@@ -20,8 +20,7 @@ from nanoslg.bench.metrics import RequestTiming, peak_gpu_memory, summarize
 from nanoslg.bench.record import experiment_dir, make_record, write_record
 from nanoslg.bench.report import format_report
 from nanoslg.bench.serving import run_http
-from nanoslg.bench.session import (EXTRA_DEFAULTS, extra, kv_pool, model_facts, run_roofline, timed_run,
-                                   warm_up)
+from nanoslg.bench.session import EXTRA_DEFAULTS, extra, kv_pool, model_facts, run_roofline, timed_run, warm_up
 from nanoslg.bench.workloads import BenchRequest, engine_requests, get_workload
 from nanoslg.core.config import Config
 from nanoslg.core.errors import ConfigError
@@ -36,12 +35,15 @@ def run_bench(cfg: Config, node=None) -> dict:
     """Runs cfg.bench.workload, prints the report, writes the record; returns the results."""
     unknown = set(cfg.bench.extra or {}) - set(EXTRA_DEFAULTS)
     if unknown:
-        raise ConfigError(f"bench.extra.{sorted(unknown)[0]} is not a known key; allowed: "
-                          f"{', '.join(sorted(EXTRA_DEFAULTS))}")
+        raise ConfigError(
+            f"bench.extra.{sorted(unknown)[0]} is not a known key; allowed: {', '.join(sorted(EXTRA_DEFAULTS))}"
+        )
     wl = get_workload(cfg.bench.workload)
     if cfg.bench.peer == "hf" and wl.transport != "engine":
-        raise ConfigError(f"bench.peer=hf runs engine workloads (offline, batch1, shared_prefix); "
-                          f"bench.workload={cfg.bench.workload!r} goes over HTTP")
+        raise ConfigError(
+            f"bench.peer=hf runs engine workloads (offline, batch1, shared_prefix); "
+            f"bench.workload={cfg.bench.workload!r} goes over HTTP"
+        )
     figures = _figures(cfg)
     if wl.transport == "http":
         results = run_http(cfg, wl, figures)
@@ -63,7 +65,7 @@ def run_bench(cfg: Config, node=None) -> dict:
 
 
 # -- hardware figures --------------------------------------------------------------------------
-def _figures(cfg: Config) -> Optional[Figures]:
+def _figures(cfg: Config) -> Figures | None:
     """Taken before the engine exists: a measured copy needs memory the KV pool would hold."""
     import torch
 
@@ -72,8 +74,15 @@ def _figures(cfg: Config) -> Optional[Figures]:
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("float32" if dev == "cpu" else "bfloat16")
     n = cfg.parallel.tp_size * cfg.parallel.pp_size if dev == "cuda" else 1
     try:
-        return resolve_figures(dev, name, dtype, n, bandwidth=str(extra(cfg, "bandwidth")),
-                               bandwidth_tbs=extra(cfg, "bandwidth_tbs"), peak_tflops=extra(cfg, "peak_tflops"))
+        return resolve_figures(
+            dev,
+            name,
+            dtype,
+            n,
+            bandwidth=str(extra(cfg, "bandwidth")),
+            bandwidth_tbs=extra(cfg, "bandwidth_tbs"),
+            peak_tflops=extra(cfg, "peak_tflops"),
+        )
     except ConfigError:
         raise
     except Exception as e:  # a roofline is a nicety; the run goes on without it
@@ -85,19 +94,22 @@ def _figures(cfg: Config) -> Optional[Figures]:
 def _sampling(cfg: Config, max_tokens: int):
     from nanoslg.core.sampling_params import SamplingParams
 
-    return SamplingParams(max_tokens=max_tokens, temperature=float(extra(cfg, "temperature")),
-                          ignore_eos=cfg.bench.ignore_eos)
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=float(extra(cfg, "temperature")), ignore_eos=cfg.bench.ignore_eos
+    )
 
 
 def _check_lengths(reqs: list[BenchRequest], max_model_len: int) -> None:
     worst = max(len(r.prompt) + r.max_tokens for r in reqs)
     if worst > max_model_len:
-        raise ConfigError(f"the longest bench request needs {worst} tokens (prompt + output) but the model's "
-                          f"context is {max_model_len}; lower bench.input_len_max / bench.output_len_max / "
-                          "bench.shared_prefix_len, or raise model.max_model_len")
+        raise ConfigError(
+            f"the longest bench request needs {worst} tokens (prompt + output) but the model's "
+            f"context is {max_model_len}; lower bench.input_len_max / bench.output_len_max / "
+            "bench.shared_prefix_len, or raise model.max_model_len"
+        )
 
 
-def _run_engine(cfg: Config, figures: Optional[Figures]) -> dict:
+def _run_engine(cfg: Config, figures: Figures | None) -> dict:
     from nanoslg.engine.builder import build_engine
 
     engine = build_engine(cfg)
@@ -107,7 +119,7 @@ def _run_engine(cfg: Config, figures: Optional[Figures]) -> dict:
         _check_lengths(reqs, engine.max_model_len)
         timings, wall, cascade_steps = loop.run_until_complete(_engine_session(cfg, engine, reqs))
         info = dict(getattr(engine, "info", {}) or {})
-        facts = model_facts(lambda: rl.facts_from_engine(engine))
+        facts = model_facts(lambda e=engine: rl.facts_from_engine(e))
         m = engine.metrics
         results = summarize(timings, wall)
         results["engine"] = {
@@ -119,12 +131,21 @@ def _run_engine(cfg: Config, figures: Optional[Figures]) -> dict:
             # Decode steps that ran cascade attention over a prefix every sequence shared.
             "cascade_steps": cascade_steps,
         }
-        results["kv_pool"] = kv_pool(getattr(engine, "kv_capacity_tokens", None), getattr(engine, "kv_pool_bytes", None))
+        results["kv_pool"] = kv_pool(
+            getattr(engine, "kv_capacity_tokens", None), getattr(engine, "kv_pool_bytes", None)
+        )
         results["peak_gpu_memory"] = peak_gpu_memory()
-        results["roofline"] = run_roofline(cfg, reqs, timings, wall, facts, figures,
-                                           kv_capacity=getattr(engine, "kv_capacity_tokens", None),
-                                           prefix_caching=bool(info.get("prefix_caching", cfg.cache.prefix_caching)),
-                                           cascade=bool(info.get("cascade_attention")))
+        results["roofline"] = run_roofline(
+            cfg,
+            reqs,
+            timings,
+            wall,
+            facts,
+            figures,
+            kv_capacity=getattr(engine, "kv_capacity_tokens", None),
+            prefix_caching=bool(info.get("prefix_caching", cfg.cache.prefix_caching)),
+            cascade=bool(info.get("cascade_attention")),
+        )
         peer_where = (info.get("path"), info.get("dtype"), info.get("device"))
     finally:
         try:
@@ -162,16 +183,26 @@ async def _engine_session(cfg: Config, engine, reqs: list[BenchRequest]) -> tupl
     return timings, wall, engine.cascade_steps - cascade_before
 
 
-def _run_peer(cfg: Config, reqs: list[BenchRequest], results: dict, path: Optional[str],
-              dtype: Optional[str], device: Optional[str]) -> dict:
+def _run_peer(
+    cfg: Config, reqs: list[BenchRequest], results: dict, path: str | None, dtype: str | None, device: str | None
+) -> dict:
     from nanoslg.bench.peer_hf import run_peer
 
     if not path:
         raise ConfigError("bench.peer=hf needs the engine's checkpoint folder (engine.info['path'])")
     log.info("running the same %d requests through transformers", len(reqs))
-    peer = run_peer(path, dtype or "float32", device or "cpu", cfg.model.load_format == "dummy", reqs,
-                    seed=cfg.model.seed, warmup=cfg.bench.warmup, batch_size=int(extra(cfg, "hf_batch_size")),
-                    method=str(extra(cfg, "hf_method")), progress=bool(extra(cfg, "progress")))
+    peer = run_peer(
+        path,
+        dtype or "float32",
+        device or "cpu",
+        cfg.model.load_format == "dummy",
+        reqs,
+        seed=cfg.model.seed,
+        warmup=cfg.bench.warmup,
+        batch_size=int(extra(cfg, "hf_batch_size")),
+        method=str(extra(cfg, "hf_method")),
+        progress=bool(extra(cfg, "progress")),
+    )
     ours, theirs = results["output_tok_s"], peer["output_tok_s"]
     peer["speedup_output_tok_s"] = ours / theirs if theirs else None
     return peer

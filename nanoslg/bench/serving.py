@@ -5,6 +5,7 @@ The server is `bench.extra.url` when given, else `python run.py mode=serve` star
 `ServerProcess` on a free loopback port with this run's model/cache/scheduler/parallel/server config.
 `ServerProcess` is also how the server tests (tests/test_server*.py) run the server.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from nanoslg.bench import roofline as rl
 from nanoslg.bench.hardware import Figures
@@ -73,18 +75,24 @@ class ServerProcess:
     needs log_level INFO or DEBUG).
     """
 
-    def __init__(self, overrides: Sequence[str], start_timeout: float = 900.0, url: Optional[str] = None,
-                 env: Optional[dict] = None, keep_log: bool = False):
+    def __init__(
+        self,
+        overrides: Sequence[str],
+        start_timeout: float = 900.0,
+        url: str | None = None,
+        env: dict | None = None,
+        keep_log: bool = False,
+    ):
         self.overrides = list(overrides)
         self.start_timeout = start_timeout
         self.url = url
         self.env = dict(env or {})  # on top of this process's environment
         self.keep_log = keep_log  # else stop() keeps the output in memory and leaves nothing in /tmp
-        self.proc: Optional[subprocess.Popen] = None
-        self.log_path: Optional[str] = None
-        self.final_output: Optional[str] = None
-        self.spawned: Optional[float] = None  # perf_counter at the spawn: cold start counts from here
-        self.ready_s: Optional[float] = None  # spawn to the first /health 200
+        self.proc: subprocess.Popen | None = None
+        self.log_path: str | None = None
+        self.final_output: str | None = None
+        self.spawned: float | None = None  # perf_counter at the spawn: cold start counts from here
+        self.ready_s: float | None = None  # spawn to the first /health 200
 
     def start(self) -> str:
         """Spawns the server and waits until it is ready; returns its URL. A server that exits or does
@@ -103,8 +111,9 @@ class ServerProcess:
             while True:
                 if self.proc.poll() is not None:
                     self.stop()
-                    raise RuntimeError(f"the server exited with code {self.proc.returncode} before it was "
-                                       f"ready:\n{self.tail()}")
+                    raise RuntimeError(
+                        f"the server exited with code {self.proc.returncode} before it was ready:\n{self.tail()}"
+                    )
                 url = self.url or self._logged_url()
                 if url:
                     try:
@@ -116,11 +125,12 @@ class ServerProcess:
                         pass
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise TimeoutError(f"the server did not answer /health within {self.start_timeout:.0f} s:"
-                                       f"\n{self.tail()}")
+                    raise TimeoutError(
+                        f"the server did not answer /health within {self.start_timeout:.0f} s:\n{self.tail()}"
+                    )
                 time.sleep(0.2)
 
-    def _logged_url(self) -> Optional[str]:
+    def _logged_url(self) -> str | None:
         m = re.search(r"serving model .* at (http://(?:[\d.]+|\[[\da-fA-F:.]+\]):\d+)", self.output())
         return m.group(1) if m else None
 
@@ -136,7 +146,7 @@ class ServerProcess:
     def tail(self, n: int = 40) -> str:
         return "".join(self.output().splitlines(keepends=True)[-n:])
 
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 60.0) -> Optional[int]:
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60.0) -> int | None:
         """Sends `sig` (on SIGINT or SIGTERM the server drains and exits 0) and kills the server if it
         has not exited after `timeout` s; returns its exit code (None if it never started)."""
         if self.proc is None:
@@ -158,11 +168,16 @@ def _start_server(cfg: Config) -> ServerProcess:
     """`run.py mode=serve` with this run's config on a free loopback port, ready (its log stays on disk)."""
     run_py = REPO_DIR / "run.py"
     if not run_py.exists():
-        raise ConfigError(f"bench.workload=serving starts {run_py}, which is missing; "
-                          "or give bench.extra.url of a running server")
+        raise ConfigError(
+            f"bench.workload=serving starts {run_py}, which is missing; or give bench.extra.url of a running server"
+        )
     port = free_port()
-    server = ServerProcess(server_overrides(config_dict(cfg), "127.0.0.1", port),
-                           float(extra(cfg, "server_start_timeout")), url=f"http://127.0.0.1:{port}", keep_log=True)
+    server = ServerProcess(
+        server_overrides(config_dict(cfg), "127.0.0.1", port),
+        float(extra(cfg, "server_start_timeout")),
+        url=f"http://127.0.0.1:{port}",
+        keep_log=True,
+    )
     try:
         server.start()
     except TimeoutError as e:
@@ -190,7 +205,7 @@ def _checkpoint_space(cfg: Config) -> tuple[TokenSpace, dict, str]:
     return token_space(text["vocab_size"], tokenizer, eos_ids), conf, ckpt.path
 
 
-def run_http(cfg: Config, wl, figures: Optional[Figures]) -> dict:
+def run_http(cfg: Config, wl, figures: Figures | None) -> dict:
     """The serving workload's run: its requests against the server, summarized and set against the roofline."""
     url = extra(cfg, "url")
     space, model_conf, path = _checkpoint_space(cfg)
@@ -202,15 +217,22 @@ def run_http(cfg: Config, wl, figures: Optional[Figures]) -> dict:
     try:
         timings, wall, served = asyncio.run(_http_session(cfg, url.rstrip("/"), reqs))
         first = served.get("first_token_at")
-        cold = {"server_ready_s": server.ready_s, "first_token_s": first - server.spawned if first else None} \
-            if server is not None else None
+        cold = (
+            {"server_ready_s": server.ready_s, "first_token_s": first - server.spawned if first else None}
+            if server is not None
+            else None
+        )
     finally:
         code = server.stop() if server is not None else None
         if server is not None and code not in (0, None):
             log.warning("the server exited with code %s; its log tail:\n%s", code, server.tail())
     results = summarize(timings, wall)
-    results["server"] = {"url": url, "started_here": server is not None, "model": served.get("model"),
-                         "version": served.get("version")}
+    results["server"] = {
+        "url": url,
+        "started_here": server is not None,
+        "model": served.get("model"),
+        "version": served.get("version"),
+    }
     # Cold start: spawning `run.py mode=serve` (weights, KV pool, graph capture, warm JIT cache) to the
     # first streamed token of the first (warm-up) request.
     results["cold_start"] = cold
@@ -218,17 +240,40 @@ def run_http(cfg: Config, wl, figures: Optional[Figures]) -> dict:
     # The engine runs in the server's process: pool size and peak memory only if /version reports them.
     results["kv_pool"] = kv_pool(ver.get("kv_capacity_tokens"), ver.get("kv_pool_bytes"))
     peak = ver.get("peak_gpu_memory_bytes")
-    results["peak_gpu_memory"] = {"max_allocated_bytes": peak, "max_allocated_gib": peak / 2**30,
-                                  "max_reserved_gib": None, "source": "server /version"} if peak else None
+    results["peak_gpu_memory"] = (
+        {
+            "max_allocated_bytes": peak,
+            "max_allocated_gib": peak / 2**30,
+            "max_reserved_gib": None,
+            "source": "server /version",
+        }
+        if peak
+        else None
+    )
     # TTFT and ITL are per SSE chunk; they are per token only if the server sends one chunk per step.
     chunks = sum(len(t.chunks) for t in timings if t.ok)
     results["stream_chunks"] = chunks
-    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else (
-        "float32" if figures is not None and figures.device_name == "CPU" else "bfloat16")
-    facts = model_facts(lambda: rl.facts_from_hf_config(model_conf, rl.DTYPE_BYTES.get(dtype, 2),
-                                                        source=f"{path}/config.json ({dtype}, assumed)"))
-    results["roofline"] = run_roofline(cfg, reqs, timings, wall, facts, figures, ver.get("kv_capacity_tokens"),
-                                       cfg.cache.prefix_caching, cfg.cache.cascade_attention)
+    dtype = (
+        cfg.model.dtype
+        if cfg.model.dtype != "auto"
+        else ("float32" if figures is not None and figures.device_name == "CPU" else "bfloat16")
+    )
+    facts = model_facts(
+        lambda: rl.facts_from_hf_config(
+            model_conf, rl.DTYPE_BYTES.get(dtype, 2), source=f"{path}/config.json ({dtype}, assumed)"
+        )
+    )
+    results["roofline"] = run_roofline(
+        cfg,
+        reqs,
+        timings,
+        wall,
+        facts,
+        figures,
+        ver.get("kv_capacity_tokens"),
+        cfg.cache.prefix_caching,
+        cfg.cache.cascade_attention,
+    )
     return results
 
 
@@ -238,8 +283,9 @@ async def _http_session(cfg: Config, url: str, reqs: list[BenchRequest]) -> tupl
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the report
     headers = {"Authorization": f"Bearer {cfg.server.api_key}"} if cfg.server.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(None), limits=limits,
-                                 trust_env=False) as client:
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=httpx.Timeout(None), limits=limits, trust_env=False
+    ) as client:
         served: dict = {}
         r = await client.get("/v1/models")
         r.raise_for_status()
@@ -253,9 +299,15 @@ async def _http_session(cfg: Config, url: str, reqs: list[BenchRequest]) -> tupl
             served["version"] = None
 
         async def send(i: int, req: BenchRequest, t: RequestTiming) -> None:
-            body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens,
-                    "temperature": float(extra(cfg, "temperature")), "ignore_eos": cfg.bench.ignore_eos,
-                    "stream": True, "stream_options": {"include_usage": True}}
+            body = {
+                "model": model,
+                "prompt": req.prompt,
+                "max_tokens": req.max_tokens,
+                "temperature": float(extra(cfg, "temperature")),
+                "ignore_eos": cfg.bench.ignore_eos,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             t.arrival = time.perf_counter()
             try:
                 async with client.stream("POST", "/v1/completions", json=body) as resp:

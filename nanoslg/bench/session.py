@@ -1,12 +1,14 @@
 """What the engine session (runner.py) and the HTTP session (serving.py) share: the bench.extra
 options, `drive` (each request at its arrival offset, at most bench.concurrency in flight), the
 warm-up and the timed run, and the roofline of what a run produced."""
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable, Optional
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from nanoslg.bench import roofline as rl
 from nanoslg.bench.hardware import Figures
@@ -40,8 +42,9 @@ def extra(cfg: Config, key: str) -> Any:
 Send = Callable[[int, BenchRequest, RequestTiming], Awaitable[None]]
 
 
-async def drive(reqs: list[BenchRequest], send: Send, concurrency: Optional[int] = None,
-                progress: bool = True, desc: str = "bench") -> tuple[list[RequestTiming], float]:
+async def drive(
+    reqs: list[BenchRequest], send: Send, concurrency: int | None = None, progress: bool = True, desc: str = "bench"
+) -> tuple[list[RequestTiming], float]:
     """Sends each request at its arrival offset (at most `concurrency` in flight); returns timings, wall."""
     from tqdm.auto import tqdm
 
@@ -84,19 +87,20 @@ async def warm_up(cfg: Config, reqs: list[BenchRequest], send: Send) -> list[Req
 
 async def timed_run(cfg: Config, reqs: list[BenchRequest], send: Send) -> tuple[list[RequestTiming], float]:
     """The measured run of the workload's requests; a run in which every request failed stops here."""
-    timings, wall = await drive(reqs, send, cfg.bench.concurrency, bool(extra(cfg, "progress")),
-                                desc=f"nanoslg {cfg.bench.workload}")
+    timings, wall = await drive(
+        reqs, send, cfg.bench.concurrency, bool(extra(cfg, "progress")), desc=f"nanoslg {cfg.bench.workload}"
+    )
     if timings and all(t.error for t in timings):
         raise RuntimeError(f"every bench request failed; the first: {timings[0].error}")
     return timings, wall
 
 
 # -- what a run produced, against its roofline ---------------------------------------------------
-def kv_pool(tokens: Optional[int], nbytes: Optional[int]) -> dict:
+def kv_pool(tokens: int | None, nbytes: int | None) -> dict:
     return {"tokens": tokens, "bytes": nbytes, "gib": (nbytes / 2**30) if nbytes else None}
 
 
-def model_facts(make: Callable[[], rl.ModelFacts]) -> Optional[rl.ModelFacts]:
+def model_facts(make: Callable[[], rl.ModelFacts]) -> rl.ModelFacts | None:
     try:
         return make()
     except Exception as e:  # an unusual config.json: the run still reports, without a roofline
@@ -104,18 +108,32 @@ def model_facts(make: Callable[[], rl.ModelFacts]) -> Optional[rl.ModelFacts]:
         return None
 
 
-def run_roofline(cfg: Config, reqs: list[BenchRequest], timings: list[RequestTiming], wall: float,
-                 facts: Optional[rl.ModelFacts], figures: Optional[Figures], kv_capacity: Optional[int],
-                 prefix_caching: bool, cascade: bool = False) -> Optional[dict]:
+def run_roofline(
+    cfg: Config,
+    reqs: list[BenchRequest],
+    timings: list[RequestTiming],
+    wall: float,
+    facts: rl.ModelFacts | None,
+    figures: Figures | None,
+    kv_capacity: int | None,
+    prefix_caching: bool,
+    cascade: bool = False,
+) -> dict | None:
     """The run set against its roofline (None without the model's shape or the hardware figures)."""
     if facts is None or figures is None:
         return None
     # What was actually produced (EOS may end requests early when bench.ignore_eos=false).
     shape = [(len(r.prompt), t.num_output if t.ok else r.max_tokens) for r, t in zip(reqs, timings)]
-    steps = rl.simulate(shape, facts, max_num_seqs=cfg.scheduler.max_num_seqs,
-                        max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
-                        kv_capacity_tokens=kv_capacity, shared_prefix_len=cfg.bench.shared_prefix_len,
-                        prefix_caching=prefix_caching, cascade=cascade)
+    steps = rl.simulate(
+        shape,
+        facts,
+        max_num_seqs=cfg.scheduler.max_num_seqs,
+        max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
+        kv_capacity_tokens=kv_capacity,
+        shared_prefix_len=cfg.bench.shared_prefix_len,
+        prefix_caching=prefix_caching,
+        cascade=cascade,
+    )
     out = rl.roofline(steps, figures, facts)
     last_arrival = max((r.arrival for r in reqs), default=0.0)
     if last_arrival > out["limit_s"]:  # Poisson arrivals: nothing finishes before it has arrived
@@ -127,8 +145,10 @@ def run_roofline(cfg: Config, reqs: list[BenchRequest], timings: list[RequestTim
     out["percent_of_limit"] = 100 * frac if frac is not None else None
     out_tokens = sum(s[1] for s in shape)
     out["limit_output_tok_s"] = out_tokens / out["limit_s"] if out["limit_s"] > 0 else None
-    out["model_note"] = ("per step: weights once + KV of each attended key, max(bytes/BW, FLOPs/peak); "
-                         "batch shape simulated from scheduler.max_num_seqs / max_num_batched_tokens")
+    out["model_note"] = (
+        "per step: weights once + KV of each attended key, max(bytes/BW, FLOPs/peak); "
+        "batch shape simulated from scheduler.max_num_seqs / max_num_batched_tokens"
+    )
     if len(reqs) == 1 and timings[0].ok and timings[0].num_output >= 2:
         t = timings[0]
         decode_s = t.end - t.chunks[0][0]
@@ -136,6 +156,7 @@ def run_roofline(cfg: Config, reqs: list[BenchRequest], timings: list[RequestTim
         util = rl.mbu(facts, figures, len(reqs[0].prompt), t.num_output, decode_s)
         out["mbu_percent"] = 100 * util if util is not None else None
         steps_d = t.num_output - 1
-        out["decode_limit_tok_s"] = steps_d / (rl.decode_bytes(facts, len(reqs[0].prompt), t.num_output)
-                                               / figures.bandwidth)
+        out["decode_limit_tok_s"] = steps_d / (
+            rl.decode_bytes(facts, len(reqs[0].prompt), t.num_output) / figures.bandwidth
+        )
     return out

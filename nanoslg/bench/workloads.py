@@ -10,10 +10,11 @@ Every number comes from `cfg.bench` (conf/bench/<workload>.yaml sets them):
                   in flight.
 Token ids are drawn with numpy's PCG64 from bench.seed, so a run's prompts are the same everywhere.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 
