@@ -131,21 +131,14 @@ def _run_engine(cfg: Config, figures: Figures | None) -> dict:
             # Decode steps that ran cascade attention over a prefix every sequence shared.
             "cascade_steps": cascade_steps,
         }
-        results["kv_pool"] = kv_pool(
-            getattr(engine, "kv_capacity_tokens", None), getattr(engine, "kv_pool_bytes", None)
-        )
+        results["kv_pool"] = kv_pool(engine.kv_capacity_tokens, engine.kv_pool_bytes)
         results["peak_gpu_memory"] = peak_gpu_memory()
-        results["roofline"] = run_roofline(
-            cfg,
-            reqs,
-            timings,
-            wall,
-            facts,
-            figures,
-            kv_capacity=getattr(engine, "kv_capacity_tokens", None),
-            prefix_caching=bool(info.get("prefix_caching", cfg.cache.prefix_caching)),
-            cascade=bool(info.get("cascade_attention")),
+        kv = (
+            engine.kv_capacity_tokens,
+            info.get("prefix_caching", cfg.cache.prefix_caching),
+            info.get("cascade_attention"),
         )
+        results["roofline"] = run_roofline(cfg, reqs, timings, wall, facts, figures, *kv)
         peer_where = (info.get("path"), info.get("dtype"), info.get("device"))
     finally:
         try:

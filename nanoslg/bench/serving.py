@@ -263,17 +263,8 @@ def run_http(cfg: Config, wl, figures: Figures | None) -> dict:
             model_conf, rl.DTYPE_BYTES.get(dtype, 2), source=f"{path}/config.json ({dtype}, assumed)"
         )
     )
-    results["roofline"] = run_roofline(
-        cfg,
-        reqs,
-        timings,
-        wall,
-        facts,
-        figures,
-        ver.get("kv_capacity_tokens"),
-        cfg.cache.prefix_caching,
-        cfg.cache.cascade_attention,
-    )
+    kv = (ver.get("kv_capacity_tokens"), cfg.cache.prefix_caching, cfg.cache.cascade_attention)
+    results["roofline"] = run_roofline(cfg, reqs, timings, wall, facts, figures, *kv)
     return results
 
 

@@ -116,8 +116,8 @@ def run_roofline(
     facts: rl.ModelFacts | None,
     figures: Figures | None,
     kv_capacity: int | None,
-    prefix_caching: bool,
-    cascade: bool = False,
+    prefix_caching: bool | None,
+    cascade: bool | None = False,
 ) -> dict | None:
     """The run set against its roofline (None without the model's shape or the hardware figures)."""
     if facts is None or figures is None:
@@ -131,8 +131,8 @@ def run_roofline(
         max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
         kv_capacity_tokens=kv_capacity,
         shared_prefix_len=cfg.bench.shared_prefix_len,
-        prefix_caching=prefix_caching,
-        cascade=cascade,
+        prefix_caching=bool(prefix_caching),
+        cascade=bool(cascade),
     )
     out = rl.roofline(steps, figures, facts)
     last_arrival = max((r.arrival for r in reqs), default=0.0)

@@ -52,6 +52,7 @@ class CacheBackend(ABC):
     def __init__(self, spec: KVSpec, page_size: int):
         self.spec = spec
         self.page_size = page_size
+        self.scale = spec.head_dim**-0.5  # softmax scale of every attention kernel
 
     @abstractmethod
     def allocate(self, num_pages: int) -> None:

@@ -18,6 +18,8 @@ flashinfer is imported only when this backend is built, so CPU machines never im
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from nanoslg.cache.auto import flashinfer_status
@@ -44,39 +46,25 @@ def _import_flashinfer(device: torch.device):
     return flashinfer
 
 
+@dataclass(eq=False)
 class FlashInferContext(CacheContext):
     """One step. The kernels are planned once: in prepare when the query head count is known, else
     at the first layer's attend (from q's shape); every later layer reuses that plan."""
 
-    def __init__(
-        self,
-        backend: FlashInferBackend,
-        decode: bool,
-        csr: tuple,
-        pool: torch.Tensor,
-        positions: torch.Tensor,
-        batch_indices: torch.Tensor,
-        kv_positions: torch.Tensor,
-        kv_indices: torch.Tensor,
-        kv_indptr: torch.Tensor,
-        kv_last_page_len: torch.Tensor,
-        shared: list[int] | None = None,
-        max_q: int = 1,
-    ):
-        self.backend = backend
-        self.decode = decode
-        self.csr = csr  # cascade: each sequence's own pages only (its KV positions count from there)
-        self.shared = shared  # cascade: the pages every sequence starts with
-        self.max_q = max_q  # the most query tokens of one sequence
-        self.wrapper = None
-        self.level0 = None
-        self.pool = pool
-        self.positions = positions
-        self.batch_indices = batch_indices
-        self.kv_positions = kv_positions
-        self.kv_indices = kv_indices
-        self.kv_indptr = kv_indptr
-        self.kv_last_page_len = kv_last_page_len
+    backend: FlashInferBackend
+    decode: bool
+    csr: tuple  # cascade: each sequence's own pages only (its KV positions count from there)
+    pool: torch.Tensor
+    positions: torch.Tensor
+    batch_indices: torch.Tensor
+    kv_positions: torch.Tensor
+    kv_indices: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_last_page_len: torch.Tensor
+    shared: list[int] | None = None  # cascade: the pages every sequence starts with
+    max_q: int = 1  # the most query tokens of one sequence
+    wrapper: object = None  # planned by plan_once
+    level0: object = None
 
     def plan_once(self, num_qo_heads: int) -> None:
         if self.wrapper is None:
@@ -127,7 +115,6 @@ class FlashInferBackend(CacheBackend):
         self._shared = None  # cascade level 0, built at its first use
         self._decode_ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
         self._decode = None  # built once the GQA group size is known (tensor cores or not)
-        self.scale = spec.head_dim**-0.5
         self._plan_events: dict = {}  # wrapper -> event recorded after its last plan()
         self._graphs: FlashInferGraphs | None = None  # the CUDA-graph buffers, once init_graphs ran
 

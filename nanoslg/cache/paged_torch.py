@@ -90,7 +90,6 @@ class PagedTorchBackend(CacheBackend):
 
     def __init__(self, spec: KVSpec, page_size: int):
         super().__init__(spec, page_size)
-        self.scale = spec.head_dim**-0.5
         self.pool: torch.Tensor | None = None
 
     def allocate(self, num_pages: int) -> None:

@@ -65,12 +65,10 @@ class SdpaContext(CacheContext):
 @CACHE_BACKENDS.register("sdpa")
 class SdpaBackend(CacheBackend):
     name = "sdpa"
-    paged = False
 
     def __init__(self, spec: KVSpec, page_size: int):
         super().__init__(spec, page_size)
         self.slabs: dict[int, torch.Tensor] = {}
-        self.scale = spec.head_dim**-0.5
 
     def allocate(self, num_pages: int) -> None:
         self.capacity_tokens = num_pages * self.page_size  # slabs are allocated lazily per sequence

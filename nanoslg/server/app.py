@@ -16,9 +16,8 @@ from nanoslg import __version__
 from nanoslg.core.config import ServerConfig
 from nanoslg.server import protocol as P
 from nanoslg.server.completions import OpenAIServer
-from nanoslg.server.errors import ERROR_RESPONSES, error_response, handle_exception
+from nanoslg.server.errors import ERROR_RESPONSES, APIError, ErrorResponse, error_response, handle_exception
 from nanoslg.server.metrics import render_metrics
-from nanoslg.server.protocol import APIError
 
 
 def create_app(engine, server_cfg) -> Litestar:
@@ -39,24 +38,16 @@ def create_app(engine, server_cfg) -> Litestar:
     def models() -> P.ModelList:
         return P.ModelList([P.ModelCard(srv.model, engine.max_model_len, root=srv.model)])
 
-    @post(
-        "/completions",
-        status_code=200,
-        responses=ERROR_RESPONSES,
-        description="OpenAI completions. With `stream: true` the answer is `text/event-stream`: "
-        "`data: {chunk}` events, then `data: [DONE]`.",
-    )
+    @post("/completions", status_code=200, responses=ERROR_RESPONSES)
     async def completions(request: Request, data: P.CompletionRequest) -> Response[P.CompletionResponse]:
+        """OpenAI completions. With `stream: true` the answer is `text/event-stream`: `data: {chunk}`
+        events, then `data: [DONE]`."""
         return await srv.completions(request, data)
 
-    @post(
-        "/chat/completions",
-        status_code=200,
-        responses=ERROR_RESPONSES,
-        description="OpenAI chat completions, rendered with the checkpoint's chat template. With "
-        "`stream: true`: `data: {chunk}` events (the first carries the role), then `data: [DONE]`.",
-    )
+    @post("/chat/completions", status_code=200, responses=ERROR_RESPONSES)
     async def chat_completions(request: Request, data: P.ChatCompletionRequest) -> Response[P.ChatCompletionResponse]:
+        """OpenAI chat completions, rendered with the checkpoint's chat template. With `stream: true`:
+        `data: {chunk}` events (the first carries the role), then `data: [DONE]`."""
         return await srv.chat(request, data)
 
     v1 = Router(
@@ -68,7 +59,7 @@ def create_app(engine, server_cfg) -> Litestar:
     @get(
         "/health",
         sync_to_thread=False,
-        responses={503: ResponseSpec(P.ErrorResponse, description="The engine loop has died")},
+        responses={503: ResponseSpec(ErrorResponse, description="The engine loop has died")},
     )
     def health() -> Response[P.HealthResponse]:
         if not engine.is_alive:

@@ -7,6 +7,7 @@ Every client mistake is answered in OpenAI's error shape with a 4xx status; a cl
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from nanoslg.core.sampling_params import SamplingParams
 from nanoslg.engine.outputs import RequestOutput
 from nanoslg.engine.stream import collect
 from nanoslg.server import protocol as P
-from nanoslg.server.protocol import APIError
+from nanoslg.server.errors import APIError, error_body
 
 log = logging.getLogger("nanoslg.server")
 
@@ -279,12 +280,12 @@ class OpenAIServer:
         usage = _usage(
             sum(len(r.prompt_token_ids) for r in results), completion_tokens, sum(r.num_cached_tokens for r in results)
         )
-        return self.json(P.CompletionResponse(rid, self.model, choices, usage))
+        return self.json(P.CompletionResponse(id=rid, model=self.model, choices=choices, usage=usage))
 
     async def completion_events(
         self, rid: str, req: P.CompletionRequest, params: SamplingParams, streams: list
     ) -> AsyncIterator[bytes]:
-        created = P.now()
+        chunk = functools.partial(P.CompletionChunk, id=rid, model=self.model, created=P.now())
         n = params.n
         offsets: dict[int, int] = {}
         prompt_tokens: dict[int, int] = {}
@@ -299,7 +300,7 @@ class OpenAIServer:
                 for j in range(n):
                     lp = self.completion_logprobs([], 0, delta.prompt_token_ids) if req.logprobs is not None else None
                     offsets[i * n + j] = len(text)
-                    yield P.sse(P.CompletionChunk(rid, self.model, [P.CompletionChoice(i * n + j, text, lp)], created))
+                    yield P.sse(chunk(choices=[P.CompletionChoice(i * n + j, text, lp)]))
             for o in delta.outputs:
                 idx = i * n + o.index
                 completion_tokens += len(o.token_ids)
@@ -309,12 +310,10 @@ class OpenAIServer:
                 if req.logprobs is not None:
                     lp = self.completion_logprobs(o.logprobs or [], offsets.get(idx, 0))
                 offsets[idx] = offsets.get(idx, 0) + len(o.text)
-                yield P.sse(
-                    P.CompletionChunk(rid, self.model, [P.CompletionChoice(idx, o.text, lp, o.finish_reason)], created)
-                )
+                yield P.sse(chunk(choices=[P.CompletionChoice(idx, o.text, lp, o.finish_reason)]))
         if req.stream_options is not None and req.stream_options.include_usage:
             usage = _usage(sum(prompt_tokens.values()), completion_tokens, sum(cached.values()))
-            yield P.sse(P.CompletionChunk(rid, self.model, [], created, usage=usage))
+            yield P.sse(chunk(choices=[], usage=usage))
 
     # -- /v1/chat/completions --------------------------------------------------------------------
     async def chat(self, request: Request, req: P.ChatCompletionRequest) -> Response:
@@ -333,18 +332,23 @@ class OpenAIServer:
         choices = []
         for c in r.outputs:
             lp = self.chat_logprobs(c.logprobs or []) if req.logprobs else None
-            choices.append(P.ChatChoice(c.index, P.ChatResponseMessage("assistant", c.text), lp, c.finish_reason))
+            choices.append(
+                P.ChatChoice(
+                    index=c.index,
+                    message=P.ChatResponseMessage("assistant", c.text),
+                    logprobs=lp,
+                    finish_reason=c.finish_reason,
+                )
+            )
         usage = _usage(len(r.prompt_token_ids), sum(len(c.token_ids) for c in r.outputs), r.num_cached_tokens)
-        return self.json(P.ChatCompletionResponse(rid, self.model, choices, usage))
+        return self.json(P.ChatCompletionResponse(id=rid, model=self.model, choices=choices, usage=usage))
 
     async def chat_events(
         self, rid: str, req: P.ChatCompletionRequest, params: SamplingParams, streams: list
     ) -> AsyncIterator[bytes]:
-        created = P.now()
+        chunk = functools.partial(P.ChatCompletionChunk, id=rid, model=self.model, created=P.now())
         for j in range(params.n):  # every choice starts with the role
-            yield P.sse(
-                P.ChatCompletionChunk(rid, self.model, [P.ChatChunkChoice(j, P.DeltaMessage("assistant", ""))], created)
-            )
+            yield P.sse(chunk(choices=[P.ChatChunkChoice(index=j, delta=P.DeltaMessage("assistant", ""))]))
         prompt_tokens = cached = completion_tokens = 0
         async for _, delta in _merge(streams):
             prompt_tokens, cached = len(delta.prompt_token_ids), delta.num_cached_tokens
@@ -355,13 +359,13 @@ class OpenAIServer:
                 lp = self.chat_logprobs(o.logprobs or []) if req.logprobs else None
                 d = P.DeltaMessage(content=o.text) if o.text else P.DeltaMessage()
                 yield P.sse(
-                    P.ChatCompletionChunk(
-                        rid, self.model, [P.ChatChunkChoice(o.index, d, lp, o.finish_reason)], created
+                    chunk(
+                        choices=[P.ChatChunkChoice(index=o.index, delta=d, logprobs=lp, finish_reason=o.finish_reason)]
                     )
                 )
         if req.stream_options is not None and req.stream_options.include_usage:
             usage = _usage(prompt_tokens, completion_tokens, cached)
-            yield P.sse(P.ChatCompletionChunk(rid, self.model, [], created, usage=usage))
+            yield P.sse(chunk(choices=[], usage=usage))
 
     # -- responses -------------------------------------------------------------------------------
     @staticmethod
@@ -374,10 +378,10 @@ class OpenAIServer:
                 async for chunk in events:
                     yield chunk
             except EngineDeadError as e:  # headers are gone: report in-band, then end properly
-                yield P.sse(P.error_body(503, str(e), code="engine_unavailable"))
+                yield P.sse(error_body(503, str(e), code="engine_unavailable"))
             except Exception:
                 log.exception("stream %s failed", streams[0].request_id if streams else "?")
-                yield P.sse(P.error_body(500, "internal error", code="internal_error"))
+                yield P.sse(error_body(500, "internal error", code="internal_error"))
             finally:
                 # Runs on normal end, on error and when the client disconnects (cancellation or
                 # generator close): aborting a finished request is a no-op.

@@ -10,19 +10,53 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import ResponseSpec
+from msgspec import Struct
 
 from nanoslg.core.errors import EngineDeadError, RequestError
-from nanoslg.server import protocol as P
-from nanoslg.server.protocol import APIError
 
 log = logging.getLogger("nanoslg.server")
 
 
+class ErrorResponse(Struct):
+    error: ErrorInfo
+
+
+class ErrorInfo(Struct):
+    """OpenAI's error object: `type` is the kind (ERROR_TYPES), `param` the request field at fault."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+# OpenAI's error `type` for each status the server returns.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    503: "server_overloaded",
+    500: "internal_server_error",
+}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
+    return ErrorResponse(ErrorInfo(message, ERROR_TYPES.get(status, "invalid_request_error"), param, code))
+
+
+class APIError(Exception):
+    """An error answered in the OpenAI shape with its HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> Response:
     return Response(
-        msgspec.json.encode(P.error_body(status, message, param, code)),
-        status_code=status,
-        media_type="application/json",
+        msgspec.json.encode(error_body(status, message, param, code)), status_code=status, media_type="application/json"
     )
 
 
@@ -69,9 +103,9 @@ def handle_exception(request: Request, exc: Exception) -> Response:
 
 
 ERROR_RESPONSES = {
-    400: ResponseSpec(P.ErrorResponse, description="Invalid request (the `param` names the field)"),
-    401: ResponseSpec(P.ErrorResponse, description="Missing or wrong API key (when server.api_key is set)"),
-    404: ResponseSpec(P.ErrorResponse, description="Unknown model"),
-    413: ResponseSpec(P.ErrorResponse, description="Request body larger than server.max_body_bytes"),
-    503: ResponseSpec(P.ErrorResponse, description="Waiting queue full, or the engine is shutting down"),
+    400: ResponseSpec(ErrorResponse, description="Invalid request (the `param` names the field)"),
+    401: ResponseSpec(ErrorResponse, description="Missing or wrong API key (when server.api_key is set)"),
+    404: ResponseSpec(ErrorResponse, description="Unknown model"),
+    413: ResponseSpec(ErrorResponse, description="Request body larger than server.max_body_bytes"),
+    503: ResponseSpec(ErrorResponse, description="Waiting queue full, or the engine is shutting down"),
 }

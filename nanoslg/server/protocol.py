@@ -118,16 +118,6 @@ class CompletionChoice(Struct):
     finish_reason: str | None = None
 
 
-class CompletionResponse(Struct):
-    id: str
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    object: str = "text_completion"
-    created: int = field(default_factory=now)
-    system_fingerprint: str | None = None
-
-
 class TopLogprob(Struct):
     token: str
     logprob: float
@@ -150,54 +140,53 @@ class ChatResponseMessage(Struct):
     content: str | None = None
 
 
-class ChatChoice(Struct):
-    index: int
-    message: ChatResponseMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionResponse(Struct):
-    id: str
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage | None = None
-    object: str = "chat.completion"
-    created: int = field(default_factory=now)
-    system_fingerprint: str | None = None
-
-
 class DeltaMessage(Struct, omit_defaults=True):
     # omit_defaults: later chunks carry only the new content, the first only the role.
     role: str | None = None
     content: str | None = None
 
 
-class ChatChunkChoice(Struct):
+class _ChatChoiceBase(Struct, kw_only=True):
     index: int
-    delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(Struct):
+class ChatChoice(_ChatChoiceBase, kw_only=True):
+    message: ChatResponseMessage
+
+
+class ChatChunkChoice(_ChatChoiceBase, kw_only=True):
+    delta: DeltaMessage
+
+
+class _Envelope(Struct, kw_only=True):
+    """What every completion response and stream chunk carries around its choices; the four kinds
+    differ in their choices and their `object` name."""
+
     id: str
     model: str
-    choices: list[ChatChunkChoice]
-    created: int
-    object: str = "chat.completion.chunk"
+    created: int = field(default_factory=now)
     usage: Usage | None = None
     system_fingerprint: str | None = None
 
 
-class CompletionChunk(Struct):
-    id: str
-    model: str
+class CompletionResponse(_Envelope, kw_only=True):
     choices: list[CompletionChoice]
-    created: int
     object: str = "text_completion"
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
+
+
+CompletionChunk = CompletionResponse  # OpenAI streams completions as partial responses: the same object
+
+
+class ChatCompletionResponse(_Envelope, kw_only=True):
+    choices: list[ChatChoice]
+    object: str = "chat.completion"
+
+
+class ChatCompletionChunk(_Envelope, kw_only=True):
+    choices: list[ChatChunkChoice]
+    object: str = "chat.completion.chunk"
 
 
 class ModelCard(Struct):
@@ -220,41 +209,6 @@ class HealthResponse(Struct):
 
 class VersionResponse(Struct):
     version: str
-
-
-class ErrorInfo(Struct):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(Struct):
-    error: ErrorInfo
-
-
-# OpenAI's error `type` for each status the server returns.
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    503: "server_overloaded",
-    500: "internal_server_error",
-}
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
-    return ErrorResponse(ErrorInfo(message, ERROR_TYPES.get(status, "invalid_request_error"), param, code))
-
-
-class APIError(Exception):
-    """An error answered in the OpenAI shape with its HTTP status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 def sse(obj: Any) -> bytes:
