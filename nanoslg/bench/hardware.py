@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
+
 from nanoslg.core.errors import ConfigError
 
 
@@ -64,7 +66,6 @@ class Figures:
 
 def measure_bandwidth(device: str = "cuda", nbytes: int | None = None, repeats: int = 5) -> float:
     """Bytes/s of a device-to-device copy (each copied byte is read once and written once)."""
-    import torch
 
     dev = torch.device(device)
     nbytes = nbytes or (256 << 20 if dev.type == "cuda" else 64 << 20)  # far above any L2 cache
@@ -92,7 +93,6 @@ def measure_bandwidth(device: str = "cuda", nbytes: int | None = None, repeats: 
 
 def measure_matmul_flops(device: str = "cpu", n: int = 1024, dtype=None, repeats: int = 3) -> float:
     """FLOP/s of a square matmul (the CPU has no table entry)."""
-    import torch
 
     dtype = dtype or torch.float32
     a = torch.randn(n, n, dtype=dtype, device=device)

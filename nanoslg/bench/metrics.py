@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import torch
+
 PERCENTILES = (50, 90, 99)
 
 
@@ -116,10 +118,6 @@ def summarize(timings: list[RequestTiming], wall_time: float) -> dict:
 
 def peak_gpu_memory() -> dict | None:
     """Peak bytes torch allocated on each visible CUDA device of this process (None without CUDA)."""
-    try:
-        import torch
-    except ImportError:
-        return None
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
     per = [torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())]

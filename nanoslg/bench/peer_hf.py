@@ -16,6 +16,11 @@ import logging
 import os
 import time
 
+import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
 from nanoslg.bench.metrics import RequestTiming, summarize
 from nanoslg.bench.workloads import BenchRequest
 from nanoslg.core.machine import free_device_memory
@@ -24,8 +29,6 @@ log = logging.getLogger("nanoslg.bench")
 
 
 def load_hf_model(path: str, dtype: str, device: str, dummy: bool, seed: int = 0):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch_dtype = getattr(torch, dtype)
     has_weights = any(f.endswith(".safetensors") for f in os.listdir(path))
@@ -60,8 +63,6 @@ def run_continuous(
     model, requests: list[BenchRequest], warmup: int = 1, progress: bool = True, timeout_s: float = 3600.0
 ) -> tuple[list[RequestTiming], float]:
     """Runs every request through transformers' continuous batching manager; returns timings, wall."""
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig
 
     max_new = max(r.max_tokens for r in requests)
     gen = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=-1)  # -1: EOS off
@@ -128,8 +129,6 @@ def run_generate(
     model, requests: list[BenchRequest], batch_size: int = 32, progress: bool = True
 ) -> tuple[list[RequestTiming], float]:
     """Plain batched generate (no continuous batching): throughput only, TTFT = e2e."""
-    import torch
-    from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     timings = [RequestTiming(len(r.prompt)) for r in requests]
@@ -178,7 +177,6 @@ def run_peer(
     progress: bool = True,
 ) -> dict:
     """Loads the model in transformers, runs the requests, returns the same summary as NanoSLG's."""
-    import transformers
 
     # transformers' continuous batching logs every allocation decision at INFO; keep the report readable.
     logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)

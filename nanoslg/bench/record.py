@@ -15,12 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
 from nanoslg.core.compose import REPO_DIR
 
 
 def config_dict(cfg: Any) -> dict:
     """The full composed config as plain containers (DictConfig, structured dataclass or dict)."""
-    from omegaconf import DictConfig, OmegaConf
 
     if isinstance(cfg, dict):
         return cfg
@@ -32,11 +35,9 @@ def config_dict(cfg: Any) -> dict:
 def hydra_overrides() -> list[str] | None:
     """The command line's overrides when running inside a Hydra app (None otherwise)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         if HydraConfig.initialized():
             return list(HydraConfig.get().overrides.task)
-    except Exception:  # hydra missing or not running: the record simply has no overrides
+    except Exception:  # not inside a Hydra app: the record simply has no overrides
         pass
     return None
 
@@ -66,13 +67,8 @@ def _version(module: str) -> str | None:
 
 def environment() -> dict:
     gpu: dict = {"name": None, "count": 0}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count()}
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        gpu = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count()}
     return {
         "gpu": gpu,
         "host": platform.node(),

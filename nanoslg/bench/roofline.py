@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from nanoslg.bench.hardware import Figures
+from nanoslg.cache.cascade import MIN_BATCH, MIN_SHARED_TOKENS
 from nanoslg.core.errors import ConfigError
 
 
@@ -181,7 +182,6 @@ def simulate(
     """Bytes and FLOPs of every step for requests given as (prompt tokens, output tokens). With prefix
     caching and cascade attention, a decode step of sequences that all share the cached prefix reads
     that prefix once (as the engine does: nanoslg/cache/cascade.py)."""
-    from nanoslg.cache.cascade import MIN_BATCH, MIN_SHARED_TOKENS
 
     waiting = deque(_Sim(p, max(1, o)) for p, o in requests)
     running: list[_Sim] = []

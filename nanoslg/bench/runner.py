@@ -13,10 +13,13 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from nanoslg.bench import roofline as rl
 from nanoslg.bench.aggregate import aggregate
 from nanoslg.bench.hardware import Figures, resolve_figures
 from nanoslg.bench.metrics import RequestTiming, peak_gpu_memory, summarize
+from nanoslg.bench.peer_hf import run_peer
 from nanoslg.bench.record import experiment_dir, make_record, write_record
 from nanoslg.bench.report import format_report
 from nanoslg.bench.serving import run_http
@@ -26,6 +29,9 @@ from nanoslg.core.config import Config
 from nanoslg.core.errors import ConfigError
 from nanoslg.core.loop import new_event_loop
 from nanoslg.core.machine import free_device_memory, resolve_device
+from nanoslg.core.sampling_params import SamplingParams
+from nanoslg.engine.builder import build_engine
+from nanoslg.engine.metrics import StepProfile
 
 log = logging.getLogger("nanoslg.bench")
 
@@ -67,7 +73,6 @@ def run_bench(cfg: Config, node=None) -> dict:
 # -- hardware figures --------------------------------------------------------------------------
 def _figures(cfg: Config) -> Figures | None:
     """Taken before the engine exists: a measured copy needs memory the KV pool would hold."""
-    import torch
 
     dev = resolve_device(cfg.model.device).type
     name = torch.cuda.get_device_name(0) if dev == "cuda" else "CPU"
@@ -92,7 +97,6 @@ def _figures(cfg: Config) -> Figures | None:
 
 # -- engine workloads --------------------------------------------------------------------------
 def _sampling(cfg: Config, max_tokens: int):
-    from nanoslg.core.sampling_params import SamplingParams
 
     return SamplingParams(
         max_tokens=max_tokens, temperature=float(extra(cfg, "temperature")), ignore_eos=cfg.bench.ignore_eos
@@ -110,7 +114,6 @@ def _check_lengths(reqs: list[BenchRequest], max_model_len: int) -> None:
 
 
 def _run_engine(cfg: Config, figures: Figures | None) -> dict:
-    from nanoslg.engine.builder import build_engine
 
     engine = build_engine(cfg)
     loop = new_event_loop()
@@ -168,7 +171,6 @@ async def _engine_session(cfg: Config, engine, reqs: list[BenchRequest]) -> tupl
             t.finish(error=f"{type(e).__name__}: {e}")
 
     await warm_up(cfg, reqs, send)
-    from nanoslg.engine.metrics import StepProfile
 
     engine.metrics.profile = StepProfile()  # the timed run only
     cascade_before = engine.cascade_steps
@@ -179,7 +181,6 @@ async def _engine_session(cfg: Config, engine, reqs: list[BenchRequest]) -> tupl
 def _run_peer(
     cfg: Config, reqs: list[BenchRequest], results: dict, path: str | None, dtype: str | None, device: str | None
 ) -> dict:
-    from nanoslg.bench.peer_hf import run_peer
 
     if not path:
         raise ConfigError("bench.peer=hf needs the engine's checkpoint folder (engine.info['path'])")

@@ -21,6 +21,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
+from transformers import AutoTokenizer
+
 from nanoslg.bench import roofline as rl
 from nanoslg.bench.hardware import Figures
 from nanoslg.bench.metrics import RequestTiming, summarize
@@ -31,6 +34,7 @@ from nanoslg.core.compose import REPO_DIR
 from nanoslg.core.config import Config
 from nanoslg.core.errors import ConfigError
 from nanoslg.core.machine import free_port
+from nanoslg.model.checkpoint import resolve_checkpoint
 
 log = logging.getLogger("nanoslg.bench")
 
@@ -97,7 +101,6 @@ class ServerProcess:
     def start(self) -> str:
         """Spawns the server and waits until it is ready; returns its URL. A server that exits or does
         not get ready within start_timeout is stopped and raises, with the tail of its log."""
-        import httpx
 
         cmd = [sys.executable, str(REPO_DIR / "run.py"), *self.overrides]
         fd, self.log_path = tempfile.mkstemp(prefix="nanoslg-server-", suffix=".log")
@@ -188,7 +191,6 @@ def _start_server(cfg: Config) -> ServerProcess:
 # -- the client ---------------------------------------------------------------------------------
 def _checkpoint_space(cfg: Config) -> tuple[TokenSpace, dict, str]:
     """Token space and config.json of the served model, read from its checkpoint folder."""
-    from nanoslg.model.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(cfg)
     with open(os.path.join(ckpt.path, "config.json")) as f:
@@ -196,8 +198,6 @@ def _checkpoint_space(cfg: Config) -> tuple[TokenSpace, dict, str]:
     tokenizer = None
     tok_path = cfg.model.tokenizer or (ckpt.path if ckpt.has_tokenizer else None)
     if tok_path:
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(tok_path)
     text = rl.hf_text_config(conf)
     eos = text.get("eos_token_id", conf.get("eos_token_id"))
@@ -269,7 +269,6 @@ def run_http(cfg: Config, wl, figures: Figures | None) -> dict:
 
 
 async def _http_session(cfg: Config, url: str, reqs: list[BenchRequest]) -> tuple[list[RequestTiming], float, dict]:
-    import httpx
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the report
     headers = {"Authorization": f"Bearer {cfg.server.api_key}"} if cfg.server.api_key else {}

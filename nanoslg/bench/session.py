@@ -10,6 +10,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from nanoslg.bench import roofline as rl
 from nanoslg.bench.hardware import Figures
 from nanoslg.bench.metrics import RequestTiming
@@ -46,7 +48,6 @@ async def drive(
     reqs: list[BenchRequest], send: Send, concurrency: int | None = None, progress: bool = True, desc: str = "bench"
 ) -> tuple[list[RequestTiming], float]:
     """Sends each request at its arrival offset (at most `concurrency` in flight); returns timings, wall."""
-    from tqdm.auto import tqdm
 
     sem = asyncio.Semaphore(concurrency) if concurrency else None
     bar = tqdm(total=len(reqs), desc=desc, unit="req", disable=not progress, dynamic_ncols=True)

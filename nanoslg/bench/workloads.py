@@ -21,6 +21,7 @@ import numpy as np
 from nanoslg.core.config import BenchConfig
 from nanoslg.core.errors import ConfigError
 from nanoslg.core.registry import BENCHMARKS
+from nanoslg.core.sampling_params import SamplingParams
 
 
 @dataclass
@@ -170,7 +171,6 @@ def warmup_requests(b: BenchConfig, reqs: list[BenchRequest]) -> list[BenchReque
 def warm_requests(llm, b: BenchConfig) -> tuple[list[BenchRequest], list]:
     """For the profiling scripts: the requests with greedy params (EOS ignored), after the bench's
     own warm-up, so the timed run starts as cold as the bench's."""
-    from nanoslg.core.sampling_params import SamplingParams
 
     reqs = engine_requests(b, llm.engine)
     params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
