@@ -23,7 +23,7 @@ from torch import nn
 
 from nanoslg.core.errors import ConfigError
 from nanoslg.core.registry import QUANTIZATION
-from nanoslg.model.quant.base import QuantMethod, add_param, check_ignored, replace_param
+from nanoslg.model.quant.base import QuantMethod, add_param, check_ignored, replace_param, use_kernels
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # packed nibble i holds output column AWQ_ORDER[i] of its group of 8
 AWQ_REVERSE = (0, 4, 1, 5, 2, 6, 3, 7)  # output column j sits in nibble AWQ_REVERSE[j]
@@ -133,7 +133,7 @@ class AwqMethod(QuantMethod):
         replace_param(layer, "qweight", pack_k(unpack_awq(layer.qweight.data)))
         layer.register_buffer("zeros", unpack_awq(layer.qzeros.data))
         delattr(layer, "qzeros")
-        layer.awq_kernel = "triton" if layer.qweight.is_cuda else "torch"
+        layer.awq_kernel = "triton" if use_kernels(layer.qweight) else "torch"
         self.kernels[KERNEL_NAMES[layer.awq_kernel]] += 1
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

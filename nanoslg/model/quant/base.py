@@ -25,6 +25,18 @@ from torch import nn
 from nanoslg.core.errors import ConfigError
 from nanoslg.core.registry import QUANTIZATION
 
+_KERNELS = True
+
+
+def set_kernels(enabled: bool) -> None:
+    """Tests turn the GPU kernels off (for layers built from then on) to compare against the torch path."""
+    global _KERNELS
+    _KERNELS = enabled
+
+
+def use_kernels(t: torch.Tensor) -> bool:
+    return _KERNELS and t.is_cuda
+
 
 class QuantMethod:
     name = "base"

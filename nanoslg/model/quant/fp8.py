@@ -24,7 +24,7 @@ from torch import nn
 from nanoslg.core.dist import tp_all_reduce_max
 from nanoslg.core.errors import ConfigError
 from nanoslg.core.registry import QUANTIZATION
-from nanoslg.model.quant.base import QuantMethod, add_param, check_ignored, replace_param
+from nanoslg.model.quant.base import QuantMethod, add_param, check_ignored, replace_param, use_kernels
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -61,7 +61,7 @@ def fp8_linear_torch(
 
 def fp8_kernel(w: torch.Tensor) -> str:
     """The GEMM a layer of weight w [N, K] runs: rowwise (SM90+), tensorwise (SM89), or torch."""
-    if not w.is_cuda or not hasattr(torch, "_scaled_mm") or w.shape[0] % 16 or w.shape[1] % 16:
+    if not use_kernels(w) or not hasattr(torch, "_scaled_mm") or w.shape[0] % 16 or w.shape[1] % 16:
         return "torch"
     cap = torch.cuda.get_device_capability(w.device)
     if cap >= (9, 0):
