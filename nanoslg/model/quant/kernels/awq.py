@@ -39,18 +39,21 @@ def _gemv_kernel(
     rows = tl.arange(0, BLOCK_K // 8)  # packed rows of a tile
     nib = tl.arange(0, 8)
     shifts = nib * 4
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # Partial sums per packed row, reduced across rows once at the end: no cross-thread reduction
+    # inside the loop, whose time is then the loads'.
+    acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
     k_begin = pid_k * K_SPLIT
     for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
         packed = tl.load(qw_ptr + ((k0 // 8) + rows)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
         q = ((packed[:, None, :] >> shifts[None, :, None]) & 0xF).to(tl.float32)  # [BLOCK_K / 8, 8, BLOCK_N]
         x = tl.load(x_ptr + k0 + rows[:, None] * 8 + nib[None, :]).to(tl.float32)  # [BLOCK_K / 8, 8]
-        xq = tl.sum(tl.sum(x[:, :, None] * q, axis=1), axis=0)  # [BLOCK_N]
-        g = k0 // GROUP
+        g = k0 // GROUP  # one group per tile: sum x (q - z) s = s (sum x q - z sum x)
         z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-        acc += s * (xq - z * tl.sum(tl.sum(x, axis=1), axis=0))
-    tl.store(y_ptr + pid_k * N + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)  # split pid_k's part
+        xq = tl.sum(x[:, :, None] * q, axis=1)  # [BLOCK_K / 8, BLOCK_N]
+        acc += s[None, :] * (xq - z[None, :] * tl.sum(x, axis=1)[:, None])
+    out = tl.sum(acc, axis=0)
+    tl.store(y_ptr + pid_k * N + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)  # split pid_k's part
 
 
 @triton.jit
@@ -122,9 +125,12 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+PROGRAMS_PER_SM = 4  # loads in flight enough to keep HBM busy: a first guess, experiments/quant_kernels.py measures it
+
+
 def split_k(programs: int, k_tiles: int, device: torch.device) -> int:
-    """K splits so that about two programs per SM run: the largest divisor of k_tiles up to that."""
-    want = max(1, -(-2 * _num_sms(device) // programs))
+    """K splits so that about PROGRAMS_PER_SM programs per SM run: the largest divisor of k_tiles up to that."""
+    want = max(1, -(-PROGRAMS_PER_SM * _num_sms(device) // programs))
     return max(d for d in range(1, min(want, k_tiles) + 1) if k_tiles % d == 0)
 
 
