@@ -17,6 +17,11 @@ from nanoslg import LLM, SamplingParams
 from nanoslg.model.quant import base as quant_base
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+# Nats. FP8 rounding turns the bf16 engine's last-bit differences from the float32 reference into whole
+# float8 steps (tests/test_quant.py says how), so near ties may go either way by more than bf16 noise
+# does; a wrong scale or kernel is off by several nats. Not yet measured on a GPU: the tests print the
+# gaps they see, and this can tighten once they have run.
+FP8_GAP_TOL = 1.0
 FP8_SM = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs SM89+"
 )
@@ -145,7 +150,8 @@ def test_kernels_and_reference_on_a_model(method, ckpts):
         f"\n{method}: kernels vs torch reference {same}/{32 * len(ps)} greedy tokens equal; max gap to the "
         f"fp32 reference: kernels {gap[True]:.3f}, torch {gap[False]:.3f} nats ({info[True]})"
     )
-    assert gap[True] < GAP_TOL and gap[False] < GAP_TOL
+    tol = GAP_TOL if method == "awq" else FP8_GAP_TOL
+    assert gap[True] < tol and gap[False] < tol
 
 
 @FP8_SM
@@ -164,7 +170,7 @@ def test_fp8_kv_against_bf16_kv(base):
         f"{tokens['auto']} tokens; max gap to the fp32 FP8-KV reference {gap:.3f} nats"
     )
     assert 1.9 < tokens["fp8_e4m3"] / tokens["auto"] < 2.1
-    assert gap < GAP_TOL
+    assert gap < FP8_GAP_TOL
 
 
 @pytest.mark.parametrize("method", [pytest.param("fp8", marks=FP8_SM), "awq"])

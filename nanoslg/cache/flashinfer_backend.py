@@ -26,7 +26,7 @@ from nanoslg.cache.auto import flashinfer_status
 from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_of
 from nanoslg.cache.cascade import shared_prefix_pages
 from nanoslg.cache.flashinfer_graph import FlashInferGraphs
-from nanoslg.cache.kv_quant import FP8, is_fp8, to_cache
+from nanoslg.cache.kv_quant import FP8, as_bytes, is_fp8, to_cache
 from nanoslg.core.errors import ConfigError
 from nanoslg.core.plan import StepPlan
 from nanoslg.core.registry import CACHE_BACKENDS
@@ -155,7 +155,8 @@ class FlashInferBackend(CacheBackend):
             dev = self.pool.device
             src = to_device([c[0] for c in copies], torch.long, dev)
             dst = to_device([c[1] for c in copies], torch.long, dev)
-            self.pool[:, dst] = self.pool[:, src]
+            pool = as_bytes(self.pool)  # indexing kernels may lack float8; bytes copy the same
+            pool[:, dst] = pool[:, src]
 
     # -- CUDA-graph hooks (flashinfer_graph.py holds the buffers) --------------------------------
     def init_graphs(self, max_bs: int, max_model_len: int) -> None:

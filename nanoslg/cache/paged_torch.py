@@ -112,7 +112,8 @@ class PagedTorchBackend(CacheBackend):
         if copies:
             src = to_device([c[0] for c in copies], torch.long, self.pool.device)
             dst = to_device([c[1] for c in copies], torch.long, self.pool.device)
-            self.pool[:, :, dst] = self.pool[:, :, src]
+            pool = as_bytes(self.pool)  # indexing kernels may lack float8; bytes copy the same
+            pool[:, :, dst] = pool[:, :, src]
 
     def prepare(self, plan: StepPlan) -> PagedTorchContext:
         if self.pool is None:
