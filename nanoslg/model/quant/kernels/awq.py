@@ -110,6 +110,28 @@ def _dequant_kernel(qw_ptr, z_ptr, s_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_K
     tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w, mask=n_mask[None, :])
 
 
+@triton.jit
+def _sum_splits_kernel(part_ptr, y_ptr, SIZE, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """y = the float32 parts [SPLITS, SIZE] summed, in y's dtype: one kernel where sum + cast are two."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < SIZE
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(SPLITS):
+        acc += tl.load(part_ptr + i * SIZE + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _finish(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The result from its K splits' float32 parts [splits, m, n]."""
+    splits, m, n = parts.shape
+    if splits == 1:
+        return parts[0].to(dtype)
+    y = torch.empty(m, n, dtype=dtype, device=parts.device)
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(m * n, block),)](parts, y, m * n, SPLITS=splits, BLOCK=block)
+    return y
+
+
 def block_k(group: int) -> int:
     """The K tile: at most 128, dividing the group size (a multiple of 16, checked at load)."""
     bk = 128
@@ -189,4 +211,4 @@ def awq_linear(x: torch.Tensor, qweight, zeros, scales, group: int) -> torch.Ten
             BLOCK_N=GEMM_BLOCK_N,
             BLOCK_K=bk,
         )
-    return y if splits == 1 else y.sum(0).to(x.dtype)
+    return y if splits == 1 else _finish(y, x.dtype)
