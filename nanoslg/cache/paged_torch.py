@@ -44,24 +44,15 @@ class _Seq:
     slots: torch.Tensor  # slots of positions 0..start+n-1
 
 
+@dataclass(eq=False)
 class PagedTorchContext(CacheContext):
-    def __init__(
-        self,
-        pool: torch.Tensor,
-        new_slots: torch.Tensor,
-        seqs: list[_Seq],
-        positions: torch.Tensor,
-        scale: float,
-        spec: KVSpec,
-        shared: torch.Tensor | None = None,
-    ):
-        self.spec = spec
-        self.pool = pool
-        self.new_slots = new_slots
-        self.seqs = seqs
-        self.positions = positions
-        self.scale = scale
-        self.shared = shared  # cascade: slots of the prefix every sequence shares (seq slots exclude it)
+    pool: torch.Tensor
+    new_slots: torch.Tensor
+    seqs: list[_Seq]
+    positions: torch.Tensor
+    scale: float
+    spec: KVSpec
+    shared: torch.Tensor | None = None  # cascade: slots of the prefix every sequence shares (seq slots exclude it)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc = self.pool[layer, 0].flatten(0, 1)  # [pages * page_size, Hkv, D], a view
