@@ -22,6 +22,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 # does; a wrong scale or kernel is off by several nats. Not yet measured on a GPU: the tests print the
 # gaps they see, and this can tighten once they have run.
 FP8_GAP_TOL = 1.0
+# Seen on an H100 (experiments/low-precision/gpu_quant_tests.log): on this bf16 test model FP8
+# rounding moves greedy picks by whole nats for the kernels and the torch reference alike, so these
+# model-level checks cannot yet tell a kernel bug from rounding; issue #16 stays open until a model
+# with wider logit margins (or a per-layer comparison) decides them.
+FP8_MODEL_XFAIL = pytest.mark.xfail(reason="FP8 rounding exceeds the tolerance on this bf16 model (#16)", strict=False)
 FP8_SM = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs SM89+"
 )
@@ -128,7 +133,14 @@ def test_fp8_kernels_match_the_reference():
 
 
 # -- on a decisive model ------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["awq", pytest.param("fp8", marks=FP8_SM), pytest.param("fp8-online", marks=FP8_SM)])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "awq",
+        pytest.param("fp8", marks=[FP8_SM, FP8_MODEL_XFAIL]),
+        pytest.param("fp8-online", marks=[FP8_SM, FP8_MODEL_XFAIL]),
+    ],
+)
 def test_kernels_and_reference_on_a_model(method, ckpts):
     """Greedy tokens through the GPU kernels and through the torch reference path, each within bf16
     noise of the float32 reference on the dequantized weights; their agreement is printed."""
@@ -155,6 +167,7 @@ def test_kernels_and_reference_on_a_model(method, ckpts):
 
 
 @FP8_SM
+@FP8_MODEL_XFAIL
 def test_fp8_kv_against_bf16_kv(base):
     """FlashInfer with an FP8 pool: twice the tokens in the same memory; greedy tokens scored by the
     float32 reference whose attention reads FP8 K/V; agreement with the bf16 pool printed."""
