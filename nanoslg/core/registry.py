@@ -94,3 +94,4 @@ SCHEDULERS: Registry = Registry("scheduler policy", "scheduler.policy", "nanoslg
 PARALLEL: Registry = Registry("parallel strategy", "parallel.mode", "nanoslg.parallel", "PARALLEL")
 ARCHITECTURES: Registry = Registry("model architecture", "config.json architectures", "nanoslg.model", "ARCHITECTURES")
 BENCHMARKS: Registry = Registry("bench workload", "bench.workload", "nanoslg.bench", "BENCHMARKS")
+TOOL_PARSERS: Registry = Registry("tool parser", "server.tool_parser", "nanoslg.server.tool_parsers", "TOOL_PARSERS")
