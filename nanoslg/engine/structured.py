@@ -191,7 +191,7 @@ class Grammars:
         return self._fill(rows) if rows else None
 
     def _fill(self, rows: list) -> TokenMasks:
-        bits = np.full((len(rows), self.words), -1, dtype=np.int32)
+        bits = np.empty((len(rows), self.words), dtype=np.int32)  # every row is written whole
         if self._executor is None:
             self._executor = llg.LLExecutor()
         self._executor.unsafe_compute_mask_ptr(
