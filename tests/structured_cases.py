@@ -1,5 +1,6 @@
-"""Seeded generators of the structured-output property tests (CPU and GPU): JSON schemas of many
-shapes, regexes and choices, and the checks a completion that ended with "stop" must pass."""
+"""The structured-output property test (CPU, GPU, parallel modes): seeded generators of JSON schemas of
+many shapes, regexes and choices, the checks a completion that ended with "stop" must pass, and
+`run_property`, which runs them all through an LLM in one batch."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import random
 import re
 
 import jsonschema
+
+from nanoslg.core.sampling_params import SamplingParams
+from nanoslg.core.sampling_params import StructuredOutputs as S
 
 PATTERNS = ["^[a-z]{1,5}$", "^[A-Z][a-z]{0,4}$", "^[0-9]{2,4}$", "^(red|green|blue)$", "^[a-f0-9]{4}$", "^x+y?$"]
 WORDS = ["alpha", "beta", "gamma", "delta", "yes", "no", "maybe", "red", "green", "blue", "0", "42", "a b", "é"]
@@ -96,3 +100,35 @@ def check_regex(text: str, regex: str) -> None:
 def check_choice(text: str, options: list[str]) -> None:
     if text not in options:
         raise AssertionError(f"{text!r} is not one of {options}")
+
+
+MAX = 48  # tokens per constrained completion
+
+
+def params_for(spec: S, i: int, **kw) -> SamplingParams:
+    """Greedy for even i, sampled (seeded) for odd i."""
+    sampling = dict(temperature=0.0) if i % 2 == 0 else dict(temperature=1.0, top_p=0.95, seed=i)
+    return SamplingParams(structured_outputs=spec, **{"max_tokens": MAX, **sampling, **kw})
+
+
+def run_property(llm, seed: int, n_schemas: int, prompts=("Hello", "JSON please:")) -> dict:
+    """Generates for n_schemas schemas (each greedy and sampled), the regexes and some choices in one
+    batch; checks every output; returns counts per finish reason."""
+    cases = []  # (spec, check, expected)
+    for sch in schemas(n_schemas, seed):
+        cases += [(S(json=sch), check_json, sch)] * 2
+    for rx in REGEXES:
+        cases += [(S(regex=rx), check_regex, rx)] * 2
+    for ch in choices(12, seed):
+        cases += [(S(choice=ch), check_choice, ch)] * 2
+    params = [params_for(spec, i) for i, (spec, _, _) in enumerate(cases)]
+    outs = llm.generate([prompts[i % len(prompts)] for i in range(len(cases))], params)
+    counts: dict[str, int] = {}
+    for (spec, check, expected), out in zip(cases, outs):
+        c = out.outputs[0]
+        counts[c.finish_reason] = counts.get(c.finish_reason, 0) + 1
+        if c.finish_reason == "stop":
+            check(c.text, expected)
+        else:
+            assert c.finish_reason == "length" and len(c.token_ids) == MAX, (spec, c)
+    return counts

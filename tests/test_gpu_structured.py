@@ -5,7 +5,7 @@ fused sampling kernel where it runs."""
 
 import pytest
 import torch
-from test_structured import run_property
+from structured_cases import run_property
 
 from nanoslg import LLM
 

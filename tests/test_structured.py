@@ -14,41 +14,11 @@ import json
 import pytest
 import structured_cases as sc
 from conftest import greedy
+from structured_cases import MAX, params_for, run_property
 
 from nanoslg import LLM, SamplingParams
 from nanoslg.core.errors import RequestError
 from nanoslg.core.sampling_params import StructuredOutputs as S
-
-MAX = 48  # tokens per constrained completion
-
-
-def _params(spec: S, i: int, **kw) -> SamplingParams:
-    """Greedy for even i, sampled (seeded) for odd i."""
-    sampling = dict(temperature=0.0) if i % 2 == 0 else dict(temperature=1.0, top_p=0.95, seed=i)
-    return SamplingParams(structured_outputs=spec, **{"max_tokens": MAX, **sampling, **kw})
-
-
-def run_property(llm, seed: int, n_schemas: int, prompts=("Hello", "JSON please:")) -> dict:
-    """Generates for n_schemas schemas (each greedy and sampled), the regexes and some choices in one
-    batch; checks every output; returns counts per finish reason."""
-    cases = []  # (spec, check, expected)
-    for sch in sc.schemas(n_schemas, seed):
-        cases += [(S(json=sch), sc.check_json, sch)] * 2
-    for rx in sc.REGEXES:
-        cases += [(S(regex=rx), sc.check_regex, rx)] * 2
-    for ch in sc.choices(12, seed):
-        cases += [(S(choice=ch), sc.check_choice, ch)] * 2
-    params = [_params(spec, i) for i, (spec, _, _) in enumerate(cases)]
-    outs = llm.generate([prompts[i % len(prompts)] for i in range(len(cases))], params)
-    counts: dict[str, int] = {}
-    for (spec, check, expected), out in zip(cases, outs):
-        c = out.outputs[0]
-        counts[c.finish_reason] = counts.get(c.finish_reason, 0) + 1
-        if c.finish_reason == "stop":
-            check(c.text, expected)
-        else:
-            assert c.finish_reason == "length" and len(c.token_ids) == MAX, (spec, c)
-    return counts
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +73,7 @@ def test_max_tokens_n_min_tokens_and_stop_strings(demo_llm):
         sc.check_regex(o.text, r"[a-z]{1,6}")
 
     # min_tokens masks EOS while the grammar could go on: `[0-9]+` only ends by EOS
-    held = demo_llm.generate("x", _params(S(regex="[0-9]+"), 0, min_tokens=6, max_tokens=12))[0]
+    held = demo_llm.generate("x", params_for(S(regex="[0-9]+"), 0, min_tokens=6, max_tokens=12))[0]
     assert len(held.token_ids) >= 6 and held.text.isdigit()
 
     # a stop string cuts a constrained output like any other
@@ -115,7 +85,7 @@ def test_max_tokens_n_min_tokens_and_stop_strings(demo_llm):
 
 def test_gbnf_grammar_and_json_object(demo_llm):
     gbnf = 'root ::= "(" num ("," num)* ")"\nnum ::= [0-9] | [1-9] [0-9]'
-    outs = demo_llm.generate(["a", "b", "c"], [_params(S(grammar=gbnf), i) for i in range(3)])
+    outs = demo_llm.generate(["a", "b", "c"], [params_for(S(grammar=gbnf), i) for i in range(3)])
     for o in outs:
         if o.finish_reason == "stop":
             sc.check_regex(o.text, r"\((\d|[1-9]\d)(,(\d|[1-9]\d))*\)")
