@@ -88,8 +88,12 @@ def choices(n: int, seed: int = 0) -> list[list[str]]:
 
 def check_json(text: str, schema: dict) -> None:
     """Raises unless text is JSON that the schema accepts."""
-    value = json.loads(text)
+    value = json.loads(text, parse_constant=_not_json)  # NaN and Infinity are Python's, not JSON
     jsonschema.validators.validator_for(schema)(schema).validate(value)
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def check_regex(text: str, regex: str) -> None:

@@ -107,6 +107,39 @@ class ToolUse:
         return None
 
 
+def _listed_calls(text: str) -> list[ParsedCall]:
+    """The calls of tool_choice=required's [{"name": ..., "arguments": {...}}, ...], each call's
+    arguments as the model wrote them (a parse and dump would turn 1e999 into Infinity)."""
+    dec, at, calls = json.JSONDecoder(), 0, []
+
+    def skip(i: int, expect: str | None = None) -> int:
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        if expect is not None:
+            if text[i : i + 1] != expect:
+                raise ValueError(f"expected {expect!r} at {i}")
+            i = skip(i + 1)
+        return i
+
+    at = skip(at, "[")
+    while True:
+        at, fields = skip(at, "{"), {}
+        while True:
+            key, at = dec.raw_decode(text, at)
+            at = skip(at, ":")
+            value, end = dec.raw_decode(text, at)
+            fields[key] = (value, text[at:end])
+            at = skip(end)
+            if text[at : at + 1] == "}":
+                break
+            at = skip(at, ",")
+        calls.append(ParsedCall(fields["name"][0], fields["arguments"][1]))
+        at = skip(at + 1)
+        if text[at : at + 1] == "]" and not text[at + 1 :].strip():
+            return calls
+        at = skip(at, ",")
+
+
 class ToolStream:
     """One streamed choice: text deltas in, (content, tool-call deltas) out. A named function's
     arguments stream as they come; required and auto calls go out whole at the end (auto streams

@@ -36,7 +36,10 @@ def call_from(obj, args_key: str = "arguments") -> ParsedCall | None:
             return None
     if not isinstance(args, dict):
         return None
-    return ParsedCall(obj["name"], json.dumps(args, ensure_ascii=False))
+    try:  # a number past float range (1e999) would come back as Infinity, which is not JSON
+        return ParsedCall(obj["name"], json.dumps(args, ensure_ascii=False, allow_nan=False))
+    except ValueError:
+        return None
 
 
 def held_back(text: str, marker: str) -> int:
