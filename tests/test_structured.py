@@ -209,3 +209,25 @@ def test_overlap_defers_constrained_sampling_only(demo_tokenizer):
     for o in outs:
         assert o.finish_reason == "stop", o.text
         sc.check_json(o.text, schema)
+
+
+def test_offline_json_bench_generates_what_offline_does(tiny_llama, tmp_path):
+    """W11's workload: every other request constrained, by a schema that outlasts max_tokens, so every
+    request runs to its max_tokens as in the offline workload; its grammar compiles in the warm-up."""
+    from nanoslg.bench.runner import run_bench
+    from nanoslg.bench.structured import OfflineJson
+    from nanoslg.bench.workloads import TokenSpace, make_requests, warmup_requests
+    from nanoslg.core.compose import compose_config
+
+    tiny = ["bench.num_requests=6", "bench.input_len_min=8", "bench.input_len_max=16", "bench.output_len_min=20"]
+    tiny += ["bench.output_len_max=40", "bench.warmup=1", "bench.extra.progress=false", "bench.extra.aggregate=false"]
+    cfg, node = compose_config(
+        [f"model.path={tiny_llama}", "cache=sdpa", "mode=bench", "bench=offline_json", f"bench.output_dir={tmp_path}"]
+        + tiny
+    )
+    reqs = OfflineJson().requests(cfg.bench, TokenSpace(100))
+    assert [r.structured is not None for r in reqs] == [True, False] * 3
+    assert warmup_requests(cfg.bench, reqs)[0].structured is not None
+    res = run_bench(cfg, node)
+    assert res["completed"] == 6 and res["failed"] == 0
+    assert res["output_tokens"] == sum(r.max_tokens for r in make_requests(cfg.bench, TokenSpace(100)))

@@ -29,7 +29,7 @@ import llguidance as llg
 import numpy as np
 from llguidance.gbnf_to_lark import any_to_lark
 
-from nanoslg.core.errors import EngineDeadError, RequestError
+from nanoslg.core.errors import RequestError
 from nanoslg.core.plan import StepPlan, TokenMasks
 from nanoslg.core.sampling_params import StructuredOutputs
 from nanoslg.engine.outputs import CompletionOutput, RequestOutput
@@ -113,7 +113,7 @@ class Grammars:
         async def run() -> None:
             try:
                 start(await self.compile(spec))
-            except (RequestError, EngineDeadError) as e:
+            except Exception as e:  # RequestError (the spec), EngineDeadError, or worse: never a silent stream
                 stream.put(e)
             finally:
                 self.waiting.pop(rid, None)
