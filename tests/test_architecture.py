@@ -51,6 +51,7 @@ def test_every_module_is_small():
         registry.ARCHITECTURES,
         registry.BENCHMARKS,
         registry.QUANTIZATION,
+        registry.TOOL_PARSERS,
     ],
     ids=lambda r: r.key,
 )

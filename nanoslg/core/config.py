@@ -90,6 +90,9 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     max_body_bytes: int = 16 * 1024 * 1024
     log_level: str = "info"
+    # How tool_choice=auto finds calls in the text: hermes (Qwen, Hermes: <tool_call>{...}</tool_call>)
+    # or llama3_json (Llama 3.x: the output is one JSON call); nanoslg/server/tool_parsers/.
+    tool_parser: str = "hermes"
 
 
 @dataclass
@@ -220,3 +223,4 @@ def _check_registries(cfg: DictConfig) -> None:
     if quant != "none" and quant not in registry.QUANTIZATION:
         allowed = ", ".join(["none", *registry.QUANTIZATION.names()])
         raise ConfigError(f"model.quantization={quant!r} is not allowed; allowed: {allowed}")
+    registry.TOOL_PARSERS.check(cfg.server.tool_parser)
