@@ -230,3 +230,27 @@ def test_pinned_staging_ring():
     for _ in range(ring.SLOTS):
         ring.next_step()
     assert ("wait", 0) in log and log.index(("wait", 0)) > log.index(("record", 0))
+
+
+def test_shutdown_unfreezes_what_the_engine_froze(tiny_llama):
+    """While it runs, the engine freezes what start-up built out of garbage collection; after shutdown
+    nothing of it may stay frozen, or a reference cycle through the KV backend outlives the engine
+    (on a GPU: the whole KV pool's memory, which the next engine then cannot have)."""
+    import gc
+    import weakref
+
+    saved = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)  # as in a fresh process, so this engine is the one that freezes
+    try:
+        llm = LLM(f"model.path={tiny_llama}", "cache=paged")
+        backend = llm.engine.executor.backend
+        backend.cycle = backend  # a reference cycle through the backend, as graph buffers can make
+        alive = weakref.ref(backend)
+        assert gc.get_freeze_count() > 0
+        del backend
+        llm.shutdown()
+        del llm
+        gc.collect()
+        assert alive() is None and gc.get_freeze_count() == 0 and gc.get_threshold() == (700, 10, 10)
+    finally:
+        gc.set_threshold(*saved)

@@ -10,6 +10,8 @@ same cached pages; padding rows attend those pages too, and their output is drop
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -48,7 +50,8 @@ class FlashInferGraphs:
     """The fixed buffers and planned wrappers of every captured bucket of one FlashInfer backend."""
 
     def __init__(self, backend, decode_ws: torch.Tensor, prefill_ws: torch.Tensor, max_bs: int, max_model_len: int):
-        self.backend, self.fi = backend, backend.fi
+        # A proxy: the backend owns these buffers, and a cycle between them would outlive the engine.
+        self.backend, self.fi = weakref.proxy(backend), backend.fi
         self.decode_ws, self.prefill_ws = decode_ws, prefill_ws
         s = backend.spec
         dev, i32 = s.device, torch.int32

@@ -75,6 +75,7 @@ class AsyncEngine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._accepting = True
+        self._gc_before: tuple[int, int, int] | None = None  # what _tune_gc replaced, restored at shutdown
         self._dead: BaseException | None = None
 
     # -- public API ----------------------------------------------------------------------------
@@ -96,8 +97,8 @@ class AsyncEngine:
         return self.executor.backend.cascade_steps
 
     async def start(self) -> None:
-        _tune_gc()
         if self._task is None:
+            self._gc_before = _tune_gc()
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="nanoslg-engine")
 
@@ -185,6 +186,7 @@ class AsyncEngine:
         if self._collector is not None:
             self._collector.shutdown(wait=True)
         self.grammars.shutdown()
+        _restore_gc(self._gc_before)
         self.executor.shutdown()
 
     # -- input checks --------------------------------------------------------------------------
@@ -372,13 +374,24 @@ class AsyncEngine:
         self._poke()
 
 
-def _tune_gc() -> None:
+def _tune_gc() -> tuple[int, int, int] | None:
     """Each step makes a few short-lived objects per running sequence; at the default gen-0 threshold
     (700) the collector ran several times a step and doubled the host's share of a 256-sequence step
     (experiments/cpu_step_overhead.py; experiments/README.md has the figures). What start-up built
-    (model, tokenizer) is frozen out of later full collections."""
-    gen0, gen1, gen2 = gc.get_threshold()
-    if gen0 < 10_000:
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(10_000, max(gen1, 10), max(gen2, 10))
+    (model, tokenizer) is frozen out of later full collections. Returns the thresholds it replaced
+    (None if an engine in this process already tuned them), for `_restore_gc` at shutdown."""
+    before = gc.get_threshold()
+    if before[0] >= 10_000:
+        return None
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, max(before[1], 10), max(before[2], 10))
+    return before
+
+
+def _restore_gc(before: tuple[int, int, int] | None) -> None:
+    """Undoes _tune_gc: frozen objects are never collected, so an engine's own reference cycles (its
+    KV pool among them) would outlive it and keep the GPU memory the next engine needs."""
+    if before is not None:
+        gc.unfreeze()
+        gc.set_threshold(*before)
