@@ -15,6 +15,7 @@ from litestar.openapi import OpenAPIConfig, ResponseSpec
 from nanoslg import __version__
 from nanoslg.core.config import ServerConfig
 from nanoslg.server import protocol as P
+from nanoslg.server.body import StrictRequest, require_body
 from nanoslg.server.completions import OpenAIServer
 from nanoslg.server.errors import ERROR_RESPONSES, APIError, ErrorResponse, error_response, handle_exception
 from nanoslg.server.metrics import render_metrics
@@ -77,6 +78,8 @@ def create_app(engine, server_cfg) -> Litestar:
     return Litestar(
         route_handlers=[v1, health, metrics, version],
         exception_handlers={Exception: handle_exception},
+        request_class=StrictRequest,
+        before_request=require_body,
         request_max_body_size=getattr(server_cfg, "max_body_bytes", 16 * 1024 * 1024),
         openapi_config=OpenAPIConfig(
             title="NanoSLG", version=__version__, description="OpenAI-compatible LLM inference server"
