@@ -115,7 +115,6 @@ class AsyncEngine:
         stream = RequestStream(rid)
         for so in self.outputs.add_request(rid, text, ids, params, stream).outs:
             self.scheduler.add(so.seq)
-        self.metrics.prompt_tokens += len(ids)
         self._poke()
         return stream
 
@@ -311,7 +310,7 @@ class AsyncEngine:
                 if so is not None and st.seq_id in aborting and not so.seq.finished:
                     self._end(so, "abort")
         self.outputs.process(sampled, time.monotonic())
-        self.metrics.generation_tokens += len(result.token_ids)
+        self.metrics.iteration_tokens.observe(plan.num_tokens)
         self._update_gauges()
 
     def _update_gauges(self) -> None:

@@ -10,6 +10,7 @@ import dataclasses
 import hmac
 
 from litestar import Litestar, Request, Response, Router, get, post
+from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 
 from nanoslg import __version__
@@ -18,12 +19,13 @@ from nanoslg.server import protocol as P
 from nanoslg.server.body import StrictRequest, require_body
 from nanoslg.server.completions import OpenAIServer
 from nanoslg.server.errors import ERROR_RESPONSES, APIError, ErrorResponse, error_response, handle_exception
-from nanoslg.server.metrics import render_metrics
+from nanoslg.server.metrics import ServerMetrics
 
 
 def create_app(engine, server_cfg) -> Litestar:
     """Builds the Litestar app; the engine must be started on the loop that serves it."""
     srv = OpenAIServer(engine, server_cfg)
+    prom = ServerMetrics(engine, srv.model)
     api_key: str | None = getattr(server_cfg, "api_key", None)
     expected = f"Bearer {api_key}".encode() if api_key else None
 
@@ -67,9 +69,10 @@ def create_app(engine, server_cfg) -> Litestar:
             return error_response(503, "the engine loop has stopped", code="engine_unavailable")
         return OpenAIServer.json(P.HealthResponse("ok"))
 
-    @get("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")
-    def metrics() -> str:
-        return render_metrics(engine.metrics, srv.model)
+    @get("/metrics", sync_to_thread=False, media_type="text/plain")
+    def metrics() -> Response[bytes]:
+        body, content_type = prom.render()
+        return Response(body, media_type=content_type)
 
     @get("/version", sync_to_thread=False)
     def version() -> P.VersionResponse:
@@ -86,6 +89,7 @@ def create_app(engine, server_cfg) -> Litestar:
         ),
         logging_config=None,
         debug=False,
+        state=State({"metrics": prom}),
     )
 
 

@@ -88,7 +88,15 @@ def _validation_message(exc: ValidationException) -> tuple[str, str | None]:
 
 
 def handle_exception(request: Request, exc: Exception) -> Response:
-    """One handler for everything, so no error escapes in a non-OpenAI shape."""
+    """One handler for everything, so no error escapes in a non-OpenAI shape; each is counted."""
+    response = _response_for(request, exc)
+    metrics = request.app.state.get("metrics")
+    if metrics is not None:
+        metrics.reject(response.status_code)
+    return response
+
+
+def _response_for(request: Request, exc: Exception) -> Response:
     if isinstance(exc, APIError):
         return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
     if isinstance(exc, RequestError):
