@@ -325,6 +325,7 @@ def test_api_key_and_overload(keyed_server):
     first, err = asyncio.run(overload())
     assert first.choices[0].text is not None
     assert err.status_code == 503 and err.code == "server_overloaded"
+    assert int(err.response.headers["retry-after"]) >= 1
 
 
 # --- concurrency, disconnects, liveness ---------------------------------------------------------

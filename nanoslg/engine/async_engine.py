@@ -89,6 +89,16 @@ class AsyncEngine:
         return self.scheduler.num_waiting
 
     @property
+    def backlog(self) -> int:
+        """Waiting sequences the running batch has no place for (Scheduler.backlog)."""
+        return self.scheduler.backlog
+
+    @property
+    def accepting(self) -> bool:
+        """False once shutdown began: new requests are refused."""
+        return self._accepting and self.is_alive
+
+    @property
     def cascade_steps(self) -> int:
         """Decode steps so far that read a prefix every sequence shared once (rank 0's backend)."""
         return self.executor.backend.cascade_steps

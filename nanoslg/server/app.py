@@ -16,6 +16,7 @@ from litestar.openapi import OpenAPIConfig, ResponseSpec
 from nanoslg import __version__
 from nanoslg.core.config import ServerConfig
 from nanoslg.server import protocol as P
+from nanoslg.server.admission import shutting_down
 from nanoslg.server.body import StrictRequest, require_body
 from nanoslg.server.completions import OpenAIServer
 from nanoslg.server.errors import ERROR_RESPONSES, APIError, ErrorResponse, error_response, handle_exception
@@ -62,11 +63,14 @@ def create_app(engine, server_cfg) -> Litestar:
     @get(
         "/health",
         sync_to_thread=False,
-        responses={503: ResponseSpec(ErrorResponse, description="The engine loop has died")},
+        responses={503: ResponseSpec(ErrorResponse, description="The engine loop has died, or the server is draining")},
     )
     def health() -> Response[P.HealthResponse]:
         if not engine.is_alive:
             return error_response(503, "the engine loop has stopped", code="engine_unavailable")
+        if not engine.accepting:  # draining: load balancers stop sending here
+            e = shutting_down(server_cfg.shutdown_timeout)
+            return error_response(e.status, e.message, code=e.code, headers=e.headers)
         return OpenAIServer.json(P.HealthResponse("ok"))
 
     @get("/metrics", sync_to_thread=False, media_type="text/plain")

@@ -22,6 +22,7 @@ from nanoslg.core.sampling_params import SamplingParams
 from nanoslg.engine.outputs import RequestOutput
 from nanoslg.engine.stream import collect
 from nanoslg.server import protocol as P
+from nanoslg.server.admission import Admission
 from nanoslg.server.errors import APIError, error_body
 from nanoslg.server.logprobs import Logprobs
 from nanoslg.server.prompts import PromptEncoder
@@ -80,6 +81,7 @@ class OpenAIServer:
         self.model = engine.model_name
         self.prompts = PromptEncoder(engine.tokenizer, engine.max_model_len)
         self.lp = Logprobs(engine.tokenizer)
+        self.admission = Admission(engine, server_cfg)
 
     # -- request checks --------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -92,12 +94,7 @@ class OpenAIServer:
             )
 
     def check_capacity(self) -> None:
-        if self.engine.num_waiting >= self.cfg.max_waiting:
-            raise APIError(
-                503,
-                f"the waiting queue is full ({self.cfg.max_waiting} requests); retry later",
-                code="server_overloaded",
-            )
+        self.admission.check()
 
     def sampling(self, req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         kw: dict[str, Any] = {"n": req.n or 1, "max_tokens": max_tokens, "logprobs": logprobs}
@@ -191,6 +188,7 @@ class OpenAIServer:
         if req.stream:
             return self.sse(self.completion_events(rid, req, params, streams, prompts), streams)
         results = await self.wait_all(request, streams)
+        self.admission.check_finished(results)
         choices, completion_tokens = [], 0
         skip = params.skip_special_tokens
         for i, r in enumerate(results):
@@ -266,6 +264,7 @@ class OpenAIServer:
         if req.stream:
             return self.sse(self.chat_events(rid, req, params, streams), streams)
         (r,) = await self.wait_all(request, streams)
+        self.admission.check_finished([r])
         choices = []
         for c in r.outputs:
             lp = self.lp.chat(c.logprobs or []) if req.logprobs else None

@@ -1,8 +1,10 @@
 """`python run.py` (mode=serve): the engine and the HTTP server on one (uv)loop, run by uvicorn.
 
-SIGINT/SIGTERM: uvicorn stops accepting and waits for open responses while the engine lets
-in-flight requests run for up to `server.shutdown_timeout` seconds and then aborts the rest (their
-streams end with finish_reason "abort"); then the process exits 0. A second Ctrl+C forces the exit.
+SIGINT/SIGTERM: the engine stops taking requests and lets those in flight run for up to
+`server.shutdown_timeout` seconds, then aborts the rest (their streams end with finish_reason
+"abort"; a whole answer cut short is a 503). Meanwhile the port stays open and new requests get a
+503 with Retry-After, so clients are told rather than refused; once the engine is done, uvicorn
+stops and the process exits 0. A second Ctrl+C forces the exit.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ class _Server(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, on_exit: Callable[[int], None], banner: Callable[[str], None]):
         super().__init__(config)
-        self._on_exit = on_exit
+        self._on_exit = on_exit  # starts the drain, which sets should_exit when the engine is done
         self._banner = banner
+        self.draining = False
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -51,14 +54,14 @@ class _Server(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
     def _signal(self, sig: int) -> None:
-        if self.should_exit:
+        if self.draining:
             if sig == signal.SIGINT:
-                self.force_exit = True  # a second Ctrl+C: stop waiting
+                self.should_exit = self.force_exit = True  # a second Ctrl+C: stop waiting
             return
         log.info(
             "%s: stopping; in-flight requests get up to server.shutdown_timeout to finish", signal.Signals(sig).name
         )
-        self.should_exit = True
+        self.draining = True
         self._on_exit(sig)
 
     async def startup(self, sockets=None) -> None:
@@ -77,8 +80,14 @@ async def serve_engine(engine, cfg: Config) -> int:
     app = create_app(engine, scfg)
     drain: list[asyncio.Task] = []
 
+    async def drain_then_stop() -> None:
+        try:
+            await engine.shutdown(scfg.shutdown_timeout)
+        finally:
+            server.should_exit = True
+
     def on_exit(_sig: int) -> None:
-        drain.append(asyncio.ensure_future(engine.shutdown(scfg.shutdown_timeout)))
+        drain.append(asyncio.ensure_future(drain_then_stop()))
 
     def banner(url: str) -> None:
         info = getattr(engine, "info", {}) or {}
