@@ -76,6 +76,37 @@ def test_wrong_json_types_are_refused_as_openai_does(client, field, value):
     assert err["param"] == field and field in err["message"]
 
 
+class _Done:
+    """A request stream that ends at once with one token."""
+
+    def __init__(self, rid: str, ids: list[int]):
+        from nanoslg.engine.outputs import CompletionOutput, RequestOutput
+
+        self.request_id = rid
+        self._items = [RequestOutput(rid, ids, [CompletionOutput(0, "x", [7], finish_reason="length")], True)]
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self._items:
+            raise StopAsyncIteration
+        return self._items.pop(0)
+
+
+def test_integral_numbers_are_integers(client):
+    """JSON has one number type: 16.0 is 16 (JSON Schema's "integer" allows it), 16.5 is not."""
+    engine = client.engine
+    engine.add_request = lambda prompt, params, request_id=None: (
+        engine.added.append(params) or _Done(request_id, prompt)
+    )
+    r = client.post("/v1/completions", json={"prompt": [1.0, 2], "max_tokens": 16.0, "n": 1e0})
+    assert r.status_code == 200 and engine.added[-1].max_tokens == 16 and engine.added[-1].n == 1
+    assert (
+        _error(client.post("/v1/completions", json={"prompt": "a", "max_tokens": 16.5}), 400)["param"] == "max_tokens"
+    )
+
+
 def test_missing_field_names_it(client):
     assert _error(client.post("/v1/completions", json={"max_tokens": 3}), 400)["param"] == "prompt"
     assert _error(client.post("/v1/chat/completions", json={}), 400)["param"] == "messages"

@@ -55,10 +55,22 @@ def burst(url: str, bodies: list[bytes]) -> tuple[list, list[float], list[float]
         with httpx.Client(timeout=300) as c:
             return c.post(f"{url}/v1/completions", content=body, headers={"content-type": "application/json"}).json()
 
-    threads = [threading.Thread(target=probe), threading.Thread(target=stream)]
+    failed: list[BaseException] = []
+
+    def watched(fn):  # a probe or stream that times out must fail the test, not end quietly
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as e:
+                failed.append(e)
+                stop.set()
+
+        return threading.Thread(target=run)
+
+    threads = [watched(probe), watched(stream)]
     for t in threads:
         t.start()
-    while len(chunks) < 5:  # the stream is running
+    while len(chunks) < 5 and not failed:  # the stream is running
         time.sleep(0.01)
     health.clear()
     begin = time.perf_counter()
@@ -68,6 +80,8 @@ def burst(url: str, bodies: list[bytes]) -> tuple[list, list[float], list[float]
     stop.set()
     for t in threads:
         t.join(timeout=60)
+    if failed:
+        raise AssertionError(f"a probe or the stream failed during the burst: {failed[0]!r}")
     gaps = [b - a for a, b in zip(chunks, chunks[1:]) if b >= begin and a <= end]
     print(f"\n{len(bodies)} prompts in {end - begin:.2f} s: /health p99 {percentile(health, 99) * 1e3:.0f} ms", end="")
     print(f" ({len(health)} probes), largest gap between stream chunks {max(gaps, default=0) * 1e3:.0f} ms")

@@ -12,6 +12,7 @@ import hmac
 from litestar import Litestar, Request, Response, Router, get, post
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from nanoslg import __version__
 from nanoslg.core.config import ServerConfig
@@ -21,12 +22,14 @@ from nanoslg.server.body import StrictRequest, require_body
 from nanoslg.server.completions import OpenAIServer
 from nanoslg.server.errors import ERROR_RESPONSES, APIError, ErrorResponse, error_response, handle_exception
 from nanoslg.server.metrics import ServerMetrics
+from nanoslg.server.openapi import ExactSchemaPlugin, request_schemas
 
 
 def create_app(engine, server_cfg) -> Litestar:
     """Builds the Litestar app; the engine must be started on the loop that serves it."""
     srv = OpenAIServer(engine, server_cfg)
     prom = ServerMetrics(engine, srv.model)
+    schemas = request_schemas(srv.model, engine.vocab_size, engine.max_model_len, srv.prompts.max_chars)
     api_key: str | None = getattr(server_cfg, "api_key", None)
     expected = f"Bearer {api_key}".encode() if api_key else None
 
@@ -89,7 +92,10 @@ def create_app(engine, server_cfg) -> Litestar:
         before_request=require_body,
         request_max_body_size=getattr(server_cfg, "max_body_bytes", 16 * 1024 * 1024),
         openapi_config=OpenAPIConfig(
-            title="NanoSLG", version=__version__, description="OpenAI-compatible LLM inference server"
+            title="NanoSLG",
+            version=__version__,
+            description="OpenAI-compatible LLM inference server",
+            render_plugins=[ExactSchemaPlugin(schemas), SwaggerRenderPlugin(path="/swagger")],
         ),
         logging_config=None,
         debug=False,

@@ -2,8 +2,8 @@
 
 Litestar decodes a JSON body loosely (`"16"` becomes 16) and lets decoding errors other than
 msgspec's own escape as 500s (invalid UTF-8, nesting deeper than the interpreter's recursion
-limit). Here every body is decoded once, typed and strict, as OpenAI does, and each failure is a
-400 naming the field.
+limit). Here every body is decoded typed and strict, as OpenAI does (a number written 16.0 is still
+the integer 16), and each failure is a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -33,10 +33,27 @@ def validation_error(err: msgspec.ValidationError) -> APIError:
     return _invalid(f"{path}: {msg}" if path else msg, path or None)
 
 
+def _integral(obj: Any) -> Any:
+    """Integral floats as ints, through lists and objects."""
+    if isinstance(obj, float):
+        return int(obj) if obj.is_integer() else obj
+    if isinstance(obj, list):
+        return [_integral(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _integral(v) for k, v in obj.items()}
+    return obj
+
+
 def decode_body(body: bytes, target: type) -> Any:
     """The JSON body as `target`, strictly typed; a 400 naming the field for anything else."""
     try:
-        return msgspec.json.decode(body, type=target, strict=True)
+        try:
+            return msgspec.json.decode(body, type=target, strict=True)
+        except msgspec.ValidationError as e:
+            if "got `float`" not in str(e):
+                raise
+            # JSON has one number type: 16.0 is the integer 16 (JSON Schema and OpenAI agree).
+            return msgspec.convert(_integral(msgspec.json.decode(body)), target, strict=True)
     except msgspec.ValidationError as e:
         raise validation_error(e) from None
     except msgspec.DecodeError as e:
