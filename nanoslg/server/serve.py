@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable
 
 import uvicorn
 
-from nanoslg.core.config import Config
+from nanoslg.core.config import Config, ServerConfig
+from nanoslg.core.errors import ConfigError
 from nanoslg.core.loop import loop_factory
 from nanoslg.engine.builder import build_engine
 from nanoslg.server.app import create_app
@@ -73,7 +75,27 @@ class _Server(uvicorn.Server):
             self._banner(f"http://{host}:{port}")
 
 
-async def serve_engine(engine, cfg: Config) -> int:
+def bind(scfg: ServerConfig) -> socket.socket:
+    """The server's socket, bound (not yet listening) before the model loads: a port in use fails
+    at once, naming server.port, and nothing can take the port while the model loads."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(scfg.host, scfg.port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise ConfigError(f"server.host={scfg.host!r} cannot be resolved here ({e})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(
+            f"server.port={scfg.port}: cannot listen on {scfg.host}:{scfg.port} ({e.strerror}); another process "
+            "holds it? Pick another server.port (0 picks a free one)"
+        ) from None
+    return sock
+
+
+async def serve_engine(engine, cfg: Config, sock: socket.socket | None = None) -> int:
     """Serves a built engine on the running loop until a signal; returns the exit code."""
     scfg = cfg.server
     await engine.start()
@@ -115,7 +137,7 @@ async def serve_engine(engine, cfg: Config) -> int:
     )
     server = _Server(ucfg, on_exit, banner)
     try:
-        await server.serve()
+        await server.serve(sockets=[sock] if sock is not None else None)
     finally:
         if drain:
             await drain[0]
@@ -126,6 +148,8 @@ async def serve_engine(engine, cfg: Config) -> int:
 
 
 def serve(cfg: Config) -> int:
-    engine = build_engine(cfg)  # loads weights and sizes the KV pool: blocking work, before the loop
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        return runner.run(serve_engine(engine, cfg))
+    sock = bind(cfg.server)
+    with sock:
+        engine = build_engine(cfg)  # loads weights and sizes the KV pool: blocking work, before the loop
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            return runner.run(serve_engine(engine, cfg, sock))
