@@ -92,7 +92,7 @@ def build_engine(cfg: Config) -> AsyncEngine:
         kv.capacity_tokens,
         info["kv_gib"],
         info["kv_budget"],
-        "on" if info["prefix_caching"] else "off",
+        _prefix_caching_why(cfg, info),
         "on" if info["cascade_attention"] else "off",
     )
     return AsyncEngine(
@@ -105,6 +105,18 @@ def build_engine(cfg: Config) -> AsyncEngine:
         eos_token_ids=eos,
         kv_pool_bytes=pool_bytes,
         info=info,
+    )
+
+
+def _prefix_caching_why(cfg: Config, info: dict) -> str:
+    if info["prefix_caching"]:
+        return "on"
+    if not cfg.cache.prefix_caching:
+        return "off (cache.prefix_caching=false)"
+    picked = " (cache=auto picks it on the CPU)" if cfg.cache.backend == "auto" else ""
+    return (
+        f"off (the {info['cache_backend']} backend{picked} keeps one KV slab per sequence, with no pages to "
+        "share; cache=paged turns it on)"
     )
 
 
