@@ -101,7 +101,7 @@ class SamplingConfig:
 @dataclass
 class BenchConfig:
     workload: str = "offline"  # offline | batch1 | shared_prefix | serving
-    name: str | None = None  # experiment folder under experiments/; defaults to workload
+    name: str | None = None  # a preset's folder under experiments/; null: an ad-hoc run (outputs/bench/<workload>)
     num_requests: int = 256
     input_len_min: int = 100
     input_len_max: int = 1024
@@ -114,7 +114,7 @@ class BenchConfig:
     ignore_eos: bool = True
     peer: str = "none"  # none | hf
     warmup: int = 1
-    output_dir: str = "experiments"
+    output_dir: str | None = None  # null: experiments/ for presets, outputs/bench/ for ad-hoc runs
     extra: dict = field(default_factory=dict)
 
 
