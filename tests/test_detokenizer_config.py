@@ -20,7 +20,7 @@ def test_detokenizer_never_splits_a_character(demo_tokenizer):
 def test_default_config_composes():
     cfg, node = compose_config([])
     assert cfg.mode == "serve" and cfg.model.name == "demo" and cfg.cache.backend == "auto"
-    assert cfg.parallel.mode == "single" and cfg.scheduler.policy == "fcfs"
+    assert cfg.parallel.mode == "auto" and cfg.scheduler.policy == "fcfs"
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from nanoslg.core.errors import ConfigError
 from nanoslg.core.registry import PARALLEL, SCHEDULERS
 from nanoslg.engine.async_engine import AsyncEngine
 from nanoslg.model.checkpoint import resolve_checkpoint
+from nanoslg.parallel.auto import resolve_parallel
 from nanoslg.parallel.executor import Executor
 from nanoslg.runtime.build import blas_library
 from nanoslg.scheduler.scheduler import Scheduler
@@ -23,6 +24,7 @@ log = logging.getLogger("nanoslg")
 
 def build_engine(cfg: Config) -> AsyncEngine:
     ckpt = resolve_checkpoint(cfg)
+    cfg = resolve_parallel(cfg, ckpt)
     args = ckpt.args
     max_len = cfg.model.max_model_len or args.max_position_embeddings
     if max_len > args.max_position_embeddings:
