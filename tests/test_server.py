@@ -490,7 +490,7 @@ class _DyingStream:
 
 
 class _DyingEngine:
-    model_name, max_model_len, vocab_size, tokenizer, num_waiting = MODEL, 64, 100, None, 0
+    model_name, max_model_len, vocab_size, tokenizer, num_waiting, backlog, accepting = MODEL, 64, 100, None, 0, 0, True
 
     def __init__(self):
         from nanoslg.engine.metrics import EngineMetrics
