@@ -58,10 +58,14 @@ class FuzzStats:
 
 
 class CrossFieldRules:
-    """Which schema-valid bodies the server refuses by a rule that depends on the tokenized prompt."""
+    """Which schema-valid bodies the server refuses by a rule no JSON Schema states: the prompt's token
+    count, a combination of fields, or whether a structured-output spec compiles. The last two are
+    decided by the server's own code for them (server/structured.py, server/tools.py, the engine's
+    grammar compiler), run here on the decoded body."""
 
     def __init__(self, tokenizer, max_model_len: int):
         self.tok, self.ctx = tokenizer, max_model_len
+        self._grammars = None
 
     def _fits(self, n_prompt: int, max_tokens: int | None, body: dict) -> str | None:
         if n_prompt >= self.ctx:
@@ -74,10 +78,51 @@ class CrossFieldRules:
         return None
 
     def broken(self, path: str, body) -> str | None:
+        from nanoslg.server.errors import APIError
+
+        try:  # fields that do not go together first: the server checks them before the context
+            return self._structured(path, body) or self._broken(path, body)
+        except (TypeError, KeyError, IndexError, AttributeError, ValueError, APIError):
+            return None  # a shape the schema should have ruled out (or a template that refuses): the server answers it
+
+    def _structured(self, path: str, body) -> str | None:
+        if path not in ("/v1/completions", "/v1/chat/completions") or not isinstance(body, dict):
+            return None
+        import asyncio
+
+        import msgspec
+
+        from nanoslg.core.errors import RequestError
+        from nanoslg.core.sampling_params import SamplingParams
+        from nanoslg.engine.structured import Grammars
+        from nanoslg.server import protocol as P
+        from nanoslg.server.body import decode_body
+        from nanoslg.server.errors import APIError
+        from nanoslg.server.structured import constraints
+        from nanoslg.server.tools import ToolUse
+
+        chat = path == "/v1/chat/completions"
+        try:  # as the server decodes it (16.0 is 16)
+            req = decode_body(msgspec.json.encode(body), P.ChatCompletionRequest if chat else P.CompletionRequest)
+        except APIError:
+            return None  # the schema should have ruled it out: the server answers it
         try:
-            return self._broken(path, body)
-        except (TypeError, KeyError, IndexError, AttributeError, ValueError):
-            return None  # a shape the schema should have ruled out: the server answers it
+            kw, field = constraints(req)
+            if chat:
+                ToolUse(req, "hermes").constrain(SamplingParams(**kw), field)
+        except (APIError, RequestError):
+            return "structured-output or tool fields that do not go together"
+        if kw.get("logit_bias") and max(kw["logit_bias"]) >= len(self.tok):
+            return "logit_bias key outside the vocabulary"
+        spec = kw.get("structured_outputs")
+        if spec is not None:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tok, len(self.tok), (self.tok.eos_token_id,))
+            try:
+                asyncio.run(self._grammars.compile(spec))
+            except RequestError:
+                return "a structured-output spec that does not compile"
+        return None
 
     def _broken(self, path: str, body) -> str | None:
         if not isinstance(body, dict):
@@ -98,13 +143,17 @@ class CrossFieldRules:
         if path == "/v1/chat/completions":
             if body.get("top_logprobs") is not None and not body.get("logprobs"):
                 return "top_logprobs without logprobs"
-            msgs = []
-            for m in body["messages"]:
-                c = m.get("content")
-                text = c if isinstance(c, str) else "".join(p["text"] for p in c or [])
-                msgs.append({"role": "system" if m["role"] == "developer" else m["role"], "content": text})
-            ids = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            n = len(self.tok.encode(ids, add_special_tokens=False))
+            import msgspec
+
+            from nanoslg.server import protocol as P
+            from nanoslg.server.body import decode_body
+            from nanoslg.server.chat_template import render_chat
+            from nanoslg.server.tools import ToolUse
+
+            # rendered as the server renders it (tools go through the template too)
+            req = decode_body(msgspec.json.encode(body), P.ChatCompletionRequest)
+            text = render_chat(self.tok, req, ToolUse(req, "hermes").template_tools())
+            n = len(self.tok.encode(text, add_special_tokens=False))
             mt = body.get("max_completion_tokens")
             return self._fits(n, mt if mt is not None else body.get("max_tokens"), body)
         return None

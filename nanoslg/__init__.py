@@ -4,7 +4,7 @@
 protocol, say) does not import torch.
 """
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
 
@@ -13,10 +13,10 @@ def __getattr__(name: str):
         from nanoslg.llm import LLM
 
         return LLM
-    if name == "SamplingParams":
-        from nanoslg.core.sampling_params import SamplingParams
+    if name in ("SamplingParams", "StructuredOutputs"):
+        from nanoslg.core import sampling_params
 
-        return SamplingParams
+        return getattr(sampling_params, name)
     if name in ("RequestOutput", "CompletionOutput"):
         from nanoslg.engine import outputs
 

@@ -56,6 +56,8 @@ class LLM:
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
 
         async def run() -> list[RequestOutput]:
+            for sp in params:  # a grammar that does not compile fails the call before anything runs
+                await self.engine.compile_structured(sp)
             streams = []
             try:
                 for p, sp in zip(prompts, params):

@@ -44,7 +44,15 @@ def test_every_module_is_small():
 
 @pytest.mark.parametrize(
     "reg",
-    [registry.CACHE_BACKENDS, registry.SCHEDULERS, registry.PARALLEL, registry.ARCHITECTURES, registry.BENCHMARKS],
+    [
+        registry.CACHE_BACKENDS,
+        registry.SCHEDULERS,
+        registry.PARALLEL,
+        registry.ARCHITECTURES,
+        registry.BENCHMARKS,
+        registry.QUANTIZATION,
+        registry.TOOL_PARSERS,
+    ],
     ids=lambda r: r.key,
 )
 def test_registry_names_are_what_the_plugins_register(reg):

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from conftest import NEW, greedy, prompts_for
+from structured_cases import run_property
 
 from nanoslg import LLM
 from nanoslg.core.errors import ConfigError, EngineDeadError
@@ -71,6 +72,10 @@ def test_greedy_equals_single_and_transformers(mode, tiny_llama, reference):
         outs = llm._call(staggered())
         assert [o.token_ids for o in outs] == single, f"{mode}: staggered arrivals changed tokens"
         assert llm.engine.scheduler.kv.usage() == 0.0
+
+        # Grammar masks travel in the plan to the sampling rank (the last stage's first TP rank).
+        counts = run_property(llm, seed=5, n_schemas=6)
+        assert counts.get("stop", 0) > 0, counts
 
 
 @pytest.mark.parametrize("mode", ["tp", "pp"])

@@ -246,7 +246,7 @@ def test_sdk_errors_are_typed(client):
         assert e.value.status_code == 400 and e.value.param == param, (kwargs, e.value.body)
         assert e.value.type == "invalid_request_error" and e.value.message
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "x"}])
+        client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "x"}])
     assert "role" in e.value.param
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[])

@@ -110,7 +110,7 @@ def test_integral_numbers_are_integers(client):
 def test_missing_field_names_it(client):
     assert _error(client.post("/v1/completions", json={"max_tokens": 3}), 400)["param"] == "prompt"
     assert _error(client.post("/v1/chat/completions", json={}), 400)["param"] == "messages"
-    err = _error(client.post("/v1/chat/completions", json={"messages": [{"role": "tool", "content": "x"}]}), 400)
+    err = _error(client.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]}), 400)
     assert err["param"] == "messages[0].role"
 
 

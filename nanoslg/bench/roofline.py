@@ -50,6 +50,7 @@ class ModelFacts:
     tied_embeddings: bool
     kv_bytes_per_token: int  # K and V of every layer for one token (whole model, all shards)
     source: str = ""  # where the numbers came from, for the report
+    weight_bytes: int | None = None  # bytes a step reads when the engine says (quantized weights)
 
     @property
     def embed_params(self) -> int:
@@ -63,6 +64,8 @@ class ModelFacts:
     @property
     def weight_bytes_per_step(self) -> int:
         """Weights a step reads: all of them, except an untied input table (only looked up)."""
+        if self.weight_bytes is not None:
+            return self.weight_bytes
         read = self.num_params - (0 if self.tied_embeddings else self.embed_params)
         return read * self.dtype_bytes
 
@@ -148,6 +151,8 @@ def facts_from_engine(engine) -> ModelFacts:
     )
     if info.get("kv_bytes_per_token"):
         facts.kv_bytes_per_token = int(info["kv_bytes_per_token"])
+    if info.get("weight_bytes_per_step"):  # quantized linears at their own width (engine/builder.py)
+        facts.weight_bytes = int(info["weight_bytes_per_step"])
     return facts
 
 

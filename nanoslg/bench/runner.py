@@ -99,10 +99,13 @@ def _figures(cfg: Config) -> Figures | None:
 
 
 # -- engine workloads --------------------------------------------------------------------------
-def _sampling(cfg: Config, max_tokens: int):
+def _sampling(cfg: Config, max_tokens: int, structured=None):
 
     return SamplingParams(
-        max_tokens=max_tokens, temperature=float(extra(cfg, "temperature")), ignore_eos=cfg.bench.ignore_eos
+        max_tokens=max_tokens,
+        temperature=float(extra(cfg, "temperature")),
+        ignore_eos=cfg.bench.ignore_eos,
+        structured_outputs=structured,
     )
 
 
@@ -163,7 +166,7 @@ async def _engine_session(cfg: Config, engine, reqs: list[BenchRequest]) -> tupl
     await engine.start()
 
     async def send(i: int, r: BenchRequest, t: RequestTiming) -> None:
-        params = _sampling(cfg, r.max_tokens)
+        params = _sampling(cfg, r.max_tokens, r.structured)
         t.arrival = time.perf_counter()
         try:
             stream = engine.add_request(r.prompt, params, request_id=f"bench-{i}")

@@ -29,6 +29,7 @@ class BenchRequest:
     prompt: list[int]
     max_tokens: int
     arrival: float = 0.0  # seconds after the run starts
+    structured: object = None  # StructuredOutputs of a constrained request (offline_json)
 
 
 @dataclass
@@ -165,7 +166,11 @@ def warmup_requests(b: BenchConfig, reqs: list[BenchRequest]) -> list[BenchReque
     """The bench's warm-up (bench.warmup requests): small ones that compile and allocate what the
     first real step would otherwise pay for, and cache no more than the first page of a prompt."""
     n = min(16, min(len(r.prompt) for r in reqs))
-    return [BenchRequest(reqs[i % len(reqs)].prompt[:n], 8) for i in range(b.warmup)]
+    # A constrained request's grammar compiles (and the grammar tokenizer is built) in the warm-up.
+    return [
+        BenchRequest(reqs[i % len(reqs)].prompt[:n], 8, structured=reqs[i % len(reqs)].structured)
+        for i in range(b.warmup)
+    ]
 
 
 def warm_requests(llm, b: BenchConfig) -> tuple[list[BenchRequest], list]:

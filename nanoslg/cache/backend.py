@@ -27,10 +27,20 @@ class KVSpec:
     dtype: torch.dtype
     device: torch.device
     num_qo_heads: int = 0  # query heads on this rank (kernels that plan ahead need it)
+    kv_dtype: torch.dtype | None = None  # the pool's dtype where it is not the model's (FP8: kv_quant.py)
+    kv_scales: list[tuple[float, float]] | None = None  # per layer, (k, v) scales of an FP8 pool
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """What the pool holds."""
+        return self.kv_dtype or self.dtype
+
+    def scales(self, layer: int) -> tuple[float, float]:
+        return self.kv_scales[layer] if self.kv_scales else (1.0, 1.0)
 
     @property
     def bytes_per_token(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.cache_dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
 
 

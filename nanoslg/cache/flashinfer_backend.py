@@ -12,6 +12,8 @@
 - A decode step whose sequences all start with the same cached pages runs cascade attention
   (nanoslg/cache/cascade.py): the shared pages once for the whole batch, each sequence's own pages
   by the decode wrapper, merged with FlashInfer's merge_state.
+- An FP8 pool (`cache.kv_dtype=fp8_e4m3`, kv_quant.py): plan() is told the KV dtype, new K/V are
+  cast (divided by the layer's scale) before the append, and run() gets the scales back.
 
 flashinfer is imported only when this backend is built, so CPU machines never import it.
 """
@@ -26,6 +28,7 @@ from nanoslg.cache.auto import flashinfer_status
 from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_of
 from nanoslg.cache.cascade import shared_prefix_pages
 from nanoslg.cache.flashinfer_graph import FlashInferGraphs
+from nanoslg.cache.kv_quant import FP8, as_bytes, is_fp8, to_cache
 from nanoslg.core.errors import ConfigError
 from nanoslg.core.plan import StepPlan
 from nanoslg.core.registry import CACHE_BACKENDS
@@ -75,6 +78,7 @@ class FlashInferContext(CacheContext):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.plan_once(q.shape[1])
         cache = self.pool[layer]
+        k, v, scales = self.backend.kv_in(layer, k, v)
         self.backend.fi.page.append_paged_kv_cache(
             k,
             v,
@@ -87,8 +91,8 @@ class FlashInferContext(CacheContext):
             kv_layout="NHD",
         )
         if self.level0 is None:
-            return self.wrapper.run(q.contiguous(), cache)
-        return self.backend.cascade_run(self.wrapper, self.level0, q.contiguous(), cache)
+            return self.wrapper.run(q.contiguous(), cache, **scales)
+        return self.backend.cascade_run(self.wrapper, self.level0, q.contiguous(), cache, scales)
 
 
 @CACHE_BACKENDS.register("flashinfer")
@@ -123,7 +127,14 @@ class FlashInferBackend(CacheBackend):
         # One page more than the manager hands out: CUDA-graph padding rows read and write it.
         self.scratch_page = num_pages
         self.pool = torch.zeros(
-            s.num_layers, num_pages + 1, 2, self.page_size, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=s.device
+            s.num_layers,
+            num_pages + 1,
+            2,
+            self.page_size,
+            s.num_kv_heads,
+            s.head_dim,
+            dtype=s.cache_dtype,
+            device=s.device,
         )
 
     def run_copies(self, copies: list[tuple[int, int]]) -> None:
@@ -131,7 +142,8 @@ class FlashInferBackend(CacheBackend):
             dev = self.pool.device
             src = to_device([c[0] for c in copies], torch.long, dev)
             dst = to_device([c[1] for c in copies], torch.long, dev)
-            self.pool[:, dst] = self.pool[:, src]
+            pool = as_bytes(self.pool)  # indexing kernels may lack float8; bytes copy the same
+            pool[:, dst] = pool[:, src]
 
     # -- CUDA-graph hooks (flashinfer_graph.py holds the buffers) --------------------------------
     def init_graphs(self, max_bs: int, max_model_len: int) -> None:
@@ -146,10 +158,17 @@ class FlashInferBackend(CacheBackend):
     def prepare_replay(self, bs: int, plan: StepPlan) -> str:
         return self._graphs.prepare_replay(bs, plan)
 
-    def cascade_run(self, own, shared, q: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    def kv_in(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """k, v as the pool stores them, and the run() arguments that scale them back (FP8 pools)."""
+        if not is_fp8(self.spec.cache_dtype):
+            return k, v, {}
+        ks, vs = self.spec.scales(layer)
+        return to_cache(k, ks, FP8), to_cache(v, vs, FP8), {"k_scale": ks, "v_scale": vs}
+
+    def cascade_run(self, own, shared, q: torch.Tensor, cache: torch.Tensor, scales: dict) -> torch.Tensor:
         """Each query against its own pages and against the shared prefix, merged by log-sum-exp."""
-        out, lse = own.run(q, cache, return_lse=True)
-        out0, lse0 = shared.run(q, cache, return_lse=True)
+        out, lse = own.run(q, cache, return_lse=True, **scales)
+        out0, lse0 = shared.run(q, cache, return_lse=True, **scales)
         self.fi.merge_state_in_place(out, lse, out0, lse0)
         return out
 
@@ -233,7 +252,7 @@ class FlashInferBackend(CacheBackend):
         self.num_qo_heads = num_qo_heads
         qo_indptr_h, kv_indptr_h, indices_d, last_len_h = csr
         s, ps = self.spec, self.page_size
-        common = dict(q_data_type=s.dtype, kv_data_type=s.dtype, sm_scale=self.scale)
+        common = dict(q_data_type=s.dtype, kv_data_type=s.cache_dtype, sm_scale=self.scale)
         if decode:
             wrapper = self._decode_wrapper()
             self.run_plan(
@@ -278,7 +297,7 @@ class FlashInferBackend(CacheBackend):
             self.page_size,
             causal=False,
             q_data_type=s.dtype,
-            kv_data_type=s.dtype,
+            kv_data_type=s.cache_dtype,
             sm_scale=self.scale,
         )
         return wrapper

@@ -27,6 +27,7 @@ class _GraphContext(CacheContext):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         g, bs = self.g, self.bs
         cache = g.backend.pool[layer]
+        k, v, scales = g.backend.kv_in(layer, k, v)  # an FP8 pool: cast before the append, scales to run()
         g.fi.page.append_paged_kv_cache(
             k,
             v,
@@ -39,8 +40,8 @@ class _GraphContext(CacheContext):
             kv_layout="NHD",
         )
         if self.level0 is None:
-            return self.wrapper.run(q.contiguous(), cache)
-        return g.backend.cascade_run(self.wrapper, self.level0, q.contiguous(), cache)
+            return self.wrapper.run(q.contiguous(), cache, **scales)
+        return g.backend.cascade_run(self.wrapper, self.level0, q.contiguous(), cache, scales)
 
 
 class FlashInferGraphs:
@@ -164,6 +165,6 @@ class FlashInferGraphs:
             s.head_dim,
             ps,
             q_data_type=s.dtype,
-            kv_data_type=s.dtype,
+            kv_data_type=s.cache_dtype,
             sm_scale=self.backend.scale,
         )

@@ -14,6 +14,7 @@ import torch
 
 from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_of
 from nanoslg.cache.cascade import attend_lse, merge, shared_prefix_pages
+from nanoslg.cache.kv_quant import as_bytes, from_cache, to_cache
 from nanoslg.cache.sdpa import attend_one
 from nanoslg.core.plan import StepPlan
 from nanoslg.core.registry import CACHE_BACKENDS
@@ -43,42 +44,41 @@ class _Seq:
     slots: torch.Tensor  # slots of positions 0..start+n-1
 
 
+@dataclass(eq=False)
 class PagedTorchContext(CacheContext):
-    def __init__(
-        self,
-        pool: torch.Tensor,
-        new_slots: torch.Tensor,
-        seqs: list[_Seq],
-        positions: torch.Tensor,
-        scale: float,
-        shared: torch.Tensor | None = None,
-    ):
-        self.pool = pool
-        self.new_slots = new_slots
-        self.seqs = seqs
-        self.positions = positions
-        self.scale = scale
-        self.shared = shared  # cascade: slots of the prefix every sequence shares (seq slots exclude it)
+    pool: torch.Tensor
+    new_slots: torch.Tensor
+    seqs: list[_Seq]
+    positions: torch.Tensor
+    scale: float
+    spec: KVSpec
+    shared: torch.Tensor | None = None  # cascade: slots of the prefix every sequence shares (seq slots exclude it)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc = self.pool[layer, 0].flatten(0, 1)  # [pages * page_size, Hkv, D], a view
         vc = self.pool[layer, 1].flatten(0, 1)
-        # All new KV is written first (one op per layer), then each sequence reads its pages.
-        kc.index_copy_(0, self.new_slots, k.to(kc.dtype))
-        vc.index_copy_(0, self.new_slots, v.to(vc.dtype))
+        ks, vs = self.spec.scales(layer)
+        # All new KV is written first (one op per layer), then each sequence reads its pages. An FP8
+        # pool stores x / scale and is read back upcast (kv_quant.py).
+        as_bytes(kc).index_copy_(0, self.new_slots, as_bytes(to_cache(k, ks, kc.dtype)))
+        as_bytes(vc).index_copy_(0, self.new_slots, as_bytes(to_cache(v, vs, vc.dtype)))
+
+        def read(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return from_cache(kc[slots], ks, q.dtype), from_cache(vc[slots], vs, q.dtype)
+
         if self.shared is not None:
-            return self._cascade(q, kc, vc)
+            return self._cascade(q, read)
         out = torch.empty_like(q)
         for s in self.seqs:
             rows = slice(s.offset, s.offset + s.n)
-            out[rows] = attend_one(q[rows], kc[s.slots], vc[s.slots], s.start, self.scale)
+            out[rows] = attend_one(q[rows], *read(s.slots), s.start, self.scale)
         return out
 
-    def _cascade(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+    def _cascade(self, q: torch.Tensor, read) -> torch.Tensor:
         """A decode step: every query against the shared prefix at once, then each against its own
         pages, merged by log-sum-exp (one query per sequence, so neither level needs a mask)."""
-        out0, lse0 = attend_lse(q, kc[self.shared], vc[self.shared], self.scale)
-        own = [attend_lse(q[s.offset : s.offset + 1], kc[s.slots], vc[s.slots], self.scale) for s in self.seqs]
+        out0, lse0 = attend_lse(q, *read(self.shared), self.scale)
+        own = [attend_lse(q[s.offset : s.offset + 1], *read(s.slots), self.scale) for s in self.seqs]
         out1, lse1 = torch.cat([o for o, _ in own]), torch.cat([lse for _, lse in own])
         return merge(out0, lse0, out1, lse1).to(q.dtype)
 
@@ -95,14 +95,15 @@ class PagedTorchBackend(CacheBackend):
     def allocate(self, num_pages: int) -> None:
         s = self.spec
         self.pool = torch.zeros(
-            s.num_layers, 2, num_pages, self.page_size, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=s.device
+            s.num_layers, 2, num_pages, self.page_size, s.num_kv_heads, s.head_dim, dtype=s.cache_dtype, device=s.device
         )
 
     def run_copies(self, copies: list[tuple[int, int]]) -> None:
         if copies:
             src = to_device([c[0] for c in copies], torch.long, self.pool.device)
             dst = to_device([c[1] for c in copies], torch.long, self.pool.device)
-            self.pool[:, :, dst] = self.pool[:, :, src]
+            pool = as_bytes(self.pool)  # indexing kernels may lack float8; bytes copy the same
+            pool[:, :, dst] = pool[:, :, src]
 
     def prepare(self, plan: StepPlan) -> PagedTorchContext:
         if self.pool is None:
@@ -111,7 +112,7 @@ class PagedTorchBackend(CacheBackend):
         dev = self.spec.device
         if not plan.seqs:
             empty = torch.empty(0, dtype=torch.long, device=dev)
-            return PagedTorchContext(self.pool, empty, [], empty, self.scale)
+            return PagedTorchContext(self.pool, empty, [], empty, self.scale, self.spec)
         new_slots, kv_slots = step_slots(plan, self.page_size, dev)
         shared = (
             shared_prefix_pages(plan.seqs, self.page_size) * self.page_size if self.cascade and plan.is_decode else 0
@@ -123,5 +124,11 @@ class PagedTorchBackend(CacheBackend):
         if shared:
             self.cascade_steps += 1
         return PagedTorchContext(
-            self.pool, new_slots, seqs, positions_of(plan, dev), self.scale, kv_slots[0][:shared] if shared else None
+            self.pool,
+            new_slots,
+            seqs,
+            positions_of(plan, dev),
+            self.scale,
+            self.spec,
+            kv_slots[0][:shared] if shared else None,
         )

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_of
+from nanoslg.cache.kv_quant import from_cache, to_cache
 from nanoslg.core.plan import StepPlan
 from nanoslg.core.registry import CACHE_BACKENDS
 
@@ -46,19 +47,24 @@ class _Slot:
 
 
 class SdpaContext(CacheContext):
-    def __init__(self, slots: list[_Slot], positions: torch.Tensor, scale: float):
+    def __init__(self, slots: list[_Slot], positions: torch.Tensor, scale: float, spec: KVSpec):
         self.slots = slots
         self.positions = positions
         self.scale = scale
+        self.spec = spec
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)
+        ks, vs = self.spec.scales(layer)
+        pool = self.spec.cache_dtype
+        k, v = to_cache(k, ks, pool), to_cache(v, vs, pool)  # an FP8 pool stores x / scale (kv_quant.py)
         for s in self.slots:
             rows = slice(s.offset, s.offset + s.n)
             end = s.start + s.n
             s.slab[0, layer, s.start : end] = k[rows]
             s.slab[1, layer, s.start : end] = v[rows]
-            out[rows] = attend_one(q[rows], s.slab[0, layer, :end], s.slab[1, layer, :end], s.start, self.scale)
+            kc, vc = from_cache(s.slab[0, layer, :end], ks, q.dtype), from_cache(s.slab[1, layer, :end], vs, q.dtype)
+            out[rows] = attend_one(q[rows], kc, vc, s.start, self.scale)
         return out
 
 
@@ -82,7 +88,7 @@ class SdpaBackend(CacheBackend):
         new_cap = max(needed, min(cap + max(256, cap // 4), self.capacity_tokens))
         new_cap = -(-new_cap // self.page_size) * self.page_size
         s = self.spec
-        new = torch.empty(2, s.num_layers, new_cap, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=s.device)
+        new = torch.empty(2, s.num_layers, new_cap, s.num_kv_heads, s.head_dim, dtype=s.cache_dtype, device=s.device)
         if slab is not None:
             new[:, :, :cap] = slab
         self.slabs[seq_id] = new
@@ -96,7 +102,7 @@ class SdpaBackend(CacheBackend):
             n = len(st.token_ids)
             slots.append(_Slot(self._slab(st.seq_id, st.start + n), st.start, n, offset))
             offset += n
-        return SdpaContext(slots, positions_of(plan, self.spec.device), self.scale)
+        return SdpaContext(slots, positions_of(plan, self.spec.device), self.scale, self.spec)
 
 
 class NoCacheContext(CacheContext):

@@ -36,6 +36,10 @@ class ModelConfig:
     # time it meets a shape, and eager prefill steps bring a new token count nearly every step.
     blas: str = "auto"
     tokenizer: str | None = None  # defaults to path
+    # Linear-layer weights: none (the checkpoint's dtype), fp8 (float8 weights with per-channel
+    # scales, activations quantized per token), awq (4-bit AutoAWQ checkpoints). A checkpoint whose
+    # config.json has a quantization_config selects its own method; none follows it.
+    quantization: str = "none"
 
 
 @dataclass
@@ -49,6 +53,9 @@ class CacheConfig:
     # Decode steps whose sequences all share a long cached prefix read it once per step, not once
     # per sequence (paged backends; nanoslg/cache/cascade.py).
     cascade_attention: bool = True
+    # The KV pool's element type: auto (the model's dtype) or fp8_e4m3 (one byte per value, so twice
+    # the tokens of bf16 in the same memory; per-layer scales from the checkpoint, else 1.0).
+    kv_dtype: str = "auto"
 
 
 @dataclass
@@ -83,6 +90,9 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     max_body_bytes: int = 16 * 1024 * 1024
     log_level: str = "info"
+    # How tool_choice=auto finds calls in the text: hermes (Qwen, Hermes: <tool_call>{...}</tool_call>)
+    # or llama3_json (Llama 3.x: the output is one JSON call); nanoslg/server/tool_parsers/.
+    tool_parser: str = "hermes"
 
 
 @dataclass
@@ -141,6 +151,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.device": ("auto", "cuda", "cpu"),
     "model.sampling_kernels": ("auto", "torch", "flashinfer"),
     "model.blas": ("auto", "cublas", "cublaslt"),
+    "cache.kv_dtype": ("auto", "fp8_e4m3"),
     "parallel.dist_backend": ("auto", "nccl", "gloo"),
     "bench.peer": ("none", "hf"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -210,3 +221,8 @@ def _check_registries(cfg: DictConfig) -> None:
     if cfg.parallel.mode != "auto":  # resolved from the model and the GPUs (parallel/auto.py)
         registry.PARALLEL.check(cfg.parallel.mode)
     registry.BENCHMARKS.check(cfg.bench.workload)
+    quant = cfg.model.quantization
+    if quant != "none" and quant not in registry.QUANTIZATION:
+        allowed = ", ".join(["none", *registry.QUANTIZATION.names()])
+        raise ConfigError(f"model.quantization={quant!r} is not allowed; allowed: {allowed}")
+    registry.TOOL_PARSERS.check(cfg.server.tool_parser)

@@ -44,6 +44,13 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def tp_all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise max over the TP group, in place (a process without a group keeps its own)."""
+    if _state.tp_size > 1 and dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=_state.tp_group)
+    return x
+
+
 def tp_all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """Concatenates each TP rank's slice along the last dim (rank order)."""
     if _state.tp_size == 1:

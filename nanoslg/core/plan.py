@@ -6,6 +6,7 @@ It is plain data (ints and lists) so the parallel strategies can send it to othe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from nanoslg.core.sampling_params import SamplingParams
 
@@ -35,6 +36,15 @@ class NewSeq:
 
 
 @dataclass
+class TokenMasks:
+    """The grammar masks of the constrained sequences that sample in a step (llguidance's layout):
+    row i allows token t for seq_ids[i] iff bit t % 32 of word bits[i, t // 32] is set."""
+
+    seq_ids: list[int]
+    bits: Any  # numpy int32 [len(seq_ids), ceil(vocab / 32)]
+
+
+@dataclass
 class StepPlan:
     step_id: int
     seqs: list[SeqStep]
@@ -44,6 +54,10 @@ class StepPlan:
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src page, dst page) before the step
     # The scheduler's note that every sequence feeds one token and samples it; None: not known.
     decode: bool | None = None
+    masks: TokenMasks | None = None  # grammar masks of constrained rows, known when the plan was made
+    # Overlap: a constrained sequence's mask depends on the token of the step still in flight, so this
+    # step stops after its logits and samples once the engine hands the masks over (executor.sample).
+    sample_later: bool = False
 
     @property
     def num_tokens(self) -> int:

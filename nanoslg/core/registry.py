@@ -94,3 +94,5 @@ SCHEDULERS: Registry = Registry("scheduler policy", "scheduler.policy", "nanoslg
 PARALLEL: Registry = Registry("parallel strategy", "parallel.mode", "nanoslg.parallel", "PARALLEL")
 ARCHITECTURES: Registry = Registry("model architecture", "config.json architectures", "nanoslg.model", "ARCHITECTURES")
 BENCHMARKS: Registry = Registry("bench workload", "bench.workload", "nanoslg.bench", "BENCHMARKS")
+QUANTIZATION: Registry = Registry("quantization method", "model.quantization", "nanoslg.model.quant", "QUANTIZATION")
+TOOL_PARSERS: Registry = Registry("tool parser", "server.tool_parser", "nanoslg.server.tool_parsers", "TOOL_PARSERS")

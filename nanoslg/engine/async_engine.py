@@ -28,6 +28,7 @@ from nanoslg.engine.metrics import EngineMetrics
 from nanoslg.engine.output_processor import OutputProcessor
 from nanoslg.engine.outputs import Prompt, RequestOutput
 from nanoslg.engine.stream import RequestStream, collect
+from nanoslg.engine.structured import Grammars
 from nanoslg.parallel.executor import Executor
 from nanoslg.scheduler.scheduler import Scheduler
 
@@ -60,6 +61,7 @@ class AsyncEngine:
         self.metrics = EngineMetrics()
         self.outputs = OutputProcessor(tokenizer, eos_token_ids, max_model_len, self.metrics, scheduler.finish)
         self._abort_pending: set[int] = set()  # aborted while a step holding them was in flight
+        self.grammars = Grammars(tokenizer, vocab_size, eos_token_ids)  # structured outputs
         # Overlap needs an executor that splits a step into launch (no host sync) and collect.
         self.overlap = executor.overlap
         scheduler.lookahead = self.overlap
@@ -119,14 +121,35 @@ class AsyncEngine:
         params = params or SamplingParams()
         text, ids = self._tokenize(prompt)
         params = self._fit_max_tokens(ids, params)
+        self._check_logit_bias(params)
         rid = request_id or uuid.uuid4().hex
-        if rid in self.outputs.requests:
+        if rid in self.outputs.requests or rid in self.grammars.waiting:
             raise RequestError(f"request id {rid!r} is already in use", param="request_id")
         stream = RequestStream(rid)
-        for so in self.outputs.add_request(rid, text, ids, params, stream).outs:
+        spec = params.structured_outputs
+        compiled = self.grammars.cached(spec) if spec is not None else None
+        if spec is not None and compiled is None:  # compiled off the loop; the request starts after
+            start = lambda c: self._start(rid, text, ids, params, stream, c)  # noqa: E731
+            self.grammars.start_when_compiled(rid, spec, stream, ids, params.n, start)
+            return stream
+        self._start(rid, text, ids, params, stream, compiled)
+        return stream
+
+    def _start(self, rid: str, text, ids: list[int], params: SamplingParams, stream, compiled) -> None:
+        if self._dead is not None or not self._accepting:
+            raise EngineDeadError("the engine stopped")
+        req = self.outputs.add_request(rid, text, ids, params, stream)
+        if compiled is not None:
+            self.outputs.constrain(req, lambda: self.grammars.new_matcher(compiled))
+        for so in req.outs:
             self.scheduler.add(so.seq)
         self._poke()
-        return stream
+
+    async def compile_structured(self, params: SamplingParams) -> None:
+        """Compiles the request's grammar (off the loop) ahead of add_request, so a spec that does not
+        compile is refused (RequestError) before anything is streamed."""
+        if params.structured_outputs is not None:
+            await self.grammars.compile(params.structured_outputs)
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
@@ -136,6 +159,8 @@ class AsyncEngine:
         return await collect(stream)
 
     def abort(self, request_id: str) -> None:
+        if self.grammars.abort(request_id):  # still compiling its grammar: never scheduled
+            return
         req = self.outputs.requests.get(request_id)
         if req is None:
             return
@@ -155,7 +180,7 @@ class AsyncEngine:
         requests = self.outputs.requests
         while requests and self.is_alive and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        for rid in list(requests):
+        for rid in [*requests, *self.grammars.waiting]:
             self.abort(rid)
         while requests and self.is_alive and self._task is not None:
             await asyncio.sleep(0.01)  # let the loop release the aborted sequences' KV
@@ -168,6 +193,7 @@ class AsyncEngine:
         self._thread.shutdown(wait=True)
         if self._collector is not None:
             self._collector.shutdown(wait=True)
+        self.grammars.shutdown()
         self.executor.shutdown()
 
     # -- input checks --------------------------------------------------------------------------
@@ -198,6 +224,13 @@ class AsyncEngine:
         except OverflowError:
             return False
         return bool(arr.min() >= 0 and arr.max() < self.vocab_size)
+
+    def _check_logit_bias(self, params: SamplingParams) -> None:
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise RequestError(
+                f"logit_bias key {max(params.logit_bias)} is outside the vocabulary [0, {self.vocab_size})",
+                param="logit_bias",
+            )
 
     def _fit_max_tokens(self, ids: list[int], params: SamplingParams) -> SamplingParams:
         n, ctx = len(ids), self.max_model_len
@@ -260,7 +293,7 @@ class AsyncEngine:
         inflight: collections.deque = collections.deque()  # (plan, future of its launch handle)
         while True:
             while len(inflight) < 2:
-                plan = self._timed(self.scheduler.schedule, "schedule_s")
+                plan = self._timed(self._schedule, "schedule_s")
                 if plan is None:
                     break
                 inflight.append((plan, self._thread.submit(self._timed, self.executor.launch, "launch_s", plan)))
@@ -272,6 +305,17 @@ class AsyncEngine:
             waiter = self._collector if inflight and not inflight[0][0].decode else self._thread
             collected = waiter.submit(lambda h=launched: self._timed(self.executor.collect, "wait_s", h.result()))
             self._process_timed(plan, await asyncio.wrap_future(collected))
+            if inflight and inflight[0][0].sample_later:  # its masks needed the tokens just processed
+                nxt, fwd = inflight[0]
+                masks = self._timed(self.grammars.masks, "schedule_s", nxt, self.outputs.outs)
+                inflight[0] = (nxt, self._thread.submit(lambda f=fwd, m=masks: self.executor.sample(f.result(), m)))
+
+    def _schedule(self) -> StepPlan | None:
+        """The scheduler's next plan, with the grammar masks of its constrained rows (or sample_later)."""
+        plan = self.scheduler.schedule()
+        if plan is not None and self.outputs.num_constrained:
+            self.grammars.attach(plan, self.outputs.outs, self.overlap)
+        return plan
 
     def _timed(self, fn, key: str, *args):
         """fn(*args), its time added to the step profile's `key` (the bench swaps in a fresh profile)."""
@@ -291,7 +335,7 @@ class AsyncEngine:
         inflight: dict[asyncio.Future, StepPlan] = {}
         while True:
             while len(inflight) < self.max_inflight:
-                plan = self._timed(self.scheduler.schedule, "schedule_s")
+                plan = self._timed(self._schedule, "schedule_s")
                 if plan is None:
                     break
                 inflight[loop.run_in_executor(self._thread, self._timed, self.executor.execute, "wait_s", plan)] = plan

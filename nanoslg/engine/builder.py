@@ -14,6 +14,7 @@ from nanoslg.core.errors import ConfigError
 from nanoslg.core.registry import PARALLEL, SCHEDULERS
 from nanoslg.engine.async_engine import AsyncEngine
 from nanoslg.model.checkpoint import resolve_checkpoint
+from nanoslg.model.loader import weight_bytes
 from nanoslg.parallel.auto import resolve_parallel
 from nanoslg.parallel.executor import Executor
 from nanoslg.runtime.build import blas_library
@@ -40,6 +41,8 @@ def build_engine(cfg: Config) -> AsyncEngine:
     eos = _eos_ids(ckpt.path, args, tokenizer)
     pool_bytes = executor.num_pages * cfg.cache.page_size * backend.spec.bytes_per_token
     rt = executor.rt
+    model = rt.runner.model
+    whole_weights, step_weights = weight_bytes(args, model.quant, _elem(backend.spec.dtype))
     name = cfg.server.served_model_name or (
         os.path.basename(os.path.normpath(cfg.model.path)) if cfg.model.path else cfg.model.name
     )
@@ -66,8 +69,16 @@ def build_engine(cfg: Config) -> AsyncEngine:
         "sampling_kernels": rt.runner.sampler.kernels if rt.runner.sampler else None,
         "blas": blas_library(cfg.model.blas) if executor.device.type == "cuda" else None,
         "cuda_graphs": rt.runner.graphs is not None,
+        "quantization": model.quant.name if model.quant is not None else "none",
+        "quantization_detail": rt.quant,
+        "kv_dtype": str(backend.spec.cache_dtype).replace("torch.", ""),
         # The whole model's KV per token (every layer and KV head), whatever the sharding.
-        "kv_bytes_per_token": 2 * args.num_layers * args.num_kv_heads * args.head_dim * _elem(backend.spec.dtype),
+        "kv_bytes_per_token": 2 * args.num_layers * args.num_kv_heads * args.head_dim * _elem(backend.spec.cache_dtype),
+        # The whole model's weights as stored (quantized linears at their width), and what a step reads
+        # of them (all but an untied input embedding): the roofline's weight bytes.
+        "weight_bytes": whole_weights,
+        "weight_bytes_per_step": step_weights,
+        "weight_gib_rank0": rt.weight_bytes / 2**30,
     }
     log.info(
         "model %s (%s, %s) on %s, dtype %s: %s",
@@ -80,6 +91,12 @@ def build_engine(cfg: Config) -> AsyncEngine:
     )
     log.info("parallel %s; cache backend %s: %s", info["parallel"], info["cache_backend"], info["cache_reason"])
     log.info(
+        "weights: %.2f GiB on rank 0 (%.2f GiB for the whole model); quantization %s",
+        info["weight_gib_rank0"],
+        whole_weights / 2**30,
+        info["quantization_detail"],
+    )
+    log.info(
         "overlap scheduling %s; decode CUDA graphs %s; sampling kernels %s (model.sampling_kernels=%s)%s",
         _overlap_why(cfg, info["overlap"]),
         "on" if info["cuda_graphs"] else "off",
@@ -88,11 +105,12 @@ def build_engine(cfg: Config) -> AsyncEngine:
         f"; GEMMs {info['blas']} (model.blas={cfg.model.blas})" if info["blas"] else "",
     )
     log.info(
-        "KV pool: %d pages x %d = %d tokens, %.2f GiB (budget: %s); prefix caching %s; cascade attention %s",
+        "KV pool: %d pages x %d = %d tokens, %.2f GiB, %s (budget: %s); prefix caching %s; cascade attention %s",
         executor.num_pages,
         cfg.cache.page_size,
         kv.capacity_tokens,
         info["kv_gib"],
+        _kv_dtype_why(backend.spec, rt.kv_scales),
         info["kv_budget"],
         _prefix_caching_why(cfg, info),
         "on" if info["cascade_attention"] else "off",
@@ -128,6 +146,15 @@ def _overlap_why(cfg: Config, on: bool) -> str:
     if not cfg.scheduler.overlap:
         return "off (scheduler.overlap=false)"
     return f"off (parallel={cfg.parallel.mode} runs steps one at a time per stage; overlap needs parallel=single)"
+
+
+def _kv_dtype_why(spec, scales: str) -> str:
+    name = str(spec.cache_dtype).replace("torch.", "")
+    if spec.kv_dtype is None:
+        return name
+    ratio = _elem(spec.dtype) / _elem(spec.cache_dtype)
+    model = str(spec.dtype).replace("torch.", "")
+    return f"{name} ({scales}; {ratio:g}x the tokens {model} would hold in the same memory)"
 
 
 def _elem(dtype) -> int:

@@ -34,6 +34,7 @@ class SeqOutput:
         "stop_reason",
         "first_token_time",
         "last_token_time",
+        "grammar",
     )
 
     def __init__(self, seq: Sequence, req: RequestState, index: int, detok: IncrementalDetokenizer | None):
@@ -43,6 +44,7 @@ class SeqOutput:
         self.stop_reason: object = None  # the stop string or token id that matched
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
+        self.grammar = None  # a structured.Matcher when the output is constrained
 
 
 class RequestState:
@@ -72,6 +74,7 @@ class OutputProcessor:
         self.finish = finish  # retires a sequence in the scheduler (frees its KV)
         self.requests: dict[str, RequestState] = {}
         self.outs: dict[int, SeqOutput] = {}  # seq_id -> its output state, while its request runs
+        self.num_constrained = 0  # sequences of running requests with a grammar (none: no mask work)
 
     def min_tokens_stop_ids(self, params: SamplingParams) -> tuple[int, ...]:
         """Ids the sampler masks while fewer than min_tokens were generated: those that would stop."""
@@ -99,6 +102,12 @@ class OutputProcessor:
             req.outs.append(so)
             self.outs[seq.seq_id] = so
         return req
+
+    def constrain(self, req: RequestState, new_matcher: Callable[[], object]) -> None:
+        """Gives each of the request's sequences a matcher of its own (n > 1: one each)."""
+        for so in req.outs:
+            so.grammar = new_matcher()
+        self.num_constrained += len(req.outs)
 
     # -- a step's tokens -------------------------------------------------------------------------
     def process(self, sampled: list[tuple[Sequence, int, object]], now: float) -> None:
@@ -152,6 +161,9 @@ class OutputProcessor:
     def _stop_reason(self, so: SeqOutput, seq: Sequence, tok: int) -> str | None:
         p = seq.params
         n_out = seq.num_output_tokens
+        # Every committed token advances the grammar; its end ("stop") does not wait for min_tokens,
+        # since nothing more could follow, but a stop string matched at that token still cuts the text.
+        grammar_end = so.grammar.advance(tok) if so.grammar is not None else None
         if n_out >= p.min_tokens:
             if not p.ignore_eos and tok in self.eos_token_ids:
                 return "stop"
@@ -165,6 +177,8 @@ class OutputProcessor:
                         so.text = so.text[:at]
                         so.stop_reason = stop
                         return "stop"
+        if grammar_end is not None:
+            return grammar_end
         if n_out >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             return "length"
         return None
@@ -192,6 +206,7 @@ class OutputProcessor:
             req.stream.put(error)
         self.requests.clear()
         self.outs.clear()
+        self.num_constrained = 0
 
     def _emit(self, req: RequestState, outs: list[CompletionOutput]) -> None:
         done = req.outs[0].seq.finished if len(req.outs) == 1 else all(so.seq.finished for so in req.outs)
@@ -202,4 +217,6 @@ class OutputProcessor:
         if done:
             for so in req.outs:
                 self.outs.pop(so.seq.seq_id, None)
+                if so.grammar is not None:
+                    self.num_constrained -= 1
             self.requests.pop(req.id, None)

@@ -22,12 +22,21 @@ from nanoslg.core.machine import cache_root
 
 log = logging.getLogger("nanoslg.demo")
 
-VERSION = "demo-v1"
+VERSION = "demo-v2"  # v2: the chat template renders tools and tool calls
 SPECIAL = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 0..4
 PAD, BOS, EOS, IM_START, IM_END = range(5)
+# ChatML. Tools (when a request has them) go first in a system turn, an assistant's calls follow its
+# content as <tool_call> blocks (what server.tool_parser=hermes reads back); without tools the text is
+# exactly the plain ChatML of each message.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{% if tools %}{{ '<|im_start|>system\\n# Tools\\n' }}{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}"
+    '{% endfor %}{{ \'Call one as <tool_call>{\\"name\\": ..., \\"arguments\\": {...}}</tool_call>\' }}'
+    "{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] or [] %}{{ '<tool_call>' }}"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "{{ '</tool_call>' }}{% endfor %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 # Standard-library files whose text trains the tokenizer (docstrings, comments and code: plenty of
 # English and Python). Only files present are read, so any CPython layout works.
@@ -168,7 +177,7 @@ def write_generation_config(path: str, bos: int = BOS, eos=(EOS, IM_END), pad: i
 
 
 def ensure_demo_checkpoint(cache_dir: str | None = None) -> str:
-    """The demo checkpoint folder, built on first use (default ~/.cache/nanoslg/demo-v1; root
+    """The demo checkpoint folder, built on first use (default ~/.cache/nanoslg/demo-v2; root
     overridable with NANOSLG_CACHE)."""
     root = cache_dir or cache_root()
     final = os.path.join(root, VERSION)

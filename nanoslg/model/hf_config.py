@@ -48,6 +48,7 @@ class ModelArgs:
     torch_dtype: torch.dtype = torch.float32  # the checkpoint's dtype
     bos_token_id: int | None = None
     eos_token_id: Any = None  # int, list of ints, or None
+    quantization: dict | None = None  # config.json's quantization_config, as written
 
     @classmethod
     def from_dict(cls, c: dict) -> ModelArgs:
@@ -86,6 +87,7 @@ class ModelArgs:
             torch_dtype=_DTYPES.get(dtype_name, torch.float32),
             bos_token_id=c.get("bos_token_id"),
             eos_token_id=c.get("eos_token_id"),
+            quantization=c.get("quantization_config"),
         )
 
 

@@ -23,14 +23,9 @@ def _shape(loaded) -> list[int]:
     return list(loaded.get_shape()) if hasattr(loaded, "get_shape") else list(loaded.shape)
 
 
-def _rows(loaded, start: int, size: int) -> torch.Tensor:
-    """Rows [start, start+size) of a tensor or safetensors slice."""
-    return loaded[start : start + size]
-
-
-def _copy(dst: torch.Tensor, src: torch.Tensor, name: str = "weight") -> None:
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     if tuple(dst.shape) != tuple(src.shape):
-        raise ConfigError(f"checkpoint {name} has shape {tuple(src.shape)}, the model expects {tuple(dst.shape)}")
+        raise ConfigError(f"this rank's slice has shape {tuple(src.shape)}, the model expects {tuple(dst.shape)}")
     dst.copy_(src)
 
 
@@ -95,20 +90,99 @@ class RotaryEmbedding(nn.Module):
 
 
 # -- tensor-parallel linears ------------------------------------------------------------------------------
+def _read(loaded, dim: int | None, start: int = 0, size: int = 0) -> torch.Tensor:
+    """[start, start+size) along `dim` of a tensor or safetensors slice; the whole of it when dim is None."""
+    if dim is None:
+        return loaded[...]
+    return loaded[(slice(None),) * dim + (slice(start, start + size),)]
+
+
+def _units(n: int, unit: int, what: str) -> int:
+    if n % unit:
+        raise ConfigError(f"{what} {n} is not a multiple of {unit}")
+    return n // unit
+
+
 class LinearBase(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool):
+    """Holds `weight` [out, in] (and `bias`), or what a quantization method (nanoslg/model/quant/)
+    stores instead. One weight_loader slices every parameter by its attributes (output_dim,
+    input_dim, output_pack, input_unit; see quant/base.py): a column-parallel layer takes its output
+    rows of each shard, a row-parallel layer its input columns."""
+
+    split = "none"  # "column" | "row": which features tensor parallelism splits
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, quant=None):
         super().__init__()
         st = get_state()
         self.tp_rank, self.tp_size = st.tp_rank, st.tp_size
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.weight.weight_loader = self.weight_loader
+        self.in_features, self.out_features = in_features, out_features
+        self.quant = quant
+        if quant is None:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features))
+            self.weight.weight_loader = self.weight_loader
+            self.weight.output_dim, self.weight.input_dim = 0, 1
+        else:
+            quant.create_weights(self, in_features, out_features)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features))
             self.bias.weight_loader = self.weight_loader
+            self.bias.output_dim, self.bias.input_dim = 0, None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T without the bias."""
+        if self.quant is None:
+            return F.linear(x, self.weight)
+        return self.quant.apply(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.quant is None:
+            return F.linear(x, self.weight, self.bias)
+        y = self.quant.apply(self, x)
+        return y if self.bias is None else y + self.bias
+
+    def out_shard(self, shard_id) -> tuple[int, int, int, int]:
+        """(offset in this rank's output, size, start in the checkpoint tensor, its full size), in output
+        features, of the checkpoint tensor `shard_id` names."""
+        raise NotImplementedError
+
+    def in_shard(self) -> tuple[int, int, int]:
+        """(start, size, full size) of this rank's input features."""
+        raise NotImplementedError
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        own = getattr(param, "quant_loader", None)
+        if own is not None:  # a method's own loader (quant/base.py), which may call load_sliced
+            return own(self, param, loaded, shard_id)
+        self.load_sliced(param, loaded, shard_id)
+
+    def load_sliced(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        """Copies this rank's slice of `loaded` into `param`, as its slicing attributes say."""
+        dst, out_dim, in_dim = param.data, getattr(param, "output_dim", None), getattr(param, "input_dim", None)
+        if self.split == "column" and out_dim is not None:
+            pack = getattr(param, "output_pack", 1)
+            what = "output features" + ("" if shard_id is None else f" of shard {shard_id!r}")
+            off, size, start, full = (_units(v, pack, what) for v in self.out_shard(shard_id))
+            _check_extent(loaded, out_dim, full)
+            dst, src = dst.narrow(out_dim, off, size), _read(loaded, out_dim, start, size)
+        elif self.split == "row" and in_dim is not None:
+            unit = getattr(param, "input_unit", 1)
+            what = "input features (this rank's, at group boundaries)"
+            start, size, full = (_units(v, unit, what) for v in self.in_shard())
+            _check_extent(loaded, in_dim, full)
+            src = _read(loaded, in_dim, start, size)
+        else:  # whole on every rank (a row-parallel bias, added once after the reduce)
+            src = _read(loaded, None)
+        want = getattr(param, "checkpoint_dtype", None)
+        if want is not None and src.dtype != want:
+            raise ConfigError(f"dtype {src.dtype} where {want} is expected")
+        _copy(dst, src)
+
+
+def _check_extent(loaded, dim: int, full: int) -> None:
+    shape = _shape(loaded)
+    if len(shape) <= dim or shape[dim] != full:
+        raise ConfigError(f"shape {tuple(shape)} does not fit: dimension {dim} must be {full}")
 
 
 def _divide(n: int, tp: int, what: str) -> int:
@@ -120,32 +194,36 @@ def _divide(n: int, tp: int, what: str) -> int:
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; each rank returns its slice."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        super().__init__(in_features, _divide(out_features, get_state().tp_size, "output features"), bias)
+    split = "column"
 
-    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        n = param.shape[0]
-        _copy(param.data, _rows(loaded, self.tp_rank * n, n))
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quant=None):
+        super().__init__(in_features, _divide(out_features, get_state().tp_size, "output features"), bias, quant)
+
+    def out_shard(self, shard_id) -> tuple[int, int, int, int]:
+        n = self.out_features
+        return 0, n, self.tp_rank * n, n * self.tp_size
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs in one matmul (gate_up); shard_id = index in `output_sizes`."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, quant=None):
         self.output_sizes = output_sizes
-        super().__init__(in_features, sum(output_sizes), bias)
+        super().__init__(in_features, sum(output_sizes), bias, quant)
 
-    def weight_loader(self, param: nn.Parameter, loaded, shard_id: int) -> None:
+    def out_shard(self, shard_id: int) -> tuple[int, int, int, int]:
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        _copy(param.data[offset : offset + size], _rows(loaded, self.tp_rank * size, size))
+        return offset, size, self.tp_rank * size, self.output_sizes[shard_id]
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k, v projections fused; shard ids "q", "k", "v". When tp_size > num_kv_heads each KV head is
     replicated on tp_size / num_kv_heads ranks."""
 
-    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+    shard_ids = ("q", "k", "v")
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False, quant=None):
         tp = get_state().tp_size
         if num_kv_heads % tp and tp % num_kv_heads:
             raise ConfigError(
@@ -154,34 +232,33 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp, "num_attention_heads")
         self.num_kv_heads = max(1, num_kv_heads // tp)
+        self.total_kv_heads = num_kv_heads
         self.kv_replicas = max(1, tp // num_kv_heads)  # ranks sharing one KV head
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
-        super().__init__(hidden, out, bias)
+        super().__init__(hidden, out, bias, quant)
 
-    def weight_loader(self, param: nn.Parameter, loaded, shard_id: str) -> None:
+    def out_shard(self, shard_id: str) -> tuple[int, int, int, int]:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if shard_id == "q":
-            offset, size, start = 0, q, self.tp_rank * q
-        else:
-            offset = q if shard_id == "k" else q + kv
-            size, start = kv, (self.tp_rank // self.kv_replicas) * kv
-        _copy(param.data[offset : offset + size], _rows(loaded, start, size))
+            return 0, q, self.tp_rank * q, q * self.tp_size
+        offset = q if shard_id == "k" else q + kv
+        return offset, kv, (self.tp_rank // self.kv_replicas) * kv, self.total_kv_heads * self.head_dim
 
 
 class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial outputs are summed with an all-reduce."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        super().__init__(_divide(in_features, get_state().tp_size, "input features"), out_features, bias)
+    split = "row"
 
-    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        if param.dim() == 1:  # the bias is whole on every rank, added once after the reduce
-            return _copy(param.data, loaded[:])
-        n = param.shape[1]
-        _copy(param.data, loaded[:, self.tp_rank * n : (self.tp_rank + 1) * n])
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quant=None):
+        super().__init__(_divide(in_features, get_state().tp_size, "input features"), out_features, bias, quant)
+
+    def in_shard(self) -> tuple[int, int, int]:
+        n = self.in_features
+        return self.tp_rank * n, n, n * self.tp_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tp_all_reduce(F.linear(x, self.weight))
+        y = tp_all_reduce(self.matmul(x))
         return y if self.bias is None else y + self.bias
 
 
@@ -204,7 +281,7 @@ class VocabParallelEmbedding(nn.Module):
             raise ConfigError(f"checkpoint vocab rows {_shape(loaded)[0]} != vocab_size={self.vocab_size}")
         param.data.zero_()
         if n:
-            param.data[:n].copy_(_rows(loaded, self.start, n))
+            param.data[:n].copy_(_read(loaded, 0, self.start, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

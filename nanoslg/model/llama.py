@@ -33,14 +33,20 @@ from nanoslg.model.layers import (
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, local_idx: int, rotary_emb: RotaryEmbedding):
+    def __init__(self, args: ModelArgs, local_idx: int, rotary_emb: RotaryEmbedding, quant=None):
         super().__init__()
         self.local_idx = local_idx
         d = args.head_dim
-        self.qkv_proj = QKVParallelLinear(args.hidden_size, d, args.num_heads, args.num_kv_heads, args.attention_bias)
+        self.qkv_proj = QKVParallelLinear(
+            args.hidden_size, d, args.num_heads, args.num_kv_heads, args.attention_bias, quant=quant
+        )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
-        self.o_proj = RowParallelLinear(args.num_heads * d, args.hidden_size, args.o_bias)
+        self.o_proj = RowParallelLinear(args.num_heads * d, args.hidden_size, args.o_bias, quant=quant)
+        # An FP8 KV cache stores k / k_scale and v / v_scale: per-layer scales some FP8 checkpoints carry
+        # (loaded when present, else 1.0). The cache backend reads them once at start-up.
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32), persistent=False)
         self.rotary_emb = rotary_emb  # one cos/sin cache shared by all layers
         self.q_norm = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else None
@@ -57,11 +63,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, quant=None):
         super().__init__()
         inter = args.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(args.hidden_size, [inter, inter], args.mlp_bias)
-        self.down_proj = RowParallelLinear(inter, args.hidden_size, args.mlp_bias)
+        self.gate_up_proj = MergedColumnParallelLinear(args.hidden_size, [inter, inter], args.mlp_bias, quant=quant)
+        self.down_proj = RowParallelLinear(inter, args.hidden_size, args.mlp_bias, quant=quant)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,10 +75,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, local_idx: int, rotary_emb: RotaryEmbedding):
+    def __init__(self, args: ModelArgs, local_idx: int, rotary_emb: RotaryEmbedding, quant=None):
         super().__init__()
-        self.self_attn = Attention(args, local_idx, rotary_emb)
-        self.mlp = MLP(args)
+        self.self_attn = Attention(args, local_idx, rotary_emb, quant)
+        self.mlp = MLP(args, quant)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -87,24 +93,26 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, args: ModelArgs, first: int, last: int, is_first: bool, is_last: bool):
+    def __init__(self, args: ModelArgs, first: int, last: int, is_first: bool, is_last: bool, quant=None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size) if is_first else None
         rope = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
         # Keyed by GLOBAL index so checkpoint names map directly; attention gets the local index.
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(args, i - first, rope) for i in range(first, last)})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(args, i - first, rope, quant) for i in range(first, last)})
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if is_last else None
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, quant=None):
+        """quant: a nanoslg.model.quant method for the decoder's linear layers, or None."""
         super().__init__()
         st = get_state()
         first, last = st.stage_layers
         last = args.num_layers if last == -1 else last
         self.args = args
+        self.quant = quant
         self.first_layer, self.last_layer = first, last
-        self.model = DecoderModel(args, first, last, st.is_first_stage, st.is_last_stage)
+        self.model = DecoderModel(args, first, last, st.is_first_stage, st.is_last_stage, quant)
         self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size) if st.is_last_stage else None
         if self.lm_head is not None and args.tie_word_embeddings and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -127,6 +135,10 @@ class LlamaForCausalLM(nn.Module):
         if residual is None:  # a last stage without layers
             return m.norm(hidden)
         return m.norm(hidden, residual)[0]
+
+    def kv_scales(self) -> list[tuple[float, float]]:
+        """Per local layer, the (k, v) scales of an FP8 KV cache."""
+        return [(float(m.self_attn.k_scale), float(m.self_attn.v_scale)) for m in self.model.layers.values()]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, H] (rows to sample) -> logits [B, vocab] in the model's dtype."""

@@ -16,6 +16,8 @@ from nanoslg.core.dist import get_state
 from nanoslg.core.errors import ConfigError
 from nanoslg.core.registry import ARCHITECTURES
 from nanoslg.model.hf_config import ModelArgs, load_args
+from nanoslg.model.layers import LinearBase
+from nanoslg.model.quant.base import QuantMethod, resolve_quantization
 
 # HF name piece -> (our fused parameter piece, shard id)
 STACKED = [
@@ -27,11 +29,20 @@ STACKED = [
 ]
 STACKED_OF = {hf: ours for hf, ours, _ in STACKED}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_LINEAR = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
+# FP8 checkpoints name their per-layer KV-cache scales in several ways; ours are self_attn.{k,v}_scale.
+KV_SCALES = {
+    ".self_attn.k_proj.output_scale": (".self_attn.k_scale",),
+    ".self_attn.v_proj.output_scale": (".self_attn.v_scale",),
+    ".self_attn.k_scale": (".self_attn.k_scale",),
+    ".self_attn.v_scale": (".self_attn.v_scale",),
+    ".self_attn.kv_scale": (".self_attn.k_scale", ".self_attn.v_scale"),
+}
 
 
 def default_weight_loader(param: torch.nn.Parameter, loaded, shard_id=None) -> None:
     """For parameters whole on every rank (norms)."""
-    t = loaded[:]
+    t = loaded[...]
     if tuple(t.shape) != tuple(param.shape):
         raise ConfigError(f"checkpoint tensor of shape {tuple(t.shape)} does not fit parameter {tuple(param.shape)}")
     param.data.copy_(t)
@@ -60,9 +71,11 @@ def load_model(
     device: str | torch.device = "cpu",
     load_format: str = "auto",
     seed: int = 0,
+    quantization: str = "none",
 ) -> torch.nn.Module:
     """`path`: a checkpoint folder, or ModelArgs alone (then load_format must be dummy).
-    load_format: auto|safetensors read the weights; dummy makes seeded random ones."""
+    load_format: auto|safetensors read the weights; dummy makes seeded random ones.
+    quantization: none|fp8|awq (model.quantization; a quantized checkpoint picks its own method)."""
     if isinstance(path, ModelArgs):
         path, args = None, path
     if args is None:
@@ -73,20 +86,27 @@ def load_model(
         raise ConfigError("model.load_format must be dummy when there is no checkpoint path")
     device = torch.device(device)
     dtype, _ = resolve_dtype(dtype, args, device)
+    if load_format not in ("auto", "safetensors", "dummy"):
+        raise ConfigError(f"model.load_format={load_format!r} is not allowed; allowed: auto, safetensors, dummy")
+    quant = resolve_quantization(quantization, args.quantization, load_format)
     cls = ARCHITECTURES.get(args.architecture)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = cls(args)
+            model = cls(args, quant=quant)
     finally:
         torch.set_default_dtype(old)
     if load_format == "dummy":
         init_dummy(model, seed)
-    elif load_format in ("auto", "safetensors"):
-        load_weights(model, path)
     else:
-        raise ConfigError(f"model.load_format={load_format!r} is not allowed; allowed: auto, safetensors, dummy")
+        load_weights(model, path)
+    if quant is not None:
+        for m in model.modules():
+            if isinstance(m, LinearBase):
+                quant.process(m)
+        if device.type == "cuda":  # the float weights quantized at load are gone: hand their memory back
+            torch.cuda.empty_cache()
     return model.eval().requires_grad_(False)
 
 
@@ -118,15 +138,34 @@ def targets(name: str, model, params: dict) -> list[tuple[str, object]]:
         return []  # the first stage's
     if name.startswith(("model.norm.", "lm_head.")) and model.lm_head is None:
         return []  # the last stage's
+    for theirs, ours in KV_SCALES.items():
+        if name.endswith(theirs):
+            return [(name[: -len(theirs)] + o, None) for o in ours]
     for hf, ours, shard in STACKED:
         if hf in name:
             return [(name.replace(hf, ours), shard)]
     return [(name, None)]
 
 
+def load_tensor(params: dict, pname: str, loaded, shard, name: str) -> None:
+    """Runs the parameter's weight_loader; its errors name the checkpoint tensor."""
+    param = params[pname]
+    loader = getattr(param, "weight_loader", default_weight_loader)
+    try:
+        loader(param, loaded) if shard is None else loader(param, loaded, shard)
+    except ConfigError as e:
+        raise ConfigError(f"checkpoint tensor {name}: {e}") from None
+
+
+def loadable(model) -> dict:
+    """Parameters, and the buffers a checkpoint may fill (FP8 KV-cache scales; optional)."""
+    kv = {n: b for n, b in model.named_buffers() if n.endswith(("self_attn.k_scale", "self_attn.v_scale"))}
+    return {**dict(model.named_parameters()), **kv}
+
+
 @torch.no_grad()
 def load_weights(model, path: str) -> None:
-    params = dict(model.named_parameters())
+    params = loadable(model)
     loaded: set[str] = set()
     unexpected: list[str] = []
     st = get_state()
@@ -135,24 +174,19 @@ def load_weights(model, path: str) -> None:
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
                 for pname, shard in targets(name, model, params):
-                    param = params.get(pname)
-                    if param is None:  # e.g. a bias the config says the model has not
+                    if pname not in params:  # e.g. a bias the config says the model has not
                         unexpected.append(name)
                         continue
-                    loader = getattr(param, "weight_loader", default_weight_loader)
-                    sl = f.get_slice(name)
-                    if shard is None:
-                        loader(param, sl)
-                    else:
-                        loader(param, sl, shard)
+                    load_tensor(params, pname, f.get_slice(name), shard, name)
                     loaded.add(pname if shard is None else f"{pname}#{shard}")
     if unexpected:
         raise ConfigError(
             f"checkpoint {path} has weights the {model.args.architecture} model (as its config.json "
             f"describes it) does not use: {', '.join(sorted(unexpected)[:8])}"
         )
+    model.kv_scales_loaded = sum(1 for n in loaded if n.endswith(("k_scale", "v_scale")))
     need = {}  # what must be loaded -> the checkpoint name to report if it is not
-    for pname in params:
+    for pname in dict(model.named_parameters()):
         stacked = [(hf, s) for hf, ours, s in STACKED if ours in pname]
         for hf, s in stacked:
             need[f"{pname}#{s}"] = pname.replace(STACKED_OF[hf], hf)
@@ -210,20 +244,36 @@ def init_dummy(model, seed: int) -> None:
     """
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
+    quant: QuantMethod | None = model.quant
     for name, shape in hf_weight_shapes(model.args).items():
         pairs = targets(name, model, params)
         if not pairs:
             continue
-        dtype = params[pairs[0][0]].dtype
-        if name.endswith("norm.weight"):
-            full = torch.ones(shape, dtype=dtype, device=device)
-        else:
-            gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-            full = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
-        for pname, shard in pairs:
-            param = params[pname]
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard is None:
-                loader(param, full)
+        gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        tensors = quant.dummy_tensors(shape, device, gen) if quant is not None and _LINEAR.search(name) else None
+        if tensors is None:
+            dtype = params[pairs[0][0]].dtype
+            if name.endswith("norm.weight"):
+                tensors = {"weight": torch.ones(shape, dtype=dtype, device=device)}
             else:
-                loader(param, full, shard)
+                tensors = {"weight": torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)}
+        for suffix, full in tensors.items():  # a quantized linear's tensors replace its `weight`
+            for pname, shard in pairs:
+                pname, ckpt = (pname[:-6] + suffix, name[:-6] + suffix) if suffix != "weight" else (pname, name)
+                load_tensor(params, pname, full, shard, ckpt)
+
+
+def weight_bytes(args: ModelArgs, quant: QuantMethod | None, elem: int) -> tuple[int, int]:
+    """(bytes of the whole model's weights as stored, bytes a step reads): every tensor of the
+    checkpoint's shapes, linear weights as the quantization method stores them; a step reads all but
+    an untied input embedding table (a lookup touches only the batch's rows)."""
+    total = embed = 0
+    for name, shape in hf_weight_shapes(args).items():
+        if quant is not None and _LINEAR.search(name):
+            n = quant.linear_bytes(shape[0], shape[1], elem)
+        else:
+            n = elem * (shape[0] * (shape[1] if len(shape) > 1 else 1))
+        total += n
+        if name == "model.embed_tokens.weight" and not args.tie_word_embeddings:
+            embed = n
+    return total, total - embed

@@ -1,9 +1,12 @@
 """Batched sampling with per-sequence state (vLLM semantics).
 
-Order per row: min_tokens mask -> penalties -> (greedy: argmax) temperature -> top-k -> top-p -> min-p
--> draw. Draws use the exponential race (argmax of probs / Exp(1) noise), which samples from `probs`
-exactly; a seeded sequence draws its noise from its own torch.Generator, so the same seed gives the
-same tokens whatever else is in the batch. (The engine gives child i of an n>1 request seed + i.)
+Order per row: grammar mask -> min_tokens mask -> logit_bias -> penalties -> (greedy: argmax) temperature
+-> top-k -> top-p -> min-p -> draw. The grammar mask (a bitmask per constrained row, from the engine's
+matchers) is -inf, so nothing after it can bring a forbidden token back.
+
+Draws use the exponential race (argmax of probs / Exp(1) noise), which samples from `probs` exactly;
+a seeded sequence draws its noise from its own torch.Generator, so the same seed gives the same tokens
+whatever else is in the batch. (The engine gives child i of an n>1 request seed + i.)
 
 Penalties: repetition over prompt + output tokens (logit / p if > 0 else logit * p), frequency and
 presence over output tokens only (logit -= f * count, logit -= p * [count > 0]).
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoslg.core.errors import ConfigError
-from nanoslg.core.plan import NewSeq
+from nanoslg.core.plan import NewSeq, TokenMasks
 from nanoslg.core.sampling_params import SamplingParams
 from nanoslg.core.tensors import to_device, to_host
 from nanoslg.model.kernels import load_flashinfer
@@ -33,6 +36,7 @@ class _Seq:
     counts: torch.Tensor | None = None  # [V] output token counts (penalties only)
     seen: torch.Tensor | None = None  # [V] bool: in prompt or output (repetition penalty only)
     init_out: list[int] | None = None  # output tokens known at add(), folded into counts lazily
+    bias: tuple[list[int], list[float]] | None = None  # logit_bias: token ids and their biases
 
 
 class Sampler:
@@ -64,10 +68,11 @@ class Sampler:
         # Only penalties read the prompt: no per-sequence copy of it otherwise (a burst of long prompts
         # would hand the garbage collector that many more elements to walk).
         prompt = list(ns.prompt_token_ids) if p.has_penalties else []
+        bias = (list(p.logit_bias), list(p.logit_bias.values())) if p.logit_bias else None
         self.seqs[ns.seq_id] = _Seq(
-            p, prompt, len(ns.output_token_ids), list(ns.stop_ids), gen, init_out=list(ns.output_token_ids)
+            p, prompt, len(ns.output_token_ids), list(ns.stop_ids), gen, init_out=list(ns.output_token_ids), bias=bias
         )
-        if not p.greedy or p.has_penalties or p.min_tokens > 0 or p.logprobs is not None:
+        if not p.greedy or p.has_penalties or p.min_tokens > 0 or p.logprobs is not None or bias:
             self.special.add(ns.seq_id)
 
     def remove(self, seq_ids) -> None:
@@ -84,21 +89,29 @@ class Sampler:
         s.seen[to_device(s.prompt, torch.long, self.device)] = True
         s.prompt = []  # folded into `seen`
 
-    def sample(self, logits: torch.Tensor, seq_ids: list[int]) -> tuple[list[int], list | None]:
-        """logits: [B, V] (float32 or the model's dtype), row i for seq_ids[i]. Returns token ids and per-row logprobs
-        (None, or per row None | (logprob, [(token_id, logprob), ...])), or None if no row asked."""
-        return self.sample_async(logits, seq_ids).to_host().result()
+    def sample(
+        self, logits: torch.Tensor, seq_ids: list[int], masks: TokenMasks | None = None
+    ) -> tuple[list[int], list | None]:
+        """logits: [B, V] (float32 or the model's dtype), row i for seq_ids[i]; masks: the grammar masks of
+        constrained rows. Returns token ids and per-row logprobs (None, or per row None | (logprob,
+        [(token_id, logprob), ...])), or None if no row asked."""
+        return self.sample_async(logits, seq_ids, masks).to_host().result()
 
-    def sample_async(self, logits: torch.Tensor, seq_ids: list[int]) -> Sampled:
+    def sample_async(self, logits: torch.Tensor, seq_ids: list[int], masks: TokenMasks | None = None) -> Sampled:
         """The same, left on the device: no host sync, so the next step can be launched at once."""
         if self.special.isdisjoint(seq_ids) and self.seqs.keys() >= set(seq_ids):
+            if masks is not None:  # constrained greedy rows only: mask, then argmax
+                logits = apply_token_masks(logits.float(), seq_ids, masks)
             return Sampled(logits.argmax(dim=-1), None)  # every row plain greedy: its step count matters to nothing
         states = [self.seqs[i] for i in seq_ids]
         B, V = logits.shape
         want_lp = any(s.params.logprobs is not None for s in states)
         raw_lp = torch.log_softmax(logits.float(), dim=-1) if want_lp else None
         x = logits.float()
+        if masks is not None:
+            x = apply_token_masks(x, seq_ids, masks)
         x = self._mask_stops(x, states)
+        x = self._bias(x, states)
         x = self._penalize(x, states, V)
         greedy = [s.params.greedy for s in states]
         if all(greedy):  # the fast path: no sort, no noise
@@ -130,6 +143,20 @@ class Sampler:
         x = x.clone()
         x[to_device(rows, torch.long, x.device), to_device(cols, torch.long, x.device)] = float("-inf")
         return x
+
+    def _bias(self, x: torch.Tensor, states: list[_Seq]) -> torch.Tensor:
+        """logit_bias: one batched add over every biased row's entries."""
+        rows, cols, vals = [], [], []
+        for r, s in enumerate(states):
+            if s.bias is not None:
+                rows += [r] * len(s.bias[0])
+                cols += s.bias[0]
+                vals += s.bias[1]
+        if not rows:
+            return x
+        dev = x.device
+        idx = (to_device(rows, torch.long, dev), to_device(cols, torch.long, dev))
+        return x.index_put(idx, to_device(vals, torch.float32, dev), accumulate=True)
 
     def _penalize(self, x: torch.Tensor, states: list[_Seq], vocab: int) -> torch.Tensor:
         rows = [r for r, s in enumerate(states) if s.params.has_penalties]
@@ -207,6 +234,29 @@ class Sampled:
             None if n is None else (chosen[r], list(zip(top_i[r][:n], top_v[r][:n])))
             for r, n in enumerate(self.num_logprobs)
         ]
+
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_token_masks(x: torch.Tensor, seq_ids: list[int], masks: TokenMasks) -> torch.Tensor:
+    """Sets to -inf what each constrained row's grammar forbids (a new tensor: x may be a CUDA graph's
+    output). The int32 words are read as little-endian bytes, so token t is bit t % 8 of byte t // 8;
+    the bytes unpack to booleans on the device."""
+    dev, V = x.device, x.shape[1]
+    at = {s: r for r, s in enumerate(seq_ids)}
+    rows = [at[s] for s in masks.seq_ids]
+    shifts = _SHIFTS.get(dev)
+    if shifts is None:
+        shifts = _SHIFTS[dev] = torch.arange(8, dtype=torch.uint8, device=dev)
+    packed = to_device(masks.bits, torch.int32, dev).view(torch.uint8)  # [k, 4 * words]
+    allowed = ((packed[:, :, None] >> shifts) & 1).view(len(rows), -1)[:, :V].bool()
+    if rows == list(range(x.shape[0])):
+        return x.masked_fill(~allowed, float("-inf"))
+    idx = to_device(rows, torch.long, dev)
+    x = x.clone()
+    x[idx] = x[idx].masked_fill(~allowed, float("-inf"))
+    return x
 
 
 def top_k_top_p(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

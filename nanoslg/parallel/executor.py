@@ -2,7 +2,8 @@
 
 Two ways to run a step: `execute(plan)` (blocking, up to `max_inflight` at once from engine
 threads: pipeline stages each hold a micro-batch), or, where `overlap` is true, `launch(plan)` then
-`collect(handle)`, so the host can queue step N+1 before step N's tokens are read.
+`collect(handle)`, so the host can queue step N+1 before step N's tokens are read; a plan launched
+with `sample_later` (grammar masks that wait for step N's tokens) is finished by `sample(handle, masks)`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Protocol
 import torch
 
 from nanoslg.cache.backend import CacheBackend
-from nanoslg.core.plan import StepPlan, StepResult
+from nanoslg.core.plan import StepPlan, StepResult, TokenMasks
 from nanoslg.runtime.build import RankRuntime
 
 
@@ -28,6 +29,8 @@ class Executor(Protocol):
     def backend(self) -> CacheBackend: ...
 
     def launch(self, plan: StepPlan) -> Any: ...
+
+    def sample(self, handle: Any, masks: TokenMasks | None) -> Any: ...
 
     def collect(self, handle: Any) -> StepResult: ...
 

@@ -48,6 +48,10 @@ class SingleExecutor:
         with on_stream(self.stream):
             return self.rt.runner.launch(plan)
 
+    def sample(self, launched: Launched, masks) -> Launched:
+        with on_stream(self.stream):
+            return self.rt.runner.sample(launched, masks)
+
     def collect(self, launched: Launched) -> StepResult:
         return self.rt.runner.collect(launched)
 

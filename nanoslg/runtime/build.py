@@ -14,6 +14,7 @@ import torch
 
 from nanoslg.cache.auto import resolve_backend
 from nanoslg.cache.backend import CacheBackend, KVSpec
+from nanoslg.cache.kv_quant import resolve_kv_dtype
 from nanoslg.cache.sdpa import NoCacheContext
 from nanoslg.core.config import Config
 from nanoslg.core.dist import get_state
@@ -35,6 +36,9 @@ class RankRuntime:
     backend_reason: str
     spec: KVSpec
     dtype_reason: str
+    quant: str = "none"  # the quantization method, its settings and kernels (for the start-up log)
+    weight_bytes: int = 0  # this rank's weights as stored
+    kv_scales: str = ""  # where an FP8 pool's scales came from
 
 
 def step_stream(device: torch.device) -> torch.cuda.Stream | None:
@@ -65,6 +69,7 @@ def build_runner(cfg: Config, ckpt: Checkpoint, device: torch.device, sample: bo
         device=device,
         load_format="dummy" if cfg.model.load_format == "dummy" else "safetensors",
         seed=cfg.model.seed,
+        quantization=cfg.model.quantization,
     )
     name, reason = resolve_backend(cfg.cache, device, dtype)
     backend_cls = CACHE_BACKENDS.get(name)
@@ -72,10 +77,30 @@ def build_runner(cfg: Config, ckpt: Checkpoint, device: torch.device, sample: bo
     num_layers = (args.num_layers if last == -1 else last) - first
     kv_heads = max(1, args.num_kv_heads // st.tp_size)
     spec = KVSpec(num_layers, kv_heads, args.head_dim, dtype, device, args.num_heads // st.tp_size)
+    kv_scales = ""
+    spec.kv_dtype = resolve_kv_dtype(cfg.cache.kv_dtype)
+    if spec.kv_dtype is not None:
+        spec.kv_scales = model.kv_scales()
+        found = getattr(model, "kv_scales_loaded", 0)
+        kv_scales = f"per-layer scales from the checkpoint ({found} tensors)" if found else "scale 1.0"
     backend = backend_cls(spec, cfg.cache.page_size)
     backend.cascade = bool(cfg.cache.cascade_attention and backend.paged)
     sampler = Sampler(device, kernels=cfg.model.sampling_kernels) if sample else None
-    return RankRuntime(ModelRunner(model, backend, sampler, device), backend, name, reason, spec, dtype_reason)
+    runner = ModelRunner(model, backend, sampler, device)
+    quant = model.quant.describe() if model.quant is not None else "none"
+    return RankRuntime(runner, backend, name, reason, spec, dtype_reason, quant, stored_bytes(model), kv_scales)
+
+
+def stored_bytes(model: torch.nn.Module) -> int:
+    """Bytes of this rank's weights as they sit in memory (quantized ones at their own width)."""
+    skip = ("cos_sin_cache", "k_scale", "v_scale")  # the rotary table and KV-cache scales are not weights
+    tensors = [*model.parameters(), *(b for n, b in model.named_buffers() if not n.endswith(skip))]
+    seen, total = set(), 0
+    for t in tensors:  # a tied LM head shares the embedding's tensor
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 def blas_library(choice: str) -> str:

@@ -29,6 +29,7 @@ class Launched:
     sampled: Sampled | None = None
     event: torch.cuda.Event | None = None
     hidden_out: tuple[torch.Tensor, torch.Tensor] | None = None
+    logits: torch.Tensor | None = None  # a plan with sample_later: the rows waiting for their masks
 
 
 class ModelRunner:
@@ -112,14 +113,27 @@ class ModelRunner:
             logits = self.model.compute_logits(out[to_device(rows, torch.long, self.device)])
         if self.sampler is None:
             return Launched(plan.step_id, [])
-        sampled = self.sampler.sample_async(logits, seq_ids)
+        if plan.sample_later:
+            return Launched(plan.step_id, seq_ids, logits=logits)
+        return self._sample(plan.step_id, logits, seq_ids, plan.masks)
+
+    @torch.inference_mode()
+    def sample(self, launched: Launched, masks) -> Launched:
+        """Samples a step launched with sample_later, now that its grammar masks are known. Stream
+        order keeps its logits intact: a later step (a graph replay) is queued after this."""
+        if launched.logits is None:
+            return launched
+        return self._sample(launched.step_id, launched.logits, launched.seq_ids, masks)
+
+    def _sample(self, step_id: int, logits: torch.Tensor, seq_ids: list[int], masks) -> Launched:
+        sampled = self.sampler.sample_async(logits, seq_ids, masks)
         self._last_ids, self._last_tokens = seq_ids, sampled.tokens
         event = None
         host = sampled.to_host()
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        return Launched(plan.step_id, seq_ids, host, event)
+        return Launched(step_id, seq_ids, host, event)
 
     def collect(self, launched: Launched) -> StepResult:
         if launched.sampled is None:

@@ -45,5 +45,5 @@ class Admission:
 
     def check_finished(self, results: list) -> None:
         """A whole (non-streamed) answer that the drain aborted is not an answer: a 503 to retry."""
-        if any(c.finish_reason == "abort" for r in results for c in r.outputs):
+        if not self.engine.accepting and any(c.finish_reason == "abort" for r in results for c in r.outputs):
             raise shutting_down(self.shutdown_timeout)

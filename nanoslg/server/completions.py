@@ -26,6 +26,8 @@ from nanoslg.server.admission import Admission
 from nanoslg.server.errors import APIError, error_body
 from nanoslg.server.logprobs import Logprobs
 from nanoslg.server.prompts import PromptEncoder
+from nanoslg.server.structured import compile_for, constraints
+from nanoslg.server.tools import ToolStream, ToolUse
 
 log = logging.getLogger("nanoslg.server")
 
@@ -120,6 +122,7 @@ class OpenAIServer:
             kw["top_k"] = -1 if req.top_k >= self.engine.vocab_size else req.top_k
         if req.stop is not None:
             kw["stop"] = req.stop  # a string or a list: SamplingParams normalises it
+        kw.update(constraints(req)[0])  # response_format, guided_*, logit_bias
         if req.stream_options is not None and not req.stream:
             raise APIError(
                 400, "stream_options is only allowed with stream=true", param="stream_options", code="invalid_value"
@@ -175,6 +178,7 @@ class OpenAIServer:
         prompts = self.prompts.completion_prompts(req.prompt)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         params = self.sampling(req, max_tokens, req.logprobs)
+        await compile_for(self.engine, params, constraints(req)[1])
         if params.n * len(prompts) > P.MAX_CHOICES:
             raise APIError(
                 400,
@@ -255,37 +259,36 @@ class OpenAIServer:
         self.check_capacity()
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
-        ids = await self.prompts.chat(req)
+        tools = ToolUse(req, getattr(self.cfg, "tool_parser", "hermes"))
+        ids = await self.prompts.chat(req, tools.template_tools())
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self.sampling(req, max_tokens, logprobs)
+        field = constraints(req)[1]
+        params = tools.constrain(self.sampling(req, max_tokens, logprobs), field)
+        await compile_for(self.engine, params, tools.field or field)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = self.add_all([ids], params, rid, param="messages")
         if req.stream:
-            return self.sse(self.chat_events(rid, req, params, streams), streams)
+            return self.sse(self.chat_events(rid, req, params, streams, tools), streams)
         (r,) = await self.wait_all(request, streams)
         self.admission.check_finished([r])
         choices = []
         for c in r.outputs:
             lp = self.lp.chat(c.logprobs or []) if req.logprobs else None
-            choices.append(
-                P.ChatChoice(
-                    index=c.index,
-                    message=P.ChatResponseMessage("assistant", c.text),
-                    logprobs=lp,
-                    finish_reason=c.finish_reason,
-                )
-            )
+            content, calls, reason = tools.finish(c.text, c.finish_reason)
+            message = P.ChatResponseMessage("assistant", content, calls)
+            choices.append(P.ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=reason))
         usage = _usage(len(r.prompt_token_ids), sum(len(c.token_ids) for c in r.outputs), r.num_cached_tokens)
         return self.json(P.ChatCompletionResponse(id=rid, model=self.model, choices=choices, usage=usage))
 
     async def chat_events(
-        self, rid: str, req: P.ChatCompletionRequest, params: SamplingParams, streams: list
+        self, rid: str, req: P.ChatCompletionRequest, params: SamplingParams, streams: list, tools: ToolUse
     ) -> AsyncIterator[bytes]:
         chunk = functools.partial(P.ChatCompletionChunk, id=rid, model=self.model, created=P.now())
         for j in range(params.n):  # every choice starts with the role
             yield P.sse(chunk(choices=[P.ChatChunkChoice(index=j, delta=P.DeltaMessage("assistant", ""))]))
         prompt_tokens = cached = completion_tokens = 0
+        calls = [ToolStream(tools) for _ in range(params.n)]  # text becomes content or tool-call deltas
         async for _, delta in _merge(streams):
             prompt_tokens, cached = len(delta.prompt_token_ids), delta.num_cached_tokens
             for o in delta.outputs:
@@ -293,11 +296,17 @@ class OpenAIServer:
                 if not o.token_ids and not o.text and o.finish_reason is None:
                     continue  # one chunk per step with new tokens, as vLLM sends
                 lp = self.lp.chat(o.logprobs or []) if req.logprobs else None
-                d = P.DeltaMessage(content=o.text) if o.text else P.DeltaMessage()
-                yield P.sse(
-                    chunk(
-                        choices=[P.ChatChunkChoice(index=o.index, delta=d, logprobs=lp, finish_reason=o.finish_reason)]
+                content, tool_calls = calls[o.index].feed(o.text)
+                reason = o.finish_reason
+                if reason is not None:
+                    rest, ends, reason = calls[o.index].end(reason)
+                    content, tool_calls = (
+                        (content or "") + (rest or "") or None,
+                        (tool_calls or []) + (ends or []) or None,
                     )
+                d = P.DeltaMessage(content=content, tool_calls=tool_calls)
+                yield P.sse(
+                    chunk(choices=[P.ChatChunkChoice(index=o.index, delta=d, logprobs=lp, finish_reason=reason)])
                 )
         if req.stream_options is not None and req.stream_options.include_usage:
             usage = _usage(prompt_tokens, completion_tokens, cached)

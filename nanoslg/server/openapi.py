@@ -16,13 +16,18 @@ import msgspec
 from litestar import Request
 from litestar.openapi.plugins import JsonRenderPlugin
 
+from nanoslg.core.sampling_params import LOGIT_BIAS_LIMIT
 from nanoslg.server import protocol as P
 
 CROSS_FIELD_RULES = (
-    "Refused with a 400 although each field is in range, because they depend on the tokenized prompt or on "
-    "another field: the prompt's tokens plus max_tokens must fit the model's context (code "
-    "context_length_exceeded); n times the number of prompts must be at most {max_choices}; min_tokens must "
-    "not exceed max_tokens; stream_options needs stream=true; top_logprobs needs logprobs=true (chat)."
+    "Refused with a 400 although each field is in range, because they depend on the tokenized prompt, on "
+    "another field, or on what a spec means: the prompt's tokens plus max_tokens must fit the model's context "
+    "(code context_length_exceeded); n times the number of prompts must be at most {max_choices}; min_tokens "
+    "must not exceed max_tokens; stream_options needs stream=true; top_logprobs needs logprobs=true (chat); "
+    "response_format and the guided_* fields take one spec at most, and it must compile (a JSON schema, a "
+    "regex, a grammar); logit_bias keys are token ids below the vocabulary; tool_choice other than none needs "
+    "tools, a named one must be among them, tool names are unique, and a tool_choice that constrains the "
+    "output takes no other spec (chat)."
 )
 REQUESTS = (P.CompletionRequest, P.ChatCompletionRequest)
 
@@ -43,6 +48,16 @@ def request_schemas(model: str, vocab_size: int, max_model_len: int, max_chars: 
         props = comps[name]["properties"]
         props["model"] = _nullable({"type": "string", "enum": [model]})
         props["max_tokens"] = _nullable(max_new)
+        # Bounds server/structured.py and SamplingParams enforce on these fields, where the Structs
+        # carry none.
+        if "guided_choice" in props:
+            choice = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}
+            props["guided_choice"] = _nullable(choice)
+        if "logit_bias" in props:
+            bias = {"type": "number", "minimum": -LOGIT_BIAS_LIMIT, "maximum": LOGIT_BIAS_LIMIT}
+            props["logit_bias"] = _nullable(
+                {"type": "object", "propertyNames": {"pattern": "^(0|[1-9][0-9]*)$"}, "additionalProperties": bias}
+            )
         comps[name]["description"] = rules
     comps["ChatCompletionRequest"]["properties"]["max_completion_tokens"] = _nullable(max_new)
     # One kind of prompt per request: a string, token ids, or a list of either (not a mix).

@@ -15,6 +15,7 @@ import functools
 from concurrent.futures import ThreadPoolExecutor
 
 from nanoslg.core.errors import RequestError
+from nanoslg.server.chat_template import render_chat
 from nanoslg.server.errors import APIError
 
 # A normalizer may shorten text before it is split (NFC merges a base letter with its combining
@@ -99,36 +100,13 @@ class PromptEncoder:
         )
 
     # -- /v1/chat/completions --------------------------------------------------------------------
-    async def chat(self, req) -> list[int]:
-        """The messages rendered with the checkpoint's chat template, as token ids."""
-        msgs = []
-        for m in req.messages:
-            if m.content is None or isinstance(m.content, str):
-                content = m.content or ""
-            else:
-                content = "".join(part.text for part in m.content)
-            msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-        if self.tokenizer is None:
-            raise APIError(
-                400,
-                "this model has no tokenizer, so chat is not available; use /v1/completions with token ids",
-                param="messages",
-                code="invalid_value",
-            )
-        return await self._off_loop(self._render, msgs)
+    async def chat(self, req, tools: list[dict] | None = None) -> list[int]:
+        """The messages rendered with the checkpoint's chat template (and tools), as token ids."""
+        return await self._off_loop(self._render, req, tools)
 
-    def _render(self, msgs: list[dict]) -> list[int]:
-        tok = self.tokenizer
-        try:
-            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # no template, or the template refused the messages
-            raise APIError(
-                400, f"the chat template could not render the messages: {e}", param="messages", code="invalid_value"
-            ) from None
+    def _render(self, req, tools: list[dict] | None) -> list[int]:
+        text = render_chat(self.tokenizer, req, tools)
         if self.max_chars is not None and len(text) > self.max_chars:
             raise too_long("conversation", "messages", self.max_model_len)
         # The template already holds the special tokens it wants (BOS...): add none again.
-        return list(tok.encode(text, add_special_tokens=False))
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))

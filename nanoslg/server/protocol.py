@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct, field
 
+from nanoslg.server.protocol_tools import DeltaToolCall, ResponseFormat, Tool, ToolCall, ToolChoice
+
 # One request may not fan out into more sequences than this (n x number of prompts).
 MAX_CHOICES = 256
 
@@ -58,6 +60,13 @@ class _SamplingFields(Struct, kw_only=True):
     ignore_eos: bool | None = None
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool | None = None
+    # structured outputs: OpenAI's response_format, vLLM's guided_* (server/structured.py maps them)
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
@@ -73,9 +82,11 @@ class ContentPart(Struct, kw_only=True):
 
 
 class ChatMessage(Struct, kw_only=True):
-    role: Literal["system", "developer", "user", "assistant"]  # developer is OpenAI's newer system
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer is OpenAI's newer system
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, sent back in the history
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
@@ -84,6 +95,9 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     max_completion_tokens: _range(int, ge=1) = None  # the newer name; wins over max_tokens
     logprobs: bool | None = None
     top_logprobs: _range(int, ge=0, le=20) = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # default: auto with tools, else none
+    parallel_tool_calls: bool | None = None
 
 
 # --- responses ----------------------------------------------------------------------------------
@@ -138,12 +152,14 @@ class ChatLogprobs(Struct):
 class ChatResponseMessage(Struct):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class DeltaMessage(Struct, omit_defaults=True):
     # omit_defaults: later chunks carry only the new content, the first only the role.
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class _ChatChoiceBase(Struct, kw_only=True):

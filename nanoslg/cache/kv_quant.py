@@ -1,0 +1,48 @@
+"""An FP8 KV cache (`cache.kv_dtype=fp8_e4m3`): what every backend does to store and read K and V.
+
+The pool holds float8_e4m3fn, one byte per value, so the same memory holds twice the tokens of a
+bf16 pool. A value is stored as x / scale, saturated to the format's range, and read back as
+stored * scale; the scale is per layer and per K or V, taken from the checkpoint where it has them
+(`self_attn.k_scale` / `v_scale`), else 1.0 as vLLM does. FlashInfer applies the scales inside its
+kernels (`k_scale` / `v_scale`); the torch backends upcast what they read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+KV_DTYPES = {"auto": None, "fp8_e4m3": FP8}
+
+
+def resolve_kv_dtype(name: str) -> torch.dtype | None:
+    """cache.kv_dtype -> the pool's dtype, or None for the model's own."""
+    return KV_DTYPES[name]
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype == FP8
+
+
+def to_cache(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """x in the pool's dtype: divided by the scale and saturated (a plain cast would make NaN of
+    anything past the largest float8 on the GPU)."""
+    if not is_fp8(dtype):
+        return x.to(dtype)
+    if scale != 1.0:
+        x = x.float() / scale
+    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def from_cache(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Values read from the pool, in the model's dtype."""
+    if not is_fp8(x.dtype):
+        return x
+    y = x.to(dtype)
+    return y if scale == 1.0 else y * scale
+
+
+def as_bytes(x: torch.Tensor) -> torch.Tensor:
+    """A uint8 view of a one-byte tensor: torch's CPU index_copy_ has no float8 kernel."""
+    return x.view(torch.uint8) if is_fp8(x.dtype) else x

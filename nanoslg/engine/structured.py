@@ -1,0 +1,231 @@
+"""Grammar-constrained decoding with llguidance: a request's spec (JSON schema, regex, choice, grammar)
+is compiled once, off the event loop, and cached by the spec; each sequence keeps its own matcher,
+advanced by the output processor with every token the sequence commits; before a step samples, the
+matchers of its constrained rows fill one bitmask per row (llguidance's layout), which the sampler
+applies on the device.
+
+When the masks are filled: right after scheduling when every constrained row's previous token is
+known; with overlap scheduling a row fed the token of the step still in flight cannot know its mask
+yet, so that plan is launched with `sample_later` and the engine hands the masks over once the step
+before has been processed (AsyncEngine._run_overlapped).
+
+The grammar's end is a stop: when a matcher can take nothing more (the JSON object closed, the choice
+complete), the sequence ends with "stop" at once, without sampling an EOS; where the grammar could
+go on, it allows the EOS ids as well and an EOS ends it. A token the matcher refuses (it cannot be
+sampled under the mask, unless the grammar hit one of llguidance's limits) ends the sequence with
+"abort".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import llguidance as llg
+import numpy as np
+from llguidance.gbnf_to_lark import any_to_lark
+
+from nanoslg.core.errors import RequestError
+from nanoslg.core.plan import StepPlan, TokenMasks
+from nanoslg.core.sampling_params import StructuredOutputs
+from nanoslg.engine.outputs import CompletionOutput, RequestOutput
+
+log = logging.getLogger("nanoslg.structured")
+
+CACHE_SIZE = 512  # compiled specs kept (and specs that failed, so a bad one is refused at once)
+# Compact JSON unless a schema's "x-guidance" asks for more: with free whitespace between tokens a
+# model (a random one always) can spend its whole budget on blank lines.
+JSON_DEFAULTS = {"whitespace_flexible": False}
+
+
+class Matcher:
+    """One sequence's place in its grammar."""
+
+    __slots__ = ("m",)
+
+    def __init__(self, m: llg.LLMatcher):
+        self.m = m
+
+    def advance(self, token: int) -> str | None:
+        """Consumes a committed token; returns "stop" when the grammar is complete, "abort" when it
+        refused the token, else None."""
+        if not self.m.consume_token(token):
+            log.warning("the grammar refused token %d: %s", token, self.m.get_error().splitlines()[:1])
+            return "abort"
+        return "stop" if self.m.is_stopped() else None
+
+
+class Grammars:
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.words = (vocab_size + 31) // 32  # int32 words per mask row
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nanoslg-grammar")
+        self._lock = threading.Lock()
+        self._ll_tokenizer: llg.LLTokenizer | None = None
+        self._cache: collections.OrderedDict[str, llg.LLMatcher | RequestError] = collections.OrderedDict()
+        self._compiling: dict[str, asyncio.Future] = {}
+        self._executor: llg.LLExecutor | None = None
+        # Requests waiting for their grammar before they reach the scheduler: id -> (task, stream, ids, n)
+        self.waiting: dict[str, tuple] = {}
+
+    # -- compiling -------------------------------------------------------------------------------
+    def cached(self, spec: StructuredOutputs) -> llg.LLMatcher | None:
+        """The compiled grammar (a matcher at its start) if this spec was compiled; raises the
+        RequestError if it failed."""
+        key = spec.key()
+        hit = self._cache.get(key)
+        if hit is None:
+            return None
+        self._cache.move_to_end(key)
+        if isinstance(hit, RequestError):
+            raise RequestError(str(hit), param=hit.param)
+        return hit
+
+    async def compile(self, spec: StructuredOutputs) -> llg.LLMatcher:
+        """Compiles in the thread pool (once for equal specs, however many requests wait for it)."""
+        hit = self.cached(spec)
+        if hit is not None:
+            return hit
+        key = spec.key()
+        fut = self._compiling.get(key)
+        if fut is None:
+            fut = self._compiling[key] = asyncio.get_running_loop().run_in_executor(self._pool, self._build, spec)
+            fut.add_done_callback(lambda f, k=key: self._store(k, f))
+        await asyncio.shield(fut)  # a waiter that goes away does not cancel the others' compile
+        hit = self.cached(spec)
+        if hit is None:  # evicted at once by a burst of other specs: the result is still at hand
+            result = fut.result()
+            if isinstance(result, RequestError):
+                raise RequestError(str(result), param=result.param)
+            return result
+        return hit
+
+    def start_when_compiled(self, rid: str, spec: StructuredOutputs, stream, ids: list[int], n: int, start) -> None:
+        """add_request of a spec not compiled yet: `start(compiled)` runs on the loop once it is; a spec
+        that does not compile ends the stream with its RequestError."""
+
+        async def run() -> None:
+            try:
+                start(await self.compile(spec))
+            except Exception as e:  # RequestError (the spec), EngineDeadError, or worse: never a silent stream
+                stream.put(e)
+            finally:
+                self.waiting.pop(rid, None)
+
+        self.waiting[rid] = (asyncio.ensure_future(run()), stream, ids, n)
+
+    def abort(self, rid: str) -> bool:
+        """Aborts a request still waiting for its grammar (its stream ends); False if none is."""
+        entry = self.waiting.pop(rid, None)
+        if entry is None:
+            return False
+        task, stream, ids, n = entry
+        task.cancel()
+        stream.put(RequestOutput(rid, ids, [CompletionOutput(i, finish_reason="abort") for i in range(n)], True))
+        return True
+
+    def _store(self, key: str, fut: asyncio.Future) -> None:
+        self._compiling.pop(key, None)
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        self._cache[key] = fut.result()
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+
+    def _build(self, spec: StructuredOutputs) -> llg.LLMatcher | RequestError:
+        """Runs in the pool: the spec as an llguidance grammar, checked by building its matcher."""
+        param = f"structured_outputs.{spec.kind}"
+        try:
+            tok = self._llg_tokenizer()
+            grammar = _grammar(spec)
+        except RequestError as e:
+            return e
+        except Exception as e:  # the converters raise their own kinds on a bad grammar or schema
+            return RequestError(f"the {spec.kind} does not compile: {_first_lines(e)}", param=param)
+        m = llg.LLMatcher(tok, grammar, log_level=0)
+        if m.is_error():
+            return RequestError(f"the {spec.kind} does not compile: {_first_lines(m.get_error())}", param=param)
+        return m
+
+    def _llg_tokenizer(self) -> llg.LLTokenizer:
+        with self._lock:
+            if self._ll_tokenizer is None:
+                if self.tokenizer is None:
+                    raise RequestError("this model has no tokenizer: structured outputs need one")
+                from llguidance.hf import from_tokenizer  # imports transformers: only where needed
+
+                n_vocab = max(self.vocab_size, len(self.tokenizer))
+                try:
+                    self._ll_tokenizer = from_tokenizer(
+                        self.tokenizer, n_vocab=n_vocab, eos_token=list(self.eos_token_ids) or None
+                    )
+                except ValueError as e:
+                    raise RequestError(f"structured outputs need a fast tokenizer: {e}") from None
+                self.words = (n_vocab + 31) // 32
+            return self._ll_tokenizer
+
+    def new_matcher(self, compiled: llg.LLMatcher) -> Matcher:
+        return Matcher(compiled.deep_copy())
+
+    # -- masks ---------------------------------------------------------------------------------------
+    def attach(self, plan: StepPlan, outs: dict, overlap: bool) -> None:
+        """Right after scheduling: the plan's masks, or sample_later where a constrained row's mask
+        waits for a token still in flight."""
+        rows = _constrained(plan, outs)
+        if not rows:
+            return
+        if overlap and any(so.seq.num_pending > 1 for so in rows):
+            plan.sample_later = True
+        else:
+            plan.masks = self._fill(rows)
+
+    def masks(self, plan: StepPlan, outs: dict) -> TokenMasks | None:
+        """The masks of the plan's constrained rows, from their matchers' present state."""
+        rows = _constrained(plan, outs)
+        return self._fill(rows) if rows else None
+
+    def _fill(self, rows: list) -> TokenMasks:
+        bits = np.empty((len(rows), self.words), dtype=np.int32)  # every row is written whole
+        if self._executor is None:
+            self._executor = llg.LLExecutor()
+        self._executor.unsafe_compute_mask_ptr(
+            [(so.grammar.m, i) for i, so in enumerate(rows)], bits.ctypes.data, self.words * 4, len(rows)
+        )
+        return TokenMasks([so.seq.seq_id for so in rows], bits)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _constrained(plan: StepPlan, outs: dict) -> list:
+    """The SeqOutputs of the plan's live constrained rows that sample, in plan order."""
+    rows = []
+    for st in plan.seqs:
+        if st.sample:
+            so = outs.get(st.seq_id)
+            if so is not None and so.grammar is not None and not so.seq.finished:
+                rows.append(so)
+    return rows
+
+
+def _grammar(spec: StructuredOutputs) -> str:
+    if spec.json is not None:
+        return llg.LLMatcher.grammar_from_json_schema(spec.json, defaults=JSON_DEFAULTS)
+    if spec.json_object:
+        return llg.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_DEFAULTS)
+    if spec.regex is not None:
+        return llg.LLMatcher.grammar_from_regex(spec.regex)
+    if spec.choice is not None:
+        return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec.choice))
+    return llg.LLMatcher.grammar_from_lark(any_to_lark(spec.grammar))  # GBNF/EBNF converted; Lark as is
+
+
+def _first_lines(e, n: int = 6) -> str:
+    """llguidance's messages can carry a whole parser state: the first lines say what was wrong."""
+    return "\n".join(str(e).strip().splitlines()[:n])[:600]

@@ -1,0 +1,216 @@
+"""GPU checks of low precision (skipped without CUDA): the FP8 and AWQ kernels against their torch
+reference paths, on random matrices and on a decisive model; FP8 KV against bf16 KV; CUDA graphs and
+overlap change no token with FP8 (and AWQ) on.
+
+The model is test_gpu.py's random bf16 Llama with GQA 4 (FlashInfer's tensor-core decode, as
+Llama-3.1-8B), quantized by the tests' own quantizer (tests/quant_ckpt.py). Its reference is
+transformers in float32 on the dequantized weights, FP8 activations rounded by a pre-hook as the
+engine rounds them; each greedy token is scored teacher-forced (`gaps`) as test_gpu.py does.
+"""
+
+import pytest
+import torch
+from quant_ckpt import awq_pack, awq_quantize, fake_quant_act, make_awq, make_fp8
+from test_gpu import GAP_TOL, _bf16_llama
+
+from nanoslg import LLM, SamplingParams
+from nanoslg.model.quant import base as quant_base
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+# Nats. FP8 rounding turns the bf16 engine's last-bit differences from the float32 reference into whole
+# float8 steps (tests/test_quant.py says how), so near ties may go either way by more than bf16 noise
+# does; a wrong scale or kernel is off by several nats. Not yet measured on a GPU: the tests print the
+# gaps they see, and this can tighten once they have run.
+FP8_GAP_TOL = 1.0
+# Seen on an H100 (experiments/low-precision/gpu_quant_tests.log): on this bf16 test model FP8
+# rounding moves greedy picks by whole nats for the kernels and the torch reference alike, so these
+# model-level checks cannot yet tell a kernel bug from rounding; issue #16 stays open until a model
+# with wider logit margins (or a per-layer comparison) decides them.
+FP8_MODEL_XFAIL = pytest.mark.xfail(reason="FP8 rounding exceeds the tolerance on this bf16 model (#16)", strict=False)
+FP8_SM = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs SM89+"
+)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return _bf16_llama(tmp_path_factory.mktemp("quant-base"), kv_heads=1)
+
+
+@pytest.fixture(scope="module")
+def ckpts(base, tmp_path_factory):
+    """method -> (engine overrides, dequantized float32 reference checkpoint)."""
+    root = str(tmp_path_factory.mktemp("quant"))
+    awq, awq_ref = make_awq(base, root, "awq", 128)
+    fp8, fp8_ref = make_fp8(base, root, "fp8", "channel")
+    _, online_ref = make_fp8(base, root, "fp8-online", "float")
+    return {
+        "awq": ([f"model.path={awq}"], awq_ref),
+        "fp8": ([f"model.path={fp8}"], fp8_ref),
+        "fp8-online": ([f"model.path={base}", "model.quantization=fp8"], online_ref),
+    }
+
+
+def prompts(seed: int, lengths=(9, 64, 300)) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 1024, (n,), generator=g).tolist() for n in lengths]
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+
+def reference(path: str, fp8_acts: bool, fp8_kv: bool = False):
+    """transformers, float32 on the GPU, on a dequantized checkpoint; optionally FP8 activations / KV."""
+    from test_kv_fp8 import hf_fp8_kv
+    from transformers import AutoModelForCausalLM
+
+    m = hf_fp8_kv(path) if fp8_kv else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    m = m.float().cuda().eval()
+    if fp8_acts:
+        for name, mod in m.named_modules():
+            if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head"):
+                mod.register_forward_pre_hook(lambda _, args: (fake_quant_act(args[0]),))
+    return m
+
+
+def gaps(m, prompt: list[int], tokens: list[int]) -> list[float]:
+    ids = torch.tensor([prompt + tokens[:-1]], device="cuda")
+    with torch.no_grad():
+        lp = torch.log_softmax(m(ids).logits[0, len(prompt) - 1 :].float(), -1)
+    rows, cols = torch.arange(len(tokens), device="cuda"), torch.tensor(tokens, device="cuda")
+    return (lp.max(-1).values - lp[rows, cols]).tolist()
+
+
+def max_gap(m, ps, runs) -> float:
+    return max(max(gaps(m, p, t)) for p, t in zip(ps, runs))
+
+
+# -- kernels on random matrices -----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_awq_kernels_match_the_reference(dtype):
+    """The GEMV (1 row, K splits), the GEMM (2..255 rows) and dequantize + cuBLAS (256+ rows)."""
+    from nanoslg.model.quant.awq import dequantize, pack_k, unpack_awq
+    from nanoslg.model.quant.kernels.awq import awq_linear
+
+    torch.manual_seed(0)
+    for n, k, g in ((3072, 2048, 128), (1000, 1024, 64)):
+        values, zeros, scales = awq_quantize(torch.randn(n, k) * 0.02, g)
+        qw, z = pack_k(unpack_awq(awq_pack(values))).cuda(), unpack_awq(awq_pack(zeros)).cuda()
+        s = scales.cuda()
+        w = dequantize(qw, z, s, g)  # float32 [k, n]
+        for m in (1, 2, 7, 16, 33, 100, 255, 256, 600):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            ref = x.float() @ w
+            out = awq_linear(x, qw, z, s, g)
+            assert out.dtype == dtype and out.shape == (m, n)
+            err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-2, (n, k, g, m, err)
+            assert torch.equal(awq_linear(x, qw, z, s, g), out)  # deterministic: no atomics
+
+
+@FP8_SM
+def test_fp8_kernels_match_the_reference():
+    from nanoslg.model.quant.fp8 import fp8_kernel, fp8_linear_torch, quantize_act, quantize_weight
+    from nanoslg.model.quant.kernels.fp8 import fp8_linear, quantize_rows
+
+    torch.manual_seed(0)
+    for n, k in ((3072, 2048), (1024, 4096)):
+        wq, ws = quantize_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+        kernel = fp8_kernel(wq)
+        assert kernel in ("rowwise", "tensorwise")
+        for m in (1, 3, 64, 300):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
+            q, s = quantize_rows(x)
+            q_ref, s_ref = quantize_act(x)
+            torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+            assert (q.float() == q_ref.float()).float().mean() > 0.999  # a division's last bit, at most
+            for act in (None, torch.tensor([0.05], device="cuda")):
+                ref = fp8_linear_torch(x, wq, ws, act).float()
+                out = fp8_linear(x, wq, ws, act, kernel).float()
+                err = ((out - ref).abs().max() / ref.abs().max()).item()
+                assert err < 1e-2, (n, k, m, act, err)
+
+
+# -- on a decisive model ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "method",
+    [
+        "awq",
+        pytest.param("fp8", marks=[FP8_SM, FP8_MODEL_XFAIL]),
+        pytest.param("fp8-online", marks=[FP8_SM, FP8_MODEL_XFAIL]),
+    ],
+)
+def test_kernels_and_reference_on_a_model(method, ckpts):
+    """Greedy tokens through the GPU kernels and through the torch reference path, each within bf16
+    noise of the float32 reference on the dequantized weights; their agreement is printed."""
+    overrides, ref_path = ckpts[method]
+    ps, runs, info = prompts(1), {}, {}
+    try:
+        for kernels in (True, False):
+            quant_base.set_kernels(kernels)
+            with LLM(*overrides, "cache=flashinfer", "model.enforce_eager=true", "cache.max_num_tokens=8192") as llm:
+                runs[kernels] = [o.token_ids for o in llm.generate(ps, greedy(32))]
+                info[kernels] = llm.engine.info["quantization_detail"]
+    finally:
+        quant_base.set_kernels(True)
+    assert ("Triton" if method == "awq" else "_scaled_mm") in info[True] and "reference" in info[False]
+    m = reference(ref_path, fp8_acts=method != "awq")
+    gap = {k: max_gap(m, ps, runs[k]) for k in runs}
+    same = sum(a == b for x, y in zip(runs[True], runs[False]) for a, b in zip(x, y))
+    print(
+        f"\n{method}: kernels vs torch reference {same}/{32 * len(ps)} greedy tokens equal; max gap to the "
+        f"fp32 reference: kernels {gap[True]:.3f}, torch {gap[False]:.3f} nats ({info[True]})"
+    )
+    tol = GAP_TOL if method == "awq" else FP8_GAP_TOL
+    assert gap[True] < tol and gap[False] < tol
+
+
+@FP8_SM
+@FP8_MODEL_XFAIL
+def test_fp8_kv_against_bf16_kv(base):
+    """FlashInfer with an FP8 pool: twice the tokens in the same memory; greedy tokens scored by the
+    float32 reference whose attention reads FP8 K/V; agreement with the bf16 pool printed."""
+    ps, runs, tokens = prompts(2), {}, {}
+    for kv in ("auto", "fp8_e4m3"):
+        with LLM(f"model.path={base}", "cache=flashinfer", f"cache.kv_dtype={kv}", "model.enforce_eager=true") as llm:
+            runs[kv] = [o.token_ids for o in llm.generate(ps, greedy(32))]
+            tokens[kv] = llm.engine.info["kv_tokens"]
+    same = sum(a == b for x, y in zip(runs["auto"], runs["fp8_e4m3"]) for a, b in zip(x, y))
+    gap = max_gap(reference(base, fp8_acts=False, fp8_kv=True), ps, runs["fp8_e4m3"])
+    print(
+        f"\nfp8 KV vs bf16 KV: {same}/{32 * len(ps)} greedy tokens equal; pool {tokens['fp8_e4m3']} vs "
+        f"{tokens['auto']} tokens; max gap to the fp32 FP8-KV reference {gap:.3f} nats"
+    )
+    assert 1.9 < tokens["fp8_e4m3"] / tokens["auto"] < 2.1
+    assert gap < FP8_GAP_TOL
+
+
+@pytest.mark.parametrize("method", [pytest.param("fp8", marks=FP8_SM), "awq"])
+def test_cuda_graphs_and_overlap_change_no_token(method, ckpts):
+    """Quantized weights and an FP8 pool: decode through captured CUDA graphs (padded buckets, the
+    cascade variant over a shared prefix) with overlapped steps gives the tokens of eager,
+    one-step-at-a-time decoding."""
+    overrides = ckpts[method][0]
+    g = torch.Generator().manual_seed(3)
+    batch = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (3, 17, 40, 90, 130)] * 4
+    shared = torch.randint(3, 1024, (304,), generator=g).tolist()
+    cascade = [shared + torch.randint(3, 1024, (n,), generator=g).tolist() for n in range(1, 11)]
+    runs = {}
+    for eager, overlap in (("true", "false"), ("false", "true")):
+        with LLM(
+            *overrides,
+            "cache=flashinfer",
+            "cache.kv_dtype=fp8_e4m3",
+            f"model.enforce_eager={eager}",
+            f"scheduler.overlap={overlap}",
+            "cache.max_num_tokens=16384",
+            "scheduler.max_num_seqs=32",
+        ) as llm:
+            assert (llm.engine.executor.rt.runner.graphs is None) == (eager == "true")
+            runs[eager] = [o.token_ids for o in llm.generate(batch, greedy(24))]
+            llm.generate(cascade[:1], greedy(1))  # caches the shared prefix
+            runs[eager, "cascade"] = [o.token_ids for o in llm.generate(cascade, greedy(24))]
+            runs[eager, "steps"] = llm.engine.executor.rt.backend.cascade_steps
+    assert runs["false", "steps"] > 0
+    assert runs["false"] == runs["true"] and runs["false", "cascade"] == runs["true", "cascade"]
