@@ -5,12 +5,15 @@ python run.py mode=generate prompt="Hello"      # print one completion
 python run.py mode=bench bench=offline model=llama3-8b
 """
 
+import os
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from nanoslg.core.config import register_schema
+from nanoslg.core.config_errors import as_config_error
+from nanoslg.core.errors import CONFIG_ERROR_EXIT
 
 register_schema()
 
@@ -25,4 +28,14 @@ def main(node: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Hydra prints its own composition errors and exits 1; raised instead, they are said like every
+    # other config mistake (the key, close matches, the keys there) with the same exit code.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except Exception as e:
+        err = as_config_error(e)
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR_EXIT)

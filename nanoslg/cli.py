@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from nanoslg.core.compose import setup_logging
 from nanoslg.core.config import validate
-from nanoslg.core.errors import ConfigError, RequestError
+from nanoslg.core.errors import CONFIG_ERROR_EXIT, ConfigError, RequestError
 
 log = logging.getLogger("nanoslg")
 
@@ -18,6 +18,12 @@ def run(node: DictConfig) -> int:
     # Each mode imports only what it runs: a torchrun worker needs no server, serving no benchmarks.
     try:
         cfg = validate(node)
+        if cfg.mode != "generate" and (cfg.prompt is not None or cfg.chat):
+            # As `vllm serve --prompt` is an error: a key that would do nothing is a mistake.
+            raise ConfigError(
+                f"prompt and chat are read by mode=generate only (this is mode={cfg.mode}); for one completion "
+                "run `python run.py mode=generate prompt=...`, and send prompts to a server over HTTP"
+            )
         setup_logging(cfg.log_level)
         from nanoslg.parallel.worker import maybe_run_worker
 
@@ -35,7 +41,7 @@ def run(node: DictConfig) -> int:
         return 0
     except (ConfigError, RequestError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR_EXIT
 
 
 def generate(cfg) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Sequence as Seq
 
 from nanoslg.core.compose import compose_config, setup_logging
@@ -31,6 +32,9 @@ class LLM:
         self._thread.start()
         self.engine: AsyncEngine = build_engine(config)
         self._call(self.engine.start())
+        # A script that ends without shutdown(): stop the engine before the interpreter stops the
+        # thread pools its steps run in (atexit handlers run only after that, too late).
+        threading._register_atexit(_shutdown_at_exit, weakref.ref(self))
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -67,6 +71,7 @@ class LLM:
         return self._call(run())
 
     def shutdown(self) -> None:
+        """Stops the engine (aborting what runs) and its loop; idempotent."""
         if self._loop.is_running():
             self._call(self.engine.shutdown(0.0))
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -77,3 +82,9 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _shutdown_at_exit(ref: weakref.ref) -> None:
+    llm = ref()
+    if llm is not None:
+        llm.shutdown()

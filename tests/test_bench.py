@@ -460,6 +460,63 @@ def test_aggregate_writes_table_and_png(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
 
+def test_adhoc_runs_go_to_an_ignored_folder_presets_to_experiments():
+    from nanoslg.bench.record import experiment_dir
+
+    adhoc = experiment_dir(compose_node(["mode=bench", "bench=batch1"]).bench)
+    assert adhoc == Path("outputs/bench/batch1")
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(adhoc / "records" / "x.json")], cwd=REPO)
+    assert ignored.returncode == 0, "ad-hoc bench output must be ignored by git"
+    preset = experiment_dir(compose_node(["+experiment=shared-prefix-on-off"]).bench)
+    assert preset == REPO / "experiments" / "shared-prefix-on-off"
+    given = experiment_dir(compose_node(["mode=bench", "bench.output_dir=/tmp/x"]).bench)
+    assert given == Path("/tmp/x/offline")
+
+
+def _record(folder: Path, overrides: list[str], tok_s: float, commit: str) -> None:
+    rec = make_record(compose_node(["mode=bench", *overrides]), {"output_tok_s": tok_s, "ttft_ms": {"p50": 9.0}})
+    rec["git"]["commit"] = commit
+    write_record(rec, folder)
+
+
+def test_aggregate_never_mixes_commits_workloads_or_models(tmp_path):
+    from nanoslg.bench.aggregate import sweeps
+
+    folder = tmp_path / "mixed"
+    for on, tok in ((True, 400.0), (False, 100.0)):  # one on/off sweep; progress bars differ too
+        _record(folder, [f"cache.prefix_caching={on}", f"bench.extra.progress={on}"], tok, "a" * 40)
+    _record(folder, ["cache.prefix_caching=true"], 500.0, "b" * 40)  # another commit
+    _record(folder, ["model=qwen3-0.6b", "cache.prefix_caching=true"], 50.0, "b" * 40)  # another model
+    _record(folder, ["bench=batch1"], 7.0, "b" * 40)  # another workload
+    groups = sweeps([json.loads(p.read_text()) for p in (folder / "records").glob("*.json")])
+    assert sorted((c[0], w, m) for (c, w, m), _ in groups) == [
+        ("a", "offline", "demo"),
+        ("b", "batch1", "demo"),
+        ("b", "offline", "demo"),
+        ("b", "offline", "qwen3-0.6b"),
+    ]
+    md = Path(aggregate(folder)["table"]).read_text()
+    assert md.count("\n## ") == 4 and "## qwen3-0.6b, offline, commit bbbbbbbb: 1 run(s)" in md
+    assert "Swept: cache.prefix_caching\n" in md  # not the progress bars
+    assert md.count("Swept: nothing") == 3 and "None" not in md.split("\n", 1)[0]
+
+
+def test_plot_kinds_follow_the_sweep(tmp_path):
+    from nanoslg.bench.aggregate import load_records, plot_kind, ratio_label
+
+    onoff, rates = tmp_path / "onoff", tmp_path / "rates"
+    for on, tok in ((True, 400.0), (False, 100.0)):
+        _record(onoff, [f"cache.prefix_caching={on}"], tok, "c" * 40)
+    for seqs in (8, 64, 256):
+        _record(rates, [f"scheduler.max_num_seqs={seqs}"], float(seqs), "c" * 40)
+    recs = load_records(onoff)
+    assert plot_kind(recs, ["cache.prefix_caching"]) == "ratio" and ratio_label(400.0, 100.0) == "4.00x off"
+    assert plot_kind(load_records(rates), ["scheduler.max_num_seqs"]) == "line"
+    assert plot_kind(recs, []) == "bars"
+    for folder in (onoff, rates):
+        assert Path(aggregate(folder)["plot"]).read_bytes()[:4] == b"\x89PNG"
+
+
 def test_swept_keys_without_overrides_compare_configs():
     a = make_record(compose_node(["cache=sdpa"]), {}, overrides=None)
     b = make_record(compose_node(["cache=sdpa", "scheduler.policy=fcfs", "cache.page_size=32"]), {}, overrides=None)

@@ -1,7 +1,6 @@
 """Incremental detokenization and config validation (no model needed)."""
 
 import pytest
-from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from nanoslg.core.compose import compose_config
 from nanoslg.core.errors import ConfigError
@@ -21,7 +20,7 @@ def test_detokenizer_never_splits_a_character(demo_tokenizer):
 def test_default_config_composes():
     cfg, node = compose_config([])
     assert cfg.mode == "serve" and cfg.model.name == "demo" and cfg.cache.backend == "auto"
-    assert cfg.parallel.mode == "single" and cfg.scheduler.policy == "fcfs"
+    assert cfg.parallel.mode == "auto" and cfg.scheduler.policy == "fcfs"
 
 
 @pytest.mark.parametrize(
@@ -59,12 +58,23 @@ def test_auto_sampling_kernels_are_torch_on_cpu(tiny_llama):
 
 
 def test_unknown_key_and_type_fail_at_compose():
-    with pytest.raises(ConfigCompositionException, match="colour"):
+    with pytest.raises(ConfigError, match="model.colour is not a config key"):
         compose_config(["model.colour=red"])
-    with pytest.raises(ConfigCompositionException, match="page_size"):
+    with pytest.raises(ConfigError, match="cache.page_size: Value 'big'"):
         compose_config(["cache.page_size=big"])
 
 
+def test_unknown_key_lists_close_matches_and_the_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        compose_config(["scheduler.max_num_seq=4"])
+    msg = str(e.value)
+    assert "did you mean scheduler.max_num_seqs?" in msg
+    assert "The keys under scheduler: max_num_batched_tokens, max_num_seqs, overlap, policy, seed" in msg
+    with pytest.raises(ConfigError, match="did you mean prompt?.*The keys at the top level: .*mode"):
+        compose_config(["promt=hi"])
+
+
 def test_unknown_group_option_lists_the_choices():
-    with pytest.raises(MissingConfigException, match="sdpa"):
+    with pytest.raises(ConfigError, match="sdpa") as e:
         compose_config(["cache=nonexistent"])
+    assert "search path" not in str(e.value)

@@ -325,6 +325,7 @@ def test_api_key_and_overload(keyed_server):
     first, err = asyncio.run(overload())
     assert first.choices[0].text is not None
     assert err.status_code == 503 and err.code == "server_overloaded"
+    assert int(err.response.headers["retry-after"]) >= 1
 
 
 # --- concurrency, disconnects, liveness ---------------------------------------------------------
@@ -489,7 +490,7 @@ class _DyingStream:
 
 
 class _DyingEngine:
-    model_name, max_model_len, vocab_size, tokenizer, num_waiting = MODEL, 64, 100, None, 0
+    model_name, max_model_len, vocab_size, tokenizer, num_waiting, backlog, accepting = MODEL, 64, 100, None, 0, 0, True
 
     def __init__(self):
         from nanoslg.engine.metrics import EngineMetrics

@@ -1,7 +1,11 @@
-"""A sweep's records aggregated: one table row per record, and a plot over the swept override.
+"""A folder of bench records aggregated: tables and a plot, never mixing runs that cannot be compared.
 
-experiments/<bench.name or workload>/results.md    (one row per record)
-experiments/<bench.name or workload>/results.png   (x: the swept override; y: output tok/s, TTFT p50)
+experiments/<bench.name>/results.md    one table per sweep: records of one commit, workload and model
+experiments/<bench.name>/results.png   the newest sweep: an on/off sweep as bars with the ratio on
+                                       them, a numeric one (rate, batch size) as a line over it
+
+A sweep's "Swept:" keys are the config keys whose values differ between its records, leaving out
+keys that change no result (progress bars, output folders, the server's port).
 """
 
 from __future__ import annotations
@@ -13,8 +17,20 @@ from typing import Any
 
 log = logging.getLogger("nanoslg.bench")
 
-# Keys that differ between runs of one sweep without being what was swept.
-IGNORED_KEYS = {"bench.name", "bench.output_dir", "hydra", "mode"}
+# Keys that differ between runs of one sweep without changing what was measured.
+IGNORED_KEYS = {
+    "bench.name",
+    "bench.output_dir",
+    "bench.extra.progress",
+    "bench.extra.aggregate",
+    "bench.extra.server_start_timeout",
+    "server.port",
+    "server.host",
+    "log_level",
+    "hydra",
+    "mode",
+    "experiment",
+}
 
 
 def load_records(folder: Path) -> list[dict]:
@@ -46,35 +62,38 @@ def _ignored(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS)
 
 
-def swept_keys(records: list[dict]) -> list[str]:
-    """The config keys whose values differ between records: what the sweep varied.
+def model_label(rec: dict) -> str:
+    """The model a record ran: its checkpoint folder's name, else the bundled shape or config name."""
+    m = (rec.get("config") or {}).get("model") or {}
+    if m.get("path"):
+        return Path(str(m["path"]).rstrip("/")).name
+    return str(m.get("shape") or m.get("name") or "unknown model")
 
-    Hydra overrides name them most readably (`cache=sdpa`), so they are preferred when every
-    record has them; otherwise the flattened configs are compared.
-    """
+
+def sweep_of(rec: dict) -> tuple[str, str, str]:
+    """(commit, workload, model): records are compared only within one."""
+    commit = ((rec.get("git") or {}).get("commit") or "unknown commit")[:8]
+    return commit, str(rec.get("workload")), model_label(rec)
+
+
+def sweeps(records: list[dict]) -> list[tuple[tuple[str, str, str], list[dict]]]:
+    """Records grouped by sweep_of, each group in time order, the groups by their first record."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault(sweep_of(r), []).append(r)
+    return list(groups.items())
+
+
+def swept_keys(records: list[dict]) -> list[str]:
+    """The config keys whose values differ between the records (of one sweep)."""
     if len(records) < 2:
         return []
-    if all(r.get("overrides") is not None for r in records):
-        ov = [dict(_split(o) for o in r["overrides"]) for r in records]
-        keys = sorted({k for o in ov for k in o})
-        diff = [k for k in keys if not _ignored(k.lstrip("+~")) and len({o.get(k) for o in ov}) > 1]
-        if diff:
-            return diff
     flat = [flatten(r.get("config", {})) for r in records]
     keys = sorted({k for f in flat for k in f})
     return [k for k in keys if not _ignored(k) and len({json.dumps(f.get(k), default=str) for f in flat}) > 1]
 
 
-def _split(override: str) -> tuple[str, str]:
-    k, _, v = override.partition("=")
-    return k, v
-
-
 def swept_value(rec: dict, key: str) -> Any:
-    if rec.get("overrides") is not None:
-        ov = dict(_split(o) for o in rec["overrides"])
-        if key in ov:
-            return ov[key]
     return flatten(rec.get("config", {})).get(key)
 
 
@@ -99,6 +118,7 @@ COLUMNS = [  # (header, path in the record's results, format)
     ("peak GiB", "peak_gpu_memory.max_allocated_gib", "{:.1f}"),
     ("wall s", "wall_time_s", "{:.2f}"),
 ]
+PLOTTED = [("output tok/s", "output_tok_s"), ("TTFT p50 (ms)", "ttft_ms.p50")]
 
 
 def _fmt(value: Any, fmt: str) -> str:
@@ -111,6 +131,8 @@ def _fmt(value: Any, fmt: str) -> str:
 
 
 def _num(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return None
     try:
         return float(v)
     except (TypeError, ValueError):
@@ -118,33 +140,36 @@ def _num(v: Any) -> float | None:
 
 
 def table(records: list[dict], keys: list[str]) -> str:
-    head = keys + ["workload"] + [c[0] for c in COLUMNS] + ["commit", "record"]
+    head = keys + [c[0] for c in COLUMNS] + ["record"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         res = r.get("results", {})
-        cells = [str(swept_value(r, k)) for k in keys] + [str(r.get("workload"))]
+        cells = [str(swept_value(r, k)) for k in keys]
         for _, path, fmt in COLUMNS:
             v = _get(res, path)
             if path == "e2e_ms.p50" and v is not None:
                 v = v / 1000.0  # seconds read better for whole requests
             cells.append(_fmt(v, fmt))
-        commit = (r.get("git") or {}).get("commit")
-        cells += [(commit or "–")[:8], r["_file"]]
+        cells.append(r["_file"])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def aggregate(folder: Path | str) -> dict | None:
-    """Writes results.md and results.png for every record in folder/records. Returns their paths."""
+    """Writes results.md (every sweep) and results.png (the newest). Returns their paths."""
     folder = Path(folder)
     records = load_records(folder)
     if not records:
         return None
-    keys = swept_keys(records)
+    groups = sweeps(records)
+    parts = [f"# {folder.name}: {len(records)} run(s) in {len(groups)} sweep(s)\n"]
+    for (commit, workload, model), recs in reversed(groups):  # the newest first
+        keys = swept_keys(recs)
+        parts.append(f"\n## {model}, {workload}, commit {commit}: {len(recs)} run(s)\n")
+        parts.append(f"\nSwept: {', '.join(keys)}\n" if keys else "\nSwept: nothing (repeated runs)\n")
+        parts.append("\n" + table(recs, keys))
     md = folder / "results.md"
-    title = f"# {folder.name}: {len(records)} run(s)\n\n"
-    swept = f"Swept: {', '.join(keys)}\n\n" if keys else ""
-    md.write_text(title + swept + table(records, keys))
+    md.write_text("".join(parts))
     png: Path | None = folder / "results.png"
     try:
         import matplotlib  # noqa: F401  (optional: the `bench` extra)
@@ -152,8 +177,38 @@ def aggregate(folder: Path | str) -> dict | None:
         log.warning("matplotlib is not installed: wrote %s without a plot", md)
         png = None
     if png is not None:
-        plot(records, keys, png, folder.name)
+        (commit, workload, model), recs = groups[-1]
+        plot(recs, swept_keys(recs), png, f"{folder.name}: {model}, {workload}, commit {commit}")
     return {"table": str(md), "plot": str(png) if png else None}
+
+
+def plot_kind(records: list[dict], keys: list[str]) -> str:
+    """ "ratio" (one key, two values such as on/off: bars and their ratio), "line" (one numeric key),
+    or "bars" (anything else: one bar per run or combination)."""
+    if len(keys) != 1:
+        return "bars"
+    values = {json.dumps(swept_value(r, keys[0])) for r in records}
+    if len(values) == 2 and all(isinstance(swept_value(r, keys[0]), bool) for r in records):
+        return "ratio"
+    if all(_num(swept_value(r, keys[0])) is not None for r in records):
+        return "line"
+    return "bars"
+
+
+def points(records: list[dict], keys: list[str]) -> list[tuple[str, Any, dict]]:
+    """(label, x value, record) per swept value or run; the newest record of a value wins."""
+    latest: dict[str, tuple[Any, dict]] = {}
+    for r in records:
+        label = ", ".join(f"{k}={swept_value(r, k)}" for k in keys) if keys else r["_file"][:15]
+        latest[label] = (swept_value(r, keys[0]) if len(keys) == 1 else label, r)
+    return [(label, x, r) for label, (x, r) in latest.items()]
+
+
+def ratio_label(on: float | None, off: float | None) -> str | None:
+    """How the True run compares with the False one, written on the True bar."""
+    if on is None or not off:
+        return None
+    return f"{on / off:.2f}x off"
 
 
 def plot(records: list[dict], keys: list[str], path: Path, title: str) -> None:
@@ -162,37 +217,32 @@ def plot(records: list[dict], keys: list[str], path: Path, title: str) -> None:
     matplotlib.use("Agg")  # no display on servers and in CI
     import matplotlib.pyplot as plt
 
-    # One point per swept value: the newest record wins (older ones stay in the table).
-    latest: dict[str, dict] = {}
-    for r in records:
-        label = ", ".join(f"{k}={swept_value(r, k)}" for k in keys) if keys else r["_file"][:15]
-        latest[label] = r
-    labels = list(latest)
-    xs_num = [_num(swept_value(latest[lab], keys[0])) for lab in labels] if len(keys) == 1 else []
-    numeric = bool(xs_num) and all(x is not None for x in xs_num)
-    if numeric:
-        order = sorted(range(len(labels)), key=lambda i: xs_num[i])
-        labels = [labels[i] for i in order]
-        xs: list = [xs_num[i] for i in order]
-    else:
-        xs = list(range(len(labels)))
-    ys_tok = [_num(_get(latest[lab].get("results", {}), "output_tok_s")) for lab in labels]
-    ys_ttft = [_num(_get(latest[lab].get("results", {}), "ttft_ms.p50")) for lab in labels]
-
+    kind = plot_kind(records, keys)
+    pts = points(records, keys)
+    if kind == "line":
+        pts.sort(key=lambda p: float(p[1]))
+    elif kind == "ratio":
+        pts.sort(key=lambda p: p[1])  # False (off) first, then True (on)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, ys, name in ((axes[0], ys_tok, "output tok/s"), (axes[1], ys_ttft, "TTFT p50 (ms)")):
-        pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-        ax.set_ylabel(name)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-        if numeric:
+    for ax, (name, metric) in zip(axes, PLOTTED):
+        ys = [_num(_get(r.get("results", {}), metric)) for _, _, r in pts]
+        if kind == "line":
+            xy = [(float(x), y) for (_, x, _), y in zip(pts, ys) if y is not None]
+            ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o")
             ax.set_xlabel(keys[0])
         else:
-            ax.set_xticks(xs)
-            ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+            labels = [f"{keys[0]}={x}" if kind == "ratio" else label for label, x, _ in pts]
+            bars = ax.bar(range(len(pts)), [y or 0.0 for y in ys], color="tab:blue")
+            ax.set_xticks(range(len(pts)))
+            ax.set_xticklabels(
+                labels, rotation=0 if kind == "ratio" else 30, ha="center" if kind == "ratio" else "right"
+            )
+            if kind == "ratio" and (text := ratio_label(ys[1], ys[0])):
+                ax.annotate(text, (bars[1].get_x() + bars[1].get_width() / 2, ys[1]), ha="center", va="bottom")
             ax.set_xlabel(", ".join(keys) if keys else "run")
+        ax.set_ylabel(name)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,6 +1,7 @@
 """One JSON record per bench run (nanoslg/bench/aggregate.py turns a folder of them into a table and a plot).
 
-experiments/<bench.name or workload>/records/<YYYYmmdd-HHMMSS>-<config hash>.json
+experiments/<bench.name>/records/<YYYYmmdd-HHMMSS>-<config hash>.json      (a preset)
+outputs/bench/<workload>/records/<YYYYmmdd-HHMMSS>-<config hash>.json      (an ad-hoc run)
 """
 
 from __future__ import annotations
@@ -83,9 +84,17 @@ def environment() -> dict:
     }
 
 
+ADHOC_DIR = Path("outputs") / "bench"  # Hydra's outputs/, which git ignores
+
+
 def experiment_dir(bench_cfg) -> Path:
-    name = bench_cfg.name or bench_cfg.workload
-    return Path(bench_cfg.output_dir) / name
+    """bench.output_dir/<name> when given; else a preset (bench.name set) keeps its results with the
+    checkout's experiments/, and an ad-hoc run writes under outputs/bench/ of the working folder."""
+    if bench_cfg.output_dir is not None:
+        root = Path(bench_cfg.output_dir)
+    else:
+        root = REPO_DIR / "experiments" if bench_cfg.name else ADHOC_DIR
+    return root / (bench_cfg.name or bench_cfg.workload)
 
 
 def make_record(cfg: Any, results: dict, overrides: list[str] | None = None) -> dict:

@@ -32,6 +32,8 @@ from nanoslg.core.machine import free_device_memory, resolve_device
 from nanoslg.core.sampling_params import SamplingParams
 from nanoslg.engine.builder import build_engine
 from nanoslg.engine.metrics import StepProfile
+from nanoslg.model.checkpoint import resolve_checkpoint
+from nanoslg.parallel.auto import resolve_parallel
 
 log = logging.getLogger("nanoslg.bench")
 
@@ -50,6 +52,7 @@ def run_bench(cfg: Config, node=None) -> dict:
             f"bench.peer=hf runs engine workloads (offline, batch1, shared_prefix); "
             f"bench.workload={cfg.bench.workload!r} goes over HTTP"
         )
+    cfg = resolve_parallel(cfg, resolve_checkpoint(cfg))  # the roofline counts the GPUs auto chooses
     figures = _figures(cfg)
     if wl.transport == "http":
         results = run_http(cfg, wl, figures)

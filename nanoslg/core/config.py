@@ -71,7 +71,7 @@ class SchedulerConfig:
 
 @dataclass
 class ParallelConfig:
-    mode: str = "single"  # single | tp | pp | hybrid
+    mode: str = "auto"  # auto | single | tp | pp | hybrid (auto chooses the mode and sizes: parallel/auto.py)
     tp_size: int = 1
     pp_size: int = 1
     stage_layers: list | None = None  # layers per PP stage; even split when null
@@ -111,7 +111,7 @@ class SamplingConfig:
 @dataclass
 class BenchConfig:
     workload: str = "offline"  # offline | batch1 | shared_prefix | serving
-    name: str | None = None  # experiment folder under experiments/; defaults to workload
+    name: str | None = None  # a preset's folder under experiments/; null: an ad-hoc run (outputs/bench/<workload>)
     num_requests: int = 256
     input_len_min: int = 100
     input_len_max: int = 1024
@@ -124,7 +124,7 @@ class BenchConfig:
     ignore_eos: bool = True
     peer: str = "none"  # none | hf
     warmup: int = 1
-    output_dir: str = "experiments"
+    output_dir: str | None = None  # null: experiments/ for presets, outputs/bench/ for ad-hoc runs
     extra: dict = field(default_factory=dict)
 
 
@@ -201,11 +201,12 @@ def validate(cfg: DictConfig) -> Config:
             raise ConfigError(f"{key}={value!r} is out of range; it must be {rng}")
     _check_registries(cfg)
     mode, tp, pp = cfg.parallel.mode, cfg.parallel.tp_size, cfg.parallel.pp_size
-    expect = {"single": (tp == 1 and pp == 1), "tp": pp == 1, "pp": tp == 1, "hybrid": True}
+    expect = {"auto": tp == 1 and pp == 1, "single": tp == 1 and pp == 1, "tp": pp == 1, "pp": tp == 1, "hybrid": True}
     if not expect.get(mode, True):
         raise ConfigError(
             f"parallel.mode={mode!r} does not fit parallel.tp_size={tp}, parallel.pp_size={pp}; "
-            "single needs both 1, tp needs pp_size=1, pp needs tp_size=1, hybrid takes any"
+            "single needs both 1, tp needs pp_size=1, pp needs tp_size=1, hybrid takes any, and auto "
+            "chooses both (give parallel=tp|pp|hybrid to set them)"
         )
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, Config)  # guaranteed by the schema merge, not reachable by users
@@ -217,7 +218,8 @@ def _check_registries(cfg: DictConfig) -> None:
     if cfg.cache.backend != "auto":
         registry.CACHE_BACKENDS.check(cfg.cache.backend)
     registry.SCHEDULERS.check(cfg.scheduler.policy)
-    registry.PARALLEL.check(cfg.parallel.mode)
+    if cfg.parallel.mode != "auto":  # resolved from the model and the GPUs (parallel/auto.py)
+        registry.PARALLEL.check(cfg.parallel.mode)
     registry.BENCHMARKS.check(cfg.bench.workload)
     quant = cfg.model.quantization
     if quant != "none" and quant not in registry.QUANTIZATION:

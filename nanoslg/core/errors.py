@@ -1,5 +1,8 @@
 """Errors a user can cause; each names what was wrong."""
 
+# `python run.py` exits with this code on any config mistake (and on a request it cannot serve).
+CONFIG_ERROR_EXIT = 2
+
 
 class ConfigError(ValueError):
     """A config value is not allowed; the message names the key and the allowed values."""

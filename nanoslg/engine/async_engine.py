@@ -92,6 +92,16 @@ class AsyncEngine:
         return self.scheduler.num_waiting
 
     @property
+    def backlog(self) -> int:
+        """Waiting sequences the running batch has no place for (Scheduler.backlog)."""
+        return self.scheduler.backlog
+
+    @property
+    def accepting(self) -> bool:
+        """False once shutdown began: new requests are refused."""
+        return self._accepting and self.is_alive
+
+    @property
     def cascade_steps(self) -> int:
         """Decode steps so far that read a prefix every sequence shared once (rank 0's backend)."""
         return self.executor.backend.cascade_steps
@@ -134,7 +144,6 @@ class AsyncEngine:
             self.outputs.constrain(req, lambda: self.grammars.new_matcher(compiled))
         for so in req.outs:
             self.scheduler.add(so.seq)
-        self.metrics.prompt_tokens += len(ids)
         self._poke()
 
     async def compile_structured(self, params: SamplingParams) -> None:
@@ -357,7 +366,7 @@ class AsyncEngine:
                 if so is not None and st.seq_id in aborting and not so.seq.finished:
                     self._end(so, "abort")
         self.outputs.process(sampled, time.monotonic())
-        self.metrics.generation_tokens += len(result.token_ids)
+        self.metrics.iteration_tokens.observe(plan.num_tokens)
         self._update_gauges()
 
     def _update_gauges(self) -> None:

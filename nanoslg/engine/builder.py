@@ -15,6 +15,7 @@ from nanoslg.core.registry import PARALLEL, SCHEDULERS
 from nanoslg.engine.async_engine import AsyncEngine
 from nanoslg.model.checkpoint import resolve_checkpoint
 from nanoslg.model.loader import weight_bytes
+from nanoslg.parallel.auto import resolve_parallel
 from nanoslg.parallel.executor import Executor
 from nanoslg.runtime.build import blas_library
 from nanoslg.scheduler.scheduler import Scheduler
@@ -24,6 +25,7 @@ log = logging.getLogger("nanoslg")
 
 def build_engine(cfg: Config) -> AsyncEngine:
     ckpt = resolve_checkpoint(cfg)
+    cfg = resolve_parallel(cfg, ckpt)
     args = ckpt.args
     max_len = cfg.model.max_model_len or args.max_position_embeddings
     if max_len > args.max_position_embeddings:
@@ -110,7 +112,7 @@ def build_engine(cfg: Config) -> AsyncEngine:
         info["kv_gib"],
         _kv_dtype_why(backend.spec, rt.kv_scales),
         info["kv_budget"],
-        "on" if info["prefix_caching"] else "off",
+        _prefix_caching_why(cfg, info),
         "on" if info["cascade_attention"] else "off",
     )
     return AsyncEngine(
@@ -123,6 +125,18 @@ def build_engine(cfg: Config) -> AsyncEngine:
         eos_token_ids=eos,
         kv_pool_bytes=pool_bytes,
         info=info,
+    )
+
+
+def _prefix_caching_why(cfg: Config, info: dict) -> str:
+    if info["prefix_caching"]:
+        return "on"
+    if not cfg.cache.prefix_caching:
+        return "off (cache.prefix_caching=false)"
+    picked = " (cache=auto picks it on the CPU)" if cfg.cache.backend == "auto" else ""
+    return (
+        f"off (the {info['cache_backend']} backend{picked} keeps one KV slab per sequence, with no pages to "
+        "share; cache=paged turns it on)"
     )
 
 

@@ -27,6 +27,9 @@ LATENCY_BUCKETS = (
     80.0,
 )
 
+# Tokens per request and per step (vLLM's buckets: 1, 2, 5 per decade).
+TOKEN_BUCKETS = tuple(m * 10**e for e in range(6) for m in (1, 2, 5))
+
 
 @dataclass
 class Histogram:
@@ -64,12 +67,24 @@ class StepProfile:
         }
 
 
+def _tokens() -> Histogram:
+    return Histogram(TOKEN_BUCKETS)
+
+
 @dataclass
 class EngineMetrics:
+    """Every per-request number counts each sample (sequence) of a request as one request, as vLLM
+    counts the children of an n > 1 request: request_success, the latency histograms and the token
+    histograms agree, and the token counters are the sums of the token histograms."""
+
     time_to_first_token: Histogram = field(default_factory=Histogram)  # seconds
     inter_token_latency: Histogram = field(default_factory=Histogram)
     e2e_request_latency: Histogram = field(default_factory=Histogram)
     request_queue_time: Histogram = field(default_factory=Histogram)  # arrival -> first scheduled
+    time_per_output_token: Histogram = field(default_factory=Histogram)  # per request, after the first
+    request_prompt_tokens: Histogram = field(default_factory=_tokens)
+    request_generation_tokens: Histogram = field(default_factory=_tokens)
+    iteration_tokens: Histogram = field(default_factory=_tokens)  # tokens fed per engine step
     prompt_tokens: int = 0
     generation_tokens: int = 0
     preemptions: int = 0

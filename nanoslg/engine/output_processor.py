@@ -24,13 +24,25 @@ from nanoslg.engine.stream import RequestStream
 class SeqOutput:
     """What the engine keeps for one sequence besides the scheduler's Sequence."""
 
-    __slots__ = ("seq", "req", "index", "detok", "text", "emitted", "stop_reason", "last_token_time", "grammar")
+    __slots__ = (
+        "seq",
+        "req",
+        "index",
+        "detok",
+        "text",
+        "emitted",
+        "stop_reason",
+        "first_token_time",
+        "last_token_time",
+        "grammar",
+    )
 
     def __init__(self, seq: Sequence, req: RequestState, index: int, detok: IncrementalDetokenizer | None):
         self.seq, self.req, self.index, self.detok = seq, req, index, detok
         self.text = ""  # detokenized output so far (a matched stop string cut off)
         self.emitted = 0  # characters of text already streamed out
         self.stop_reason: object = None  # the stop string or token id that matched
+        self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.grammar = None  # a structured.Matcher when the output is constrained
 
@@ -44,7 +56,6 @@ class RequestState:
         # Characters held back from the stream while they may still begin a stop string.
         self.hold = max((len(s) for s in params.stop), default=1) - 1
         self.arrival = time.monotonic()
-        self.first_token_time: float | None = None
 
 
 class OutputProcessor:
@@ -76,6 +87,7 @@ class OutputProcessor:
     ) -> RequestState:
         """The request's state and its n sequences (not yet scheduled)."""
         req = self.requests[rid] = RequestState(rid, prompt, ids, params, stream)
+        self.metrics.prompt_tokens += len(ids) * params.n  # each sample is a request (EngineMetrics)
         stop_ids = self.min_tokens_stop_ids(params)
         for i in range(params.n):
             # With a seed, sample i of n draws from seed + i: reproducible, yet independent samples.
@@ -120,16 +132,16 @@ class OutputProcessor:
 
     def _append(self, so: SeqOutput, seq: Sequence, tok: int, lp, now: float) -> CompletionOutput:
         """The delta for one token the scheduler appended to `seq`; ends the sequence if it stops."""
-        req = so.req
+        req, m = so.req, self.metrics
         last = so.last_token_time
         if last is None:
-            if req.first_token_time is None:
-                req.first_token_time = now
-                self.metrics.time_to_first_token.observe(now - req.arrival)
-                self.metrics.request_queue_time.observe((seq.first_scheduled_time or now) - req.arrival)
+            so.first_token_time = now
+            m.time_to_first_token.observe(now - req.arrival)
+            m.request_queue_time.observe((seq.first_scheduled_time or now) - req.arrival)
         else:
-            self.metrics.inter_token_latency.observe(now - last)
+            m.inter_token_latency.observe(now - last)
         so.last_token_time = now
+        m.generation_tokens += 1
         out = CompletionOutput(so.index, "", [tok])
         if req.params.logprobs is not None:
             out.logprobs = [Logprob(tok, lp[0], lp[1])] if lp is not None else []
@@ -138,6 +150,7 @@ class OutputProcessor:
         reason = self._stop_reason(so, seq, tok)
         if reason is not None:
             self.finish(seq, reason)
+            self._finished(so, now)
             out.finish_reason, out.stop_reason = reason, so.stop_reason
         if so.detok is not None:
             upto = max(so.emitted, len(so.text) - (0 if reason is not None else req.hold))
@@ -174,7 +187,19 @@ class OutputProcessor:
     def end(self, so: SeqOutput, reason: str) -> None:
         """Ends one sequence without a token (an abort) and emits its last delta."""
         self.finish(so.seq, reason)
+        self._finished(so, time.monotonic())
         self._emit(so.req, [CompletionOutput(so.index, finish_reason=reason)])
+
+    def _finished(self, so: SeqOutput, now: float) -> None:
+        """A sequence ended: the per-request metrics, each sample counted as one request."""
+        m, seq = self.metrics, so.seq
+        n_out = seq.num_output_tokens
+        m.e2e_request_latency.observe(now - so.req.arrival)
+        m.request_prompt_tokens.observe(len(so.req.prompt_ids))
+        m.request_generation_tokens.observe(n_out)
+        if n_out > 1 and so.first_token_time is not None:
+            m.time_per_output_token.observe((now - so.first_token_time) / (n_out - 1))
+        m.requests_finished[seq.finish_reason] = m.requests_finished.get(seq.finish_reason, 0) + 1
 
     def fail_all(self, error: BaseException) -> None:
         for req in self.requests.values():
@@ -190,11 +215,7 @@ class OutputProcessor:
         seq0 = req.outs[0].seq
         req.stream.put(RequestOutput(req.id, req.prompt_ids, outs, done, seq0.num_cached_tokens, req.prompt))
         if done:
-            m = self.metrics
-            m.e2e_request_latency.observe(time.monotonic() - req.arrival)
             for so in req.outs:
-                reason = so.seq.finish_reason
-                m.requests_finished[reason] = m.requests_finished.get(reason, 0) + 1
                 self.outs.pop(so.seq.seq_id, None)
                 if so.grammar is not None:
                     self.num_constrained -= 1

@@ -27,6 +27,7 @@ from nanoslg.core.compose import setup_logging
 from nanoslg.core.config import Config
 from nanoslg.core.plan import StepPlan, StepResult
 from nanoslg.model.checkpoint import Checkpoint, resolve_checkpoint
+from nanoslg.parallel.auto import resolve_parallel
 from nanoslg.parallel.launch import Layout, Rank, check_layout, init_rank, teardown, torchrun_env, watch_parent
 from nanoslg.runtime.build import on_stream, step_stream
 
@@ -209,6 +210,9 @@ def maybe_run_worker(cfg: Config) -> bool:
         return False
     rank, _world, local_rank = env
     ckpt = resolve_checkpoint(cfg)
+    cfg = resolve_parallel(cfg, ckpt)  # every rank reaches rank 0's choice from the same inputs
+    if cfg.parallel.mode == "single":
+        return False
     layout = check_layout(cfg, ckpt)
     run_worker(cfg, ckpt, layout, rank, local_rank, "env://", report=None)
     return True

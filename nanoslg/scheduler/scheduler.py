@@ -76,6 +76,12 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting) + len(self.preempted)
 
+    @property
+    def backlog(self) -> int:
+        """Waiting sequences beyond the free places in the running batch: those the next steps cannot
+        admit, whatever their order (a burst that fits the batch is not a backlog)."""
+        return max(0, self.num_waiting - max(0, self.cfg.max_num_seqs - len(self.running)))
+
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self.preempted)
 

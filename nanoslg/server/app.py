@@ -10,19 +10,26 @@ import dataclasses
 import hmac
 
 from litestar import Litestar, Request, Response, Router, get, post
+from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from nanoslg import __version__
 from nanoslg.core.config import ServerConfig
 from nanoslg.server import protocol as P
+from nanoslg.server.admission import shutting_down
+from nanoslg.server.body import StrictRequest, require_body
 from nanoslg.server.completions import OpenAIServer
 from nanoslg.server.errors import ERROR_RESPONSES, APIError, ErrorResponse, error_response, handle_exception
-from nanoslg.server.metrics import render_metrics
+from nanoslg.server.metrics import ServerMetrics
+from nanoslg.server.openapi import ExactSchemaPlugin, request_schemas
 
 
 def create_app(engine, server_cfg) -> Litestar:
     """Builds the Litestar app; the engine must be started on the loop that serves it."""
     srv = OpenAIServer(engine, server_cfg)
+    prom = ServerMetrics(engine, srv.model)
+    schemas = request_schemas(srv.model, engine.vocab_size, engine.max_model_len, srv.prompts.max_chars)
     api_key: str | None = getattr(server_cfg, "api_key", None)
     expected = f"Bearer {api_key}".encode() if api_key else None
 
@@ -59,16 +66,20 @@ def create_app(engine, server_cfg) -> Litestar:
     @get(
         "/health",
         sync_to_thread=False,
-        responses={503: ResponseSpec(ErrorResponse, description="The engine loop has died")},
+        responses={503: ResponseSpec(ErrorResponse, description="The engine loop has died, or the server is draining")},
     )
     def health() -> Response[P.HealthResponse]:
         if not engine.is_alive:
             return error_response(503, "the engine loop has stopped", code="engine_unavailable")
+        if not engine.accepting:  # draining: load balancers stop sending here
+            e = shutting_down(server_cfg.shutdown_timeout)
+            return error_response(e.status, e.message, code=e.code, headers=e.headers)
         return OpenAIServer.json(P.HealthResponse("ok"))
 
-    @get("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")
-    def metrics() -> str:
-        return render_metrics(engine.metrics, srv.model)
+    @get("/metrics", sync_to_thread=False, media_type="text/plain")
+    def metrics() -> Response[bytes]:
+        body, content_type = prom.render()
+        return Response(body, media_type=content_type)
 
     @get("/version", sync_to_thread=False)
     def version() -> P.VersionResponse:
@@ -77,12 +88,18 @@ def create_app(engine, server_cfg) -> Litestar:
     return Litestar(
         route_handlers=[v1, health, metrics, version],
         exception_handlers={Exception: handle_exception},
+        request_class=StrictRequest,
+        before_request=require_body,
         request_max_body_size=getattr(server_cfg, "max_body_bytes", 16 * 1024 * 1024),
         openapi_config=OpenAPIConfig(
-            title="NanoSLG", version=__version__, description="OpenAI-compatible LLM inference server"
+            title="NanoSLG",
+            version=__version__,
+            description="OpenAI-compatible LLM inference server",
+            render_plugins=[ExactSchemaPlugin(schemas), SwaggerRenderPlugin(path="/swagger")],
         ),
         logging_config=None,
         debug=False,
+        state=State({"metrics": prom}),
     )
 
 

@@ -38,8 +38,8 @@ def _args(call: P.ToolCall):
     return value if isinstance(value, dict) else call.function.arguments
 
 
-def render_chat(tokenizer, req: P.ChatCompletionRequest, tools: list[dict] | None) -> list[int]:
-    """The prompt's token ids."""
+def render_chat(tokenizer, req: P.ChatCompletionRequest, tools: list[dict] | None) -> str:
+    """The prompt's text (server/prompts.py tokenizes it, off the event loop)."""
     if tokenizer is None:
         raise APIError(
             400,
@@ -50,10 +50,8 @@ def render_chat(tokenizer, req: P.ChatCompletionRequest, tools: list[dict] | Non
     msgs = template_messages(req.messages)
     extra = {"tools": tools} if tools else {}
     try:
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **extra)
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **extra)
     except Exception as e:  # no template, or the template refused the messages
         raise APIError(
             400, f"the chat template could not render the messages: {e}", param="messages", code="invalid_value"
         ) from None
-    # The template already holds the special tokens it wants (BOS...): add none again.
-    return list(tokenizer.encode(text, add_special_tokens=False))

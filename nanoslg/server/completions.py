@@ -22,8 +22,10 @@ from nanoslg.core.sampling_params import SamplingParams
 from nanoslg.engine.outputs import RequestOutput
 from nanoslg.engine.stream import collect
 from nanoslg.server import protocol as P
-from nanoslg.server.chat_template import render_chat
+from nanoslg.server.admission import Admission
 from nanoslg.server.errors import APIError, error_body
+from nanoslg.server.logprobs import Logprobs
+from nanoslg.server.prompts import PromptEncoder
 from nanoslg.server.structured import compile_for, constraints
 from nanoslg.server.tools import ToolStream, ToolUse
 
@@ -79,7 +81,9 @@ class OpenAIServer:
         self.engine = engine
         self.cfg = server_cfg
         self.model = engine.model_name
-        self._tok_cache: dict[int, str] = {}
+        self.prompts = PromptEncoder(engine.tokenizer, engine.max_model_len)
+        self.lp = Logprobs(engine.tokenizer)
+        self.admission = Admission(engine, server_cfg)
 
     # -- request checks --------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -92,12 +96,7 @@ class OpenAIServer:
             )
 
     def check_capacity(self) -> None:
-        if self.engine.num_waiting >= self.cfg.max_waiting:
-            raise APIError(
-                503,
-                f"the waiting queue is full ({self.cfg.max_waiting} requests); retry later",
-                code="server_overloaded",
-            )
+        self.admission.check()
 
     def sampling(self, req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         kw: dict[str, Any] = {"n": req.n or 1, "max_tokens": max_tokens, "logprobs": logprobs}
@@ -166,73 +165,17 @@ class OpenAIServer:
             self.abort(streams)
         return work.result()
 
-    # -- token text for logprobs -----------------------------------------------------------------
-    def tok_str(self, tid: int) -> str:
-        s = self._tok_cache.get(tid)
-        if s is None:
-            tok = self.engine.tokenizer
-            try:
-                s = tok.decode([tid]) if tok is not None else f"token_id:{tid}"
-            except Exception:  # an id the tokenizer lacks (a padded embedding row)
-                s = f"token_id:{tid}"
-            if len(self._tok_cache) < 1_000_000:
-                self._tok_cache[tid] = s
-        return s
-
-    def completion_logprobs(self, lps: list, offset: int, prompt_ids: list[int] | None = None) -> P.CompletionLogprobs:
-        out = P.CompletionLogprobs()
-        for tid in prompt_ids or []:  # echoed prompt tokens: the engine scores no prompt logprobs
-            s = self.tok_str(tid)
-            out.tokens.append(s)
-            out.token_logprobs.append(None)
-            out.top_logprobs.append(None)
-            out.text_offset.append(offset)
-            offset += len(s)
-        for lp in lps:
-            s = self.tok_str(lp.token_id)
-            out.tokens.append(s)
-            out.token_logprobs.append(lp.logprob)
-            out.top_logprobs.append({self.tok_str(t): v for t, v in lp.top})
-            out.text_offset.append(offset)
-            offset += len(s)
-        return out
-
-    def chat_logprobs(self, lps: list) -> P.ChatLogprobs:
-        content = []
-        for lp in lps:
-            s = self.tok_str(lp.token_id)
-            top = [P.TopLogprob(self.tok_str(t), v, list(self.tok_str(t).encode())) for t, v in lp.top]
-            content.append(P.ChatTokenLogprob(s, lp.logprob, list(s.encode()), top))
-        return P.ChatLogprobs(content)
-
-    # -- prompts ---------------------------------------------------------------------------------
-    def completion_prompts(self, prompt) -> list:
-        if isinstance(prompt, str):
-            return [prompt]
-        if not prompt:
-            raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
-        kinds = {type(x) for x in prompt}
-        if kinds == {int}:
-            return [list(prompt)]
-        if kinds in ({str}, {list}):
-            return list(prompt)
-        raise APIError(
-            400,
-            "prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists (not a mix)",
-            param="prompt",
-            code="invalid_type",
-        )
-
-    def prompt_text(self, out: RequestOutput) -> str:
-        if out.prompt is not None:
-            return out.prompt
-        tok = self.engine.tokenizer
-        return tok.decode(out.prompt_token_ids) if tok is not None else ""
+    async def echo_text(self, prompt, ids: list[int], skip_special: bool) -> str:
+        """The prompt as echoed: the string sent, or the decoded ids."""
+        if isinstance(prompt, str) or self.engine.tokenizer is None:
+            return prompt if isinstance(prompt, str) else ""
+        return await self.prompts.decode(ids, skip_special)
 
     # -- /v1/completions -------------------------------------------------------------------------
     async def completions(self, request: Request, req: P.CompletionRequest) -> Response:
         self.check_model(req.model)
-        prompts = self.completion_prompts(req.prompt)
+        self.check_capacity()
+        prompts = self.prompts.completion_prompts(req.prompt)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         params = self.sampling(req, max_tokens, req.logprobs)
         await compile_for(self.engine, params, constraints(req)[1])
@@ -243,19 +186,26 @@ class OpenAIServer:
                 param="n",
                 code="invalid_value",
             )
+        encoded = await self.prompts.encode(prompts)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = self.add_all(prompts, params, rid)
+        streams = self.add_all(encoded, params, rid)
         if req.stream:
-            return self.sse(self.completion_events(rid, req, params, streams), streams)
+            return self.sse(self.completion_events(rid, req, params, streams, prompts), streams)
         results = await self.wait_all(request, streams)
+        self.admission.check_finished(results)
         choices, completion_tokens = [], 0
+        skip = params.skip_special_tokens
         for i, r in enumerate(results):
-            prefix = self.prompt_text(r) if req.echo else ""
+            prefix = await self.echo_text(prompts[i], r.prompt_token_ids, skip) if req.echo else ""
+            p_ids = r.prompt_token_ids if req.echo else None
             for c in r.outputs:
                 completion_tokens += len(c.token_ids)
                 lp = None
                 if req.logprobs is not None:
-                    lp = self.completion_logprobs(c.logprobs or [], 0, r.prompt_token_ids if req.echo else None)
+                    lps, end = c.logprobs or [], len(prefix) + len(c.text)
+                    offs = self.lp.offsets(r.prompt_token_ids, [x.token_id for x in lps], len(prefix), skip)
+                    p_offs = self.lp.offsets([], p_ids, 0, skip) if p_ids else []
+                    lp = self.lp.completion(lps, [min(o, end) for o in offs], p_ids, p_offs)
                 choices.append(P.CompletionChoice(i * params.n + c.index, prefix + c.text, lp, c.finish_reason))
         usage = _usage(
             sum(len(r.prompt_token_ids) for r in results), completion_tokens, sum(r.num_cached_tokens for r in results)
@@ -263,7 +213,7 @@ class OpenAIServer:
         return self.json(P.CompletionResponse(id=rid, model=self.model, choices=choices, usage=usage))
 
     async def completion_events(
-        self, rid: str, req: P.CompletionRequest, params: SamplingParams, streams: list
+        self, rid: str, req: P.CompletionRequest, params: SamplingParams, streams: list, prompts: list
     ) -> AsyncIterator[bytes]:
         chunk = functools.partial(P.CompletionChunk, id=rid, model=self.model, created=P.now())
         n = params.n
@@ -276,9 +226,12 @@ class OpenAIServer:
             prompt_tokens[i], cached[i] = len(delta.prompt_token_ids), delta.num_cached_tokens
             if req.echo and i not in echoed:
                 echoed.add(i)
-                text = self.prompt_text(delta)
+                p_ids, skip = delta.prompt_token_ids, params.skip_special_tokens
+                text = await self.echo_text(prompts[i], p_ids, skip)
                 for j in range(n):
-                    lp = self.completion_logprobs([], 0, delta.prompt_token_ids) if req.logprobs is not None else None
+                    lp = None
+                    if req.logprobs is not None:
+                        lp = self.lp.completion([], [], p_ids, self.lp.offsets([], p_ids, 0, skip))
                     offsets[i * n + j] = len(text)
                     yield P.sse(chunk(choices=[P.CompletionChoice(i * n + j, text, lp)]))
             for o in delta.outputs:
@@ -288,7 +241,12 @@ class OpenAIServer:
                     continue  # no new token this step (its text may still be held back: one chunk a step)
                 lp = None
                 if req.logprobs is not None:
-                    lp = self.completion_logprobs(o.logprobs or [], offsets.get(idx, 0))
+                    lps, off = o.logprobs or [], offsets.get(idx, 0)
+                    if len(lps) == 1:  # the usual chunk: one token, whose text the chunk carries
+                        offs = [off + self.lp.start_in(o.text, lps[0].token_id)]
+                    else:  # text held back for a stop string came out with later tokens
+                        offs = [off] * len(lps)
+                    lp = self.lp.completion(lps, offs)
                 offsets[idx] = offsets.get(idx, 0) + len(o.text)
                 yield P.sse(chunk(choices=[P.CompletionChoice(idx, o.text, lp, o.finish_reason)]))
         if req.stream_options is not None and req.stream_options.include_usage:
@@ -298,10 +256,11 @@ class OpenAIServer:
     # -- /v1/chat/completions --------------------------------------------------------------------
     async def chat(self, request: Request, req: P.ChatCompletionRequest) -> Response:
         self.check_model(req.model)
+        self.check_capacity()
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
         tools = ToolUse(req, getattr(self.cfg, "tool_parser", "hermes"))
-        ids = render_chat(self.engine.tokenizer, req, tools.template_tools())
+        ids = await self.prompts.chat(req, tools.template_tools())
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         field = constraints(req)[1]
@@ -312,9 +271,10 @@ class OpenAIServer:
         if req.stream:
             return self.sse(self.chat_events(rid, req, params, streams, tools), streams)
         (r,) = await self.wait_all(request, streams)
+        self.admission.check_finished([r])
         choices = []
         for c in r.outputs:
-            lp = self.chat_logprobs(c.logprobs or []) if req.logprobs else None
+            lp = self.lp.chat(c.logprobs or []) if req.logprobs else None
             content, calls, reason = tools.finish(c.text, c.finish_reason)
             message = P.ChatResponseMessage("assistant", content, calls)
             choices.append(P.ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=reason))
@@ -335,7 +295,7 @@ class OpenAIServer:
                 completion_tokens += len(o.token_ids)
                 if not o.token_ids and not o.text and o.finish_reason is None:
                     continue  # one chunk per step with new tokens, as vLLM sends
-                lp = self.chat_logprobs(o.logprobs or []) if req.logprobs else None
+                lp = self.lp.chat(o.logprobs or []) if req.logprobs else None
                 content, tool_calls = calls[o.index].feed(o.text)
                 reason = o.finish_reason
                 if reason is not None:

@@ -47,16 +47,29 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 class APIError(Exception):
-    """An error answered in the OpenAI shape with its HTTP status."""
+    """An error answered in the OpenAI shape with its HTTP status (and headers, e.g. Retry-After)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> Response:
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+) -> Response:
     return Response(
-        msgspec.json.encode(error_body(status, message, param, code)), status_code=status, media_type="application/json"
+        msgspec.json.encode(error_body(status, message, param, code)),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
     )
 
 
@@ -75,9 +88,17 @@ def _validation_message(exc: ValidationException) -> tuple[str, str | None]:
 
 
 def handle_exception(request: Request, exc: Exception) -> Response:
-    """One handler for everything, so no error escapes in a non-OpenAI shape."""
+    """One handler for everything, so no error escapes in a non-OpenAI shape; each is counted."""
+    response = _response_for(request, exc)
+    metrics = request.app.state.get("metrics")
+    if metrics is not None:
+        metrics.reject(response.status_code)
+    return response
+
+
+def _response_for(request: Request, exc: Exception) -> Response:
     if isinstance(exc, APIError):
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
     if isinstance(exc, RequestError):
         return error_response(400, str(exc), exc.param, exc.code)
     if isinstance(exc, EngineDeadError):
@@ -97,7 +118,8 @@ def handle_exception(request: Request, exc: Exception) -> Response:
             )
         if status >= 500:  # e.g. the client went away while its body was being read
             log.warning("%s %s: %s", request.method, request.url.path, exc.detail)
-        return error_response(status, str(exc.detail))
+        # Litestar's headers carry meaning (405's Allow names the methods the route takes).
+        return error_response(status, str(exc.detail), headers=dict(exc.headers or {}) or None)
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return error_response(500, "internal error", code="internal_error")
 

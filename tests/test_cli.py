@@ -1,0 +1,77 @@
+"""`python run.py` as a newcomer meets it: config mistakes (all one exit code, each naming the key),
+a busy port found before the model loads, a prompt given to the server, what the start-up log says,
+and a script that ends without llm.shutdown()."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nanoslg.core.errors import CONFIG_ERROR_EXIT
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_py(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "run.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["scheduler.max_num_seq=4"], "did you mean scheduler.max_num_seqs?"),  # Hydra: an unknown key
+        (["cache.page_size=big"], "cache.page_size"),  # Hydra: a wrong type
+        (["cache=nonexistent"], "Available options in 'cache'"),  # Hydra: an unknown option
+        (["model.dtype=float64"], "allowed: auto, float32"),  # ours: a value out of its set
+        (["prompt=Hi"], "mode=generate"),  # ours: a key serve mode would ignore
+    ],
+)
+def test_every_config_error_exits_alike(args, says):
+    res = run_py(*args)
+    assert res.returncode == CONFIG_ERROR_EXIT, res.stderr[-2000:]
+    assert res.stderr.startswith("error: ") and says in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_busy_port_fails_before_the_model_loads(tiny_llama):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        t = time.perf_counter()
+        res = run_py(f"model.path={tiny_llama}", f"server.port={port}")
+    assert res.returncode == CONFIG_ERROR_EXIT and f"server.port={port}" in res.stderr, res.stderr[-2000:]
+    assert "KV pool" not in res.stdout + res.stderr  # the model never loaded
+    print(f"\nrefused in {time.perf_counter() - t:.1f} s")
+
+
+def test_cpu_default_says_why_prefix_caching_is_off(tiny_llama):
+    res = run_py(f"model.path={tiny_llama}", "mode=generate", "prompt=Hi", "sampling.max_tokens=2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "prefix caching off (the sdpa backend (cache=auto picks it on the CPU)" in res.stderr, res.stderr
+
+
+def test_a_script_that_ends_without_shutdown_exits_cleanly(tiny_llama, tmp_path):
+    """The engine is mid-request when the script dies: its own traceback is the only one."""
+    script = tmp_path / "dies.py"
+    script.write_text(
+        "import asyncio, sys, time\n"
+        "from nanoslg import LLM, SamplingParams\n"
+        f"llm = LLM('model.path={tiny_llama}', 'cache=sdpa', 'log_level=WARNING')\n"
+        "params = SamplingParams(max_tokens=400, ignore_eos=True)\n"
+        "asyncio.run_coroutine_threadsafe(llm.engine.generate([5, 6, 7], params), llm._loop)\n"
+        "time.sleep(0.3)\n"
+        "raise RuntimeError('the script dies here')\n"
+    )
+    for _ in range(2):  # it used to fail every time; twice shows it is not luck
+        res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 1 and "the script dies here" in res.stderr
+        assert res.stderr.count("Traceback") == 1 and "engine loop died" not in res.stderr, res.stderr[-3000:]
