@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import gc
 import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
 
 from nanoslg.core.errors import EngineDeadError, RequestError
 from nanoslg.core.plan import StepPlan, StepResult
@@ -27,6 +24,7 @@ from nanoslg.core.sampling_params import SamplingParams
 from nanoslg.engine.metrics import EngineMetrics
 from nanoslg.engine.output_processor import OutputProcessor
 from nanoslg.engine.outputs import Prompt, RequestOutput
+from nanoslg.engine.request_checks import RequestChecks
 from nanoslg.engine.stream import RequestStream, collect
 from nanoslg.engine.structured import Grammars
 from nanoslg.parallel.executor import Executor
@@ -56,6 +54,7 @@ class AsyncEngine:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.kv_capacity_tokens = scheduler.kv.capacity_tokens
+        self.checks = RequestChecks(tokenizer, vocab_size, max_model_len, self.kv_capacity_tokens)
         self.kv_pool_bytes = kv_pool_bytes
         self.info = info or {}  # what the builder chose (backend, mode, dtype, ...) and why
         self.metrics = EngineMetrics()
@@ -120,9 +119,9 @@ class AsyncEngine:
         if not self._accepting:
             raise EngineDeadError("the engine is shutting down")
         params = params or SamplingParams()
-        text, ids = self._tokenize(prompt)
-        params = self._fit_max_tokens(ids, params)
-        self._check_logit_bias(params)
+        text, ids = self.checks.tokenize(prompt)
+        params = self.checks.fit_max_tokens(ids, params)
+        self.checks.logit_bias(params)
         rid = request_id or uuid.uuid4().hex
         if rid in self.outputs.requests or rid in self.grammars.waiting:
             raise RequestError(f"request id {rid!r} is already in use", param="request_id")
@@ -197,68 +196,6 @@ class AsyncEngine:
         self.grammars.shutdown()
         _restore_gc(self._gc_before)
         self.executor.shutdown()
-
-    # -- input checks --------------------------------------------------------------------------
-    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise RequestError("the prompt is empty", param="prompt")
-            if self.tokenizer is None:
-                raise RequestError("this model has no tokenizer: send token ids", param="prompt")
-            return prompt, list(self.tokenizer.encode(prompt))
-        ids = list(prompt)
-        if not ids:
-            raise RequestError("the prompt is empty", param="prompt")
-        if not self._ids_valid(ids):
-            bad = next(t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size)
-            if not isinstance(bad, int) or isinstance(bad, bool):
-                raise RequestError(f"token ids must be integers, got {bad!r}", param="prompt")
-            raise RequestError(f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})", param="prompt")
-        return None, ids
-
-    def _ids_valid(self, ids: list[int]) -> bool:
-        """All plain ints inside the vocabulary. C-level checks (a long prompt is thousands of ids and
-        a burst of requests validates them all before the first step); a loop only names a culprit."""
-        if set(map(type, ids)) != {int}:
-            return False
-        try:
-            arr = np.fromiter(ids, np.int64, len(ids))
-        except OverflowError:
-            return False
-        return bool(arr.min() >= 0 and arr.max() < self.vocab_size)
-
-    def _check_logit_bias(self, params: SamplingParams) -> None:
-        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
-            raise RequestError(
-                f"logit_bias key {max(params.logit_bias)} is outside the vocabulary [0, {self.vocab_size})",
-                param="logit_bias",
-            )
-
-    def _fit_max_tokens(self, ids: list[int], params: SamplingParams) -> SamplingParams:
-        n, ctx = len(ids), self.max_model_len
-        if n >= ctx:
-            raise RequestError(
-                f"the prompt has {n} tokens; this model's context is {ctx} tokens",
-                param="prompt",
-                code="context_length_exceeded",
-            )
-        if params.max_tokens is None:
-            params = dataclasses.replace(params, max_tokens=ctx - n)
-        elif n + params.max_tokens > ctx:
-            raise RequestError(
-                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) is over this "
-                f"model's context of {ctx} tokens",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        cap = self.kv_capacity_tokens
-        if n + params.max_tokens > cap:
-            raise RequestError(
-                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) can never fit "
-                f"the KV cache of {cap} tokens",
-                param="max_tokens",
-            )
-        return params
 
     # -- the loop ------------------------------------------------------------------------------
     def _poke(self) -> None:

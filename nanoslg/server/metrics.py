@@ -26,32 +26,24 @@ from prometheus_client.utils import floatToGoString
 
 LABELS = ["model_name"]
 
-# (name, EngineMetrics attribute, help)
-HISTOGRAMS = [
-    ("vllm:time_to_first_token_seconds", "time_to_first_token", "Time to first token in seconds."),
-    ("vllm:inter_token_latency_seconds", "inter_token_latency", "Time between output tokens in seconds."),
-    ("vllm:e2e_request_latency_seconds", "e2e_request_latency", "End-to-end request latency in seconds."),
-    ("vllm:request_queue_time_seconds", "request_queue_time", "Time from arrival to first schedule in seconds."),
-    (
-        "vllm:time_per_output_token_seconds",
-        "time_per_output_token",
-        "Per request: seconds per output token after the first.",
-    ),
-    ("vllm:request_prompt_tokens", "request_prompt_tokens", "Prompt tokens per request."),
-    ("vllm:request_generation_tokens", "request_generation_tokens", "Generated tokens per request."),
-    ("vllm:iteration_tokens_total", "iteration_tokens", "Tokens fed to the model per engine step."),
-]
-COUNTERS = [
-    ("vllm:prompt_tokens", "prompt_tokens", "Prompt tokens received."),
-    ("vllm:generation_tokens", "generation_tokens", "Tokens generated (those returned to clients)."),
-    ("vllm:num_preemptions", "preemptions", "Sequences preempted."),
-    ("vllm:prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
-    ("vllm:prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
-]
-GAUGES = [
-    ("vllm:num_requests_running", "num_running", "Sequences running on the model."),
-    ("vllm:num_requests_waiting", "num_waiting", "Sequences waiting to be scheduled."),
-    ("vllm:kv_cache_usage_perc", "kv_cache_usage", "KV cache usage (1 = full)."),
+# (kind, name, EngineMetrics attribute, help)
+METRICS = [
+    ("histogram", "vllm:time_to_first_token_seconds", "time_to_first_token", "Time to first token in seconds."),
+    ("histogram", "vllm:inter_token_latency_seconds", "inter_token_latency", "Time between output tokens in seconds."),
+    ("histogram", "vllm:e2e_request_latency_seconds", "e2e_request_latency", "End-to-end request latency in seconds."),
+    ("histogram", "vllm:request_queue_time_seconds", "request_queue_time", "Arrival to first schedule in seconds."),
+    ("histogram", "vllm:time_per_output_token_seconds", "time_per_output_token", "Seconds per token after the first."),
+    ("histogram", "vllm:request_prompt_tokens", "request_prompt_tokens", "Prompt tokens per request."),
+    ("histogram", "vllm:request_generation_tokens", "request_generation_tokens", "Generated tokens per request."),
+    ("histogram", "vllm:iteration_tokens_total", "iteration_tokens", "Tokens fed to the model per engine step."),
+    ("counter", "vllm:prompt_tokens", "prompt_tokens", "Prompt tokens received."),
+    ("counter", "vllm:generation_tokens", "generation_tokens", "Tokens generated (those returned to clients)."),
+    ("counter", "vllm:num_preemptions", "preemptions", "Sequences preempted."),
+    ("counter", "vllm:prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    ("counter", "vllm:prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+    ("gauge", "vllm:num_requests_running", "num_running", "Sequences running on the model."),
+    ("gauge", "vllm:num_requests_waiting", "num_waiting", "Sequences waiting to be scheduled."),
+    ("gauge", "vllm:kv_cache_usage_perc", "kv_cache_usage", "KV cache usage (1 = full)."),
 ]
 
 
@@ -63,23 +55,22 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self.engine.metrics
-        for name, attr, help_ in HISTOGRAMS:
-            h = getattr(m, attr)
-            fam = HistogramMetricFamily(name, help_, labels=LABELS)
-            cum, buckets = 0, []
-            for bound, count in zip(h.buckets, h.counts):
-                cum += count
-                buckets.append((floatToGoString(bound), cum))
-            buckets.append(("+Inf", cum + h.counts[-1]))
-            fam.add_metric(self.labels, buckets, float(h.total))
-            yield fam
-        for name, attr, help_ in COUNTERS:
-            fam = CounterMetricFamily(name, help_, labels=LABELS)
-            fam.add_metric(self.labels, getattr(m, attr))
-            yield fam
-        for name, attr, help_ in GAUGES:
-            fam = GaugeMetricFamily(name, help_, labels=LABELS)
-            fam.add_metric(self.labels, float(getattr(m, attr)))
+        for kind, name, attr, help_ in METRICS:
+            value = getattr(m, attr)
+            if kind == "histogram":
+                fam = HistogramMetricFamily(name, help_, labels=LABELS)
+                cum, buckets = 0, []
+                for bound, count in zip(value.buckets, value.counts):
+                    cum += count
+                    buckets.append((floatToGoString(bound), cum))
+                buckets.append(("+Inf", cum + value.counts[-1]))
+                fam.add_metric(self.labels, buckets, float(value.total))
+            elif kind == "counter":
+                fam = CounterMetricFamily(name, help_, labels=LABELS)
+                fam.add_metric(self.labels, value)
+            else:
+                fam = GaugeMetricFamily(name, help_, labels=LABELS)
+                fam.add_metric(self.labels, float(value))
             yield fam
         fam = CounterMetricFamily(
             "vllm:request_success", "Finished requests by finish reason.", labels=LABELS + ["finished_reason"]
