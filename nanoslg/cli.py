@@ -45,6 +45,7 @@ def run(node: DictConfig) -> int:
 
 
 def generate(cfg) -> int:
+    # Deferred like the other modes' imports in run(): only mode=generate loads the LLM API here.
     from nanoslg.core.sampling_params import SamplingParams
     from nanoslg.llm import LLM
 
