@@ -43,22 +43,35 @@ def fp8_scales(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
     return (amax.float() / E4M3_MAX).clamp(min=1e-12)
 
 
+def _quantize_linears(src: str, quantize) -> tuple[dict, dict]:
+    """(the quantized checkpoint's tensors, the dequantized reference's): each linear weight goes through
+    quantize(key, weight) -> (checkpoint entries, reference tensor); every other tensor stays as it is."""
+    quant, ref = {}, {}
+    for key, t in load_file(os.path.join(src, "model.safetensors")).items():
+        if not LINEAR.search(key):
+            quant[key] = ref[key] = t
+            continue
+        entries, ref[key] = quantize(key, t)
+        quant.update(entries)
+    return quant, ref
+
+
 def make_fp8(src: str, root: str, name: str, mode: str, kv_scales: bool = False) -> tuple[str, str]:
     """mode: "float" (the engine quantizes at load; no FP8 checkpoint is written, only the reference),
     "tensor" or "channel" (a checkpoint saved in FP8 with per-tensor or per-channel weight_scale).
     Returns (the checkpoint for the engine, the dequantized float32 checkpoint for transformers)."""
-    w = load_file(os.path.join(src, "model.safetensors"))
-    quant, ref = {}, {}
-    for key, t in w.items():
-        if not LINEAR.search(key):
-            quant[key] = ref[key] = t
-            continue
+
+    def quantize(key: str, t: torch.Tensor) -> tuple[dict, torch.Tensor]:
         scale = fp8_scales(t, per_channel=mode != "tensor")
         q = fp8_round(t, scale[:, None] if scale.numel() > 1 else scale)
-        ref[key] = (q.float() * (scale[:, None] if scale.numel() > 1 else scale)).contiguous()
-        quant[key] = q
+        entries = {key: q}
         if mode != "float":
-            quant[key.replace(".weight", ".weight_scale")] = scale[:, None] if mode == "channel" else scale.reshape(())
+            entries[key.replace(".weight", ".weight_scale")] = (
+                scale[:, None] if mode == "channel" else scale.reshape(())
+            )
+        return entries, (q.float() * (scale[:, None] if scale.numel() > 1 else scale)).contiguous()
+
+    quant, ref = _quantize_linears(src, quantize)
     ref_dir = _copy_folder(src, os.path.join(root, f"{name}-dequantized"), ref, None)
     if mode == "float":
         return src, ref_dir
@@ -106,19 +119,15 @@ def awq_pack(v: torch.Tensor) -> torch.Tensor:
 def make_awq(src: str, root: str, name: str, group: int) -> tuple[str, str]:
     """An AutoAWQ GEMM checkpoint (float16 scales, biases and other tensors as they were) and the
     dequantized float32 reference. Returns (awq checkpoint, reference checkpoint)."""
-    w = load_file(os.path.join(src, "model.safetensors"))
-    quant, ref = {}, {}
-    for key, t in w.items():
-        if not LINEAR.search(key):
-            quant[key] = ref[key] = t
-            continue
+
+    def quantize(key: str, t: torch.Tensor) -> tuple[dict, torch.Tensor]:
         values, zeros, scales = awq_quantize(t, group)
         deq = (values - zeros.repeat_interleave(group, 0)).double() * scales.double().repeat_interleave(group, 0)
-        ref[key] = deq.t().float().contiguous()
         base = key[: -len("weight")]
-        quant[base + "qweight"] = awq_pack(values)
-        quant[base + "qzeros"] = awq_pack(zeros)
-        quant[base + "scales"] = scales
+        entries = {base + "qweight": awq_pack(values), base + "qzeros": awq_pack(zeros), base + "scales": scales}
+        return entries, deq.t().float().contiguous()
+
+    quant, ref = _quantize_linears(src, quantize)
     qcfg = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
     ref_dir = _copy_folder(src, os.path.join(root, f"{name}-dequantized"), ref, None)
     return _copy_folder(src, os.path.join(root, name), quant, qcfg), ref_dir
