@@ -17,6 +17,37 @@ def test_detokenizer_never_splits_a_character(demo_tokenizer):
     assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
 
 
+def _spm_tokenizer():
+    """A SentencePiece-style tokenizer (Metaspace: leading spaces live in the tokens)."""
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spm = SentencePieceBPETokenizer()
+    spm.train_from_iterator(["the quick brown fox jumps over the lazy dog", "héllo wörld 世界"] * 50, vocab_size=120)
+    return PreTrainedTokenizerFast(tokenizer_object=spm._tokenizer, eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+@pytest.mark.parametrize("skip", [True, False])
+def test_fast_detokenizer_equals_the_python_path(demo_tokenizer, kind, skip):
+    """The DecodeStream path streams the same text as the decode-with-context path, token by token,
+    from random ids (partial UTF-8 bytes and special tokens included) after a prompt."""
+    import random
+
+    tok = demo_tokenizer if kind == "byte-level" else _spm_tokenizer()
+    if kind == "sentencepiece":
+        tok.add_special_tokens({"additional_special_tokens": ["<x>"]})
+    rng, streamed = random.Random(0), 0
+    for _ in range(40):
+        prompt = [rng.randrange(len(tok)) for _ in range(rng.randrange(0, 9))]
+        fast, slow = IncrementalDetokenizer(tok, prompt, skip), IncrementalDetokenizer(tok, prompt, skip)
+        slow._fast = None
+        streamed += fast._fast is not None  # not where the prompt ends inside a character
+        for t in [rng.randrange(len(tok)) for _ in range(60)]:
+            assert fast.add(t) == slow.add(t)
+    assert streamed >= 20, "a fast tokenizer takes the DecodeStream path"
+
+
 def test_default_config_composes():
     cfg, node = compose_config([])
     assert cfg.mode == "serve" and cfg.model.name == "demo" and cfg.cache.backend == "auto"
