@@ -60,7 +60,7 @@ class AsyncEngine:
         self.metrics = EngineMetrics()
         self.outputs = OutputProcessor(tokenizer, eos_token_ids, max_model_len, self.metrics, scheduler.finish)
         self._abort_pending: set[int] = set()  # aborted while a step holding them was in flight
-        self.grammars = Grammars(tokenizer, vocab_size, eos_token_ids)  # structured outputs
+        self.grammars = Grammars(tokenizer, vocab_size, eos_token_ids, self.metrics)  # structured outputs
         # Overlap needs an executor that splits a step into launch (no host sync) and collect.
         self.overlap = executor.overlap
         scheduler.lookahead = self.overlap
@@ -243,11 +243,18 @@ class AsyncEngine:
             plan, launched = inflight.popleft()
             waiter = self._collector if inflight and not inflight[0][0].decode else self._thread
             collected = waiter.submit(lambda h=launched: self._timed(self.executor.collect, "wait_s", h.result()))
-            self._process_timed(plan, await asyncio.wrap_future(collected))
-            if inflight and inflight[0][0].sample_later:  # its masks needed the tokens just processed
+            result = await asyncio.wrap_future(collected)
+            if inflight and inflight[0][0].sample_later:  # its masks need the grammars this step advances
                 nxt, fwd = inflight[0]
-                masks = self._timed(self.grammars.masks, "schedule_s", nxt, self.outputs.outs)
-                inflight[0] = (nxt, self._thread.submit(lambda f=fwd, m=masks: self.executor.sample(f.result(), m)))
+
+                def sample_when_masked(ended: dict, nxt=nxt, fwd=fwd) -> None:
+                    masks = self.grammars.fill_later(nxt, self.outputs.outs, ended)
+                    sample = self._thread.submit(lambda: self.executor.sample(fwd.result(), masks and masks.result()))
+                    inflight[0] = (nxt, sample)
+
+                self._process_timed(plan, result, sample_when_masked)
+            else:
+                self._process_timed(plan, result)
 
     def _schedule(self) -> StepPlan | None:
         """The scheduler's next plan, with the grammar masks of its constrained rows (or sample_later)."""
@@ -264,8 +271,8 @@ class AsyncEngine:
         finally:
             setattr(self.metrics.profile, key, getattr(self.metrics.profile, key) + time.perf_counter() - t)
 
-    def _process_timed(self, plan: StepPlan, result: StepResult) -> None:
-        self._timed(self._process, "process_s", plan, result)
+    def _process_timed(self, plan: StepPlan, result: StepResult, grammars_done=None) -> None:
+        self._timed(self._process, "process_s", plan, result, grammars_done)
         self.metrics.profile.steps += 1
 
     async def _run_steps(self) -> None:
@@ -293,8 +300,9 @@ class AsyncEngine:
             for fut in sorted(done & set(inflight), key=lambda f: inflight[f].step_id):
                 self._process_timed(inflight.pop(fut), fut.result())
 
-    def _process(self, plan: StepPlan, result: StepResult) -> None:
-        """A step came back: the scheduler appends its tokens, the output processor streams them."""
+    def _process(self, plan: StepPlan, result: StepResult, grammars_done=None) -> None:
+        """A step came back: the scheduler appends its tokens, the output processor streams them
+        (`grammars_done`: OutputProcessor.process)."""
         sampled = self.scheduler.commit(plan, result)
         if self._abort_pending:  # aborted while this step ran: they end now, their tokens unsent
             outs, aborting = self.outputs.outs, self._abort_pending
@@ -302,7 +310,7 @@ class AsyncEngine:
                 so = outs.get(st.seq_id)
                 if so is not None and st.seq_id in aborting and not so.seq.finished:
                     self._end(so, "abort")
-        self.outputs.process(sampled, time.monotonic())
+        self.outputs.process(sampled, time.monotonic(), grammars_done)
         self.metrics.iteration_tokens.observe(plan.num_tokens)
         self._update_gauges()
 

@@ -58,12 +58,16 @@ class StepProfile:
     process_s: float = 0.0
     launch_s: float = 0.0
     wait_s: float = 0.0
+    masks_s: float = 0.0  # grammar masks filled on their own thread (overlapping the loop's work)
 
     def per_step_ms(self) -> dict:
         n = max(self.steps, 1)
         return {
             "steps": self.steps,
-            **{k[:-2] + "_ms": getattr(self, k) / n * 1e3 for k in ("schedule_s", "process_s", "launch_s", "wait_s")},
+            **{
+                k[:-2] + "_ms": getattr(self, k) / n * 1e3
+                for k in ("schedule_s", "process_s", "launch_s", "wait_s", "masks_s")
+            },
         }
 
 

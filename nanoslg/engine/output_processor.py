@@ -110,16 +110,24 @@ class OutputProcessor:
         self.num_constrained += len(req.outs)
 
     # -- a step's tokens -------------------------------------------------------------------------
-    def process(self, sampled: list[tuple[Sequence, int, object]], now: float) -> None:
+    def process(
+        self, sampled: list[tuple[Sequence, int, object]], now: float, grammars_done: Callable | None = None
+    ) -> None:
         """Appends each sampled token's text and streams one delta per request. It runs once per step
-        for every running sequence, so it is one pass, and a request of one sample emits at once."""
+        for every running sequence, so it is one pass, and a request of one sample emits at once.
+        Constrained sequences advance their grammars first, in a pass of their own, and
+        `grammars_done(ended)` runs right after it: the next step's masks need only the grammars, so
+        they are filled while this step's text is processed (ended: seq_id -> "stop" | "abort")."""
+        ended = self._advance_grammars(sampled) if self.num_constrained else {}
+        if grammars_done is not None:
+            grammars_done(ended)
         grouped: dict[str, list[CompletionOutput]] = {}  # requests of n > 1: one delta for all samples
         outs, finished, append, emit = self.outs, SeqStatus.FINISHED, self._append, self._emit
         for seq, tok, lp in sampled:
             so = outs.get(seq.seq_id)
             if so is None or seq.status is finished:  # its request is gone, or it was aborted just now
                 continue
-            out = append(so, seq, tok, lp, now)
+            out = append(so, seq, tok, lp, now, ended.get(seq.seq_id) if ended else None)
             req = so.req
             if len(req.outs) == 1:
                 emit(req, [out])
@@ -130,7 +138,21 @@ class OutputProcessor:
             if req is not None:
                 self._emit(req, delta)
 
-    def _append(self, so: SeqOutput, seq: Sequence, tok: int, lp, now: float) -> CompletionOutput:
+    def _advance_grammars(self, sampled: list[tuple[Sequence, int, object]]) -> dict[int, str]:
+        """Every committed token advances its sequence's grammar; returns where one ended."""
+        ended, outs, finished = {}, self.outs, SeqStatus.FINISHED
+        for seq, tok, _ in sampled:
+            so = outs.get(seq.seq_id)
+            if so is None or so.grammar is None or seq.status is finished:
+                continue
+            end = so.grammar.advance(tok)
+            if end is not None:
+                ended[seq.seq_id] = end
+        return ended
+
+    def _append(
+        self, so: SeqOutput, seq: Sequence, tok: int, lp, now: float, grammar_end: str | None
+    ) -> CompletionOutput:
         """The delta for one token the scheduler appended to `seq`; ends the sequence if it stops."""
         req, m = so.req, self.metrics
         last = so.last_token_time
@@ -147,7 +169,7 @@ class OutputProcessor:
             out.logprobs = [Logprob(tok, lp[0], lp[1])] if lp is not None else []
         if so.detok is not None:
             so.text += so.detok.add(tok)
-        reason = self._stop_reason(so, seq, tok)
+        reason = self._stop_reason(so, seq, tok, grammar_end)
         if reason is not None:
             self.finish(seq, reason)
             self._finished(so, now)
@@ -158,12 +180,11 @@ class OutputProcessor:
             so.emitted = upto
         return out
 
-    def _stop_reason(self, so: SeqOutput, seq: Sequence, tok: int) -> str | None:
+    def _stop_reason(self, so: SeqOutput, seq: Sequence, tok: int, grammar_end: str | None) -> str | None:
         p = seq.params
         n_out = seq.num_output_tokens
-        # Every committed token advances the grammar; its end ("stop") does not wait for min_tokens,
-        # since nothing more could follow, but a stop string matched at that token still cuts the text.
-        grammar_end = so.grammar.advance(tok) if so.grammar is not None else None
+        # The grammar's end ("stop") does not wait for min_tokens, since nothing more could follow,
+        # but a stop string matched at that token still cuts the text.
         if n_out >= p.min_tokens:
             if not p.ignore_eos and tok in self.eos_token_ids:
                 return "stop"

@@ -6,8 +6,10 @@ applies on the device.
 
 When the masks are filled: right after scheduling when every constrained row's previous token is
 known; with overlap scheduling a row fed the token of the step still in flight cannot know its mask
-yet, so that plan is launched with `sample_later` and the engine hands the masks over once the step
-before has been processed (AsyncEngine._run_overlapped).
+yet, so that plan is launched with `sample_later`, and once the step before has advanced the
+grammars its masks are filled on a thread of their own (llguidance fills rows in parallel, without
+the GIL) while the loop processes that step's text; the step's sampling waits for them
+(AsyncEngine._run_overlapped).
 
 The grammar's end is a stop: when a matcher can take nothing more (the JSON object closed, the choice
 complete), the sequence ends with "stop" at once, without sampling an EOS; where the grammar could
@@ -23,7 +25,8 @@ import collections
 import json
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance as llg
 import numpy as np
@@ -60,7 +63,7 @@ class Matcher:
 
 
 class Grammars:
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...], metrics=None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
@@ -71,6 +74,9 @@ class Grammars:
         self._cache: collections.OrderedDict[str, llg.LLMatcher | RequestError] = collections.OrderedDict()
         self._compiling: dict[str, asyncio.Future] = {}
         self._executor: llg.LLExecutor | None = None
+        # Every mask fill runs on this one thread: fills never overlap, so no matcher is read twice at once.
+        self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanoslg-masks")
+        self.metrics = metrics  # EngineMetrics: fill time is added to its step profile's masks_s
         # Requests waiting for their grammar before they reach the scheduler: id -> (task, stream, ids, n)
         self.waiting: dict[str, tuple] = {}
 
@@ -183,24 +189,30 @@ class Grammars:
         if overlap and any(so.seq.num_pending > 1 for so in rows):
             plan.sample_later = True
         else:
-            plan.masks = self._fill(rows)
+            plan.masks = self._filler.submit(self._fill, rows).result()
 
-    def masks(self, plan: StepPlan, outs: dict) -> TokenMasks | None:
-        """The masks of the plan's constrained rows, from their matchers' present state."""
-        rows = _constrained(plan, outs)
-        return self._fill(rows) if rows else None
+    def fill_later(self, plan: StepPlan, outs: dict, ended: dict[int, str]) -> Future | None:
+        """The masks of the plan's constrained rows, from their grammars' present state, as a future
+        filled on the mask thread (None when no row needs one). Rows whose grammar just `ended` get
+        none: they finish with this step, and a stopped matcher has no mask to give."""
+        rows = [so for so in _constrained(plan, outs) if so.seq.seq_id not in ended]
+        return self._filler.submit(self._fill, rows) if rows else None
 
     def _fill(self, rows: list) -> TokenMasks:
+        t = time.perf_counter()
         bits = np.empty((len(rows), self.words), dtype=np.int32)  # every row is written whole
         if self._executor is None:
             self._executor = llg.LLExecutor()
         self._executor.unsafe_compute_mask_ptr(
             [(so.grammar.m, i) for i, so in enumerate(rows)], bits.ctypes.data, self.words * 4, len(rows)
         )
+        if self.metrics is not None:
+            self.metrics.profile.masks_s += time.perf_counter() - t
         return TokenMasks([so.seq.seq_id for so in rows], bits)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._filler.shutdown(wait=True)
 
 
 def _constrained(plan: StepPlan, outs: dict) -> list:
