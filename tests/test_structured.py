@@ -29,11 +29,16 @@ def demo_llm(demo_model):
 
 
 @pytest.mark.parametrize(
-    "overrides,seed",
-    [([], 1), (["scheduler.overlap=false"], 2), (["cache=paged", "cache.page_size=8"], 3)],
-    ids=["overlap", "no-overlap", "paged"],
+    "overrides,seed,shards",
+    [([], 1, 3), (["scheduler.overlap=false"], 2, 1), (["cache=paged", "cache.page_size=8"], 3, 2)],
+    ids=["overlap-3-shards", "no-overlap", "paged-2-shards"],
 )
-def test_every_stopped_completion_validates(demo_model, overrides, seed):
+def test_every_stopped_completion_validates(demo_model, overrides, seed, shards, monkeypatch):
+    """`shards`: mask threads, each with its own compile of every grammar (structured.SHARDS), so the
+    sharded fill runs here too, whatever the CPU count."""
+    import nanoslg.engine.structured as structured
+
+    monkeypatch.setattr(structured, "SHARDS", shards)
     with LLM(f"model.path={demo_model}", "cache=sdpa", *overrides) as llm:
         counts = run_property(llm, seed, n_schemas=110)
         assert llm.engine.overlap == ("scheduler.overlap=false" not in overrides)

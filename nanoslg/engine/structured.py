@@ -11,6 +11,11 @@ grammars its masks are filled on a thread of their own (llguidance fills rows in
 the GIL) while the loop processes that step's text; the step's sampling waits for them
 (AsyncEngine._run_overlapped).
 
+Filling is spread over SHARDS threads, each with its own compile of every grammar: matchers copied
+from one compile share its lazily built lexer, whose lock serializes their fills, while separate
+compiles fill in parallel (experiments/structured_mask_threads.py). A sequence's matcher comes from
+one shard's compile, round-robin, and that shard's thread fills its mask.
+
 The grammar's end is a stop: when a matcher can take nothing more (the JSON object closed, the choice
 complete), the sequence ends with "stop" at once, without sampling an EOS; where the grammar could
 go on, it allows the EOS ids as well and an EOS ends it. A token the matcher refuses (it cannot be
@@ -22,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,18 +47,19 @@ from nanoslg.engine.outputs import CompletionOutput, RequestOutput
 log = logging.getLogger("nanoslg.structured")
 
 CACHE_SIZE = 512  # compiled specs kept (and specs that failed, so a bad one is refused at once)
+SHARDS = max(1, min(8, (os.cpu_count() or 2) // 2))  # mask threads; the rest of the CPUs run the loop and steps
 # Compact JSON unless a schema's "x-guidance" asks for more: with free whitespace between tokens a
 # model (a random one always) can spend its whole budget on blank lines.
 JSON_DEFAULTS = {"whitespace_flexible": False}
 
 
 class Matcher:
-    """One sequence's place in its grammar."""
+    """One sequence's place in its grammar (`shard`: the compile it was copied from)."""
 
-    __slots__ = ("m",)
+    __slots__ = ("m", "shard")
 
-    def __init__(self, m: llg.LLMatcher):
-        self.m = m
+    def __init__(self, m: llg.LLMatcher, shard: int = 0):
+        self.m, self.shard = m, shard
 
     def advance(self, token: int) -> str | None:
         """Consumes a committed token; returns "stop" when the grammar is complete, "abort" when it
@@ -71,19 +79,22 @@ class Grammars:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nanoslg-grammar")
         self._lock = threading.Lock()
         self._ll_tokenizer: llg.LLTokenizer | None = None
-        self._cache: collections.OrderedDict[str, llg.LLMatcher | RequestError] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[str, list[llg.LLMatcher] | RequestError] = collections.OrderedDict()
         self._compiling: dict[str, asyncio.Future] = {}
-        self._executor: llg.LLExecutor | None = None
-        # Every mask fill runs on this one thread: fills never overlap, so no matcher is read twice at once.
+        self._executors: list[llg.LLExecutor] | None = None  # one single-threaded executor per shard
+        self._next_shard = itertools.count()
+        # Every mask fill runs from this one thread: fills never overlap, so no matcher is read twice at
+        # once; it hands each shard's rows to that shard's thread.
         self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanoslg-masks")
+        self._shards = ThreadPoolExecutor(max_workers=SHARDS, thread_name_prefix="nanoslg-mask-shard")
         self.metrics = metrics  # EngineMetrics: fill time is added to its step profile's masks_s
         # Requests waiting for their grammar before they reach the scheduler: id -> (task, stream, ids, n)
         self.waiting: dict[str, tuple] = {}
 
     # -- compiling -------------------------------------------------------------------------------
-    def cached(self, spec: StructuredOutputs) -> llg.LLMatcher | None:
-        """The compiled grammar (a matcher at its start) if this spec was compiled; raises the
-        RequestError if it failed."""
+    def cached(self, spec: StructuredOutputs) -> list[llg.LLMatcher] | None:
+        """The compiled grammar (a matcher at its start per shard) if this spec was compiled; raises
+        the RequestError if it failed."""
         key = spec.key()
         hit = self._cache.get(key)
         if hit is None:
@@ -93,7 +104,7 @@ class Grammars:
             raise RequestError(str(hit), param=hit.param)
         return hit
 
-    async def compile(self, spec: StructuredOutputs) -> llg.LLMatcher:
+    async def compile(self, spec: StructuredOutputs) -> list[llg.LLMatcher]:
         """Compiles in the thread pool (once for equal specs, however many requests wait for it)."""
         hit = self.cached(spec)
         if hit is not None:
@@ -144,8 +155,9 @@ class Grammars:
         while len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
 
-    def _build(self, spec: StructuredOutputs) -> llg.LLMatcher | RequestError:
-        """Runs in the pool: the spec as an llguidance grammar, checked by building its matcher."""
+    def _build(self, spec: StructuredOutputs) -> list[llg.LLMatcher] | RequestError:
+        """Runs in the pool: the spec as an llguidance grammar, checked by building its matcher, then
+        compiled once more for each other shard."""
         param = f"structured_outputs.{spec.kind}"
         try:
             tok = self._llg_tokenizer()
@@ -157,7 +169,7 @@ class Grammars:
         m = llg.LLMatcher(tok, grammar, log_level=0)
         if m.is_error():
             return RequestError(f"the {spec.kind} does not compile: {_first_lines(m.get_error())}", param=param)
-        return m
+        return [m] + [llg.LLMatcher(tok, grammar, log_level=0) for _ in range(SHARDS - 1)]
 
     def _llg_tokenizer(self) -> llg.LLTokenizer:
         with self._lock:
@@ -176,8 +188,9 @@ class Grammars:
                 self.words = (n_vocab + 31) // 32
             return self._ll_tokenizer
 
-    def new_matcher(self, compiled: llg.LLMatcher) -> Matcher:
-        return Matcher(compiled.deep_copy())
+    def new_matcher(self, compiled: list[llg.LLMatcher]) -> Matcher:
+        shard = next(self._next_shard) % len(compiled)
+        return Matcher(compiled[shard].deep_copy(), shard)
 
     # -- masks ---------------------------------------------------------------------------------------
     def attach(self, plan: StepPlan, outs: dict, overlap: bool) -> None:
@@ -199,13 +212,21 @@ class Grammars:
         return self._filler.submit(self._fill, rows) if rows else None
 
     def _fill(self, rows: list) -> TokenMasks:
+        """Runs on the filler thread: each shard's rows filled by that shard's thread, into one array."""
         t = time.perf_counter()
         bits = np.empty((len(rows), self.words), dtype=np.int32)  # every row is written whole
-        if self._executor is None:
-            self._executor = llg.LLExecutor()
-        self._executor.unsafe_compute_mask_ptr(
-            [(so.grammar.m, i) for i, so in enumerate(rows)], bits.ctypes.data, self.words * 4, len(rows)
-        )
+        if self._executors is None:
+            self._executors = [llg.LLExecutor(num_threads=1) for _ in range(SHARDS)]
+        by_shard: dict[int, list] = {}
+        for i, so in enumerate(rows):
+            by_shard.setdefault(so.grammar.shard, []).append((so.grammar.m, i))
+        ptr, row_bytes, n = bits.ctypes.data, self.words * 4, len(rows)
+        jobs = [
+            self._shards.submit(self._executors[k].unsafe_compute_mask_ptr, pairs, ptr, row_bytes, n)
+            for k, pairs in by_shard.items()
+        ]
+        for job in jobs:
+            job.result()
         if self.metrics is not None:
             self.metrics.profile.masks_s += time.perf_counter() - t
         return TokenMasks([so.seq.seq_id for so in rows], bits)
@@ -213,6 +234,7 @@ class Grammars:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._filler.shutdown(wait=True)
+        self._shards.shutdown(wait=True)
 
 
 def _constrained(plan: StepPlan, outs: dict) -> list:
