@@ -6,7 +6,7 @@ import torch
 
 from nanoslg.core.config import CacheConfig
 
-# The backend `auto` picks on the CPU. "sdpa" keeps the plain slab path; "paged" would turn prefix
+# The backend `auto` picks on the CPU. "sdpa" keeps the plain path (no prefix tree); "paged" would turn prefix
 # caching on for CPU runs too. One constant so that choice is made in one place.
 CPU_DEFAULT = "sdpa"
 MIN_FLASHINFER_SM = (8, 0)

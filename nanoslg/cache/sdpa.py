@@ -1,20 +1,32 @@
-"""The SDPA backend: a contiguous KV slab per running sequence and torch's scaled_dot_product_attention.
+"""The SDPA backend: torch's scaled_dot_product_attention over a page pool private to the backend.
 
-It runs everywhere torch runs (the CPU path of CI, and GPUs without FlashInfer). Slabs grow by
-a quarter at a time; the rank-0 TokenBudgetManager keeps the sum of reservations within the budget.
+It runs everywhere torch runs (the CPU path of CI, and GPUs without FlashInfer). The pool is one
+tensor [layers, 2, pages * page_size, Hkv, D]; this backend hands out its pages itself (its manager,
+the rank-0 TokenBudgetManager, only counts them and keeps the sum of pages_for(kv_tokens) over
+running sequences within the pool). Token slots (page * page_size + offset) are computed once per
+step in `prepare`. Decode rows attend in a few batched calls (sdpa_decode.py); prefill chunks one
+sequence at a time, where the flash kernels with is_causal do the work.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_of
-from nanoslg.cache.kv_quant import from_cache, to_cache
+from nanoslg.cache.kv_quant import as_bytes, from_cache, to_cache
+from nanoslg.cache.sdpa_decode import DecodeGroup, attend_group, build_group, decode_kernels, plan_groups
 from nanoslg.core.plan import StepPlan
 from nanoslg.core.registry import CACHE_BACKENDS
+from nanoslg.core.tensors import to_device
+
+# On the CPU the pool starts this small and doubles as pages are handed out (lowest ids first, so it
+# stays compact): the CPU budget (cache.cpu_kv_gib) is an upper bound, not memory to take up front.
+CPU_FIRST_PAGES = 64
 
 
 def causal_mask(start: int, n: int, device: torch.device) -> torch.Tensor:
@@ -39,32 +51,47 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sc
 
 
 @dataclass
-class _Slot:
-    slab: torch.Tensor  # [2, layers, capacity, Hkv, D]
+class _Chunk:
+    """A row of more than one token (a prefill chunk)."""
+
     start: int
     n: int
     offset: int  # first row of this sequence in the step's flattened tokens
+    slots: torch.Tensor  # pool slots of positions 0..start+n-1
 
 
+@dataclass(eq=False)
 class SdpaContext(CacheContext):
-    def __init__(self, slots: list[_Slot], positions: torch.Tensor, scale: float, spec: KVSpec):
-        self.slots = slots
-        self.positions = positions
-        self.scale = scale
-        self.spec = spec
+    pool: torch.Tensor
+    new_slots: torch.Tensor  # [T] where each of the step's tokens is stored
+    groups: list[DecodeGroup]
+    chunks: list[_Chunk]
+    positions: torch.Tensor
+    scale: float
+    spec: KVSpec
+    kernels: list | None = None  # the batched decode call's SDPA kernels (sdpa_decode.decode_kernels)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(q)
+        kc, vc = self.pool[layer, 0], self.pool[layer, 1]  # [slots, Hkv, D], views
         ks, vs = self.spec.scales(layer)
-        pool = self.spec.cache_dtype
-        k, v = to_cache(k, ks, pool), to_cache(v, vs, pool)  # an FP8 pool stores x / scale (kv_quant.py)
-        for s in self.slots:
-            rows = slice(s.offset, s.offset + s.n)
-            end = s.start + s.n
-            s.slab[0, layer, s.start : end] = k[rows]
-            s.slab[1, layer, s.start : end] = v[rows]
-            kc, vc = from_cache(s.slab[0, layer, :end], ks, q.dtype), from_cache(s.slab[1, layer, :end], vs, q.dtype)
-            out[rows] = attend_one(q[rows], kc, vc, s.start, self.scale)
+        # All new KV is written first, then read back: an FP8 pool stores x / scale (kv_quant.py), and
+        # indexing kernels may lack float8, so it moves as bytes.
+        as_bytes(kc).index_copy_(0, self.new_slots, as_bytes(to_cache(k, ks, kc.dtype)))
+        as_bytes(vc).index_copy_(0, self.new_slots, as_bytes(to_cache(v, vs, vc.dtype)))
+
+        def read(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            kr, vr = as_bytes(kc).index_select(0, slots), as_bytes(vc).index_select(0, slots)
+            return from_cache(kr.view(kc.dtype), ks, q.dtype), from_cache(vr.view(vc.dtype), vs, q.dtype)
+
+        hkv = self.spec.num_kv_heads
+        if len(self.groups) == 1 and self.groups[0].rows is None:  # a plain decode step
+            return attend_group(q, self.groups[0], read, hkv, self.scale, self.kernels)
+        out = torch.empty_like(q)
+        for g in self.groups:
+            out.index_copy_(0, g.rows, attend_group(q, g, read, hkv, self.scale, self.kernels))
+        for c in self.chunks:
+            rows = slice(c.offset, c.offset + c.n)
+            out[rows] = attend_one(q[rows], *read(c.slots), c.start, self.scale)
         return out
 
 
@@ -74,35 +101,83 @@ class SdpaBackend(CacheBackend):
 
     def __init__(self, spec: KVSpec, page_size: int):
         super().__init__(spec, page_size)
-        self.slabs: dict[int, torch.Tensor] = {}
+        self.pool: torch.Tensor | None = None
+        self.num_pages = 0
+        self.free: list[int] = []  # a heap: the lowest page ids go out first
+        self.pages: dict[int, list[int]] = {}  # seq id -> its pages, in order
+        self.top = 0  # one past the highest page id handed out so far
+        group = spec.num_qo_heads // spec.num_kv_heads if spec.num_qo_heads else 1
+        self.kernels = decode_kernels(spec.num_kv_heads, group, spec.head_dim, spec.dtype, spec.device)
 
     def allocate(self, num_pages: int) -> None:
-        self.capacity_tokens = num_pages * self.page_size  # slabs are allocated lazily per sequence
+        self.num_pages, self.pool, self.top = num_pages, None, 0
+        self.free, self.pages = list(range(num_pages)), {}  # a sorted list is a heap
+        # On a GPU the whole pool at once: the memory was sized for it, and growing would copy it.
+        self._reserve(num_pages if self.spec.device.type == "cuda" else min(num_pages, CPU_FIRST_PAGES))
 
-    def _slab(self, seq_id: int, needed: int) -> torch.Tensor:
-        slab = self.slabs.get(seq_id)
-        cap = 0 if slab is None else slab.shape[2]
-        if needed <= cap:
-            return slab
-        # Grow by a quarter (at least 256 tokens): few copies, bounded overshoot of the budget.
-        new_cap = max(needed, min(cap + max(256, cap // 4), self.capacity_tokens))
-        new_cap = -(-new_cap // self.page_size) * self.page_size
+    def _reserve(self, pages: int) -> None:
+        """Makes the pool hold at least `pages` pages (at least doubling it)."""
+        have = 0 if self.pool is None else self.pool.shape[2] // self.page_size
+        if pages <= have:
+            return
+        pages = min(self.num_pages, max(pages, 2 * have))
         s = self.spec
-        new = torch.empty(2, s.num_layers, new_cap, s.num_kv_heads, s.head_dim, dtype=s.cache_dtype, device=s.device)
-        if slab is not None:
-            new[:, :, :cap] = slab
-        self.slabs[seq_id] = new
-        return new
+        shape = (s.num_layers, 2, pages * self.page_size, s.num_kv_heads, s.head_dim)
+        pool = torch.zeros(shape, dtype=s.cache_dtype, device=s.device)
+        if self.pool is not None:
+            as_bytes(pool)[:, :, : self.pool.shape[2]] = as_bytes(self.pool)
+        self.pool = pool
+
+    def _pages_of(self, seq_id: int, num_tokens: int) -> list[int]:
+        """The sequence's pages, grown to hold num_tokens."""
+        pages = self.pages.setdefault(seq_id, [])
+        for _ in range(-(-num_tokens // self.page_size) - len(pages)):
+            if not self.free:
+                raise RuntimeError(f"the sdpa KV pool ({self.num_pages} pages) is exhausted: the budget was exceeded")
+            page = heapq.heappop(self.free)
+            self.top = max(self.top, page + 1)
+            pages.append(page)
+        return pages
 
     def prepare(self, plan: StepPlan) -> SdpaContext:
+        if self.pool is None:
+            raise RuntimeError("the sdpa pool is not allocated: call allocate(num_pages) first")
         for seq_id in plan.freed:
-            self.slabs.pop(seq_id, None)
-        slots, offset = [], 0
+            for page in self.pages.pop(seq_id, ()):
+                heapq.heappush(self.free, page)
+        ps, new_slots, decodes, chunks, offset = self.page_size, [], [], [], 0
         for st in plan.seqs:
             n = len(st.token_ids)
-            slots.append(_Slot(self._slab(st.seq_id, st.start + n), st.start, n, offset))
+            end = st.start + n
+            pages = self._pages_of(st.seq_id, end)
+            if n == 1:
+                new_slots.append(pages[st.start // ps] * ps + st.start % ps)
+                decodes.append((offset, end, pages))
+            else:
+                pos = np.arange(end)
+                slots = np.asarray(pages, dtype=np.int64)[pos // ps] * ps + pos % ps
+                new_slots.extend(slots[st.start :].tolist())
+                chunks.append((st.start, n, offset, slots))
             offset += n
-        return SdpaContext(slots, positions_of(plan, self.spec.device), self.scale, self.spec)
+        self._reserve(self.top)
+        s = self.spec
+        token_bytes = 2 * s.num_kv_heads * s.head_dim * torch.empty((), dtype=s.dtype).element_size()
+        groups = plan_groups(decodes, token_bytes, ps)
+        # Everything the step's layers read goes to the device in one copy, sliced there.
+        parts = [np.asarray(new_slots, dtype=np.int64)]
+        parts += [a for g in groups for a in (np.asarray(g.rows + g.lens, dtype=np.int64), g.table.ravel())]
+        parts += [c[3] for c in chunks]
+        flat = to_device(np.concatenate(parts), torch.long, s.device)
+        pieces = iter(torch.split(flat, [p.size for p in parts]))
+        new = next(pieces)
+        whole = len(groups) == 1 and len(decodes) == offset  # every row a decode, in order
+        built = []
+        for g in groups:
+            rows_lens, table = next(pieces), next(pieces).view(len(g.rows), -1)
+            rows, lens = rows_lens.split(len(g.rows))
+            built.append(build_group(None if whole else rows, lens, table, g.width, ps, s.dtype))
+        done = [_Chunk(start, n, off, next(pieces)) for start, n, off, _ in chunks]
+        return SdpaContext(self.pool, new, built, done, positions_of(plan, s.device), self.scale, s, self.kernels)
 
 
 class NoCacheContext(CacheContext):

@@ -49,7 +49,7 @@ class StepPlan:
     step_id: int
     seqs: list[SeqStep]
     new_seqs: list[NewSeq] = field(default_factory=list)
-    freed: list[int] = field(default_factory=list)  # seq ids whose KV slabs are gone (finished or preempted)
+    freed: list[int] = field(default_factory=list)  # seq ids whose KV is gone (finished or preempted)
     finished: list[int] = field(default_factory=list)  # seq ids that are done: drop sampler state too
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src page, dst page) before the step
     # The scheduler's note that every sequence feeds one token and samples it; None: not known.

@@ -135,8 +135,8 @@ def _prefix_caching_why(cfg: Config, info: dict) -> str:
         return "off (cache.prefix_caching=false)"
     picked = " (cache=auto picks it on the CPU)" if cfg.cache.backend == "auto" else ""
     return (
-        f"off (the {info['cache_backend']} backend{picked} keeps one KV slab per sequence, with no pages to "
-        "share; cache=paged turns it on)"
+        f"off (the {info['cache_backend']} backend{picked} keeps its pages private, with no prefix tree "
+        "to share them; cache=paged turns it on)"
     )
 
 
