@@ -47,7 +47,8 @@ from nanoslg.engine.outputs import CompletionOutput, RequestOutput
 log = logging.getLogger("nanoslg.structured")
 
 CACHE_SIZE = 512  # compiled specs kept (and specs that failed, so a bad one is refused at once)
-SHARDS = max(1, min(8, (os.cpu_count() or 2) // 2))  # mask threads; the rest of the CPUs run the loop and steps
+# Mask threads: all CPUs but four (the loop, the step thread, the collector, the mask filler), up to 12.
+SHARDS = max(1, min(12, (os.cpu_count() or 2) - 4))
 # Compact JSON unless a schema's "x-guidance" asks for more: with free whitespace between tokens a
 # model (a random one always) can spend its whole budget on blank lines.
 JSON_DEFAULTS = {"whitespace_flexible": False}
