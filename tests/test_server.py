@@ -284,10 +284,9 @@ def test_raw_errors_have_the_openai_shape(server):
         == "stop"
     )
     shape(httpx.post(f"{url}/v1/completions", json={"prompt": "x" * 200_000}), 413)
-    # unknown fields are ignored
-    r = httpx.post(
-        f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2, "frobnicate": {"x": [1]}, "logit_bias": {"5": 1}}
-    )
+    # unknown fields are ignored (ignore_eos: a drawn EOS would end the sampled request early)
+    body = {"prompt": "a", "max_tokens": 2, "ignore_eos": True, "frobnicate": {"x": [1]}, "logit_bias": {"5": 1}}
+    r = httpx.post(f"{url}/v1/completions", json=body)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     assert httpx.get(f"{url}/health").status_code == 200
 

@@ -59,7 +59,9 @@ def test_fuzz_openapi_schema(fuzz_server, tiny_llama):
     while metric(url, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert metric(url, "vllm:num_requests_running") == 0 and metric(url, "vllm:kv_cache_usage_perc") == 0.0
-    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3}, timeout=30)
+    # ignore_eos: the request samples (temperature 1 by default), and a drawn EOS would end it early
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 3, "ignore_eos": True}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
