@@ -46,3 +46,18 @@ def from_cache(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tenso
 def as_bytes(x: torch.Tensor) -> torch.Tensor:
     """A uint8 view of a one-byte tensor: torch's CPU index_copy_ has no float8 kernel."""
     return x.view(torch.uint8) if is_fp8(x.dtype) else x
+
+
+def store(kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales) -> None:
+    """Writes a step's new K and V [T, Hkv, D] at `slots` of one layer's pool, kc and vc [slots, Hkv, D]."""
+    ks, vs = scales
+    as_bytes(kc).index_copy_(0, slots, as_bytes(to_cache(k, ks, kc.dtype)))
+    as_bytes(vc).index_copy_(0, slots, as_bytes(to_cache(v, vs, vc.dtype)))
+
+
+def gather(kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor, scales, dtype: torch.dtype):
+    """(K, V) at `slots` of one layer's pool, in `dtype` (an FP8 pool upcast, its scales applied)."""
+    ks, vs = scales
+    k = as_bytes(kc).index_select(0, slots).view(kc.dtype)  # as bytes: indexing kernels may lack float8
+    v = as_bytes(vc).index_select(0, slots).view(vc.dtype)
+    return from_cache(k, ks, dtype), from_cache(v, vs, dtype)

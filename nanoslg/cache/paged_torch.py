@@ -14,7 +14,7 @@ import torch
 
 from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_of
 from nanoslg.cache.cascade import attend_lse, merge, shared_prefix_pages
-from nanoslg.cache.kv_quant import as_bytes, from_cache, to_cache
+from nanoslg.cache.kv_quant import as_bytes, gather, store
 from nanoslg.cache.sdpa import attend_one
 from nanoslg.core.plan import StepPlan
 from nanoslg.core.registry import CACHE_BACKENDS
@@ -57,14 +57,13 @@ class PagedTorchContext(CacheContext):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc = self.pool[layer, 0].flatten(0, 1)  # [pages * page_size, Hkv, D], a view
         vc = self.pool[layer, 1].flatten(0, 1)
-        ks, vs = self.spec.scales(layer)
+        scales = self.spec.scales(layer)
         # All new KV is written first (one op per layer), then each sequence reads its pages. An FP8
         # pool stores x / scale and is read back upcast (kv_quant.py).
-        as_bytes(kc).index_copy_(0, self.new_slots, as_bytes(to_cache(k, ks, kc.dtype)))
-        as_bytes(vc).index_copy_(0, self.new_slots, as_bytes(to_cache(v, vs, vc.dtype)))
+        store(kc, vc, self.new_slots, k, v, scales)
 
         def read(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return from_cache(kc[slots], ks, q.dtype), from_cache(vc[slots], vs, q.dtype)
+            return gather(kc, vc, slots, scales, q.dtype)
 
         if self.shared is not None:
             return self._cascade(q, read)

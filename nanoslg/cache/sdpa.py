@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_of
-from nanoslg.cache.kv_quant import as_bytes, from_cache, to_cache
+from nanoslg.cache.kv_quant import as_bytes, gather, store
 from nanoslg.cache.sdpa_decode import DecodeGroup, attend_group, build_group, decode_kernels, plan_groups
 from nanoslg.core.plan import StepPlan
 from nanoslg.core.registry import CACHE_BACKENDS
@@ -73,15 +73,12 @@ class SdpaContext(CacheContext):
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.pool[layer, 0], self.pool[layer, 1]  # [slots, Hkv, D], views
-        ks, vs = self.spec.scales(layer)
-        # All new KV is written first, then read back: an FP8 pool stores x / scale (kv_quant.py), and
-        # indexing kernels may lack float8, so it moves as bytes.
-        as_bytes(kc).index_copy_(0, self.new_slots, as_bytes(to_cache(k, ks, kc.dtype)))
-        as_bytes(vc).index_copy_(0, self.new_slots, as_bytes(to_cache(v, vs, vc.dtype)))
+        scales = self.spec.scales(layer)
+        # All new KV is written first, then read back: an FP8 pool stores x / scale (kv_quant.py).
+        store(kc, vc, self.new_slots, k, v, scales)
 
         def read(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            kr, vr = as_bytes(kc).index_select(0, slots), as_bytes(vc).index_select(0, slots)
-            return from_cache(kr.view(kc.dtype), ks, q.dtype), from_cache(vr.view(vc.dtype), vs, q.dtype)
+            return gather(kc, vc, slots, scales, q.dtype)
 
         hkv = self.spec.num_kv_heads
         if len(self.groups) == 1 and self.groups[0].rows is None:  # a plain decode step
@@ -108,6 +105,8 @@ class SdpaBackend(CacheBackend):
         self.top = 0  # one past the highest page id handed out so far
         group = spec.num_qo_heads // spec.num_kv_heads if spec.num_qo_heads else 1
         self.kernels = decode_kernels(spec.num_kv_heads, group, spec.head_dim, spec.dtype, spec.device)
+        # What one key's K and V take once gathered (read back in the model's dtype): bounds a group's copy.
+        self.gathered_token_bytes = 2 * spec.num_kv_heads * spec.head_dim * spec.dtype.itemsize
 
     def allocate(self, num_pages: int) -> None:
         self.num_pages, self.pool, self.top = num_pages, None, 0
@@ -161,8 +160,7 @@ class SdpaBackend(CacheBackend):
             offset += n
         self._reserve(self.top)
         s = self.spec
-        token_bytes = 2 * s.num_kv_heads * s.head_dim * torch.empty((), dtype=s.dtype).element_size()
-        groups = plan_groups(decodes, token_bytes, ps)
+        groups = plan_groups(decodes, self.gathered_token_bytes, ps)
         # Everything the step's layers read goes to the device in one copy, sliced there.
         parts = [np.asarray(new_slots, dtype=np.int64)]
         parts += [a for g in groups for a in (np.asarray(g.rows + g.lens, dtype=np.int64), g.table.ravel())]
