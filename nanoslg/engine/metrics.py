@@ -58,7 +58,9 @@ class StepProfile:
     process_s: float = 0.0
     launch_s: float = 0.0
     wait_s: float = 0.0
-    masks_s: float = 0.0  # grammar masks filled on their own thread (overlapping the loop's work)
+    # Grammar mask fills, on the mask threads: the loop waits for those made right after scheduling
+    # (also counted in schedule_s); those of a sample_later step overlap its processing.
+    masks_s: float = 0.0
 
     def per_step_ms(self) -> dict:
         n = max(self.steps, 1)
