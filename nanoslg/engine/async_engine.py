@@ -71,8 +71,6 @@ class AsyncEngine:
         self._collector = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanoslg-collect") if self.overlap else None
         )
-        # Overlap with grammar masks: a step waiting for its masks samples here, off the worker.
-        self._sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanoslg-sample") if self.overlap else None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._accepting = True
@@ -193,9 +191,8 @@ class AsyncEngine:
             except (asyncio.CancelledError, Exception):
                 pass
         self._thread.shutdown(wait=True)
-        for pool in (self._collector, self._sampler):
-            if pool is not None:
-                pool.shutdown(wait=True)
+        if self._collector is not None:
+            self._collector.shutdown(wait=True)
         self.grammars.shutdown()
         _restore_gc(self._gc_before)
         self.executor.shutdown()
@@ -233,19 +230,22 @@ class AsyncEngine:
         launch. A decode launch is short, and waiting behind it keeps the two threads off the
         GIL at once.
 
-        A step launched with sample_later is sampled on the sampler thread as soon as its masks are
-        filled; the next launch prepares its host work meanwhile and queues its forward (which reads
-        those draws) only once the sample is queued."""
+        A step launched with sample_later samples once its masks are filled: the worker prepares
+        the next step meanwhile, then samples, then queues the next step's forward behind it."""
         inflight: collections.deque = collections.deque()  # (plan, future of its launch handle)
-        unsampled: list[Future] = []  # the sample a launch must queue behind (at most one)
+        unsampled: list = []  # at most one (forward handle future, masks future, future of its sample)
         while True:
             while len(inflight) < 2:
                 plan = self._timed(self._schedule, "schedule_s")
                 if plan is None:
                     break
-                after = unsampled.pop() if unsampled else None
-                inflight.append((plan, self._thread.submit(self._launch, plan, after)))
-            unsampled.clear()
+                if unsampled:
+                    job = self._thread.submit(self._sample_then_launch, *unsampled.pop(), plan)
+                else:
+                    job = self._thread.submit(self._timed, self.executor.launch, "launch_s", plan)
+                inflight.append((plan, job))
+            if unsampled:  # nothing to launch behind it: it samples alone
+                self._thread.submit(self._sample_then_launch, *unsampled.pop(), None)
             self._wake.clear()
             if not inflight:
                 await self._idle()
@@ -258,23 +258,24 @@ class AsyncEngine:
                 nxt, fwd = inflight[0]
 
                 def sample_when_masked(ended: dict, nxt=nxt, fwd=fwd) -> None:
-                    masks = self.grammars.fill_later(nxt, self.outputs.outs, ended)
-                    sampled = self._sampler.submit(lambda: self.executor.sample(fwd.result(), masks and masks.result()))
+                    sampled: Future = Future()
+                    unsampled.append((fwd, self.grammars.fill_later(nxt, self.outputs.outs, ended), sampled))
                     inflight[0] = (nxt, sampled)
-                    unsampled.append(sampled)
 
                 self._process_timed(plan, result, sample_when_masked)
             else:
                 self._process_timed(plan, result)
 
-    def _launch(self, plan: StepPlan, after: Future | None):
-        """On the worker thread: launches `plan`; with `after` (the step before, sampling once its
-        masks are filled), the forward that reads those draws is queued only behind that sample."""
-        if after is None:
-            return self._timed(self.executor.launch, "launch_s", plan)
-        prepared = self._timed(self.executor.prepare, "launch_s", plan)
-        after.result()
-        return self._timed(self.executor.finish, "launch_s", prepared)
+    def _sample_then_launch(self, fwd: Future, masks: Future | None, sampled: Future, plan: StepPlan | None):
+        """On the worker thread: prepares `plan`, samples the step before once its masks are filled
+        (`sampled` gets the handle), then queues `plan`'s forward, which reads those draws."""
+        try:
+            prepared = self._timed(self.executor.prepare, "launch_s", plan) if plan is not None else None
+            sampled.set_result(self.executor.sample(fwd.result(), masks and masks.result()))
+        except BaseException as e:
+            sampled.set_exception(e)
+            raise
+        return None if plan is None else self._timed(self.executor.finish, "launch_s", prepared)
 
     def _schedule(self) -> StepPlan | None:
         """The scheduler's next plan, with the grammar masks of its constrained rows (or sample_later)."""
