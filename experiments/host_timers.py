@@ -68,8 +68,7 @@ def main(overrides: list[str]) -> None:
             (ex, "launch", "launch"),
             (ex, "collect", "collect"),
             (runner, "input_ids", "launch.input_ids"),
-            (runner, "prepare", "launch.prepare"),
-            (runner, "finish", "launch.finish"),
+            (runner, "begin", "launch.begin"),
             (runner.sampler, "sample_async", "launch.sample_async"),
             (sm.Sampled, "to_host", "launch.to_host"),
             (tn.STAGING, "next_step", "launch.staging_next"),
@@ -85,8 +84,7 @@ def main(overrides: list[str]) -> None:
         if runner.graphs is not None:
             g = runner.backend._graphs  # the FlashInfer backend's graph buffers (cache/flashinfer_graph.py)
             targets += [
-                (runner.graphs, "prepare", "launch.graphs_prepare"),
-                (runner.graphs, "replay", "launch.graphs_replay"),
+                (runner.graphs, "run", "launch.graphs_run"),
                 (g, "_plan", "launch.graphs_run._plan"),
                 (fg, "shared_prefix_pages", "launch.graphs_run.shared_prefix"),
                 (g.backend, "plan_shared", "launch.graphs_run.plan_shared"),

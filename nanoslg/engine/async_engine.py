@@ -16,7 +16,7 @@ import gc
 import logging
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 from nanoslg.core.errors import EngineDeadError, RequestError
 from nanoslg.core.plan import StepPlan, StepResult
@@ -228,24 +228,14 @@ class AsyncEngine:
         before; when the step it launches is an eager one (a prefill, whose Python launch is long),
         the collector thread waits instead, so a finished step's tokens do not sit behind that
         launch. A decode launch is short, and waiting behind it keeps the two threads off the
-        GIL at once.
-
-        A step launched with sample_later samples once its masks are filled: the worker prepares
-        the next step meanwhile, then samples, then queues the next step's forward behind it."""
+        GIL at once."""
         inflight: collections.deque = collections.deque()  # (plan, future of its launch handle)
-        unsampled: list = []  # at most one (forward handle future, masks future, future of its sample)
         while True:
             while len(inflight) < 2:
                 plan = self._timed(self._schedule, "schedule_s")
                 if plan is None:
                     break
-                if unsampled:
-                    job = self._thread.submit(self._sample_then_launch, *unsampled.pop(), plan)
-                else:
-                    job = self._thread.submit(self._timed, self.executor.launch, "launch_s", plan)
-                inflight.append((plan, job))
-            if unsampled:  # nothing to launch behind it: it samples alone
-                self._thread.submit(self._sample_then_launch, *unsampled.pop(), None)
+                inflight.append((plan, self._thread.submit(self._timed, self.executor.launch, "launch_s", plan)))
             self._wake.clear()
             if not inflight:
                 await self._idle()
@@ -258,24 +248,13 @@ class AsyncEngine:
                 nxt, fwd = inflight[0]
 
                 def sample_when_masked(ended: dict, nxt=nxt, fwd=fwd) -> None:
-                    sampled: Future = Future()
-                    unsampled.append((fwd, self.grammars.fill_later(nxt, self.outputs.outs, ended), sampled))
-                    inflight[0] = (nxt, sampled)
+                    masks = self.grammars.fill_later(nxt, self.outputs.outs, ended)
+                    sample = self._thread.submit(lambda: self.executor.sample(fwd.result(), masks and masks.result()))
+                    inflight[0] = (nxt, sample)
 
                 self._process_timed(plan, result, sample_when_masked)
             else:
                 self._process_timed(plan, result)
-
-    def _sample_then_launch(self, fwd: Future, masks: Future | None, sampled: Future, plan: StepPlan | None):
-        """On the worker thread: prepares `plan`, samples the step before once its masks are filled
-        (`sampled` gets the handle), then queues `plan`'s forward, which reads those draws."""
-        try:
-            prepared = self._timed(self.executor.prepare, "launch_s", plan) if plan is not None else None
-            sampled.set_result(self.executor.sample(fwd.result(), masks and masks.result()))
-        except BaseException as e:
-            sampled.set_exception(e)
-            raise
-        return None if plan is None else self._timed(self.executor.finish, "launch_s", prepared)
 
     def _schedule(self) -> StepPlan | None:
         """The scheduler's next plan, with the grammar masks of its constrained rows (or sample_later)."""

@@ -4,8 +4,6 @@ Two ways to run a step: `execute(plan)` (blocking, up to `max_inflight` at once 
 threads: pipeline stages each hold a micro-batch), or, where `overlap` is true, `launch(plan)` then
 `collect(handle)`, so the host can queue step N+1 before step N's tokens are read; a plan launched
 with `sample_later` (grammar masks that wait for step N's tokens) is finished by `sample(handle, masks)`.
-An overlapping executor also splits `launch` into `prepare(plan)` (host work that needs no earlier
-token) and `finish(prepared)`, so the next step's host work runs while a sample waits for its masks.
 """
 
 from __future__ import annotations
@@ -31,10 +29,6 @@ class Executor(Protocol):
     def backend(self) -> CacheBackend: ...
 
     def launch(self, plan: StepPlan) -> Any: ...
-
-    def prepare(self, plan: StepPlan) -> Any: ...
-
-    def finish(self, prepared: Any) -> Any: ...
 
     def sample(self, handle: Any, masks: TokenMasks | None) -> Any: ...
 

@@ -33,12 +33,6 @@ class InstantExecutor:
             return plan  # answered by sample(), once the engine has the masks
         return self._answer(plan, plan.masks)
 
-    def prepare(self, plan: StepPlan) -> StepPlan:
-        return plan
-
-    def finish(self, plan: StepPlan) -> StepResult | StepPlan:
-        return self.launch(plan)
-
     def sample(self, plan: StepPlan, masks: TokenMasks | None) -> StepResult:
         return self._answer(plan, masks)
 

@@ -23,7 +23,7 @@ from nanoslg.runtime.build import (
     step_stream,
     warm_step_stream,
 )
-from nanoslg.runtime.runner import Launched, Prepared
+from nanoslg.runtime.runner import Launched
 
 
 @PARALLEL.register("single")
@@ -47,14 +47,6 @@ class SingleExecutor:
     def launch(self, plan: StepPlan) -> Launched:
         with on_stream(self.stream):
             return self.rt.runner.launch(plan)
-
-    def prepare(self, plan: StepPlan) -> Prepared:
-        with on_stream(self.stream):
-            return self.rt.runner.prepare(plan)
-
-    def finish(self, prepared: Prepared) -> Launched:
-        with on_stream(self.stream):
-            return self.rt.runner.finish(prepared)
 
     def sample(self, launched: Launched, masks) -> Launched:
         with on_stream(self.stream):

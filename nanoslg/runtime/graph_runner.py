@@ -51,16 +51,11 @@ class GraphRunner:
     def can_run(self, plan: StepPlan) -> bool:
         return 0 < len(plan.seqs) <= self.max_bs and not plan.copies and plan.is_sampled_decode
 
-    def prepare(self, plan: StepPlan) -> tuple[int, int, str]:
-        """Fills the backend's buffers for the smallest bucket that holds the batch; returns what
-        `replay` needs: (rows, bucket, variant)."""
+    def run(self, plan: StepPlan, input_ids: torch.Tensor) -> torch.Tensor:
+        """Replays the smallest bucket that holds the batch; returns the real rows' logits."""
         n = len(plan.seqs)
         bs = next(b for b in self.buckets if b >= n)
-        return n, bs, self.backend.prepare_replay(bs, plan)
-
-    def replay(self, prepared: tuple[int, int, str], input_ids: torch.Tensor) -> torch.Tensor:
-        """Replays a prepared bucket on these input ids; returns the real rows' logits."""
-        n, bs, variant = prepared
+        variant = self.backend.prepare_replay(bs, plan)
         self.input_ids[:n].copy_(input_ids)
         if bs > n:
             self.input_ids[n:bs].zero_()

@@ -32,28 +32,6 @@ class Launched:
     logits: torch.Tensor | None = None  # a plan with sample_later: the rows waiting for their masks
 
 
-@dataclass
-class Prepared:
-    """A step whose host work is done (ModelRunner.prepare) and whose forward is not yet queued."""
-
-    plan: StepPlan
-    seq_ids: list[int] | None  # the plan's sequence ids, where the step is a decode
-    replay: tuple | None = None  # a graph replay's (rows, bucket, variant)
-    ctx: object = None  # an eager step's cache context
-    rows: list[int] | None = None  # and the rows of its flattened tokens that sample
-    hidden_in: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-def _sample_rows(plan: StepPlan) -> list[int]:
-    """The rows of the plan's flattened tokens whose logits are sampled: each sampling chunk's last."""
-    rows, end = [], 0
-    for s in plan.seqs:
-        end += len(s.token_ids)
-        if s.sample:
-            rows.append(end - 1)
-    return rows
-
-
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, backend, sampler, device: torch.device):
         self.model = model
@@ -90,47 +68,42 @@ class ModelRunner:
         input_ids[to_device(holes, torch.long, self.device)] = tokens[to_device(src, torch.long, self.device)]
         return input_ids
 
-    @torch.inference_mode()
-    def launch(self, plan: StepPlan, hidden_in: tuple[torch.Tensor, torch.Tensor] | None = None) -> Launched:
-        """Queues this rank's part of the step. hidden_in: (hidden, residual) from the previous
-        pipeline stage, on every stage but the first."""
-        return self.finish(self.prepare(plan, hidden_in))
+    def inputs(self, plan: StepPlan, seq_ids: list[int] | None = None):
+        """The step's input ids, its cache context, and the rows whose logits are sampled."""
+        ctx = self.backend.prepare(plan)
+        rows, end = [], 0
+        for s in plan.seqs:
+            end += len(s.token_ids)
+            if s.sample:
+                rows.append(end - 1)
+        return self.input_ids(plan, seq_ids), ctx, rows
 
-    def prepare(self, plan: StepPlan, hidden_in=None) -> Prepared:
-        """The step's host work that needs no token of the step before: page tables and the attention
-        plan (or the graph bucket's buffers). Their copies are queued on the stream, and nothing the
-        step before still has to sample reads them, so a sample queued between `prepare` and `finish`
-        stays intact. Sampler state changes wait for `finish`: the step before samples with it."""
-        STAGING.next_step()
-        prep = Prepared(plan, [s.seq_id for s in plan.seqs] if plan.decode else None, hidden_in=hidden_in)
-        if not plan.seqs:
-            self.backend.prepare(plan)  # still releases what the plan freed
-        elif self.graphs is not None and hidden_in is None and self.graphs.can_run(plan):
-            prep.seq_ids = prep.seq_ids or [s.seq_id for s in plan.seqs]
-            prep.replay = self.graphs.prepare(plan)
-        else:
-            prep.ctx, prep.rows = self.backend.prepare(plan), _sample_rows(plan)
-        return prep
-
-    @torch.inference_mode()
-    def finish(self, prep: Prepared) -> Launched:
-        """Feeds the prepared step its input ids (PLACEHOLDERs read the last sample's draws) and
-        queues its forward, and its sampling unless it samples later."""
-        plan = prep.plan
+    def begin(self, plan: StepPlan) -> bool:
+        """Sampler bookkeeping for the plan; False (after releasing what it freed) if it runs nothing."""
         if self.sampler is not None:
             self.sampler.remove(plan.finished)
             for ns in plan.new_seqs:
                 self.sampler.add(ns)
         if not plan.seqs:
+            self.backend.prepare(plan)  # still releases what the plan freed
+            return False
+        return True
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, hidden_in: tuple[torch.Tensor, torch.Tensor] | None = None) -> Launched:
+        """Queues this rank's part of the step. hidden_in: (hidden, residual) from the previous
+        pipeline stage, on every stage but the first."""
+        STAGING.next_step()
+        if not self.begin(plan):
             return Launched(plan.step_id, [])
-        seq_ids = prep.seq_ids
-        if prep.replay is not None:
-            logits = self.graphs.replay(prep.replay, self.input_ids(plan, seq_ids))
+        seq_ids = [s.seq_id for s in plan.seqs] if plan.decode else None
+        if self.graphs is not None and hidden_in is None and self.graphs.can_run(plan):
+            seq_ids = seq_ids or [s.seq_id for s in plan.seqs]
+            logits = self.graphs.run(plan, self.input_ids(plan, seq_ids))
         else:
-            hidden_in, rows = prep.hidden_in, prep.rows
+            input_ids, ctx, rows = self.inputs(plan, seq_ids)
             stage_in = {} if hidden_in is None else {"hidden": hidden_in[0], "residual": hidden_in[1]}
-            ctx = prep.ctx
-            out = self.model(self.input_ids(plan, seq_ids), ctx.positions, ctx, **stage_in)
+            out = self.model(input_ids, ctx.positions, ctx, **stage_in)
             if self.model.lm_head is None:  # a pipeline stage before the last: its output goes on
                 return Launched(plan.step_id, [], hidden_out=out)
             seq_ids = [s.seq_id for s in plan.seqs if s.sample]
