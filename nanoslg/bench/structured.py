@@ -25,6 +25,14 @@ ITEM = {
 SCHEMA = {"type": "array", "items": ITEM, "minItems": 2048}  # more than any output can hold
 
 
+def schema(name_max_length: int | None) -> dict:
+    """SCHEMA with the items' "name" bounded to that many characters (None: unbounded). A bounded
+    string is the slowest state for llguidance's masks; an unbounded one the cheapest."""
+    name = {"type": "string"} if name_max_length is None else {"type": "string", "maxLength": name_max_length}
+    item = {**ITEM, "properties": {**ITEM["properties"], "name": name}}
+    return {**SCHEMA, "items": item}
+
+
 @BENCHMARKS.register("offline_json")
 class OfflineJson(Offline):
     name = "offline_json"
@@ -32,7 +40,7 @@ class OfflineJson(Offline):
 
     def requests(self, b: BenchConfig, space: TokenSpace) -> list[BenchRequest]:
         reqs = make_requests(b, space)
-        spec = StructuredOutputs(json=SCHEMA)
+        spec = StructuredOutputs(json=schema(b.extra.get("name_max_length", 24)))
         for r in reqs[::2]:
             r.structured = spec
         return reqs
