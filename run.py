@@ -7,13 +7,16 @@ python run.py mode=bench bench=offline model=llama3-8b
 
 import os
 import sys
+import time
 
-import hydra
-from omegaconf import DictConfig
+os.environ.setdefault("NANOSLG_STARTED", repr(time.time()))  # the banner says how long start-up took
 
-from nanoslg.core.config import register_schema
-from nanoslg.core.config_errors import as_config_error
-from nanoslg.core.errors import CONFIG_ERROR_EXIT
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from nanoslg.core.config import register_schema  # noqa: E402
+from nanoslg.core.config_errors import as_config_error  # noqa: E402
+from nanoslg.core.errors import CONFIG_ERROR_EXIT  # noqa: E402
 
 register_schema()
 

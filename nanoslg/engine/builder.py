@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import torch
 from transformers import AutoTokenizer
@@ -24,6 +25,7 @@ log = logging.getLogger("nanoslg")
 
 
 def build_engine(cfg: Config) -> AsyncEngine:
+    t0 = time.perf_counter()
     ckpt = resolve_checkpoint(cfg)
     cfg = resolve_parallel(cfg, ckpt)
     args = ckpt.args
@@ -33,11 +35,14 @@ def build_engine(cfg: Config) -> AsyncEngine:
             f"model.max_model_len={max_len} is over the checkpoint's "
             f"max_position_embeddings={args.max_position_embeddings}"
         )
+    t1 = time.perf_counter()
     executor: Executor = PARALLEL.get(cfg.parallel.mode)(cfg, ckpt)
+    t2 = time.perf_counter()
     backend = executor.backend
     kv = backend.make_manager(executor.num_pages, cfg.cache.page_size, cfg.cache.prefix_caching)
     scheduler = Scheduler(cfg.scheduler, kv, SCHEDULERS.get(cfg.scheduler.policy)(cfg.scheduler))
     tokenizer = _tokenizer(cfg, ckpt)
+    t3 = time.perf_counter()
     eos = _eos_ids(ckpt.path, args, tokenizer)
     pool_bytes = executor.num_pages * cfg.cache.page_size * backend.spec.bytes_per_token
     rt = executor.rt
@@ -79,6 +84,12 @@ def build_engine(cfg: Config) -> AsyncEngine:
         "weight_bytes": whole_weights,
         "weight_bytes_per_step": step_weights,
         "weight_gib_rank0": rt.weight_bytes / 2**30,
+        # Seconds per start-up phase (the executor's own where it reports them).
+        "startup_s": {
+            "checkpoint": t1 - t0,
+            **(getattr(executor, "startup_s", None) or {"executor": t2 - t1}),
+            "tokenizer": t3 - t2,
+        },
     }
     log.info(
         "model %s (%s, %s) on %s, dtype %s: %s",
@@ -115,6 +126,8 @@ def build_engine(cfg: Config) -> AsyncEngine:
         _prefix_caching_why(cfg, info),
         "on" if info["cascade_attention"] else "off",
     )
+    phases = ", ".join(f"{k} {v:.2f}" for k, v in info["startup_s"].items())
+    log.info("engine built in %.1f s since the config was read (%s s)", time.perf_counter() - t0, phases)
     return AsyncEngine(
         scheduler,
         executor,

@@ -6,6 +6,9 @@ With overlap (`scheduler.overlap`, the default) the engine calls `launch` for st
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import torch
 
 from nanoslg.core.config import Config
@@ -33,12 +36,19 @@ class SingleExecutor:
     def __init__(self, cfg: Config, ckpt: Checkpoint):
         self.overlap = cfg.scheduler.overlap
         self.device: torch.device = resolve_device(cfg.model.device)
+        t = [time.perf_counter()]
         self.rt: RankRuntime = build_runner(cfg, ckpt, self.device, sample=True)
+        t.append(time.perf_counter())
         budget, self.budget_why = kv_budget_bytes(cfg, self.rt)
         self.num_pages = num_pages_for(cfg, self.rt, budget)
+        t.append(time.perf_counter())
         allocate_kv(cfg, self.rt, self.num_pages, graphs=True)
+        t.append(time.perf_counter())
         self.stream = step_stream(self.device)
         warm_step_stream(cfg, self.rt, self.stream)
+        t.append(time.perf_counter())
+        # Where start-up went, for the log (cold start is a benchmark row).
+        self.startup_s = dict(zip(("model", "kv_budget", "kv_pool_and_graphs", "warm_stream"), np.diff(t).tolist()))
 
     @property
     def backend(self):

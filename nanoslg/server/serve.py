@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 import uvicorn
@@ -113,14 +115,16 @@ async def serve_engine(engine, cfg: Config, sock: socket.socket | None = None) -
 
     def banner(url: str) -> None:
         info = getattr(engine, "info", {}) or {}
+        started = os.environ.get("NANOSLG_STARTED")
         log.info(
-            "NanoSLG serving model %r at %s (OpenAI API under %s/v1; cache backend %s, parallel %s, device %s)",
+            "NanoSLG serving model %r at %s (OpenAI API under %s/v1; cache backend %s, parallel %s, device %s)%s",
             engine.model_name,
             url,
             url,
             info.get("cache_backend", "?"),
             info.get("parallel", "?"),
             info.get("device", "?"),
+            f", {time.time() - float(started):.1f} s after run.py started" if started else "",
         )
 
     ucfg = uvicorn.Config(
