@@ -116,22 +116,22 @@ def table() -> None:
 
 
 def candidates() -> list[tuple]:
-    """(kind, M, config) to try on every shape."""
-    out = []
+    """(kind, M, config) to try on every shape, the batch-1 ones first (a budget cut drops the rest)."""
+    fma, dot1, awq1, dot16, gemm16, gemm64 = [], [], [], [], [], []
     for bn, bk, warps in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8)):
         if 16 <= bn * bk // (32 * warps) <= 64:  # accumulators per thread: enough loads in flight, no spills
-            out += [("fp8", 1, fp8_k.Skinny(bn, bk, warps, sp, False)) for sp in (1, 2, 4)]
+            fma += [("fp8", 1, fp8_k.Skinny(bn, bk, warps, sp, False)) for sp in (1, 2, 4)]
     for bn, bk in itertools.product((16, 32, 64), (128, 256)):
-        out += [("fp8", 1, fp8_k.Skinny(bn, bk, 4, sp, True)) for sp in (1, 2, 4)]
-    for bn, bk, warps in itertools.product((16, 32, 64), (128, 256, 512), (4, 8)):
-        out += [("fp8", m, fp8_k.Skinny(bn, bk, warps, sp, True)) for sp in (1, 2, 4) for m in (8, 16)]
+        dot1 += [("fp8", 1, fp8_k.Skinny(bn, bk, 4, sp, True)) for sp in (1, 2, 4)]
     for bn, bk, warps in itertools.product((64, 128, 256), (64, 128), (2, 4, 8)):
-        out += [("awq", 1, awq_k.Tiles(bn, bk, warps, -sp)) for sp in (1, 2, 4, 8)]
+        awq1 += [("awq", 1, awq_k.Tiles(bn, bk, warps, -sp)) for sp in (1, 2, 4, 8)]
+    for bn, bk, warps in itertools.product((16, 32, 64), (128, 256, 512), (4, 8)):
+        dot16 += [("fp8", m, fp8_k.Skinny(bn, bk, warps, sp, True)) for sp in (1, 2, 4) for m in (8, 16)]
     for bn, bk, stages in itertools.product((64, 128), (64, 128), (2, 3, 4)):
-        out += [("awq", m, awq_k.Tiles(bn, bk, 4, -sp, stages)) for sp in (1, 2, 4) for m in (8, 16)]
+        gemm16 += [("awq", m, awq_k.Tiles(bn, bk, 4, -sp, stages)) for sp in (1, 2, 4) for m in (8, 16)]
     for bn, bk, stages in itertools.product((64, 128), (64, 128), (2, 3)):
-        out += [("awq", 64, awq_k.Tiles(bn, bk, 4, -sp, stages)) for sp in (1, 2)]
-    return out
+        gemm64 += [("awq", 64, awq_k.Tiles(bn, bk, 4, -sp, stages)) for sp in (1, 2)]
+    return fma + awq1 + dot1 + dot16 + gemm16 + gemm64
 
 
 def concrete(kind: str, cfg, n: int, k: int, m: int):
@@ -165,13 +165,14 @@ def sweep(budget_s: float) -> None:
         pool.map(_compile, [jobs[i::workers] for i in range(workers)])
     print(f"compiled {len(jobs)} candidates in {time.time() - t0:.0f} s", flush=True)
     best: dict = {}
-    for name, (n, k) in SHAPES.items():
-        for kind, m, cfg in jobs:
-            if time.time() - t0 > budget_s:
-                break
+    for kind, m, cfg in jobs:
+        if time.time() - t0 > budget_s:
+            print(f"budget spent: stopped before {kind} M={m} {cfg}", flush=True)
+            break
+        for name, (n, k) in SHAPES.items():
             c = concrete(kind, cfg, n, k, m)
             key = (kind, name, m)
-            if kind == "awq" and any(r[1] == c for r in best.get(key, [])):
+            if any(r[1] == c for r in best.get(key, [])):
                 continue  # two programs-per-SM settings gave the same splits
             try:
                 us = timed(kind, n, k, m, c)
@@ -179,24 +180,26 @@ def sweep(budget_s: float) -> None:
                 print(f"  {kind} {name} M={m} {c}: {type(e).__name__}", flush=True)
                 continue
             best.setdefault(key, []).append((us, c))
-        for key in [key for key in best if key[1] == name]:
-            runs = sorted(best[key], key=lambda r: r[0])
-            kind, _, m = key
-            ref = timed(kind, n, k, m)  # what the code runs now (its table or default)
-            top = " | ".join(f"{us:.1f} us {c}" for us, c in runs[:3])
-            gbs = nbytes(n, k, kind) / runs[0][0] / 1e3
-            print(f"{kind} {name} N={n} K={k} M={m}: best {gbs:.0f} GB/s; now {ref:.1f} us; {top}", flush=True)
+            print(f"  {kind} {name} M={m} {us:.1f} us {c}", flush=True)
+    for key, runs in best.items():
+        kind, name, m = key
+        n, k = SHAPES[name]
+        runs = sorted(runs, key=lambda r: r[0])
+        ref = timed(kind, n, k, m)  # what the code runs now (its table or default)
+        top = " | ".join(f"{us:.1f} us {c}" for us, c in runs[:3])
+        gbs = nbytes(n, k, kind) / runs[0][0] / 1e3
+        print(f"{kind} {name} N={n} K={k} M={m}: best {gbs:.0f} GB/s; now {ref:.1f} us; {top}", flush=True)
+    for name, (n, k) in SHAPES.items():
         for m in (1, 8, 16, 32):  # the FP8 cutover, and fused against separate quantization
-            fp8_runs = sorted(best.get(("fp8", name, min(m, 16) if m > 1 else 1), []), key=lambda r: r[0])
-            if fp8_runs:
-                cfg = fp8_runs[0][1]
-                ws = copies(n, k, "fp8")
-                x = torch.randn(m, k, device=DEV, dtype=BF)
-                scaled = timed_fn(lambda w, x=x: fp8_linear_scaled_mm(x, w), ws)
-                skinny = timed("fp8", n, k, m, cfg)
-                pre = timed("fp8", n, k, m, ("prequant", cfg)) if m == 1 else float("nan")
-                print(f"fp8 {name} M={m}: skinny {skinny:.1f} us, _scaled_mm {scaled:.1f} us, prequant {pre:.1f} us")
-        _COPIES.clear()
+            fp8_runs = sorted(best.get(("fp8", name, min(m, 16)), []), key=lambda r: r[0])
+            if not fp8_runs:
+                continue
+            cfg = fp8_runs[0][1]
+            x = torch.randn(m, k, device=DEV, dtype=BF)
+            scaled = timed_fn(lambda w, x=x: fp8_linear_scaled_mm(x, w), copies(n, k, "fp8"))
+            skinny = timed("fp8", n, k, m, cfg)
+            pre = timed("fp8", n, k, m, ("prequant", cfg)) if m == 1 else float("nan")
+            print(f"fp8 {name} M={m}: skinny {skinny:.1f} us, _scaled_mm {scaled:.1f} us, prequant {pre:.1f} us")
     print(f"sweep done in {time.time() - t0:.0f} s")
 
 
