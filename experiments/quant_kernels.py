@@ -2,8 +2,9 @@
 
     python experiments/quant_kernels.py            # on a GPU: one line per (shape, M), bf16 / fp8 / awq
     python experiments/quant_kernels.py --sweep    # tries tile configs per shape, prints the fastest
+    python experiments/quant_kernels.py --small-m  # FP8 at 2..16 rows: _scaled_mm or the skinny kernel
 
-For each of the four linears of a layer (qkv, o, gate_up, down) and M in (1, 8, 64, 512), times the
+For each of the four linears of a layer (qkv, o, gate_up, down) and M in (1, 8, 16, 64, 512), times the
 bf16 GEMM (F.linear), the FP8 path (nanoslg/model/quant/kernels/fp8.py: the skinny kernel up to
 SKINNY_ROWS rows, else per-token quantization + torch._scaled_mm) and the AWQ int4 path
 (kernels/awq.py), and reports GB/s of weight bytes read: for batch-1 decode (M=1) that is the share
@@ -72,7 +73,7 @@ def call(kind: str, x, w, cfg=None):
     if kind == "fp8":
         if isinstance(cfg, tuple) and cfg[0] == "prequant":  # the activations rounded by their own kernel first
             q, s = fp8_k.quantize_rows(x)
-            return fp8_k.fp8_skinny(q, *w, None, cfg[1], x_scale=s)
+            return fp8_k.fp8_skinny(q, *w, None, cfg[1], x_scale=s, out_dtype=x.dtype)
         if cfg is not None:
             return fp8_k.fp8_skinny(x, *w, None, cfg)
         return fp8_k.fp8_linear(x, *w, None, fp8_kernel(w[0]))
@@ -203,6 +204,29 @@ def sweep(budget_s: float) -> None:
     print(f"sweep done in {time.time() - t0:.0f} s")
 
 
+def small_m() -> None:
+    """FP8 at 2..16 rows: _scaled_mm against the skinny kernel on rows quantize_rows rounded first."""
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; FP8 at few rows", flush=True)
+    cfgs = [
+        fp8_k.Skinny(bn, bk, w, sp, True)
+        for bn, bk, w in ((64, 128, 8), (64, 256, 8), (32, 128, 4))
+        for sp in (1, 2, 4)
+    ]
+    for name, (n, k) in SHAPES.items():
+        ws = copies(n, k, "fp8")
+        for m in (2, 4, 8, 16):
+            x = torch.randn(m, k, device=DEV, dtype=BF)
+            scaled = timed_fn(lambda w, x=x: fp8_linear_scaled_mm(x, w), ws)
+            now = timed("fp8", n, k, m)
+            runs = sorted((timed("fp8", n, k, m, ("prequant", c)), c) for c in cfgs)
+            top = " | ".join(f"{us:.1f} us {c}" for us, c in runs[:2])
+            print(
+                f"fp8 {name} M={m}: _scaled_mm {scaled:.1f} us, fp8_linear {now:.1f} us, prequant skinny {top}",
+                flush=True,
+            )
+        _COPIES.clear()
+
+
 def fp8_linear_scaled_mm(x, w):
     q, s = fp8_k.quantize_rows(x)
     return torch._scaled_mm(q, w[0].t(), scale_a=s, scale_b=w[1].view(1, -1), out_dtype=torch.bfloat16)
@@ -227,7 +251,9 @@ def timed_fn(fn, ws) -> float:
 
 
 if __name__ == "__main__":
-    if "--sweep" in sys.argv:
+    if "--small-m" in sys.argv:
+        small_m()
+    elif "--sweep" in sys.argv:
         sweep(float(sys.argv[sys.argv.index("--sweep") + 1]) if len(sys.argv) > 2 else 150.0)
     else:
         table()

@@ -184,13 +184,25 @@ class Tiles(NamedTuple):
 
 # (N, K, rows) -> the tiles measured fastest on an H100 (experiments/quant_kernels.py --sweep) for
 # Llama-3.1-8B's qkv, o, gate_up and down at group 128; rows: 1 (the GEMV) or the GEMM's BLOCK_M.
-TABLE: dict[tuple[int, int, int], Tiles] = {}
+TABLE: dict[tuple[int, int, int], Tiles] = {
+    (6144, 4096, 1): Tiles(64, 128, 4, 8),
+    (4096, 4096, 1): Tiles(64, 128, 4, 8),
+    (28672, 4096, 1): Tiles(256, 64, 2, 8),
+    (4096, 14336, 1): Tiles(64, 128, 2, 16),
+    (6144, 4096, 16): Tiles(128, 64, 4, 8, 3),
+    (4096, 4096, 16): Tiles(128, 64, 4, 8, 3),
+    (28672, 4096, 16): Tiles(128, 128, 4, 2, 3),
+    (4096, 14336, 16): Tiles(128, 64, 4, 16, 3),
+    (4096, 4096, 64): Tiles(128, 64, 4, 8, 3),
+    (28672, 4096, 64): Tiles(128, 64, 4, 2, 3),
+    (4096, 14336, 64): Tiles(128, 128, 4, 8, 3),
+}
 
 
 def tiles(rows: int, n: int, k: int, group: int, device: torch.device) -> Tiles:
     """The table's entry for these rows (1: the GEMV, else the GEMM's row block), else a default;
     block_k capped to a divisor of the group, splits to a divisor of the K tiles."""
-    t = TABLE.get((n, k, rows)) or Tiles(128 if rows == 1 else 64, 128, 4, 0)
+    t = TABLE.get((n, k, rows)) or (Tiles(128, 128, 4, 0) if rows == 1 else Tiles(128, 64, 4, 0, 3))
     bk = min(t.block_k, block_k(group))
     k_tiles = k // bk
     programs = triton.cdiv(n, t.block_n)

@@ -54,9 +54,11 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # Few rows (batch-1 and small-batch decode): torch._scaled_mm spends most of its time on a tile
-# shape made for large M, so a skinny kernel reads the weight once at full bandwidth instead. It
-# quantizes x itself (no separate launch): every program computes the rows' absolute max from the
-# whole row (L2-resident), then rounds its own K slice exactly as quantize_rows does.
+# shape made for large M, so a skinny kernel reads the weight once at full bandwidth instead. For
+# one row it quantizes x itself (no separate launch): every program computes the row's absolute max
+# from the whole row (L2-resident), then rounds its own K slice exactly as quantize_rows does, and
+# multiplies with FMAs. For more rows, rounding every row in every program costs more than the
+# separate quantize_rows launch, so x comes rounded and the kernel multiplies on tensor cores.
 SKINNY_ROWS = 16  # up to this many rows the skinny kernel, from here on _scaled_mm
 X_DYNAMIC, X_STATIC, X_FP8 = 0, 1, 2  # x: quantized here per row / with one static scale / already float8
 
@@ -144,7 +146,12 @@ class Skinny(NamedTuple):
 
 # (N, K, one row) -> the config measured fastest on an H100 (experiments/quant_kernels.py --sweep):
 # Llama-3.1-8B's qkv, o, gate_up and down.
-SKINNY_TABLE: dict[tuple[int, int, bool], Skinny] = {}
+SKINNY_TABLE: dict[tuple[int, int, bool], Skinny] = {
+    (6144, 4096, True): Skinny(8, 512, 4, 1, False),
+    (4096, 4096, True): Skinny(16, 1024, 8, 1, False),
+    (28672, 4096, True): Skinny(16, 256, 4, 1, False),
+    (4096, 14336, True): Skinny(8, 1024, 4, 1, False),
+}
 
 
 @functools.cache
@@ -158,11 +165,11 @@ def skinny_config(m: int, n: int, k: int, device: torch.device) -> Skinny:
     hit = SKINNY_TABLE.get((n, k, m == 1))
     if hit is not None:
         return hit
-    block_n = 16 if m == 1 else 32
+    block_n, block_k = (16, 512) if m == 1 else (64, 128)
     programs = triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, 512)
+    k_tiles = triton.cdiv(k, block_k)
     splits = max(1, min(k_tiles, triton.cdiv(2 * _num_sms(device), programs)))
-    return Skinny(block_n, 512, 4, splits, m > 1)
+    return Skinny(block_n, block_k, 4 if m == 1 else 8, splits, m > 1)
 
 
 def fp8_skinny(
@@ -172,9 +179,10 @@ def fp8_skinny(
     act_scale: torch.Tensor | None,
     cfg: Skinny | None = None,
     x_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """fp8_linear for few rows: x [M, K] (M <= 64) in bf16/fp16 -> [M, N] in x's dtype. x may also be
-    float8 already, with its per-row x_scale [M, 1] (quantize_rows' output; the result is then bf16)."""
+    float8 already, with its per-row x_scale [M, 1] (quantize_rows' output; the result in out_dtype)."""
     m, k = x.shape
     n = w.shape[0]
     cfg = cfg or skinny_config(m, n, k, x.device)
@@ -183,7 +191,7 @@ def fp8_skinny(
     k_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.splits) * cfg.block_k
     parts = cfg.splits > 1
     if x.dtype == FP8:
-        mode, xs, out_dtype = X_FP8, x_scale.reshape(m).contiguous(), torch.bfloat16
+        mode, xs = X_FP8, x_scale.float().reshape(m).contiguous()
     elif act_scale is None:
         mode, xs, out_dtype = X_DYNAMIC, torch.empty(m, dtype=torch.float32, device=x.device), x.dtype
     else:
@@ -216,13 +224,15 @@ def fp8_linear(
     """x [M, K] @ (w [N, K] float8 * w_scale [N])^T -> [M, N] in x's dtype. kernel: "rowwise" (SM90+:
     both scales in _scaled_mm's epilogue) or "tensorwise" (SM89: unit scales, both applied after)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if x.shape[0] <= SKINNY_ROWS:
+    if x.shape[0] == 1:
         return fp8_skinny(x, w, w_scale, act_scale)
     if act_scale is None:
         q, s = quantize_rows(x)
     else:  # a checkpoint's static scale, one for every token
         q = (x.float() / act_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         s = act_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
+    if x.shape[0] <= SKINNY_ROWS:
+        return fp8_skinny(q, w, w_scale, None, x_scale=s, out_dtype=x.dtype)
     if kernel == "rowwise":  # row-wise scaling takes a bf16 output only
         y = torch._scaled_mm(q, w.t(), scale_a=s, scale_b=w_scale.view(1, -1), out_dtype=torch.bfloat16)
     else:
