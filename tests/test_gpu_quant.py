@@ -255,6 +255,12 @@ def test_cuda_graphs_and_overlap_change_no_token(method, ckpts):
     """Quantized weights and an FP8 pool: decode through captured CUDA graphs (padded buckets, the
     cascade variant over a shared prefix) with overlapped steps gives the tokens of eager,
     one-step-at-a-time decoding."""
+    # Failed for fp8 once the skinny kernel came (issue #16). The likely cause, not yet confirmed on
+    # a GPU: a row's result is the same at any M within one kernel path (one row: FMAs; up to
+    # SKINNY_ROWS: tl.dot; more: _scaled_mm), not across them, and overlap scheduling keeps a
+    # just-finished sequence in the next step, so a tail step can run M=2 where eager runs M=1 (or 17
+    # against 16). FP8 rounding of the next layer's input turns that last-bit difference into whole
+    # float8 steps, enough to flip a near tie.
     overrides = ckpts[method][0]
     g = torch.Generator().manual_seed(3)
     batch = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (3, 17, 40, 90, 130)] * 4

@@ -5,9 +5,11 @@ tile loads one row of zeros and scales.
 
 Three paths, by the number of rows M of x [M, K]:
 - M == 1 (batch-1 decode): a GEMV without tensor cores. Each program reduces BLOCK_K inputs for
-  BLOCK_N outputs as s * (sum x q - zero * sum x); the K loop is split over programs when N alone
-  gives too few programs to keep every SM reading.
+  BLOCK_N outputs, unpacking the eight values of an int32 with shifts and masks straight into float
+  bits (no int-to-float conversion, which would cost more than the load); the K loop is split over
+  programs when N alone gives too few programs to keep every SM reading.
 - M < DEQUANT_ROWS: a GEMM that dequantizes each tile in registers and feeds tl.dot.
+Tile shapes and K splits per layer shape come from TABLE (measured), else a default.
 - more rows (prefill): dequantize the weight once into a bf16/fp16 buffer and let cuBLAS multiply;
   the extra write is small next to the GEMM's FLOPs.
 

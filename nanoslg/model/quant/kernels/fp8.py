@@ -145,7 +145,7 @@ class Skinny(NamedTuple):
 
 
 # (N, K, one row) -> the config measured fastest on an H100 (experiments/quant_kernels.py --sweep):
-# Llama-3.1-8B's qkv, o, gate_up and down.
+# Llama-3.1-8B's qkv, o, gate_up and down at one row; other shapes and row counts take the default.
 SKINNY_TABLE: dict[tuple[int, int, bool], Skinny] = {
     (6144, 4096, True): Skinny(8, 512, 4, 1, False),
     (4096, 4096, True): Skinny(16, 1024, 8, 1, False),
