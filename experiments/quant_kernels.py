@@ -1,66 +1,259 @@
 """The low-precision GEMMs on Llama-3.1-8B's linear shapes: time per call and bytes per second.
 
-    python experiments/quant_kernels.py            # on a GPU; prints one line per (kernel, shape, M)
+    python experiments/quant_kernels.py            # on a GPU: one line per (shape, M), bf16 / fp8 / awq
+    python experiments/quant_kernels.py --sweep    # tries tile configs per shape, prints the fastest
+    python experiments/quant_kernels.py --small-m  # FP8 at 2..16 rows: _scaled_mm or the skinny kernel
 
-For each of the four linears of a layer (qkv, o, gate_up, down) and M in (1, 8, 64, 512), times the
-bf16 GEMM (F.linear), the FP8 path (per-token quantization + torch._scaled_mm, as
-nanoslg/model/quant/fp8.py runs it) and the AWQ int4 path (nanoslg/model/quant/kernels/awq.py),
-with CUDA events over many calls, and reports GB/s of weight bytes read: for batch-1 decode (M=1)
-that is the share of the bandwidth a kernel reaches, the figure the batch-1 presets depend on.
+For each of the four linears of a layer (qkv, o, gate_up, down) and M in (1, 8, 16, 64, 512), times the
+bf16 GEMM (F.linear), the FP8 path (nanoslg/model/quant/kernels/fp8.py: the skinny kernel up to
+SKINNY_ROWS rows, else per-token quantization + torch._scaled_mm) and the AWQ int4 path
+(kernels/awq.py), and reports GB/s of weight bytes read: for batch-1 decode (M=1) that is the share
+of the bandwidth a kernel reaches, the figure the batch-1 presets depend on.
+
+Timing: the calls are captured in a CUDA graph (decode replays graphs, so host launch overhead is
+left out) and rotate over enough copies of the weights to exceed the L2 cache (each decode layer
+reads weights it has not read since the last token).
+
+--sweep compiles the candidate configs in parallel processes first (Triton's disk cache then serves
+the timing process), times each on the four shapes, and prints the best per (kernel, shape, M) as
+table entries for kernels/fp8.py (SKINNY_TABLE) and kernels/awq.py (TABLE).
 """
+
+import itertools
+import math
+import multiprocessing as mp
+import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
 from nanoslg.model.quant.awq import pack_k
 from nanoslg.model.quant.fp8 import fp8_kernel, quantize_weight
-from nanoslg.model.quant.kernels.awq import awq_linear
-from nanoslg.model.quant.kernels.fp8 import fp8_linear
+from nanoslg.model.quant.kernels import awq as awq_k
+from nanoslg.model.quant.kernels import fp8 as fp8_k
 
 DEV, BF = "cuda", torch.bfloat16
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
 GROUP = 128
+ROTATE_BYTES = 256 << 20  # weight copies per measurement: at least this much, past H100's 50 MB L2
+CALLS = 32  # calls per captured graph
 
 
-def timed(fn, iters: int = 50) -> float:
-    """Milliseconds per call, after a warm-up (Triton compiles on the first call)."""
-    fn()
+def weights(n: int, k: int, kind: str, seed: int = 0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    if kind == "bf16":
+        return (torch.randn(n, k, device=DEV, dtype=BF, generator=g) * 0.02,)
+    if kind == "fp8":
+        return quantize_weight(torch.randn(n, k, device=DEV, dtype=BF, generator=g) * 0.02)
+    q = torch.randint(0, 16, (k, n), device=DEV, dtype=torch.uint8, generator=g)
+    zeros = torch.randint(0, 16, (k // GROUP, n), device=DEV, dtype=torch.uint8, generator=g)
+    scales = torch.full((k // GROUP, n), 0.003, device=DEV, dtype=torch.float16)
+    return pack_k(q), zeros, scales
+
+
+def nbytes(n: int, k: int, kind: str) -> int:
+    return {"bf16": 2 * n * k, "fp8": n * k + 4 * n, "awq": n * k // 2 + 3 * n * k // GROUP}[kind]
+
+
+_COPIES: dict = {}
+
+
+def copies(n: int, k: int, kind: str) -> list:
+    key = (n, k, kind)
+    if key not in _COPIES:
+        count = max(2, math.ceil(ROTATE_BYTES / nbytes(n, k, kind)))
+        _COPIES[key] = [weights(n, k, kind, seed) for seed in range(count)]
+    return _COPIES[key]
+
+
+def call(kind: str, x, w, cfg=None):
+    if kind == "bf16":
+        return F.linear(x, *w)
+    if kind == "fp8":
+        if isinstance(cfg, tuple) and cfg[0] == "prequant":  # the activations rounded by their own kernel first
+            q, s = fp8_k.quantize_rows(x)
+            return fp8_k.fp8_skinny(q, *w, None, cfg[1], x_scale=s, out_dtype=x.dtype)
+        if cfg is not None:
+            return fp8_k.fp8_skinny(x, *w, None, cfg)
+        return fp8_k.fp8_linear(x, *w, None, fp8_kernel(w[0]))
+    return awq_k.awq_linear(x, *w, GROUP, cfg)
+
+
+def timed(kind: str, n: int, k: int, m: int, cfg=None) -> float:
+    """Microseconds per call, from a CUDA graph of CALLS calls over rotating weight copies."""
+    ws = copies(n, k, kind)
+    x = torch.randn(m, k, device=DEV, dtype=BF)
+    for w in ws:
+        call(kind, x, w, cfg)  # compiles (or loads) the kernels, outside the capture
     torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(CALLS):
+            call(kind, x, ws[i % len(ws)], cfg)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return sorted(times)[2] * 1e3 / CALLS
+
+
+def table() -> None:
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; CUDA graphs, weights rotated past L2")
+    for name, (n, k) in SHAPES.items():
+        for m in (1, 8, 16, 64, 512):
+            line = []
+            for kind in ("bf16", "fp8", "awq"):
+                us = timed(kind, n, k, m)
+                line.append(f"{kind} {us:7.1f} us {nbytes(n, k, kind) / us / 1e3:6.0f} GB/s")
+            print(f"{name:8s} N={n:5d} K={k:5d} M={m:4d}: " + " | ".join(line), flush=True)
+        _COPIES.clear()
+
+
+def candidates() -> list[tuple]:
+    """(kind, M, config) to try on every shape, the batch-1 ones first (a budget cut drops the rest)."""
+    fma, dot1, awq1, dot16, gemm16, gemm64 = [], [], [], [], [], []
+    for bn, bk, warps in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8)):
+        if 16 <= bn * bk // (32 * warps) <= 64:  # accumulators per thread: enough loads in flight, no spills
+            fma += [("fp8", 1, fp8_k.Skinny(bn, bk, warps, sp, False)) for sp in (1, 2, 4)]
+    for bn, bk in itertools.product((16, 32, 64), (128, 256)):
+        dot1 += [("fp8", 1, fp8_k.Skinny(bn, bk, 4, sp, True)) for sp in (1, 2, 4)]
+    for bn, bk, warps in itertools.product((64, 128, 256), (64, 128), (2, 4, 8)):
+        awq1 += [("awq", 1, awq_k.Tiles(bn, bk, warps, -sp)) for sp in (1, 2, 4, 8)]
+    for bn, bk, warps in itertools.product((16, 32, 64), (128, 256, 512), (4, 8)):
+        dot16 += [("fp8", m, fp8_k.Skinny(bn, bk, warps, sp, True)) for sp in (1, 2, 4) for m in (8, 16)]
+    for bn, bk, stages in itertools.product((64, 128), (64, 128), (2, 3, 4)):
+        gemm16 += [("awq", m, awq_k.Tiles(bn, bk, 4, -sp, stages)) for sp in (1, 2, 4) for m in (8, 16)]
+    for bn, bk, stages in itertools.product((64, 128), (64, 128), (2, 3)):
+        gemm64 += [("awq", 64, awq_k.Tiles(bn, bk, 4, -sp, stages)) for sp in (1, 2)]
+    return fma + awq1 + dot1 + dot16 + gemm16 + gemm64
+
+
+def concrete(kind: str, cfg, n: int, k: int, m: int):
+    """AWQ candidates name K splits as programs per SM (negative): the splits for this shape."""
+    if kind == "awq" and cfg.splits < 0:
+        rows = 1 if m == 1 else awq_k.gemm_rows(m)
+        programs = -(-n // cfg.block_n) * -(-m // rows)
+        return cfg._replace(splits=awq_k.split_k(programs, k // cfg.block_k, torch.device(DEV), -cfg.splits))
+    return cfg
+
+
+def _compile(jobs: list) -> None:
+    cache = {}
+    for kind, m, cfg in jobs:
+        for n, k in SHAPES.values():
+            x = torch.randn(m, k, device=DEV, dtype=BF)
+            w = cache.setdefault((n, k, kind), weights(n, k, kind))
+            try:
+                call(kind, x, w, concrete(kind, cfg, n, k, m))
+            except Exception:  # out of shared memory or registers: the timing pass reports it
+                pass
+    torch.cuda.synchronize()
+
+
+def sweep(budget_s: float) -> None:
+    t0 = time.time()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; sweep", flush=True)
+    jobs = candidates()
+    workers = 12
+    with mp.get_context("spawn").Pool(workers) as pool:
+        pool.map(_compile, [jobs[i::workers] for i in range(workers)])
+    print(f"compiled {len(jobs)} candidates in {time.time() - t0:.0f} s", flush=True)
+    best: dict = {}
+    for kind, m, cfg in jobs:
+        if time.time() - t0 > budget_s:
+            print(f"budget spent: stopped before {kind} M={m} {cfg}", flush=True)
+            break
+        for name, (n, k) in SHAPES.items():
+            c = concrete(kind, cfg, n, k, m)
+            key = (kind, name, m)
+            if any(r[1] == c for r in best.get(key, [])):
+                continue  # two programs-per-SM settings gave the same splits
+            try:
+                us = timed(kind, n, k, m, c)
+            except Exception as e:
+                print(f"  {kind} {name} M={m} {c}: {type(e).__name__}", flush=True)
+                continue
+            best.setdefault(key, []).append((us, c))
+            print(f"  {kind} {name} M={m} {us:.1f} us {c}", flush=True)
+    for key, runs in best.items():
+        kind, name, m = key
+        n, k = SHAPES[name]
+        runs = sorted(runs, key=lambda r: r[0])
+        ref = timed(kind, n, k, m)  # what the code runs now (its table or default)
+        top = " | ".join(f"{us:.1f} us {c}" for us, c in runs[:3])
+        gbs = nbytes(n, k, kind) / runs[0][0] / 1e3
+        print(f"{kind} {name} N={n} K={k} M={m}: best {gbs:.0f} GB/s; now {ref:.1f} us; {top}", flush=True)
+    for name, (n, k) in SHAPES.items():
+        for m in (1, 8, 16, 32):  # the FP8 cutover, and fused against separate quantization
+            fp8_runs = sorted(best.get(("fp8", name, min(m, 16)), []), key=lambda r: r[0])
+            if not fp8_runs:
+                continue
+            cfg = fp8_runs[0][1]
+            x = torch.randn(m, k, device=DEV, dtype=BF)
+            scaled = timed_fn(lambda w, x=x: fp8_linear_scaled_mm(x, w), copies(n, k, "fp8"))
+            skinny = timed("fp8", n, k, m, cfg)
+            pre = timed("fp8", n, k, m, ("prequant", cfg)) if m == 1 else float("nan")
+            print(f"fp8 {name} M={m}: skinny {skinny:.1f} us, _scaled_mm {scaled:.1f} us, prequant {pre:.1f} us")
+    print(f"sweep done in {time.time() - t0:.0f} s")
+
+
+def small_m() -> None:
+    """FP8 at 2..16 rows: _scaled_mm against the skinny kernel on rows quantize_rows rounded first."""
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; FP8 at few rows", flush=True)
+    cfgs = [
+        fp8_k.Skinny(bn, bk, w, sp, True)
+        for bn, bk, w in ((64, 128, 8), (64, 256, 8), (32, 128, 4))
+        for sp in (1, 2, 4)
+    ]
+    for name, (n, k) in SHAPES.items():
+        ws = copies(n, k, "fp8")
+        for m in (2, 4, 8, 16):
+            x = torch.randn(m, k, device=DEV, dtype=BF)
+            scaled = timed_fn(lambda w, x=x: fp8_linear_scaled_mm(x, w), ws)
+            now = timed("fp8", n, k, m)
+            runs = sorted((timed("fp8", n, k, m, ("prequant", c)), c) for c in cfgs)
+            top = " | ".join(f"{us:.1f} us {c}" for us, c in runs[:2])
+            print(
+                f"fp8 {name} M={m}: _scaled_mm {scaled:.1f} us, fp8_linear {now:.1f} us, prequant skinny {top}",
+                flush=True,
+            )
+        _COPIES.clear()
+
+
+def fp8_linear_scaled_mm(x, w):
+    q, s = fp8_k.quantize_rows(x)
+    return torch._scaled_mm(q, w[0].t(), scale_a=s, scale_b=w[1].view(1, -1), out_dtype=torch.bfloat16)
+
+
+def timed_fn(fn, ws) -> float:
+    for w in ws:
+        fn(w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(CALLS):
+            fn(ws[i % len(ws)])
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(iters):
-        fn()
+    for _ in range(3):
+        graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / iters
-
-
-def main() -> None:
-    torch.manual_seed(0)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for name, (n, k) in SHAPES.items():
-        w = torch.randn(n, k, device=DEV, dtype=BF) * 0.02
-        wq, ws = quantize_weight(w)
-        kernel = fp8_kernel(wq)
-        q = torch.randint(0, 16, (k, n), device=DEV, dtype=torch.uint8)
-        qw = pack_k(q)
-        zeros = torch.randint(0, 16, (k // GROUP, n), device=DEV, dtype=torch.uint8)
-        scales = torch.full((k // GROUP, n), 0.003, device=DEV, dtype=torch.float16)
-        bytes_ = {"bf16": 2 * n * k, "fp8": n * k + 4 * n, "awq": n * k // 2 + 3 * n * k // GROUP}
-        for m in (1, 8, 64, 512):
-            x = torch.randn(m, k, device=DEV, dtype=BF)
-            runs = {
-                "bf16": (F.linear, (x, w)),
-                f"fp8 ({kernel})": (fp8_linear, (x, wq, ws, None, kernel)),
-                "awq": (awq_linear, (x, qw, zeros, scales, GROUP)),
-            }
-            line = []
-            for label, (fn, args) in runs.items():
-                ms = timed(lambda fn=fn, args=args: fn(*args))
-                gbs = bytes_[label.split()[0]] / ms / 1e6
-                line.append(f"{label} {ms * 1e3:7.1f} us {gbs:6.0f} GB/s")
-            print(f"{name:8s} N={n:5d} K={k:5d} M={m:4d}: " + " | ".join(line))
+    return start.elapsed_time(end) * 1e3 / (3 * CALLS)
 
 
 if __name__ == "__main__":
-    main()
+    if "--small-m" in sys.argv:
+        small_m()
+    elif "--sweep" in sys.argv:
+        sweep(float(sys.argv[sys.argv.index("--sweep") + 1]) if len(sys.argv) > 2 else 150.0)
+    else:
+        table()

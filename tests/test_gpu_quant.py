@@ -119,7 +119,7 @@ def test_fp8_kernels_match_the_reference():
         wq, ws = quantize_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
         kernel = fp8_kernel(wq)
         assert kernel in ("rowwise", "tensorwise")
-        for m in (1, 3, 64, 300):
+        for m in (1, 3, 16, 17, 64, 300):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
             q, s = quantize_rows(x)
             q_ref, s_ref = quantize_act(x)
@@ -130,6 +130,70 @@ def test_fp8_kernels_match_the_reference():
                 out = fp8_linear(x, wq, ws, act, kernel).float()
                 err = ((out - ref).abs().max() / ref.abs().max()).item()
                 assert err < 1e-2, (n, k, m, act, err)
+
+
+LLAMA_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
+ROWS = (1, 3, 8, 16, 17, 64)  # the GEMVs, the skinny paths, both sides of the FP8 cutover, the AWQ GEMM
+
+
+def _graph_replay(fn):
+    """fn's result from a captured CUDA graph (compiled by an eager call first, as the engine warms up)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return out.clone()
+
+
+@FP8_SM
+@pytest.mark.parametrize("shape", list(LLAMA_8B))
+def test_fp8_skinny_on_llama_shapes(shape):
+    """Llama-3.1-8B's linears through fp8_linear (skinny kernel up to SKINNY_ROWS rows, _scaled_mm after)
+    against the reference; the same bits again, and from a CUDA graph replay (K splits in a fixed order)."""
+    from nanoslg.model.quant.fp8 import fp8_kernel, fp8_linear_torch, quantize_weight
+    from nanoslg.model.quant.kernels.fp8 import fp8_linear
+
+    n, k = LLAMA_8B[shape]
+    torch.manual_seed(0)
+    wq, ws = quantize_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+    kernel = fp8_kernel(wq)
+    for m in ROWS:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
+        for act in (None, torch.tensor([0.05], device="cuda")):
+            ref = fp8_linear_torch(x, wq, ws, act).float()
+            out = fp8_linear(x, wq, ws, act, kernel)
+            assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+            err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-2, (shape, m, act, err)
+            assert torch.equal(fp8_linear(x, wq, ws, act, kernel), out)
+            assert torch.equal(_graph_replay(lambda x=x, act=act: fp8_linear(x, wq, ws, act, kernel)), out)
+
+
+@pytest.mark.parametrize("shape", list(LLAMA_8B))
+def test_awq_on_llama_shapes(shape):
+    """Llama-3.1-8B's linears at group 128 through awq_linear (the table's tiles) against x @ the
+    dequantized weight; the same bits again and from a CUDA graph replay."""
+    from nanoslg.model.quant.awq import dequantize, pack_k
+    from nanoslg.model.quant.kernels.awq import awq_linear
+
+    n, k = LLAMA_8B[shape]
+    g = 128
+    torch.manual_seed(0)
+    qw = pack_k(torch.randint(0, 16, (k, n), device="cuda", dtype=torch.uint8))
+    z = torch.randint(0, 16, (k // g, n), device="cuda", dtype=torch.uint8)
+    s = (torch.rand(k // g, n, device="cuda") * 0.002 + 0.002).half()
+    w = dequantize(qw, z, s, g)  # float32 [k, n]
+    for m in ROWS:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ w
+        out = awq_linear(x, qw, z, s, g)
+        err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-2, (shape, m, err)
+        assert torch.equal(awq_linear(x, qw, z, s, g), out)
+        assert torch.equal(_graph_replay(lambda x=x: awq_linear(x, qw, z, s, g)), out)
 
 
 # -- on a decisive model ------------------------------------------------------------------------------
@@ -191,6 +255,12 @@ def test_cuda_graphs_and_overlap_change_no_token(method, ckpts):
     """Quantized weights and an FP8 pool: decode through captured CUDA graphs (padded buckets, the
     cascade variant over a shared prefix) with overlapped steps gives the tokens of eager,
     one-step-at-a-time decoding."""
+    # Failed for fp8 once the skinny kernel came (issue #16). The likely cause, not yet confirmed on
+    # a GPU: a row's result is the same at any M within one kernel path (one row: FMAs; up to
+    # SKINNY_ROWS: tl.dot; more: _scaled_mm), not across them, and overlap scheduling keeps a
+    # just-finished sequence in the next step, so a tail step can run M=2 where eager runs M=1 (or 17
+    # against 16). FP8 rounding of the next layer's input turns that last-bit difference into whole
+    # float8 steps, enough to flip a near tie.
     overrides = ckpts[method][0]
     g = torch.Generator().manual_seed(3)
     batch = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (3, 17, 40, 90, 130)] * 4

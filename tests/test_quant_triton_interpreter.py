@@ -4,7 +4,9 @@ wherever Triton is installed, GPU or not (skipped without it; the GPU suite runs
 
 The interpreter converts float32 to bfloat16 and to float8 inexactly (numpy has neither type), so
 the GEMMs run here in float16 and the FP8 rounding kernel on inputs that need no rounding; the GPU
-suite covers both types on the hardware.
+suite covers both types on the hardware. The FP8 skinny kernel is checked on such inputs too (rows of
+float8 values times a power of two, each holding +-448 times it, so the per-row scale is that power and
+x / scale is exact), in float32 against the reference to the last bits of a float32 sum.
 """
 
 import os
@@ -54,9 +56,106 @@ print("ok")
 """
 
 
-def test_triton_kernels_in_the_interpreter():
+SKINNY = r"""
+import torch
+from nanoslg.model.quant.fp8 import fp8_linear_torch, quantize_weight
+from nanoslg.model.quant.kernels import fp8
+from nanoslg.model.quant.kernels.fp8 import Skinny, fp8_skinny, quantize_rows
+
+torch.manual_seed(0)
+grid = torch.tensor([0.0, 0.5, -1.0, 3.0, -448.0, 448.0, 13.0, -0.125, 0.25, -6.0])
+
+
+def on_grid(m, k, static):
+    x = grid[torch.randint(0, len(grid), (m, k))]
+    if static:  # one scale for all rows, x / scale exact
+        return x * 0.25
+    x[:, 0] = 448.0  # every row's absolute max: scale = its power of two
+    x = x * 2.0 ** torch.randint(-4, 4, (m, 1)).float()
+    if m > 2:
+        x[1] = 0.0  # an all-zero row: scale 1e-12, zeros out
+    return x
+
+
+# (rows, outputs, inputs): K a multiple of the tile and not, outputs not a multiple of the block.
+for m, n, k in [(1, 40, 700), (1, 64, 1024), (3, 24, 300), (5, 33, 96), (17, 20, 160)]:
+    wq, ws = quantize_weight(torch.randn(n, k) * 0.02)
+    for static in (False, True):
+        act = torch.tensor([0.25]) if static else None
+        x = on_grid(m, k, static)
+        ref = fp8_linear_torch(x, wq, ws, act)
+        # FMA path (one row) and tl.dot path, with and without K splits (the last split short or empty)
+        for cfg in (Skinny(16, 64, 4, 1, False), Skinny(8, 128, 4, 3, False), Skinny(16, 32, 4, 1, True),
+                    Skinny(32, 64, 2, 4, True), Skinny(16, 256, 4, 5, True)):
+            out = fp8_skinny(x, wq, ws, act, cfg)
+            assert out.dtype == x.dtype and out.shape == (m, n)
+            err = ((out - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-6, (m, n, k, static, cfg, err)
+        # the default config through fp8_linear (more rows go to _scaled_mm, GPU only), and half precision
+        if m <= fp8.SKINNY_ROWS:
+            assert ((fp8.fp8_linear(x, wq, ws, act, "rowwise") - ref).abs().max() / ref.abs().max()).item() < 1e-6
+        out = fp8_skinny(x.half(), wq, ws, act, Skinny(16, 64, 4, 2, m > 1))
+        assert out.dtype == torch.float16 and ((out.float() - ref).abs().max() / ref.abs().max()).item() < 1e-3
+        # x rounded beforehand by quantize_rows
+        if not static:
+            q, s = quantize_rows(x)
+            out = fp8_skinny(q, wq, ws, None, Skinny(16, 64, 4, 2, m > 1), x_scale=s).float()
+            assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-2  # bfloat16 out, rounded inexactly here
+print("ok")
+"""
+
+AWQ_TILES = r"""
+import torch
+from quant_ckpt import awq_pack, awq_quantize
+from nanoslg.model.quant.awq import awq_linear_torch, pack_k, unpack_awq
+from nanoslg.model.quant.kernels import awq
+from nanoslg.model.quant.kernels.awq import Tiles
+
+torch.manual_seed(1)
+# Explicit tiles: K tiles smaller than the group (several tiles per group), several groups per split,
+# splits of one tile, outputs not a multiple of the block, 2..3 warps' worth of rows.
+for m, k, n, g, cfg in [
+    (1, 512, 72, 128, Tiles(64, 64, 2, 2)),
+    (1, 512, 72, 128, Tiles(32, 128, 4, 4)),
+    (1, 256, 40, 32, Tiles(64, 32, 4, 8)),
+    (1, 1024, 136, 128, Tiles(128, 128, 4, 1)),
+    (3, 512, 72, 64, Tiles(32, 64, 4, 2, 3)),
+    (17, 256, 40, 128, Tiles(64, 64, 4, 1)),
+    (8, 256, 96, 32, Tiles(32, 32, 4, 8, 4)),
+]:
+    values, zeros, scales = awq_quantize(torch.randn(n, k) * 0.05, g)
+    qweight, zero_bytes = pack_k(unpack_awq(awq_pack(values))), unpack_awq(awq_pack(zeros))
+    x = torch.randn(m, k).half()
+    ref = awq_linear_torch(x.float(), qweight, zero_bytes, scales, g)
+    out = awq.awq_linear(x, qweight, zero_bytes, scales, g, cfg).float()
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert err < 2e-3, (m, k, n, g, cfg, err)
+    # the GEMV in float32 out (no rounding of the result): the float trick loses nothing
+    if m == 1:
+        out = awq.awq_linear(x.float(), qweight, zero_bytes, scales, g, cfg)
+        assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
+print("ok")
+"""
+
+
+def _interpret(script: str) -> None:
     root = Path(__file__).resolve().parent.parent
     path = os.pathsep.join(p for p in (str(root), str(root / "tests"), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    res = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def test_triton_kernels_in_the_interpreter():
+    _interpret(SCRIPT)
+
+
+def test_fp8_skinny_kernel_in_the_interpreter():
+    """The few-row FP8 kernel: activation rounding in the kernel (per row, static, or done before),
+    one-row FMA and tl.dot paths, K splits summed after, masking."""
+    _interpret(SKINNY)
+
+
+def test_awq_tiles_in_the_interpreter():
+    """The AWQ GEMV and GEMM under explicit tile configs (the tables' kind), K splits included."""
+    _interpret(AWQ_TILES)

@@ -11,9 +11,10 @@ Where the weights come from:
   layer then runs with per-channel weight scales. Block-wise scales (`weight_block_size`) have no
   kernel here and are refused by name.
 
-y = (q_x * s_x) @ (q_w * s_w)^T. On GPUs of compute capability 9.0+ it runs as torch._scaled_mm with
-row-wise scales (kernels/fp8.py), on 8.9 as _scaled_mm with the scales applied after; elsewhere (the
-CPU path of CI) `fp8_linear_torch` computes the same product from the same rounded values in fp32.
+y = (q_x * s_x) @ (q_w * s_w)^T. On GPUs of compute capability 8.9+ a few rows (decode) run through a
+skinny Triton kernel that rounds x itself (kernels/fp8.py); more rows run as torch._scaled_mm with
+row-wise scales (9.0+) or with the scales applied after (8.9). Elsewhere (the CPU path of CI)
+`fp8_linear_torch` computes the same product from the same rounded values in fp32.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def fp8_kernel(w: torch.Tensor) -> str:
 
 
 KERNEL_NAMES = {
-    "rowwise": "torch._scaled_mm with row-wise scales",
-    "tensorwise": "torch._scaled_mm, scales applied after",
+    "rowwise": "Triton skinny GEMM (few rows), torch._scaled_mm with row-wise scales (more)",
+    "tensorwise": "Triton skinny GEMM (few rows), torch._scaled_mm with scales applied after (more)",
     "torch": "plain-torch reference (dequantize)",
 }
 

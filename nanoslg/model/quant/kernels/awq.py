@@ -5,9 +5,11 @@ tile loads one row of zeros and scales.
 
 Three paths, by the number of rows M of x [M, K]:
 - M == 1 (batch-1 decode): a GEMV without tensor cores. Each program reduces BLOCK_K inputs for
-  BLOCK_N outputs as s * (sum x q - zero * sum x); the K loop is split over programs when N alone
-  gives too few programs to keep every SM reading.
+  BLOCK_N outputs, unpacking the eight values of an int32 with shifts and masks straight into float
+  bits (no int-to-float conversion, which would cost more than the load); the K loop is split over
+  programs when N alone gives too few programs to keep every SM reading.
 - M < DEQUANT_ROWS: a GEMM that dequantizes each tile in registers and feeds tl.dot.
+Tile shapes and K splits per layer shape come from TABLE (measured), else a default.
 - more rows (prefill): dequantize the weight once into a bf16/fp16 buffer and let cuBLAS multiply;
   the extra write is small next to the GEMM's FLOPs.
 
@@ -18,14 +20,14 @@ depends on the order programs finish in: a CUDA graph replay and an eager step g
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 DEQUANT_ROWS = 256  # from here on, dequantize + cuBLAS (vLLM's AWQ switches at the same count)
-GEMV_BLOCK_N = 64
-GEMM_BLOCK_N = 64
+DEQUANT_BLOCK_N = 64
 
 
 @triton.jit
@@ -37,33 +39,49 @@ def _gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rows = tl.arange(0, BLOCK_K // 8)  # packed rows of a tile
-    nib = tl.arange(0, 8)
-    shifts = nib * 4
     # Partial sums per packed row, reduced across rows once at the end: no cross-thread reduction
     # inside the loop, whose time is then the loads'.
     acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
     k_begin = pid_k * K_SPLIT
     for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
         packed = tl.load(qw_ptr + ((k0 // 8) + rows)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-        q = ((packed[:, None, :] >> shifts[None, :, None]) & 0xF).to(tl.float32)  # [BLOCK_K / 8, 8, BLOCK_N]
-        x = tl.load(x_ptr + k0 + rows[:, None] * 8 + nib[None, :]).to(tl.float32)  # [BLOCK_K / 8, 8]
-        g = k0 // GROUP  # one group per tile: sum x (q - z) s = s (sum x q - z sum x)
+        g = k0 // GROUP  # one group per tile
         z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-        xq = tl.sum(x[:, :, None] * q, axis=1)  # [BLOCK_K / 8, BLOCK_N]
-        acc += s[None, :] * (xq - z[None, :] * tl.sum(x, axis=1)[:, None])
+        # Nibble j is moved into the top of a float's mantissa under the exponent of 1.0, giving
+        # 1 + q / 16 exactly with a shift and a mask (an int-to-float conversion costs more than the
+        # load it follows); one 8-bit x times a 5-bit value is exact in float32.
+        xq = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+        xsum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
+        for j in tl.static_range(8):
+            x = tl.load(x_ptr + k0 + rows * 8 + j).to(tl.float32)
+            if j < 5:
+                bits = packed << (19 - 4 * j)
+            else:
+                bits = packed >> (4 * j - 19)
+            xq += x[:, None] * ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            xsum += x
+        # sum x (q - z) s = 16 s (sum x (1 + q / 16) - (1 + z / 16) sum x)
+        acc += (16.0 * s)[None, :] * (xq - xsum[:, None] * (1.0 + z / 16.0)[None, :])
     out = tl.sum(acc, axis=0)
     tl.store(y_ptr + pid_k * N + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)  # split pid_k's part
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, z_ptr, s_ptr, offs_k, offs_n, n_mask, N, g, dtype: tl.constexpr):
-    """The [BLOCK_K, BLOCK_N] weight tile of input rows offs_k (all in group g), in `dtype`."""
-    packed = tl.load(qw_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-    q = ((packed >> ((offs_k[:, None] % 8) * 4)) & 0xF).to(tl.float32)
+def _dequant_tile(
+    qw_ptr, z_ptr, s_ptr, k0, offs_n, n_mask, N, g, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, dtype: tl.constexpr
+):
+    """The [BLOCK_K, BLOCK_N] weight tile of input rows k0.. (all in group g), in `dtype`. Each int32 is
+    loaded once and opened into its eight values; q | 0x4B000000 read as a float is 2^23 + q, so one
+    subtraction gives q - z exactly, without an int-to-float conversion."""
+    rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    packed = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+    q = (packed[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF  # [BLOCK_K / 8, 8, BLOCK_N]
+    f = (q | 0x4B000000).to(tl.float32, bitcast=True)
     z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
     s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-    return ((q - z[None, :]) * s[None, :]).to(dtype)
+    w = (f - (z + 8388608.0)[None, None, :]) * s[None, None, :]
+    return tl.reshape(w, (BLOCK_K, BLOCK_N)).to(dtype)
 
 
 @triton.jit
@@ -94,7 +112,8 @@ def _gemm_kernel(
     for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None], other=0.0)
-        w = _dequant_tile(qw_ptr, z_ptr, s_ptr, offs_k, offs_n, n_mask, N, k0 // GROUP, x_ptr.dtype.element_ty)
+        dtype = x_ptr.dtype.element_ty
+        w = _dequant_tile(qw_ptr, z_ptr, s_ptr, k0, offs_n, n_mask, N, k0 // GROUP, BLOCK_K, BLOCK_N, dtype)
         acc = tl.dot(x, w, acc)
     ptrs = y_ptr + (pid_k * M + offs_m[:, None]) * stride_ym + offs_n[None, :]  # split pid_k's part
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -102,11 +121,12 @@ def _gemm_kernel(
 
 @triton.jit
 def _dequant_kernel(qw_ptr, z_ptr, s_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    g = tl.program_id(0) * BLOCK_K // GROUP
-    w = _dequant_tile(qw_ptr, z_ptr, s_ptr, offs_k, offs_n, n_mask, N, g, w_ptr.dtype.element_ty)
+    dtype = w_ptr.dtype.element_ty
+    w = _dequant_tile(qw_ptr, z_ptr, s_ptr, k0, offs_n, n_mask, N, k0 // GROUP, BLOCK_K, BLOCK_N, dtype)
     tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w, mask=n_mask[None, :])
 
 
@@ -147,13 +167,50 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-PROGRAMS_PER_SM = 4  # loads in flight enough to keep HBM busy: a first guess, experiments/quant_kernels.py measures it
+PROGRAMS_PER_SM = 4  # without a table entry: K splits until about this many programs per SM run
 
 
-def split_k(programs: int, k_tiles: int, device: torch.device) -> int:
-    """K splits so that about PROGRAMS_PER_SM programs per SM run: the largest divisor of k_tiles up to that."""
-    want = max(1, -(-PROGRAMS_PER_SM * _num_sms(device) // programs))
+def split_k(programs: int, k_tiles: int, device: torch.device, per_sm: int = PROGRAMS_PER_SM) -> int:
+    """K splits so that about per_sm programs per SM run: the largest divisor of k_tiles up to that."""
+    want = max(1, -(-per_sm * _num_sms(device) // programs))
     return max(d for d in range(1, min(want, k_tiles) + 1) if k_tiles % d == 0)
+
+
+class Tiles(NamedTuple):
+    block_n: int
+    block_k: int  # at most the group size (block_k() caps a table's entry)
+    warps: int
+    splits: int  # of K; a divisor of the K tiles (else the largest one below)
+    stages: int = 2
+
+
+# (N, K, rows) -> the tiles measured fastest on an H100 (experiments/quant_kernels.py --sweep) for
+# Llama-3.1-8B's qkv, o, gate_up and down at group 128; rows: 1 (the GEMV) or the GEMM's BLOCK_M.
+TABLE: dict[tuple[int, int, int], Tiles] = {
+    (6144, 4096, 1): Tiles(64, 128, 4, 8),
+    (4096, 4096, 1): Tiles(64, 128, 4, 8),
+    (28672, 4096, 1): Tiles(256, 64, 2, 8),
+    (4096, 14336, 1): Tiles(64, 128, 2, 16),
+    (6144, 4096, 16): Tiles(128, 64, 4, 8, 3),
+    (4096, 4096, 16): Tiles(128, 64, 4, 8, 3),
+    (28672, 4096, 16): Tiles(128, 128, 4, 2, 3),
+    (4096, 14336, 16): Tiles(128, 64, 4, 16, 3),
+    (4096, 4096, 64): Tiles(128, 64, 4, 8, 3),
+    (28672, 4096, 64): Tiles(128, 64, 4, 2, 3),
+    (4096, 14336, 64): Tiles(128, 128, 4, 8, 3),
+}
+
+
+def tiles(rows: int, n: int, k: int, group: int, device: torch.device) -> Tiles:
+    """The table's entry for these rows (1: the GEMV, else the GEMM's row block), else a default;
+    block_k capped to a divisor of the group, splits to a divisor of the K tiles."""
+    t = TABLE.get((n, k, rows)) or (Tiles(128, 128, 4, 0) if rows == 1 else Tiles(128, 64, 4, 0, 3))
+    bk = min(t.block_k, block_k(group))
+    k_tiles = k // bk
+    programs = triton.cdiv(n, t.block_n)
+    splits = t.splits or split_k(programs, k_tiles, device)
+    splits = max(d for d in range(1, min(splits, k_tiles) + 1) if k_tiles % d == 0)
+    return t._replace(block_k=bk, splits=splits)
 
 
 def _output(m: int, n: int, splits: int, like: torch.Tensor) -> torch.Tensor:
@@ -167,48 +224,38 @@ def dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     w = torch.empty(k, n, dtype=dtype, device=qweight.device)
     bk = block_k(group)
-    _dequant_kernel[(k // bk, triton.cdiv(n, GEMM_BLOCK_N))](
-        qweight, zeros, scales, w, n, GROUP=group, BLOCK_K=bk, BLOCK_N=GEMM_BLOCK_N
+    _dequant_kernel[(k // bk, triton.cdiv(n, DEQUANT_BLOCK_N))](
+        qweight, zeros, scales, w, n, GROUP=group, BLOCK_K=bk, BLOCK_N=DEQUANT_BLOCK_N
     )
     return w
 
 
-def awq_linear(x: torch.Tensor, qweight, zeros, scales, group: int) -> torch.Tensor:
-    """x [M, K] (bf16 or fp16) @ the int4 weight -> [M, N] in x's dtype."""
+def gemm_rows(m: int) -> int:
+    """The GEMM's row block for m rows (tl.dot takes 16 at least)."""
+    return 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+def awq_linear(x: torch.Tensor, qweight, zeros, scales, group: int, cfg: Tiles | None = None) -> torch.Tensor:
+    """x [M, K] (bf16 or fp16) @ the int4 weight -> [M, N] in x's dtype. cfg: tiles other than the
+    table's (experiments/quant_kernels.py tries them)."""
     x = x.contiguous()
     m, k = x.shape
     n = qweight.shape[1]
     if m >= DEQUANT_ROWS:
         return x @ dequantize(qweight, zeros, scales, group, x.dtype)
-    bk = block_k(group)
-    k_tiles = k // bk
+    rows = 1 if m == 1 else gemm_rows(m)
+    t = cfg or tiles(rows, n, k, group, x.device)
+    y = _output(m, n, t.splits, x)
+    k_split = k // t.splits
     if m == 1:
-        programs = triton.cdiv(n, GEMV_BLOCK_N)
-        splits = split_k(programs, k_tiles, x.device)
-        y = _output(1, n, splits, x)
-        _gemv_kernel[(programs, splits)](
-            x, qweight, zeros, scales, y, n, k // splits, GROUP=group, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=bk
-        )
+        _gemv_kernel[(triton.cdiv(n, t.block_n), t.splits)](
+            x, qweight, zeros, scales, y, n, k_split, GROUP=group, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+            num_warps=t.warps, num_stages=t.stages,
+        )  # fmt: skip
     else:
-        bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        programs = triton.cdiv(m, bm) * triton.cdiv(n, GEMM_BLOCK_N)
-        splits = split_k(programs, k_tiles, x.device)
-        y = _output(m, n, splits, x)
-        grid = (triton.cdiv(m, bm), triton.cdiv(n, GEMM_BLOCK_N), splits)
+        grid = (triton.cdiv(m, rows), triton.cdiv(n, t.block_n), t.splits)
         _gemm_kernel[grid](
-            x,
-            qweight,
-            zeros,
-            scales,
-            y,
-            m,
-            n,
-            k // splits,
-            x.stride(0),
-            n,
-            GROUP=group,
-            BLOCK_M=bm,
-            BLOCK_N=GEMM_BLOCK_N,
-            BLOCK_K=bk,
-        )
-    return y if splits == 1 else _finish(y, x.dtype)
+            x, qweight, zeros, scales, y, m, n, k_split, x.stride(0), n,
+            GROUP=group, BLOCK_M=rows, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.warps, num_stages=t.stages,
+        )  # fmt: skip
+    return y if t.splits == 1 else _finish(y, x.dtype)

@@ -1,10 +1,18 @@
-"""FP8 GEMMs for nanoslg/model/quant/fp8.py: activations to float8 per token (one Triton kernel: a
-row's absolute max, then the row divided by max / 448), then torch._scaled_mm, which multiplies on
-the FP8 tensor cores and applies both scales in its epilogue."""
+"""FP8 GEMMs for nanoslg/model/quant/fp8.py. Both take x's rows to float8 per token (scale = the row's
+absolute max / 448, the reference's rounding) and multiply by the float8 weight [N, K] with its
+per-output-channel scale:
+- few rows (decode): a skinny Triton kernel that reads the weight once, at bandwidth, and quantizes
+  x on the fly (below);
+- more rows: one Triton kernel rounds the rows (quantize_rows), then torch._scaled_mm multiplies on
+  the FP8 tensor cores and applies both scales in its epilogue.
+K splits write float32 parts summed afterwards in a fixed order (no atomics), so a CUDA graph replay
+and an eager step give the same bits.
+"""
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -45,6 +53,166 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
+# Few rows (batch-1 and small-batch decode): torch._scaled_mm spends most of its time on a tile
+# shape made for large M, so a skinny kernel reads the weight once at full bandwidth instead. For
+# one row it quantizes x itself (no separate launch): every program computes the row's absolute max
+# from the whole row (L2-resident), then rounds its own K slice exactly as quantize_rows does, and
+# multiplies with FMAs. For more rows, rounding every row in every program costs more than the
+# separate quantize_rows launch, so x comes rounded and the kernel multiplies on tensor cores.
+SKINNY_ROWS = 16  # up to this many rows the skinny kernel, from here on _scaled_mm
+X_DYNAMIC, X_STATIC, X_FP8 = 0, 1, 2  # x: quantized here per row / with one static scale / already float8
+
+
+@triton.jit
+def _skinny_kernel(
+    x_ptr, w_ptr, ws_ptr, xs_ptr, y_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
+    X_MODE: tl.constexpr, PARTS: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_kb = tl.arange(0, BLOCK_K)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    if X_MODE == 0:
+        amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + offs_kb
+            x = tl.load(x_rows + offs[None, :], mask=m_mask[:, None] & (offs < K)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        s = tl.maximum(tl.max(amax, axis=1) / FP8_MAX, MIN_SCALE)
+        if PARTS:  # the scales for the sum of the parts; every program computed the same ones
+            tl.store(xs_ptr + offs_m, s, mask=m_mask & (offs_m * 0 + pid_n + pid_k == 0))
+    elif X_MODE == 1:
+        s = tl.load(xs_ptr + offs_m * 0)
+    else:
+        s = tl.load(xs_ptr + offs_m, mask=m_mask, other=1.0)
+    if DOT:  # float8 values are exact in float16: tensor cores multiply them exactly, summing in float32
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:  # one row: FMAs per K position, reduced across K once at the end
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    k_begin = pid_k * K_SPLIT
+    for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
+        offs_k = k0 + offs_kb
+        k_mask = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if X_MODE == 2:
+            xq = x
+        else:  # as quantize_rows: a correctly rounded division, clamped, rounded to float8
+            xq = tl.clamp(tl.math.div_rn(x.to(tl.float32), s[:, None]), -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+        w = tl.load(
+            w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        if DOT:
+            acc = tl.dot(xq.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
+        else:
+            acc += w.to(tl.float32) * xq.to(tl.float32)
+    if DOT:
+        out = acc
+    else:
+        out = tl.sum(acc, axis=1)[None, :]
+    y_ptrs = y_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    if PARTS:  # a K split's float32 sum, scaled once the splits are added
+        tl.store(y_ptrs, out, mask=y_mask)
+    else:  # the reference's order: (q_x . q_w) * s_x * s_w
+        ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
+        tl.store(y_ptrs, (out * s[:, None] * ws[None, :]).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _sum_parts_kernel(part_ptr, xs_ptr, ws_ptr, y_ptr, M, N, STRIDE_XS, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """y = (the K splits' float32 sums [SPLITS, M, N] added in split order) * s_x * s_w, in y's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(SPLITS):
+        acc += tl.load(part_ptr + i * M * N + offs, mask=mask, other=0.0)
+    sx = tl.load(xs_ptr + (offs // N) * STRIDE_XS, mask=mask, other=0.0)
+    ws = tl.load(ws_ptr + offs % N, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, (acc * sx * ws).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+class Skinny(NamedTuple):
+    block_n: int
+    block_k: int
+    warps: int
+    splits: int
+    dot: bool
+
+
+# (N, K, one row) -> the config measured fastest on an H100 (experiments/quant_kernels.py --sweep):
+# Llama-3.1-8B's qkv, o, gate_up and down at one row; other shapes and row counts take the default.
+SKINNY_TABLE: dict[tuple[int, int, bool], Skinny] = {
+    (6144, 4096, True): Skinny(8, 512, 4, 1, False),
+    (4096, 4096, True): Skinny(16, 1024, 8, 1, False),
+    (28672, 4096, True): Skinny(16, 256, 4, 1, False),
+    (4096, 14336, True): Skinny(8, 1024, 4, 1, False),
+}
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def skinny_config(m: int, n: int, k: int, device: torch.device) -> Skinny:
+    """The table's entry, else: column blocks of a few rows each (whole rows are contiguous in K), K
+    split only when that leaves fewer than two programs per SM."""
+    hit = SKINNY_TABLE.get((n, k, m == 1))
+    if hit is not None:
+        return hit
+    block_n, block_k = (16, 512) if m == 1 else (64, 128)
+    programs = triton.cdiv(n, block_n)
+    k_tiles = triton.cdiv(k, block_k)
+    splits = max(1, min(k_tiles, triton.cdiv(2 * _num_sms(device), programs)))
+    return Skinny(block_n, block_k, 4 if m == 1 else 8, splits, m > 1)
+
+
+def fp8_skinny(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    act_scale: torch.Tensor | None,
+    cfg: Skinny | None = None,
+    x_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """fp8_linear for few rows: x [M, K] (M <= 64) in bf16/fp16 -> [M, N] in x's dtype. x may also be
+    float8 already, with its per-row x_scale [M, 1] (quantize_rows' output; the result in out_dtype)."""
+    m, k = x.shape
+    n = w.shape[0]
+    cfg = cfg or skinny_config(m, n, k, x.device)
+    dot = cfg.dot or m > 1  # the FMA path holds one row
+    block_m = max(16, triton.next_power_of_2(m)) if dot else 1
+    k_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.splits) * cfg.block_k
+    parts = cfg.splits > 1
+    if x.dtype == FP8:
+        mode, xs = X_FP8, x_scale.float().reshape(m).contiguous()
+    elif act_scale is None:
+        mode, xs, out_dtype = X_DYNAMIC, torch.empty(m, dtype=torch.float32, device=x.device), x.dtype
+    else:
+        mode, xs, out_dtype = X_STATIC, act_scale.float().reshape(1), x.dtype
+    shape, dtype = ((cfg.splits, m, n), torch.float32) if parts else ((m, n), out_dtype)
+    y = torch.empty(shape, dtype=dtype, device=x.device)
+    _skinny_kernel[(triton.cdiv(n, cfg.block_n), cfg.splits)](
+        x, w, w_scale, xs, y, m, n, k, k_split, x.stride(0), w.stride(0),
+        X_MODE=mode, PARTS=parts, DOT=dot, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, num_warps=cfg.warps,
+    )  # fmt: skip
+    if not parts:
+        return y
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    block = 1024
+    _sum_parts_kernel[(triton.cdiv(m * n, block),)](
+        y, xs, w_scale, out, m, n, 0 if mode == X_STATIC else 1, SPLITS=cfg.splits, BLOCK=block
+    )
+    return out
+
+
 @functools.cache
 def _one(device: torch.device) -> torch.Tensor:
     return torch.ones((), dtype=torch.float32, device=device)
@@ -56,11 +224,15 @@ def fp8_linear(
     """x [M, K] @ (w [N, K] float8 * w_scale [N])^T -> [M, N] in x's dtype. kernel: "rowwise" (SM90+:
     both scales in _scaled_mm's epilogue) or "tensorwise" (SM89: unit scales, both applied after)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
+    if x.shape[0] == 1:
+        return fp8_skinny(x, w, w_scale, act_scale)
     if act_scale is None:
         q, s = quantize_rows(x)
     else:  # a checkpoint's static scale, one for every token
         q = (x.float() / act_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         s = act_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
+    if x.shape[0] <= SKINNY_ROWS:
+        return fp8_skinny(q, w, w_scale, None, x_scale=s, out_dtype=x.dtype)
     if kernel == "rowwise":  # row-wise scaling takes a bf16 output only
         y = torch._scaled_mm(q, w.t(), scale_a=s, scale_b=w_scale.view(1, -1), out_dtype=torch.bfloat16)
     else:
