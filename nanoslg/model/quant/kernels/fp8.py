@@ -54,12 +54,16 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # Few rows (batch-1 and small-batch decode): torch._scaled_mm spends most of its time on a tile
-# shape made for large M, so a skinny kernel reads the weight once at full bandwidth instead. For
-# one row it quantizes x itself (no separate launch): every program computes the row's absolute max
-# from the whole row (L2-resident), then rounds its own K slice exactly as quantize_rows does, and
-# multiplies with FMAs. For more rows, rounding every row in every program costs more than the
-# separate quantize_rows launch, so x comes rounded and the kernel multiplies on tensor cores.
-SKINNY_ROWS = 16  # up to this many rows the skinny kernel, from here on _scaled_mm
+# shape made for large M, so a skinny kernel reads the weight once at full bandwidth instead: x comes
+# rounded by quantize_rows and the kernel multiplies on tensor cores. The kernel can also take one
+# row unrounded and multiply with FMAs (a little faster at batch 1: experiments/quant_kernels.py),
+# but fp8_linear does not use that path: its sums would differ in the last bit from the tensor-core
+# ones, and a row's result must not depend on the step's row count.
+# Up to this many rows the skinny kernel on tensor cores, one row included, in tiles of 16 rows: a row's
+# result then does not depend on how many rows the step has (overlap scheduling and graph buckets
+# change that count, and FP8 rounding of the next layer turns a last-bit difference into a token).
+SKINNY_ROWS = 64
+DOT_ROWS = 16
 X_DYNAMIC, X_STATIC, X_FP8 = 0, 1, 2  # x: quantized here per row / with one static scale / already float8
 
 
@@ -72,7 +76,7 @@ def _skinny_kernel(
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_kb = tl.arange(0, BLOCK_K)
     m_mask, n_mask = offs_m < M, offs_n < N
@@ -187,7 +191,7 @@ def fp8_skinny(
     n = w.shape[0]
     cfg = cfg or skinny_config(m, n, k, x.device)
     dot = cfg.dot or m > 1  # the FMA path holds one row
-    block_m = max(16, triton.next_power_of_2(m)) if dot else 1
+    block_m = DOT_ROWS if dot else 1
     k_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.splits) * cfg.block_k
     parts = cfg.splits > 1
     if x.dtype == FP8:
@@ -198,7 +202,7 @@ def fp8_skinny(
         mode, xs, out_dtype = X_STATIC, act_scale.float().reshape(1), x.dtype
     shape, dtype = ((cfg.splits, m, n), torch.float32) if parts else ((m, n), out_dtype)
     y = torch.empty(shape, dtype=dtype, device=x.device)
-    _skinny_kernel[(triton.cdiv(n, cfg.block_n), cfg.splits)](
+    _skinny_kernel[(triton.cdiv(n, cfg.block_n), cfg.splits, triton.cdiv(m, block_m))](
         x, w, w_scale, xs, y, m, n, k, k_split, x.stride(0), w.stride(0),
         X_MODE=mode, PARTS=parts, DOT=dot, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, num_warps=cfg.warps,
@@ -224,15 +228,14 @@ def fp8_linear(
     """x [M, K] @ (w [N, K] float8 * w_scale [N])^T -> [M, N] in x's dtype. kernel: "rowwise" (SM90+:
     both scales in _scaled_mm's epilogue) or "tensorwise" (SM89: unit scales, both applied after)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if x.shape[0] == 1:
-        return fp8_skinny(x, w, w_scale, act_scale)
     if act_scale is None:
         q, s = quantize_rows(x)
     else:  # a checkpoint's static scale, one for every token
         q = (x.float() / act_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         s = act_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
-    if x.shape[0] <= SKINNY_ROWS:
-        return fp8_skinny(q, w, w_scale, None, x_scale=s, out_dtype=x.dtype)
+    if x.shape[0] <= SKINNY_ROWS:  # one config for every row count: the same bits for a row at any M
+        cfg = skinny_config(DOT_ROWS, w.shape[0], w.shape[1], x.device)
+        return fp8_skinny(q, w, w_scale, None, cfg=cfg, x_scale=s, out_dtype=x.dtype)
     if kernel == "rowwise":  # row-wise scaling takes a bf16 output only
         y = torch._scaled_mm(q, w.t(), scale_a=s, scale_b=w_scale.view(1, -1), out_dtype=torch.bfloat16)
     else:
