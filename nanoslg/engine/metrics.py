@@ -96,6 +96,10 @@ class EngineMetrics:
     preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of which were found
+    # Speculative decoding: verify steps of a sequence, tokens proposed, proposals accepted.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
     requests_finished: dict = field(default_factory=dict)  # finish_reason -> count
     num_running: int = 0
     num_waiting: int = 0
