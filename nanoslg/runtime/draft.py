@@ -42,12 +42,15 @@ class DraftRunner:
     def spec(self) -> KVSpec:
         return self.backend.spec
 
+    def release(self, freed: list[int]) -> None:
+        """Finished or preempted sequences: their draft KV goes too."""
+        if freed:
+            self.backend.prepare(StepPlan(-1, [], freed=list(freed)))
+
     @torch.inference_mode()
     def propose(self, plan: StepPlan) -> dict[int, torch.Tensor]:
         """Fills the proposals of the plan's speculating sequences in place; returns, for sampled
         requests, the draft's probabilities each proposal was drawn from ([spec, V])."""
-        if plan.freed:  # finished or preempted: their draft KV goes too
-            self.backend.prepare(StepPlan(-1, [], freed=list(plan.freed)))
         specs = [s for s in plan.seqs if s.spec and s.draft_ids is not None]
         if not specs:
             return {}

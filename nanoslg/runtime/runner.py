@@ -83,6 +83,8 @@ class ModelRunner:
 
     def begin(self, plan: StepPlan) -> bool:
         """Sampler bookkeeping for the plan; False (after releasing what it freed) if it runs nothing."""
+        if self.drafter is not None:
+            self.drafter.release(plan.freed)
         if self.sampler is not None:
             self.sampler.remove(plan.finished)
             for ns in plan.new_seqs:
@@ -97,9 +99,9 @@ class ModelRunner:
         """Queues this rank's part of the step. hidden_in: (hidden, residual) from the previous
         pipeline stage, on every stage but the first."""
         STAGING.next_step()
-        drafts = self.drafter.propose(plan) if self.drafter is not None else None  # fills the proposals
         if not self.begin(plan):
             return Launched(plan.step_id, [])
+        drafts = self.drafter.propose(plan) if self.drafter is not None else None  # fills the proposals
         seq_ids = [s.seq_id for s in plan.seqs] if plan.decode else None
         if self.graphs is not None and hidden_in is None and self.graphs.can_run(plan):
             seq_ids = seq_ids or [s.seq_id for s in plan.seqs]

@@ -34,7 +34,9 @@ def verify_step(sampler: Sampler, plan: StepPlan, logits: torch.Tensor, drafts: 
     lps: dict[int, object] = {}
     if plain_ids:
         dev = logits.device
-        tokens, logprobs = sampler.sample(logits[torch.tensor(plain_rows, device=dev)], plain_ids, plan.masks)
+        # Read from the device directly (a blocking read): the verify step needs the host anyway.
+        sampled = sampler.sample_async(logits[torch.tensor(plain_rows, device=dev)], plain_ids, plan.masks)
+        tokens, logprobs = sampled.result()
         for i, (sid, tok) in enumerate(zip(plain_ids, tokens)):
             emitted[sid] = [tok]
             lps[sid] = logprobs[i] if logprobs is not None else None

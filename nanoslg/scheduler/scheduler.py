@@ -248,28 +248,23 @@ class Scheduler:
             tokens = seq.token_ids
             known = len(tokens)
             props = proposals.get(seq.seq_id) if proposals else None
+            table = list(seq.block_table) if paged else None  # a copy: the manager may change the live one
             if props is not None:  # the last token and the proposals, verified at every position
-                table = list(seq.block_table) if paged else None
                 step = SeqStep(seq.seq_id, [tokens[start], *props], start, True, table, spec=len(props))
                 self.speculator.fill(step, seq)
-                steps.append(step)
-                seq.num_computed_tokens = start + n
-                seq.num_pending += 1
-                seq.inflight += 1
                 decode, spec = False, True
-                continue
-            if n == 1:
-                ids = [tokens[start] if start < known else PLACEHOLDER]  # lookahead: being sampled
             else:
-                ids = tokens[start : start + n]
-                if len(ids) < n:
-                    ids.append(PLACEHOLDER)
-                decode = False
-            sample = start + n == known + seq.num_pending
-            # A copy: the KV manager may grow or swap pages of the live table before this step runs.
-            steps.append(SeqStep(seq.seq_id, ids, start, sample, list(seq.block_table) if paged else None))
+                if n == 1:
+                    ids = [tokens[start] if start < known else PLACEHOLDER]  # lookahead: being sampled
+                else:
+                    ids = tokens[start : start + n]
+                    if len(ids) < n:
+                        ids.append(PLACEHOLDER)
+                    decode = False
+                step = SeqStep(seq.seq_id, ids, start, start + n == known + seq.num_pending, table)
+            steps.append(step)
             seq.num_computed_tokens = start + n
-            if sample:
+            if step.sample:
                 seq.num_pending += 1
                 if not seq.sampler_registered:
                     seq.sampler_registered = True
