@@ -142,26 +142,53 @@ def test_stops_inside_an_accepted_run(tiny_llama, demo_tokenizer):
     assert [len(r[0]) for r in runs[1]][0] == 7 and runs[1][1][2] == "stop" and runs[1][2][2] == "stop"
 
 
-def test_requests_that_do_not_speculate(tiny_llama, drafts, hf_greedy):
-    """Logprobs, penalties and seeded draws ride in the same steps as speculating rows: the first two
-    decode without proposals and give what speculative=none gives; seeded speculation is reproducible."""
+def logprob_rows(out) -> list:
+    return [(lp.token_id, round(lp.logprob, 3), [t for t, _ in lp.top]) for lp in out.outputs[0].logprobs or []]
+
+
+def test_logprobs_and_requests_that_do_not_speculate(tiny_llama, drafts, hf_greedy):
+    """Logprobs come from the verify rows and equal plain decoding's; penalties and logit_bias ride in
+    the same steps without proposals and give what speculative=none gives; seeded speculation is
+    reproducible."""
     prompts = prompts_for(500)
     params = [
-        greedy(),
-        SamplingParams(temperature=0.8, seed=3, max_tokens=16, ignore_eos=True, logprobs=2),
-        SamplingParams(temperature=0.0, max_tokens=16, repetition_penalty=1.4),
-        SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=5, max_tokens=16, ignore_eos=True),
+        greedy(logprobs=2),
+        SamplingParams(temperature=0.8, seed=3, max_tokens=16, ignore_eos=True, repetition_penalty=1.2),
+        SamplingParams(temperature=0.0, max_tokens=16, logit_bias={300: 5.0}),
+        SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=5, max_tokens=16, ignore_eos=True, logprobs=0),
     ]
     runs = []
     for extra in ([], spec_args("noisy", drafts), spec_args("noisy", drafts)):
         with LLM(f"model.path={tiny_llama}", "cache=sdpa", "scheduler.overlap=false", *extra) as llm:
             outs = llm.generate(prompts, params)
-        lps = [(lp.token_id, round(lp.logprob, 4)) for lp in outs[1].outputs[0].logprobs]
-        runs.append(([o.token_ids for o in outs], lps))
+            accepted = llm.engine.metrics.spec_num_accepted_tokens
+        runs.append(([o.token_ids for o in outs], [logprob_rows(o) for o in outs]))
     none, spec, again = runs
+    assert accepted > 0
     assert spec[0][0] == hf_greedy(tiny_llama, prompts[0], NEW)
-    assert spec[0][1:3] == none[0][1:3] and spec[1] == none[1]  # the rows that did not speculate
+    assert spec[0][:3] == none[0][:3]  # greedy, and the rows that did not speculate
+    assert spec[1][:3] == none[1][:3]  # logprobs of every token, accepted proposals too
+    assert len(spec[1][3]) == 16 and all(top == [] for _, _, top in spec[1][3])
     assert spec == again  # seeded: the same draws
+
+
+def test_structured_outputs_decode_without_proposals(tiny_llama):
+    """A constrained request shares steps with speculating ones and gets what speculative=none gives."""
+    from nanoslg.core.sampling_params import StructuredOutputs
+
+    prompts = prompts_for(500)[:3]
+    params = [
+        greedy(12),
+        SamplingParams(temperature=0.0, max_tokens=12, structured_outputs=StructuredOutputs(regex="[a-d]{3,8}")),
+        greedy(12),
+    ]
+    runs = []
+    for extra in ([], ["speculative=draft", "speculative.draft.path=target"]):
+        with LLM(f"model.path={tiny_llama}", "cache=sdpa", "scheduler.overlap=false", *extra) as llm:
+            runs.append([(o.token_ids, o.text) for o in llm.generate(prompts, params)])
+            drafts = llm.engine.metrics.spec_num_drafts
+    assert runs[0] == runs[1] and drafts > 0
+    assert all(c in "abcd" for c in runs[1][1][1]) and 3 <= len(runs[1][1][1]) <= 8
 
 
 def test_ngram_propose():

@@ -95,3 +95,4 @@ class StepResult:
     # Speculative steps: per sampled seq, the tokens it emits after token_ids[i] (accepted proposals
     # past the first, then the target's own token); None when no sequence speculated.
     more_tokens: list[list[int]] | None = None
+    more_logprobs: list[list] | None = None  # and their logprob entries (as `logprobs`), where asked

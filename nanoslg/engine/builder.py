@@ -150,7 +150,7 @@ def _speculative(cfg: Config) -> Config:
     log.info(
         "speculative=%s (%s), %d proposals a step; overlap scheduling off while it is on; verify steps "
         "run eagerly (decode steps without proposals may replay CUDA graphs); requests with structured "
-        "outputs, logprobs, penalties or logit_bias decode without proposals",
+        "outputs, penalties or logit_bias decode without proposals",
         spec.method,
         detail,
         spec.num_tokens,

@@ -59,9 +59,10 @@ def row_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
     return filtered_probs(logits.float() / temps[:, None], ks, [p.top_p for p in params], [p.min_p for p in params])
 
 
-def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SpecRow]) -> list[list[int]]:
+def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SpecRow]) -> tuple[list[list[int]], list]:
     """logits: [sum(len(r.draft) + 1), V], each sequence's rows in order. Returns, per sequence, the
-    tokens it emits: the accepted proposals, then the target's own token."""
+    tokens it emits (the accepted proposals, then the target's own token) and, per sequence, None or
+    the logprob entry of each (the sampler's format)."""
     out: list[list[int] | None] = [None] * len(rows)
     offsets, at = [], 0
     for r in rows:
@@ -92,4 +93,19 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SpecRow]) -> list[
         out[i] = r.draft[:n] + [int(tok)]
     for s, toks in zip(states, out):
         s.num_out += len(toks)
-    return out
+    lps = [
+        None if s.params.logprobs is None else logprobs_of(logits[o : o + len(t)], t, s.params.logprobs)
+        for s, t, o in zip(states, out, offsets)
+    ]
+    return out, lps
+
+
+def logprobs_of(logits: torch.Tensor, tokens: list[int], k: int) -> list:
+    """Row j's entry for tokens[j]: its logprob and the top k (the raw logits' log_softmax, as the
+    sampler reports them). Each emitted token's row is the one its accepted prefix led to."""
+    raw = torch.log_softmax(logits.float(), dim=-1)
+    chosen = raw.gather(1, torch.tensor(tokens, device=raw.device)[:, None])[:, 0].tolist()
+    if not k:
+        return [(c, []) for c in chosen]
+    top_v, top_i = raw.topk(k, dim=-1)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, top_i.tolist(), top_v.tolist())]

@@ -31,7 +31,8 @@ def verify_step(sampler: Sampler, plan: StepPlan, logits: torch.Tensor, drafts: 
             plain_ids.append(s.seq_id)
         r += s.spec + 1
     emitted: dict[int, list[int]] = {}
-    lps: dict[int, object] = {}
+    lps: dict[int, object] = {}  # the first emitted token's logprob entry, where asked
+    more_lps: dict[int, list] = {}  # speculating rows: the entries of the tokens after it
     if plain_ids:
         dev = logits.device
         # Read from the device directly (a blocking read): the verify step needs the host anyway.
@@ -42,9 +43,14 @@ def verify_step(sampler: Sampler, plan: StepPlan, logits: torch.Tensor, drafts: 
             lps[sid] = logprobs[i] if logprobs is not None else None
     if specs:
         rows = logits[torch.tensor(spec_rows, device=logits.device)]
-        for row, toks in zip(specs, verify(sampler, rows, specs)):
+        tokens, spec_lps = verify(sampler, rows, specs)
+        for row, toks, lp in zip(specs, tokens, spec_lps):
             emitted[row.seq_id] = toks
-    logprobs = [lps.get(sid) for sid in order] if any(v is not None for v in lps.values()) else None
-    return StepResult(
-        plan.step_id, order, [emitted[sid][0] for sid in order], logprobs, [emitted[sid][1:] for sid in order]
-    )
+            if lp is not None:
+                lps[row.seq_id], more_lps[row.seq_id] = lp[0], lp[1:]
+    first = [emitted[sid][0] for sid in order]
+    more = [emitted[sid][1:] for sid in order]
+    if not any(v is not None for v in lps.values()):
+        return StepResult(plan.step_id, order, first, None, more)
+    later = [more_lps.get(sid) or [None] * len(m) for sid, m in zip(order, more)]
+    return StepResult(plan.step_id, order, first, [lps.get(sid) for sid in order], more, later)

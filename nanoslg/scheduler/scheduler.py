@@ -119,7 +119,8 @@ class Scheduler:
         live, out = self._live, []
         steps = {st.seq_id: st for st in plan.seqs if st.spec}
         lps = result.logprobs or itertools.repeat(None)
-        for seq_id, tok, lp, more in zip(result.seq_ids, result.token_ids, lps, result.more_tokens):
+        more_lps = result.more_logprobs or itertools.repeat(itertools.repeat(None))
+        for seq_id, tok, lp, more, mlp in zip(result.seq_ids, result.token_ids, lps, result.more_tokens, more_lps):
             seq = live.get(seq_id)
             if seq is None:
                 continue
@@ -129,9 +130,9 @@ class Scheduler:
             st = steps.get(seq_id)
             if st is None:
                 continue
-            for t in more:
+            for t, tlp in zip(more, mlp):
                 seq.token_ids.append(t)
-                out.append((seq, t, None))
+                out.append((seq, t, tlp))
             # The last token and the accepted proposals have their KV; the target's own token has not.
             seq.num_computed_tokens = st.start + len(more) + 1
             self.kv.shrink(seq, seq.num_computed_tokens)

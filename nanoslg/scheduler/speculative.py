@@ -8,8 +8,8 @@ accounting: a token budget like the sdpa backend's (the draft's pool is an sdpa 
 as many pages as the target's), and how many of the sequence's tokens the draft has read.
 
 Requests that do not speculate (they decode one token a step, in the same steps): structured
-outputs (the grammar mask depends on each token before it), logprobs, penalties, logit_bias, and
-min_tokens while it still masks stop ids (the sampler's per-token state).
+outputs (the grammar mask depends on each token before it), penalties, logit_bias, and min_tokens
+while it still masks stop ids (the sampler's per-token state). Logprobs come from the verify rows.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ def can_speculate(seq: Sequence) -> bool:
     p = seq.params
     return (
         p.structured_outputs is None
-        and p.logprobs is None
         and not p.has_penalties
         and not p.logit_bias
         and seq.num_output_tokens >= p.min_tokens
