@@ -55,6 +55,8 @@ def format_report(cfg: Config, r: dict) -> str:
         row("step profile", f"{prof['steps']:,} steps; per step: schedule {prof['schedule_ms']:.2f} ms, process "
                             f"outputs {prof['process_ms']:.2f} ms, launch {prof['launch_ms']:.2f} ms, wait for the "
                             f"device {prof['wait_ms']:.2f} ms")  # fmt: skip
+        if prof.get("draft_ms"):
+            row("", f"of the device wait, the draft model's proposals: {prof['draft_ms']:.2f} ms per step")
         if prof.get("masks_ms"):
             row("", f"grammar masks filled on their own thread: {prof['masks_ms']:.2f} ms per step")
     spec = eng.get("speculative")

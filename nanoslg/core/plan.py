@@ -96,3 +96,4 @@ class StepResult:
     # past the first, then the target's own token); None when no sequence speculated.
     more_tokens: list[list[int]] | None = None
     more_logprobs: list[list] | None = None  # and their logprob entries (as `logprobs`), where asked
+    draft_s: float = 0.0  # speculative=draft: seconds the draft model took to propose, within the step

@@ -312,6 +312,7 @@ class AsyncEngine:
                     self._end(so, "abort")
         self.outputs.process(sampled, time.monotonic(), grammars_done)
         self.metrics.iteration_tokens.observe(plan.num_tokens)
+        self.metrics.profile.draft_s += result.draft_s
         self._update_gauges()
 
     def _update_gauges(self) -> None:

@@ -88,7 +88,8 @@ def build_runner(cfg: Config, ckpt: Checkpoint, device: torch.device, sample: bo
     backend.cascade = bool(cfg.cache.cascade_attention and backend.paged)
     sampler = Sampler(device, kernels=cfg.model.sampling_kernels) if sample else None
     runner = ModelRunner(model, backend, sampler, device)
-    if cfg.speculative.method == "draft" and sampler is not None:  # the builder turned it off for tp/pp
+    # One rank only: the builder turns speculation off for tp/pp (this also covers ranks started alone).
+    if cfg.speculative.method == "draft" and sampler is not None and st.tp_size == st.pp_size == 1:
         runner.drafter = build_drafter(cfg, ckpt, model, sampler)
     quant = model.quant.describe() if model.quant is not None else "none"
     return RankRuntime(runner, backend, name, reason, spec, dtype_reason, quant, stored_bytes(model), kv_scales)

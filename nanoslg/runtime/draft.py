@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 
 import torch
 
@@ -37,6 +38,7 @@ log = logging.getLogger("nanoslg.build")
 class DraftRunner:
     def __init__(self, model: torch.nn.Module, backend: SdpaBackend, sampler: Sampler, device: torch.device):
         self.model, self.backend, self.sampler, self.device = model, backend, sampler, device
+        self.elapsed = 0.0  # seconds the last propose took (each round reads its tokens, so the device's too)
 
     @property
     def spec(self) -> KVSpec:
@@ -52,8 +54,10 @@ class DraftRunner:
         """Fills the proposals of the plan's speculating sequences in place; returns, for sampled
         requests, the draft's probabilities each proposal was drawn from ([spec, V])."""
         specs = [s for s in plan.seqs if s.spec and s.draft_ids is not None]
+        self.elapsed = 0.0
         if not specs:
             return {}
+        t0 = time.perf_counter()
         drawn: dict[int, list[int]] = {s.seq_id: [] for s in specs}
         probs: dict[int, list[torch.Tensor]] = {s.seq_id: [] for s in specs}
         active = specs
@@ -73,6 +77,7 @@ class DraftRunner:
                 break
         for s in specs:
             s.token_ids[1:] = drawn[s.seq_id]
+        self.elapsed = time.perf_counter() - t0
         return {sid: torch.stack(q) for sid, q in probs.items() if q}
 
     def _round(self, steps: list[SeqStep]) -> tuple[list[int], list[torch.Tensor | None]]:

@@ -120,7 +120,9 @@ class ModelRunner:
         if self.sampler is None:
             return Launched(plan.step_id, [])
         if plan.spec:
-            return Launched(plan.step_id, seq_ids, result=verify_step(self.sampler, plan, logits, drafts))
+            result = verify_step(self.sampler, plan, logits, drafts)
+            result.draft_s = self.drafter.elapsed if self.drafter is not None else 0.0
+            return Launched(plan.step_id, seq_ids, result=result)
         if plan.sample_later:
             return Launched(plan.step_id, seq_ids, logits=logits)
         return self._sample(plan.step_id, logits, seq_ids, plan.masks)
