@@ -328,6 +328,26 @@ def test_metrics_reach_prometheus(tiny_llama):
     assert values["vllm:spec_decode_num_draft_tokens_total"] == values["vllm:spec_decode_num_accepted_tokens_total"]
 
 
+def test_bench_record_and_report(tiny_llama, tmp_path, capsys):
+    """A batch-1 bench run records and reports proposed, accepted and the mean accepted length (21
+    tokens: the prefill's, then four verify rows of 4 accepted proposals and the target's own)."""
+    import json
+
+    from nanoslg.bench.runner import run_bench
+    from nanoslg.core.compose import compose_config
+
+    args = [f"model.path={tiny_llama}", "mode=bench", "bench=batch1", f"bench.output_dir={tmp_path}"]
+    args += ["bench.input_len_min=8", "bench.input_len_max=8", "bench.output_len_min=21", "bench.output_len_max=21"]
+    args += ["bench.extra.progress=false", "speculative=draft", "speculative.draft.path=target"]
+    res = run_bench(*compose_config(args))
+    spec = json.loads(open(res["record"]).read())["results"]["engine"]["speculative"]
+    assert spec["method"] == "draft" and spec["num_tokens"] == 4
+    assert spec["proposed"] == spec["accepted"] > 0 and spec["mean_accepted_length"] == 5.0
+    out = capsys.readouterr().out
+    assert "mean accepted length 5.00" in out and "draft model's proposals" in out
+    assert "accepted len" in open(res["aggregate"]["table"]).read()
+
+
 def test_builder_turns_speculation_off_where_it_cannot_run(caplog):
     from nanoslg.core.compose import compose_config
     from nanoslg.engine.builder import _speculative
