@@ -81,17 +81,25 @@ CASES = [
     *[("noisy", c) for c in ("chunked", "preempt", "max-seqs")],
     ("self", "plain"),
     ("self", "prefix"),
-    ("ngram", "plain"),
+    *[("ngram", c) for c in ("plain", "chunked", "prefix")],
     ("other", "chunked"),
 ]
 
 
+PROMPTS = prompts_for(500)
+# Later prompts share the longest one's pages: with cache=paged they are admitted from the prefix cache.
+PREFIXED = PROMPTS + [PROMPTS[3][:30] + p[:5] for p in PROMPTS[:3]]
+
+
+@pytest.fixture(scope="module")
+def references(tiny_llama, hf_greedy):
+    return {tuple(p): hf_greedy(tiny_llama, p, NEW) for p in PREFIXED}
+
+
 @pytest.mark.parametrize("method,config", CASES, ids=[f"{m}-{c}" for m, c in CASES])
-def test_greedy_equals_transformers(method, config, tiny_llama, drafts, oracle, hf_greedy):
-    prompts = prompts_for(500)
-    if config == "prefix":  # later prompts share earlier ones' pages: admitted from the prefix cache
-        prompts = prompts + [prompts[3][:30] + p[:5] for p in prompts[:3]]
-    refs = {tuple(p): hf_greedy(tiny_llama, p, NEW) for p in prompts}
+def test_greedy_equals_transformers(method, config, tiny_llama, drafts, oracle, references):
+    prompts = PREFIXED if config == "prefix" else PROMPTS
+    refs = {tuple(p): references[tuple(p)] for p in prompts}
     if method == "oracle":
         oracle({p: list(out) for p, out in refs.items()})
     with LLM(f"model.path={tiny_llama}", *CONFIGS[config], *spec_args(method, drafts)) as llm:
@@ -291,7 +299,7 @@ def plain_draws(vocab16):
     return tokens_at(vocab16[0], [], 2000)
 
 
-@pytest.mark.parametrize("rule", ["exact", "accept-all"])
+@pytest.mark.parametrize("rule", ["exact", "accept-all", "resample-from-p"])
 def test_engine_sampling_keeps_the_target_distribution(rule, vocab16, plain_draws, monkeypatch):
     """End to end: the tokens that verify steps emit (positions 2..4) are distributed as without
     speculation: a two-sample chi-square per position, which rejects the rule broken on purpose."""

@@ -25,7 +25,7 @@ from nanoslg.cache.backend import KVSpec
 from nanoslg.cache.sdpa import SdpaBackend
 from nanoslg.core.config import Config
 from nanoslg.core.errors import ConfigError
-from nanoslg.core.plan import SeqStep, StepPlan
+from nanoslg.core.plan import PLACEHOLDER, SeqStep, StepPlan
 from nanoslg.core.tensors import STAGING, to_device
 from nanoslg.model.checkpoint import Checkpoint, resolve_checkpoint
 from nanoslg.model.loader import load_model
@@ -38,7 +38,7 @@ log = logging.getLogger("nanoslg.build")
 class DraftRunner:
     def __init__(self, model: torch.nn.Module, backend: SdpaBackend, sampler: Sampler, device: torch.device):
         self.model, self.backend, self.sampler, self.device = model, backend, sampler, device
-        self.elapsed = 0.0  # seconds the last propose took (each round reads its tokens, so the device's too)
+        self.elapsed = 0.0  # seconds the last propose took (it ends reading the proposals: the device's too)
 
     @property
     def spec(self) -> KVSpec:
@@ -58,35 +58,39 @@ class DraftRunner:
         if not specs:
             return {}
         t0 = time.perf_counter()
-        drawn: dict[int, list[int]] = {s.seq_id: [] for s in specs}
         probs: dict[int, list[torch.Tensor]] = {s.seq_id: [] for s in specs}
+        rounds: list[tuple[list[SeqStep], torch.Tensor]] = []  # (sequences, their draws on the device)
         active = specs
         steps = [SeqStep(s.seq_id, list(s.draft_ids), s.draft_start, True) for s in specs]
+        ids = to_device([t for s in steps for t in s.token_ids], torch.long, self.device)
         for j in range(max(s.spec for s in specs)):
-            tokens, qs = self._round(steps)
-            keep, steps = [], []
-            for s, tok, q in zip(active, tokens, qs):
-                drawn[s.seq_id].append(tok)
+            tokens, qs = self._round(steps, ids)
+            rounds.append((active, tokens))
+            for s, q in zip(active, qs):
                 if q is not None:
                     probs[s.seq_id].append(q)
-                if len(drawn[s.seq_id]) < s.spec:
-                    keep.append(s)
-                    steps.append(SeqStep(s.seq_id, [tok], s.start + j + 1, True))
-            active = keep
-            if not active:
+            keep = [i for i, s in enumerate(active) if s.spec > j + 1]
+            if not keep:
                 break
-        for s in specs:
-            s.token_ids[1:] = drawn[s.seq_id]
+            # The next round reads this one's draws where they are: no wait for the device in between.
+            ids = tokens if len(keep) == len(active) else tokens[to_device(keep, torch.long, self.device)]
+            active = [active[i] for i in keep]
+            steps = [SeqStep(s.seq_id, [PLACEHOLDER], s.start + j + 1, True) for s in active]
+        drawn = torch.cat([t for _, t in rounds]).tolist()  # the one read of the proposals
+        at = 0
+        for r, (seqs, _) in enumerate(rounds):  # round r drew proposal r + 1 of each sequence in it
+            for i, s in enumerate(seqs):
+                s.token_ids[r + 1] = drawn[at + i]
+            at += len(seqs)
         self.elapsed = time.perf_counter() - t0
         return {sid: torch.stack(q) for sid, q in probs.items() if q}
 
-    def _round(self, steps: list[SeqStep]) -> tuple[list[int], list[torch.Tensor | None]]:
-        """One draft forward over `steps`; each sequence's next token, drawn as the target would draw
-        it (greedy: argmax; sampled: from the draft's own distribution under the same parameters)."""
+    def _round(self, steps: list[SeqStep], ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """One draft forward over `steps` (input ids on the device); each sequence's next token, left on
+        the device, drawn as the target would draw it (greedy: argmax; sampled: from the draft's own
+        distribution under the same parameters)."""
         STAGING.next_step()
-        plan = StepPlan(-1, steps)
-        ctx = self.backend.prepare(plan)
-        ids = to_device([t for s in steps for t in s.token_ids], torch.long, self.device)
+        ctx = self.backend.prepare(StepPlan(-1, steps))
         hidden = self.model(ids, ctx.positions, ctx)
         ends, at = [], 0
         for s in steps:
@@ -103,7 +107,7 @@ class DraftRunner:
                 noise = torch.empty_like(p[r]).exponential_(generator=states[i].gen)
                 tokens[i] = (p[r] / noise).argmax()
                 qs[i] = p[r]
-        return tokens.tolist(), qs
+        return tokens, qs
 
 
 def build_drafter(cfg: Config, ckpt: Checkpoint, target: torch.nn.Module, sampler: Sampler) -> DraftRunner:
