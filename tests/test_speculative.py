@@ -334,6 +334,7 @@ def test_metrics_reach_prometheus(tiny_llama):
     }
     assert values["vllm:spec_decode_num_drafts_total"] == drafts > 0
     assert values["vllm:spec_decode_num_draft_tokens_total"] == values["vllm:spec_decode_num_accepted_tokens_total"]
+    assert values["nanoslg:spec_decode_mean_accepted_length"] > 4  # everything accepted: k + 1 but the last rows
 
 
 def test_bench_record_and_report(tiny_llama, tmp_path, capsys):

@@ -107,3 +107,8 @@ class EngineMetrics:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of KV pages in use
     profile: StepProfile = field(default_factory=StepProfile)
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens a verify row emits on average: its accepted proposals and the target's own (0: none yet)."""
+        return 1 + self.spec_num_accepted_tokens / self.spec_num_drafts if self.spec_num_drafts else 0.0

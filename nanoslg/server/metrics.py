@@ -44,6 +44,12 @@ METRICS = [
     ("counter", "vllm:spec_decode_num_drafts", "spec_num_drafts", "Speculative verify steps, per sequence."),
     ("counter", "vllm:spec_decode_num_draft_tokens", "spec_num_draft_tokens", "Speculative tokens proposed."),
     ("counter", "vllm:spec_decode_num_accepted_tokens", "spec_num_accepted_tokens", "Speculative tokens accepted."),
+    (
+        "gauge",
+        "nanoslg:spec_decode_mean_accepted_length",
+        "spec_mean_accepted_length",
+        "Tokens a speculative verify row emits on average (accepted proposals + 1).",
+    ),
     ("gauge", "vllm:num_requests_running", "num_running", "Sequences running on the model."),
     ("gauge", "vllm:num_requests_waiting", "num_waiting", "Sequences waiting to be scheduled."),
     ("gauge", "vllm:kv_cache_usage_perc", "kv_cache_usage", "KV cache usage (1 = full)."),
