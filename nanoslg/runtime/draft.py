@@ -3,10 +3,11 @@
 The draft runs on the target's rank (parallel=single only) with its own KV pool: an sdpa backend,
 whose pages are private per sequence, so the draft needs no block tables and no prefix tree. The
 scheduler keeps the draft's accounting (scheduler/speculative.py) and sends, per speculating
-sequence, the tokens the draft has not read yet (SeqStep.draft_ids from draft_start). One proposal
-round is k eager forwards: the first reads those tokens, each later one the proposal before it.
-Rejected proposals' KV stays in the pool until overwritten: the next round starts reading at the
-first position that was not accepted.
+sequence, the tokens the draft has not read yet (SeqStep.draft_ids from draft_start). Proposing is k
+eager forwards (rounds): the first reads those tokens, each later one the draws of the one before,
+left on the device, so the host reads the proposals once, at the end. Rejected proposals' KV stays
+in the pool until overwritten: the next step's first round starts at the first position that was
+not accepted.
 
 A draft path of `target` (or the target's own folder) runs the target model object itself as the
 draft, so it has exactly the target's weights, dummy ones included.
@@ -128,6 +129,12 @@ def build_drafter(cfg: Config, ckpt: Checkpoint, target: torch.nn.Module, sample
             raise ConfigError(
                 f"speculative.draft.path={path!r} has a vocabulary of {args.vocab_size} tokens, the target "
                 f"{ckpt.args.vocab_size}: a draft must share the target's tokenizer and vocabulary"
+            )
+        max_len = cfg.model.max_model_len or ckpt.args.max_position_embeddings
+        if args.max_position_embeddings < max_len:
+            raise ConfigError(
+                f"speculative.draft.path={path!r} reaches {args.max_position_embeddings} positions, the target "
+                f"{max_len}: lower model.max_model_len or pick a draft with the target's context"
             )
         fmt = "dummy" if cfg.model.load_format == "dummy" else "safetensors"
         model = load_model(dck.path, args, dtype=dtype, device=device, load_format=fmt, seed=cfg.model.seed)
