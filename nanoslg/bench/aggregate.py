@@ -116,6 +116,7 @@ COLUMNS = [  # (header, path in the record's results, format)
     ("% of limit", "roofline.percent_of_limit", "{:.1f}%"),
     ("x transformers", "peer.speedup_output_tok_s", "{:.2f}x"),
     ("peak GiB", "peak_gpu_memory.max_allocated_gib", "{:.1f}"),
+    ("accepted len", "engine.speculative.mean_accepted_length", "{:.2f}"),  # speculative decoding
     ("wall s", "wall_time_s", "{:.2f}"),
 ]
 PLOTTED = [("output tok/s", "output_tok_s"), ("TTFT p50 (ms)", "ttft_ms.p50")]
@@ -139,13 +140,19 @@ def _num(v: Any) -> float | None:
         return None
 
 
+OPTIONAL = {"accepted len"}  # columns shown only where some record of the table has the figure
+
+
 def table(records: list[dict], keys: list[str]) -> str:
-    head = keys + [c[0] for c in COLUMNS] + ["record"]
+    cols = [
+        c for c in COLUMNS if c[0] not in OPTIONAL or any(_get(r.get("results", {}), c[1]) is not None for r in records)
+    ]
+    head = keys + [c[0] for c in cols] + ["record"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         res = r.get("results", {})
         cells = [str(swept_value(r, k)) for k in keys]
-        for _, path, fmt in COLUMNS:
+        for _, path, fmt in cols:
             v = _get(res, path)
             if path == "e2e_ms.p50" and v is not None:
                 v = v / 1000.0  # seconds read better for whole requests

@@ -55,8 +55,17 @@ def format_report(cfg: Config, r: dict) -> str:
         row("step profile", f"{prof['steps']:,} steps; per step: schedule {prof['schedule_ms']:.2f} ms, process "
                             f"outputs {prof['process_ms']:.2f} ms, launch {prof['launch_ms']:.2f} ms, wait for the "
                             f"device {prof['wait_ms']:.2f} ms")  # fmt: skip
+        if prof.get("draft_ms"):
+            row("", f"of the device wait, the draft model's proposals: {prof['draft_ms']:.2f} ms per step")
         if prof.get("masks_ms"):
             row("", f"grammar masks filled on their own thread: {prof['masks_ms']:.2f} ms per step")
+    spec = eng.get("speculative")
+    if spec:
+        rate, mal = spec.get("acceptance_rate"), spec.get("mean_accepted_length")
+        row("speculative", f"{spec['method']}, k={spec['num_tokens']}: {spec['drafts']:,} verify rows, "
+                           f"{spec['proposed']:,} tokens proposed, {spec['accepted']:,} accepted"
+                           + (f" ({rate:.0%})" if rate is not None else "")
+                           + (f"; mean accepted length {mal:.2f} tokens per step" if mal else ""))  # fmt: skip
     if eng.get("cascade_steps"):
         row("cascade attention", f"{eng['cascade_steps']:,} decode steps read a prefix every sequence shared once")
     cold = r.get("cold_start")

@@ -126,7 +126,7 @@ def _run_engine(cfg: Config, figures: Figures | None) -> dict:
     try:
         reqs = engine_requests(cfg.bench, engine)
         _check_lengths(reqs, engine.max_model_len)
-        timings, wall, cascade_steps = loop.run_until_complete(_engine_session(cfg, engine, reqs))
+        timings, wall, cascade_steps, spec = loop.run_until_complete(_engine_session(cfg, engine, reqs))
         info = dict(getattr(engine, "info", {}) or {})
         facts = model_facts(lambda e=engine: rl.facts_from_engine(e))
         m = engine.metrics
@@ -139,6 +139,7 @@ def _run_engine(cfg: Config, figures: Figures | None) -> dict:
             "step_profile": m.profile.per_step_ms(),
             # Decode steps that ran cascade attention over a prefix every sequence shared.
             "cascade_steps": cascade_steps,
+            "speculative": _speculative(info, spec),
         }
         results["kv_pool"] = kv_pool(engine.kv_capacity_tokens, engine.kv_pool_bytes)
         results["peak_gpu_memory"] = peak_gpu_memory()
@@ -162,7 +163,9 @@ def _run_engine(cfg: Config, figures: Figures | None) -> dict:
     return results
 
 
-async def _engine_session(cfg: Config, engine, reqs: list[BenchRequest]) -> tuple[list[RequestTiming], float, int]:
+async def _engine_session(
+    cfg: Config, engine, reqs: list[BenchRequest]
+) -> tuple[list[RequestTiming], float, int, tuple[int, ...]]:
     await engine.start()
 
     async def send(i: int, r: BenchRequest, t: RequestTiming) -> None:
@@ -179,9 +182,31 @@ async def _engine_session(cfg: Config, engine, reqs: list[BenchRequest]) -> tupl
     await warm_up(cfg, reqs, send)
 
     engine.metrics.profile = StepProfile()  # the timed run only
-    cascade_before = engine.cascade_steps
+    cascade_before, spec_before = engine.cascade_steps, _spec_counts(engine.metrics)
     timings, wall = await timed_run(cfg, reqs, send)
-    return timings, wall, engine.cascade_steps - cascade_before
+    spec = tuple(b - a for a, b in zip(spec_before, _spec_counts(engine.metrics)))
+    return timings, wall, engine.cascade_steps - cascade_before, spec
+
+
+def _spec_counts(m) -> tuple[int, int, int]:
+    return m.spec_num_drafts, m.spec_num_draft_tokens, m.spec_num_accepted_tokens
+
+
+def _speculative(info: dict, counts: tuple[int, ...]) -> dict | None:
+    """Speculative decoding over the timed run: verify rows (a sequence in a step), tokens proposed and
+    accepted, and the mean accepted length (tokens a verify row emits: accepted + the target's own)."""
+    if info.get("speculative", "none") == "none":
+        return None
+    drafts, proposed, accepted = counts
+    return {
+        "method": info["speculative"],
+        "num_tokens": info.get("speculative_tokens"),
+        "drafts": drafts,
+        "proposed": proposed,
+        "accepted": accepted,
+        "acceptance_rate": accepted / proposed if proposed else None,
+        "mean_accepted_length": 1 + accepted / drafts if drafts else None,
+    }
 
 
 def _run_peer(

@@ -65,6 +65,11 @@ class KVManager(ABC):
     def release(self, seq: Sequence, finished: bool) -> None:
         """Give back the sequence's KV; a finished sequence's pages may stay in the prefix cache."""
 
+    def shrink(self, seq: Sequence, num_tokens: int) -> None:  # noqa: B027 (a token budget keeps its reservation)
+        """Speculative decoding: only the first `num_tokens` of the sequence's KV are valid (the rest held
+        rejected proposals). A paged manager frees the pages past them; a token budget keeps its
+        reservation, since the sdpa backend keeps a sequence's pages until it is freed."""
+
     def pop_copies(self) -> list[tuple[int, int]]:
         """Page copies (copy-on-write) the backend must run before the next step."""
         return []

@@ -168,6 +168,14 @@ class PagedKVManager(KVManager):
         st.node, st.depth = node, k * ps
         st.cached = k
 
+    def shrink(self, seq: Sequence, num_tokens: int) -> None:
+        # Pages past the valid tokens were never cached (the tree takes only full computed pages).
+        keep = self.pages_for(num_tokens)
+        for p in seq.block_table[keep:]:
+            self.allocator.decref(p)
+        del seq.block_table[keep:]
+        seq.kv_tokens = min(seq.kv_tokens, num_tokens)
+
     # -- release ---------------------------------------------------------------------------------
     def release(self, seq: Sequence, finished: bool) -> None:
         # Finished, preempted and aborted sequences alike leave their computed pages in the cache:

@@ -129,6 +129,30 @@ class BenchConfig:
 
 
 @dataclass
+class NgramConfig:
+    """Prompt lookup: the last n tokens (n from max_n down to min_n) are matched against the prompt and
+    the output so far; the tokens that followed the latest match are the proposals."""
+
+    min_n: int = 1
+    max_n: int = 4
+
+
+@dataclass
+class DraftConfig:
+    # A checkpoint with the target's tokenizer and vocabulary. `target`, or the target's own path,
+    # runs the target as its own draft on the same weights (dummy weights included).
+    path: str | None = None
+
+
+@dataclass
+class SpeculativeConfig:
+    method: str = "none"  # none | ngram | draft
+    num_tokens: int = 4  # k: proposals per sequence per step, verified in one target forward
+    ngram: NgramConfig = field(default_factory=NgramConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
+
+
+@dataclass
 class Config:
     mode: str = "serve"  # serve | generate | bench
     prompt: str | None = None  # for mode=generate
@@ -141,6 +165,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     experiment: dict = field(default_factory=dict)  # free-form notes of a preset
 
 
@@ -154,6 +179,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cache.kv_dtype": ("auto", "fp8_e4m3"),
     "parallel.dist_backend": ("auto", "nccl", "gloo"),
     "bench.peer": ("none", "hf"),
+    "speculative.method": ("none", "ngram", "draft"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
 
@@ -172,6 +198,9 @@ RANGES: list[tuple[str, float, float | None, bool]] = [
     ("server.max_waiting", 1, None, True),
     ("server.shutdown_timeout", 0.0, None, True),
     ("bench.num_requests", 1, None, True),
+    ("speculative.num_tokens", 1, 64, True),
+    ("speculative.ngram.min_n", 1, None, True),
+    ("speculative.ngram.max_n", 1, None, True),
 ]
 
 
@@ -208,6 +237,13 @@ def validate(cfg: DictConfig) -> Config:
             "single needs both 1, tp needs pp_size=1, pp needs tp_size=1, hybrid takes any, and auto "
             "chooses both (give parallel=tp|pp|hybrid to set them)"
         )
+    spec = cfg.speculative
+    if spec.ngram.min_n > spec.ngram.max_n:
+        raise ConfigError(
+            f"speculative.ngram.min_n={spec.ngram.min_n} is over speculative.ngram.max_n={spec.ngram.max_n}"
+        )
+    if spec.method == "draft" and not spec.draft.path:
+        raise ConfigError("speculative=draft needs speculative.draft.path (a checkpoint folder, or `target`)")
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, Config)  # guaranteed by the schema merge, not reachable by users
     return obj

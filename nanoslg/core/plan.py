@@ -22,6 +22,13 @@ class SeqStep:
     start: int  # position of token_ids[0]; equals the number of tokens already in the KV cache
     sample: bool  # sample a token after this chunk (it reaches the end of the known tokens)
     block_table: list[int] | None = None  # paged managers: the sequence's pages, in order
+    # Speculative decoding: the last `spec` of token_ids are proposals, verified against the logits of
+    # all spec + 1 positions (a draft model's are PLACEHOLDERs its runner fills before the step).
+    spec: int = 0
+    # speculative=draft: the tokens the draft model has not read yet, from position draft_start (the
+    # last of them is token_ids[0]); its KV before draft_start is in the draft's pool.
+    draft_ids: list[int] | None = None
+    draft_start: int = 0
 
 
 @dataclass
@@ -58,6 +65,7 @@ class StepPlan:
     # Overlap: a constrained sequence's mask depends on the token of the step still in flight, so this
     # step stops after its logits and samples once the engine hands the masks over (executor.sample).
     sample_later: bool = False
+    spec: bool = False  # some sequence verifies proposals (SeqStep.spec): the runner returns several tokens
 
     @property
     def num_tokens(self) -> int:
@@ -84,3 +92,8 @@ class StepResult:
     seq_ids: list[int]  # the sequences that sampled, in plan order
     token_ids: list[int]
     logprobs: list | None = None  # per sampled seq: None or (logprob, [(id, logprob), ...])
+    # Speculative steps: per sampled seq, the tokens it emits after token_ids[i] (accepted proposals
+    # past the first, then the target's own token); None when no sequence speculated.
+    more_tokens: list[list[int]] | None = None
+    more_logprobs: list[list] | None = None  # and their logprob entries (as `logprobs`), where asked
+    draft_s: float = 0.0  # speculative=draft: seconds the draft model took to propose, within the step

@@ -312,6 +312,7 @@ class AsyncEngine:
                     self._end(so, "abort")
         self.outputs.process(sampled, time.monotonic(), grammars_done)
         self.metrics.iteration_tokens.observe(plan.num_tokens)
+        self.metrics.profile.draft_s += result.draft_s
         self._update_gauges()
 
     def _update_gauges(self) -> None:
@@ -319,6 +320,10 @@ class AsyncEngine:
         m.num_running, m.num_waiting, m.kv_cache_usage = len(s.running), s.num_waiting, s.kv.usage()
         m.preemptions = s.num_preemptions
         m.prefix_cache_queries, m.prefix_cache_hits = s.kv.prefix_queries, s.kv.prefix_hits
+        if s.speculator is not None:
+            sp = s.speculator
+            m.spec_num_drafts, m.spec_num_draft_tokens = sp.num_drafts, sp.num_draft_tokens
+            m.spec_num_accepted_tokens = sp.num_accepted
 
     def _end(self, so, reason: str) -> None:
         """Ends one sequence outside the normal token path (abort)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from nanoslg.parallel.auto import resolve_parallel
 from nanoslg.parallel.executor import Executor
 from nanoslg.runtime.build import blas_library
 from nanoslg.scheduler.scheduler import Scheduler
+from nanoslg.scheduler.speculative import Speculator
 
 log = logging.getLogger("nanoslg")
 
@@ -28,6 +30,7 @@ def build_engine(cfg: Config) -> AsyncEngine:
     t0 = time.perf_counter()
     ckpt = resolve_checkpoint(cfg)
     cfg = resolve_parallel(cfg, ckpt)
+    cfg = _speculative(cfg)
     args = ckpt.args
     max_len = cfg.model.max_model_len or args.max_position_embeddings
     if max_len > args.max_position_embeddings:
@@ -41,8 +44,11 @@ def build_engine(cfg: Config) -> AsyncEngine:
     backend = executor.backend
     kv = backend.make_manager(executor.num_pages, cfg.cache.page_size, cfg.cache.prefix_caching)
     scheduler = Scheduler(cfg.scheduler, kv, SCHEDULERS.get(cfg.scheduler.policy)(cfg.scheduler))
+    if cfg.speculative.method != "none":
+        scheduler.speculator = Speculator(cfg.speculative, executor.num_pages, cfg.cache.page_size)
     tokenizer = _tokenizer(cfg, ckpt)
     t3 = time.perf_counter()
+    _check_draft_tokenizer(cfg, ckpt, tokenizer)
     eos = _eos_ids(ckpt.path, args, tokenizer)
     pool_bytes = executor.num_pages * cfg.cache.page_size * backend.spec.bytes_per_token
     rt = executor.rt
@@ -70,6 +76,8 @@ def build_engine(cfg: Config) -> AsyncEngine:
         "max_model_len": max_len,
         "cascade_attention": bool(backend.cascade),
         "overlap": executor.overlap,
+        "speculative": cfg.speculative.method,
+        "speculative_tokens": cfg.speculative.num_tokens if cfg.speculative.method != "none" else 0,
         # Resolved by rank 0's sampler (None where sampling runs in worker processes).
         "sampling_kernels": rt.runner.sampler.kernels if rt.runner.sampler else None,
         "blas": blas_library(cfg.model.blas) if executor.device.type == "cuda" else None,
@@ -141,6 +149,39 @@ def build_engine(cfg: Config) -> AsyncEngine:
     )
 
 
+def _speculative(cfg: Config) -> Config:
+    """Speculative decoding runs on one device, without overlap scheduling (each step's accepted
+    length must reach the host before the next is planned); its verify steps run eagerly, while
+    decode steps of sequences that do not speculate may still replay CUDA graphs."""
+    spec = cfg.speculative
+    if spec.method == "none":
+        return cfg
+    if cfg.parallel.mode != "single":
+        log.warning("speculative=%s is off: parallel=%s does not support it yet", spec.method, cfg.parallel.mode)
+        return dataclasses.replace(cfg, speculative=dataclasses.replace(spec, method="none"))
+    detail = f"ngram sizes {spec.ngram.min_n}..{spec.ngram.max_n}" if spec.method == "ngram" else spec.draft.path
+    log.info(
+        "speculative=%s (%s), %d proposals a step; overlap scheduling off while it is on; verify steps "
+        "run eagerly (decode steps without proposals may replay CUDA graphs); requests with structured "
+        "outputs, penalties or logit_bias decode without proposals",
+        spec.method,
+        detail,
+        spec.num_tokens,
+    )
+    return dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, overlap=False))
+
+
+def _check_draft_tokenizer(cfg: Config, ckpt, tokenizer) -> None:
+    """A draft with a tokenizer of its own must have the target's vocabulary, token for token."""
+    path = cfg.speculative.draft.path
+    if cfg.speculative.method != "draft" or path == "target" or tokenizer is None:
+        return
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        return
+    if AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"speculative.draft.path={path!r} has another tokenizer than the target {ckpt.path}")
+
+
 def _prefix_caching_why(cfg: Config, info: dict) -> str:
     if info["prefix_caching"]:
         return "on"
@@ -156,6 +197,8 @@ def _prefix_caching_why(cfg: Config, info: dict) -> str:
 def _overlap_why(cfg: Config, on: bool) -> str:
     if on:
         return "on (the host prepares step N+1 while the device runs step N)"
+    if cfg.speculative.method != "none":
+        return f"off (speculative={cfg.speculative.method})"
     if not cfg.scheduler.overlap:
         return "off (scheduler.overlap=false)"
     return f"off (parallel={cfg.parallel.mode} runs steps one at a time per stage; overlap needs parallel=single)"

@@ -61,6 +61,8 @@ class StepProfile:
     # Grammar mask fills, on the mask threads: the loop waits for those made right after scheduling
     # (also counted in schedule_s); those of a sample_later step overlap its processing.
     masks_s: float = 0.0
+    # speculative=draft: the draft model's proposals, inside the step (also counted in wait_s).
+    draft_s: float = 0.0
 
     def per_step_ms(self) -> dict:
         n = max(self.steps, 1)
@@ -68,7 +70,7 @@ class StepProfile:
             "steps": self.steps,
             **{
                 k[:-2] + "_ms": getattr(self, k) / n * 1e3
-                for k in ("schedule_s", "process_s", "launch_s", "wait_s", "masks_s")
+                for k in ("schedule_s", "process_s", "launch_s", "wait_s", "masks_s", "draft_s")
             },
         }
 
@@ -96,8 +98,17 @@ class EngineMetrics:
     preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of which were found
+    # Speculative decoding: verify steps of a sequence, tokens proposed, proposals accepted.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
     requests_finished: dict = field(default_factory=dict)  # finish_reason -> count
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of KV pages in use
     profile: StepProfile = field(default_factory=StepProfile)
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens a verify row emits on average: its accepted proposals and the target's own (0: none yet)."""
+        return 1 + self.spec_num_accepted_tokens / self.spec_num_drafts if self.spec_num_drafts else 0.0

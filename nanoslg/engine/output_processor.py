@@ -35,6 +35,7 @@ class SeqOutput:
         "first_token_time",
         "last_token_time",
         "grammar",
+        "num_out",
     )
 
     def __init__(self, seq: Sequence, req: RequestState, index: int, detok: IncrementalDetokenizer | None):
@@ -45,6 +46,9 @@ class SeqOutput:
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.grammar = None  # a structured.Matcher when the output is constrained
+        # Tokens processed so far: a speculative step appends several tokens to the sequence at once,
+        # and each is judged (max_tokens, the context) at its own place.
+        self.num_out = 0
 
 
 class RequestState:
@@ -164,6 +168,7 @@ class OutputProcessor:
             m.inter_token_latency.observe(now - last)
         so.last_token_time = now
         m.generation_tokens += 1
+        so.num_out += 1
         out = CompletionOutput(so.index, "", [tok])
         if req.params.logprobs is not None:
             out.logprobs = [Logprob(tok, lp[0], lp[1])] if lp is not None else []
@@ -182,7 +187,7 @@ class OutputProcessor:
 
     def _stop_reason(self, so: SeqOutput, seq: Sequence, tok: int, grammar_end: str | None) -> str | None:
         p = seq.params
-        n_out = seq.num_output_tokens
+        n_out = so.num_out
         # The grammar's end ("stop") does not wait for min_tokens, since nothing more could follow,
         # but a stop string matched at that token still cuts the text.
         if n_out >= p.min_tokens:
@@ -200,7 +205,7 @@ class OutputProcessor:
                         return "stop"
         if grammar_end is not None:
             return grammar_end
-        if n_out >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+        if n_out >= p.max_tokens or seq.num_prompt_tokens + n_out >= self.max_model_len:
             return "length"
         return None
 
@@ -214,7 +219,7 @@ class OutputProcessor:
     def _finished(self, so: SeqOutput, now: float) -> None:
         """A sequence ended: the per-request metrics, each sample counted as one request."""
         m, seq = self.metrics, so.seq
-        n_out = seq.num_output_tokens
+        n_out = so.num_out
         m.e2e_request_latency.observe(now - so.req.arrival)
         m.request_prompt_tokens.observe(len(so.req.prompt_ids))
         m.request_generation_tokens.observe(n_out)

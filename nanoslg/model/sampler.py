@@ -196,12 +196,7 @@ class Sampler:
                 x, to_device(ks, torch.int32, dev), to_device(ps, torch.float32, dev)
             ).long()
         else:
-            if any(k < V for k in ks) or any(p < 1.0 for p in ps):
-                x = top_k_top_p(x, to_device(ks, torch.long, dev), to_device(ps, torch.float32, dev))
-            probs = x.softmax(dim=-1)
-            if any(m > 0 for m in min_p):
-                thresh = to_device(min_p, torch.float32, dev)[:, None] * probs.max(dim=-1, keepdim=True).values
-                probs = probs.masked_fill(probs < thresh, 0.0)
+            probs = filtered_probs(x, ks, ps, min_p)
             noise = torch.empty_like(probs).exponential_()
             for r, s in enumerate(states):
                 if s.gen is not None:
@@ -257,6 +252,20 @@ def apply_token_masks(x: torch.Tensor, seq_ids: list[int], masks: TokenMasks) ->
     x = x.clone()
     x[idx] = x[idx].masked_fill(~allowed, float("-inf"))
     return x
+
+
+def filtered_probs(x: torch.Tensor, ks: list[int], ps: list[float], min_p: list[float]) -> torch.Tensor:
+    """The distribution a row draws from: temperature-scaled logits x [B, V] after top-k, top-p and
+    min-p (per row; k == V, p == 1.0, min_p == 0 switch each off). Speculative verification reads the
+    same distribution the plain draw samples."""
+    dev, V = x.device, x.shape[1]
+    if any(k < V for k in ks) or any(p < 1.0 for p in ps):
+        x = top_k_top_p(x, to_device(ks, torch.long, dev), to_device(ps, torch.float32, dev))
+    probs = x.softmax(dim=-1)
+    if any(m > 0 for m in min_p):
+        thresh = to_device(min_p, torch.float32, dev)[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < thresh, 0.0)
+    return probs
 
 
 def top_k_top_p(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

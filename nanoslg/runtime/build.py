@@ -23,6 +23,7 @@ from nanoslg.core.registry import CACHE_BACKENDS
 from nanoslg.model.checkpoint import Checkpoint
 from nanoslg.model.loader import load_model, resolve_dtype
 from nanoslg.model.sampler import Sampler
+from nanoslg.runtime.draft import build_drafter
 from nanoslg.runtime.runner import ModelRunner
 
 log = logging.getLogger("nanoslg.build")
@@ -87,6 +88,9 @@ def build_runner(cfg: Config, ckpt: Checkpoint, device: torch.device, sample: bo
     backend.cascade = bool(cfg.cache.cascade_attention and backend.paged)
     sampler = Sampler(device, kernels=cfg.model.sampling_kernels) if sample else None
     runner = ModelRunner(model, backend, sampler, device)
+    # One rank only: the builder turns speculation off for tp/pp (this also covers ranks started alone).
+    if cfg.speculative.method == "draft" and sampler is not None and st.tp_size == st.pp_size == 1:
+        runner.drafter = build_drafter(cfg, ckpt, model, sampler)
     quant = model.quant.describe() if model.quant is not None else "none"
     return RankRuntime(runner, backend, name, reason, spec, dtype_reason, quant, stored_bytes(model), kv_scales)
 
@@ -182,7 +186,9 @@ def full_budget_forward(cfg: Config, rt: RankRuntime) -> None:
 
 
 def num_pages_for(cfg: Config, rt: RankRuntime, budget_bytes: int | None) -> int:
-    page_bytes = rt.spec.bytes_per_token * cfg.cache.page_size
+    # A draft model's pool gets as many pages as the target's, so each page counts both.
+    draft = rt.runner.drafter.spec.bytes_per_token if rt.runner.drafter is not None else 0
+    page_bytes = (rt.spec.bytes_per_token + draft) * cfg.cache.page_size
     if cfg.cache.max_num_tokens is not None:
         return -(-cfg.cache.max_num_tokens // cfg.cache.page_size)
     return max(1, budget_bytes // page_bytes)
@@ -192,6 +198,8 @@ def allocate_kv(cfg: Config, rt: RankRuntime, num_pages: int, graphs: bool) -> N
     """Allocates the KV pool, then captures decode CUDA graphs over it where they can run: a backend
     with graph hooks on a GPU, unless model.enforce_eager (and the strategy allows them)."""
     rt.backend.allocate(num_pages)
+    if rt.runner.drafter is not None:
+        rt.runner.drafter.backend.allocate(num_pages)
     if not graphs:
         return
     if cfg.model.enforce_eager or rt.spec.device.type != "cuda" or not rt.backend.supports_graphs:

@@ -17,6 +17,7 @@ from nanoslg.core.plan import PLACEHOLDER, StepPlan, StepResult
 from nanoslg.core.tensors import STAGING, to_device
 from nanoslg.model.sampler import Sampled
 from nanoslg.runtime.graph_runner import GraphRunner
+from nanoslg.runtime.speculative import verify_step
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Launched:
     event: torch.cuda.Event | None = None
     hidden_out: tuple[torch.Tensor, torch.Tensor] | None = None
     logits: torch.Tensor | None = None  # a plan with sample_later: the rows waiting for their masks
+    result: StepResult | None = None  # a speculative step, verified at launch (it needs the host anyway)
 
 
 class ModelRunner:
@@ -41,6 +43,7 @@ class ModelRunner:
         self.graphs: GraphRunner | None = None  # captured decode graphs, once capture_graphs ran
         self._last_ids: list[int] = []  # the sequences the last launch sampled, in row order
         self._last_tokens: torch.Tensor | None = None  # and its draws, on the device
+        self.drafter = None  # speculative=draft: the DraftRunner that fills a plan's proposals
 
     def capture_graphs(self, max_bs: int, max_model_len: int) -> None:
         """Captures decode CUDA graphs up to `max_bs` sequences (the backend must have graph hooks)."""
@@ -75,11 +78,13 @@ class ModelRunner:
         for s in plan.seqs:
             end += len(s.token_ids)
             if s.sample:
-                rows.append(end - 1)
+                rows.extend(range(end - 1 - s.spec, end))  # a verify step: every proposal's position too
         return self.input_ids(plan, seq_ids), ctx, rows
 
     def begin(self, plan: StepPlan) -> bool:
         """Sampler bookkeeping for the plan; False (after releasing what it freed) if it runs nothing."""
+        if self.drafter is not None:
+            self.drafter.release(plan.freed)
         if self.sampler is not None:
             self.sampler.remove(plan.finished)
             for ns in plan.new_seqs:
@@ -96,6 +101,7 @@ class ModelRunner:
         STAGING.next_step()
         if not self.begin(plan):
             return Launched(plan.step_id, [])
+        drafts = self.drafter.propose(plan) if self.drafter is not None else None  # fills the proposals
         seq_ids = [s.seq_id for s in plan.seqs] if plan.decode else None
         if self.graphs is not None and hidden_in is None and self.graphs.can_run(plan):
             seq_ids = seq_ids or [s.seq_id for s in plan.seqs]
@@ -113,6 +119,10 @@ class ModelRunner:
             logits = self.model.compute_logits(out[to_device(rows, torch.long, self.device)])
         if self.sampler is None:
             return Launched(plan.step_id, [])
+        if plan.spec:
+            result = verify_step(self.sampler, plan, logits, drafts)
+            result.draft_s = self.drafter.elapsed if self.drafter is not None else 0.0
+            return Launched(plan.step_id, seq_ids, result=result)
         if plan.sample_later:
             return Launched(plan.step_id, seq_ids, logits=logits)
         return self._sample(plan.step_id, logits, seq_ids, plan.masks)
@@ -136,6 +146,8 @@ class ModelRunner:
         return Launched(step_id, seq_ids, host, event)
 
     def collect(self, launched: Launched) -> StepResult:
+        if launched.result is not None:
+            return launched.result
         if launched.sampled is None:
             return StepResult(launched.step_id, [], [])
         if launched.event is not None:

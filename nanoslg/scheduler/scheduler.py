@@ -22,6 +22,7 @@ from nanoslg.core.config import SchedulerConfig
 from nanoslg.core.plan import PLACEHOLDER, NewSeq, SeqStep, StepPlan, StepResult
 from nanoslg.core.sequence import SeqStatus, Sequence
 from nanoslg.scheduler.policy import Policy
+from nanoslg.scheduler.speculative import Speculator
 
 MAX_HELD = 32  # waiting sequences held back per step because their next page is computed in it
 
@@ -40,6 +41,7 @@ class Scheduler:
         self._finished: list[int] = []
         self._step_ids = itertools.count()
         self.lookahead = False  # the engine sets it when the executor overlaps steps
+        self.speculator: Speculator | None = None  # speculative decoding (the builder sets it; no lookahead then)
 
     # -- queue changes --------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -57,6 +59,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.kv.release(seq, finished=reason != "abort")
+        if self.speculator is not None:
+            self.speculator.release(seq)
         seq.status = SeqStatus.FINISHED
         self._freed.append(seq.seq_id)
         self._finished.append(seq.seq_id)
@@ -64,6 +68,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.release(seq, finished=False)
+        if self.speculator is not None:
+            self.speculator.release(seq)
         seq.status = SeqStatus.WAITING
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -94,6 +100,8 @@ class Scheduler:
             seq = live.get(st.seq_id)
             if seq is not None:
                 seq.inflight -= 1
+        if plan.spec:
+            return self._commit_spec(plan, result)
         out = []
         lps = result.logprobs or itertools.repeat(None)
         for seq_id, tok, lp in zip(result.seq_ids, result.token_ids, lps):
@@ -104,11 +112,39 @@ class Scheduler:
                 out.append((seq, tok, lp))
         return out
 
+    def _commit_spec(self, plan: StepPlan, result: StepResult) -> list[tuple[Sequence, int, object]]:
+        """commit for a step where sequences verified proposals: each appends every token it emits,
+        and its computed tokens go back to what was accepted. The KV of rejected proposals is dropped
+        (pages past the accepted tokens freed), so the prefix tree only ever sees accepted tokens."""
+        live, out = self._live, []
+        steps = {st.seq_id: st for st in plan.seqs if st.spec}
+        lps = result.logprobs or itertools.repeat(None)
+        more_lps = result.more_logprobs or itertools.repeat(itertools.repeat(None))
+        for seq_id, tok, lp, more, mlp in zip(result.seq_ids, result.token_ids, lps, result.more_tokens, more_lps):
+            seq = live.get(seq_id)
+            if seq is None:
+                continue
+            seq.num_pending -= 1
+            seq.token_ids.append(tok)
+            out.append((seq, tok, lp))
+            st = steps.get(seq_id)
+            if st is None:
+                continue
+            for t, tlp in zip(more, mlp):
+                seq.token_ids.append(t)
+                out.append((seq, t, tlp))
+            # The last token and the accepted proposals have their KV; the target's own token has not.
+            seq.num_computed_tokens = st.start + len(more) + 1
+            self.kv.shrink(seq, seq.num_computed_tokens)
+            self.speculator.verified(seq, st, len(more))
+        return out
+
     # -- one step ------------------------------------------------------------------------------
     def schedule(self) -> StepPlan | None:
         budget = self.cfg.max_num_batched_tokens
         chosen: list[tuple[Sequence, int]] = []
         preemptions_before = self.num_preemptions
+        spec, proposals = self.speculator, {}  # seq id -> its proposals, for those that speculate
 
         computing: set = set()  # next-page keys of the prefill chunks in this step (prefix caching)
         running, lookahead, kv = SeqStatus.RUNNING, self.lookahead, self.kv
@@ -128,6 +164,12 @@ class Scheduler:
             ):
                 continue
             n = unc if unc < budget else budget
+            if spec is not None and unc == 1:
+                props = spec.propose(seq, budget)
+                end = computed + 1 + len(props)
+                if props and (kv.has_room(seq, end) or kv.can_grow(seq, end)):  # never preempt to speculate
+                    proposals[seq.seq_id] = props
+                    n += len(props)
             key = kv.next_page_key(seq) if n > 1 else None  # before grow: from the chunk's start
             total = computed + n
             if not kv.has_room(seq, total):
@@ -173,7 +215,7 @@ class Scheduler:
 
         if not chosen and not self._freed:
             return None
-        return self._plan(chosen)
+        return self._plan(chosen, proposals)
 
     def _make_room(self, seq: Sequence, total: int, chosen: list) -> bool:
         """Preempt the newest other running sequences until `seq` fits; False if seq itself went."""
@@ -197,26 +239,33 @@ class Scheduler:
             seq.first_scheduled_time = time.monotonic()
         self.running.append(seq)
 
-    def _plan(self, chosen: list[tuple[Sequence, int]]) -> StepPlan:
+    def _plan(self, chosen: list[tuple[Sequence, int]], proposals: dict[int, list[int]]) -> StepPlan:
         steps, new = [], []
         paged = self.kv.paged
         decode = True  # every sequence feeds one token and samples (what CUDA graphs replay)
+        spec = False  # some sequence verifies proposals
         for seq, n in chosen:
             start = seq.num_computed_tokens
             tokens = seq.token_ids
             known = len(tokens)
-            if n == 1:
-                ids = [tokens[start] if start < known else PLACEHOLDER]  # lookahead: being sampled
+            props = proposals.get(seq.seq_id) if proposals else None
+            table = list(seq.block_table) if paged else None  # a copy: the manager may change the live one
+            if props is not None:  # the last token and the proposals, verified at every position
+                step = SeqStep(seq.seq_id, [tokens[start], *props], start, True, table, spec=len(props))
+                self.speculator.fill(step, seq)
+                decode, spec = False, True
             else:
-                ids = tokens[start : start + n]
-                if len(ids) < n:
-                    ids.append(PLACEHOLDER)
-                decode = False
-            sample = start + n == known + seq.num_pending
-            # A copy: the KV manager may grow or swap pages of the live table before this step runs.
-            steps.append(SeqStep(seq.seq_id, ids, start, sample, list(seq.block_table) if paged else None))
+                if n == 1:
+                    ids = [tokens[start] if start < known else PLACEHOLDER]  # lookahead: being sampled
+                else:
+                    ids = tokens[start : start + n]
+                    if len(ids) < n:
+                        ids.append(PLACEHOLDER)
+                    decode = False
+                step = SeqStep(seq.seq_id, ids, start, start + n == known + seq.num_pending, table)
+            steps.append(step)
             seq.num_computed_tokens = start + n
-            if sample:
+            if step.sample:
                 seq.num_pending += 1
                 if not seq.sampler_registered:
                     seq.sampler_registered = True
@@ -240,6 +289,7 @@ class Scheduler:
             self._finished,
             self.kv.pop_copies(),
             decode=decode and bool(steps),
+            spec=spec,
         )
         self._freed, self._finished = [], []
         return plan
