@@ -55,11 +55,10 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # Few rows (batch-1 and small-batch decode): torch._scaled_mm spends most of its time on a tile
 # shape made for large M, so a skinny kernel reads the weight once at full bandwidth instead: x comes
-# rounded by quantize_rows and the kernel multiplies on tensor cores; one row the kernel rounds itself
-# (every program finds the row's absolute max; no separate launch), to the same float8 values. It can
-# also multiply one row with FMAs (a little faster still: experiments/quant_kernels.py), but
-# fp8_linear does not use that: its sums would differ in the last bit from the tensor-core ones, and
-# a row's result must not depend on the step's row count.
+# rounded by quantize_rows and the kernel multiplies on tensor cores. The kernel can also take one
+# row unrounded and multiply with FMAs (a little faster at batch 1: experiments/quant_kernels.py),
+# but fp8_linear does not use that path: its sums would differ in the last bit from the tensor-core
+# ones, and a row's result must not depend on the step's row count.
 # Up to this many rows the skinny kernel on tensor cores, one row included, in tiles of 16 rows: a row's
 # result then does not depend on how many rows the step has (overlap scheduling and graph buckets
 # change that count, and FP8 rounding of the next layer turns a last-bit difference into a token).
@@ -229,8 +228,6 @@ def fp8_linear(
     """x [M, K] @ (w [N, K] float8 * w_scale [N])^T -> [M, N] in x's dtype. kernel: "rowwise" (SM90+:
     both scales in _scaled_mm's epilogue) or "tensorwise" (SM89: unit scales, both applied after)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if x.shape[0] == 1 and act_scale is None:  # the kernel rounds the row itself, as quantize_rows would
-        return fp8_skinny(x, w, w_scale, None, cfg=skinny_config(DOT_ROWS, w.shape[0], w.shape[1], x.device))
     if act_scale is None:
         q, s = quantize_rows(x)
     else:  # a checkpoint's static scale, one for every token
