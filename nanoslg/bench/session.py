@@ -32,6 +32,7 @@ EXTRA_DEFAULTS: dict[str, Any] = {
     "hf_method": "auto",  # peer=hf: auto | continuous | generate
     "hf_batch_size": 32,  # peer=hf with plain generate
     "aggregate": True,  # rewrite the experiment's table and plot after the run
+    "name_max_length": 24,  # offline_json: maxLength of the schema's "name" string (None: unbounded)
 }
 
 
