@@ -174,21 +174,38 @@ GPU_BASE = [
 ]
 
 
-def gpu_tokens(*overrides) -> list[list[int]]:
+TOP = 20  # logprobs kept per position: enough to find where a near tie put the other run's token
+GAP_TOL = 0.5  # nats below the one-GPU argmax a token may fall at a near tie (tests/test_gpu.py's)
+
+
+def gpu_outputs(*overrides) -> list:
     with LLM(*GPU_BASE, *overrides) as llm:
         prompts = prompts_for(llm.engine.vocab_size, lengths=(5, 77, 300, 1000))
-        return [o.token_ids for o in llm.generate(prompts, greedy(16))]
+        return [o.outputs[0] for o in llm.generate(prompts, greedy(16, logprobs=TOP))]
+
+
+def first_divergence_gap(ref, other) -> tuple[int, float]:
+    """Where `other` first picks another greedy token than `ref` (len if never), and how far below
+    ref's argmax other's token was in ref's own logprobs there (inf if not among ref's top TOP)."""
+    for j, (a, b) in enumerate(zip(ref.token_ids, other.token_ids)):
+        if a != b:
+            lp = ref.logprobs[j]
+            theirs = dict(lp.top).get(b)
+            return j, float("inf") if theirs is None else lp.logprob - theirs
+    return len(ref.token_ids), 0.0
 
 
 @pytest.mark.gpu
 @GPU2
 def test_gpu_tp2_pp2_equal_one_gpu():
-    one = gpu_tokens()
-    pp = gpu_tokens(*MODES["pp"])
-    tp = gpu_tokens(*MODES["tp"])
-    assert pp == one  # same kernels, same order: bit-identical
-    # TP sums partial products in another order: in bf16 a near-tie may flip late; the first tokens agree.
-    for a, b in zip(tp, one):
-        assert a[:4] == b[:4]
-    agree = sum(x == y for a, b in zip(tp, one) for x, y in zip(a, b)) / sum(len(a) for a in one)
-    assert agree >= 0.75, f"tp=2 agrees with one GPU on only {agree:.0%} of greedy tokens"
+    """pp=2 runs the same kernels in the same order: the same tokens. tp=2 sums partial products in
+    another order, so on a random bf16 model a near tie may flip and the sequences part there; what
+    must hold is that the first token where they part was a near tie in the one-GPU run's own logprobs
+    (a wrong shard misses by nats, at the first token)."""
+    one = gpu_outputs()
+    pp = gpu_outputs(*MODES["pp"])
+    assert [o.token_ids for o in pp] == [o.token_ids for o in one]
+    tp = gpu_outputs(*MODES["tp"])
+    parts = [first_divergence_gap(a, b) for a, b in zip(one, tp)]
+    print(f"tp=2 against one GPU, (first differing token, its gap in nats) per prompt: {parts}")
+    assert all(gap < GAP_TOL for _, gap in parts), parts

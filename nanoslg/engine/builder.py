@@ -9,7 +9,6 @@ import os
 import time
 
 import torch
-from transformers import AutoTokenizer
 
 from nanoslg.core.config import Config
 from nanoslg.core.errors import ConfigError
@@ -178,7 +177,7 @@ def _check_draft_tokenizer(cfg: Config, ckpt, tokenizer) -> None:
         return
     if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
         return
-    if AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
+    if _load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"speculative.draft.path={path!r} has another tokenizer than the target {ckpt.path}")
 
 
@@ -222,6 +221,14 @@ def _tokenizer(cfg: Config, ckpt):
     if path is None:
         log.info("no tokenizer in %s: prompts must be token ids, outputs carry no text", ckpt.path)
         return None
+    return _load_tokenizer(path)
+
+
+def _load_tokenizer(path: str):
+    # Imported here, not with the module: transformers takes seconds to import (with the torch
+    # modules it pulls in), and a checkpoint without a tokenizer never needs it.
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(path)
 
 

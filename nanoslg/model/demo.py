@@ -16,7 +16,6 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
 from nanoslg.core.machine import cache_root
 
@@ -84,6 +83,7 @@ def corpus(max_chars: int) -> list[str]:
 def build_tokenizer(vocab_size: int = 4096, max_chars: int = 1_500_000):
     """A byte-level BPE tokenizer (every string round-trips) as a transformers PreTrainedTokenizerFast."""
     # Deferred: transformers takes seconds to import, and only the first run builds the demo.
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
