@@ -4,7 +4,7 @@
 # ignored folder (here: `git archive <commit> | tar x -C .base`, then carry .base):
 #   NANOSLG_COMMIT=<this commit> BASE_COMMIT=<old> bash experiments/device/compare.sh .base \
 #       "+experiment=offline-qwen3-0.6b" "+experiment=batch1-llama3-8b"
-# Logs come back as $OUT/{base,new}-N.log, this tree's records as $OUT/records.tgz.
+# Logs come back in $OUT/logs.tgz ({base,new}-N.log), this tree's new records in $OUT/records.tgz.
 set -u
 source experiments/device/setup.sh || exit 1
 base=$1
@@ -15,9 +15,9 @@ for args in "$@"; do
   i=$((i + 1))
   # shellcheck disable=SC2086
   (cd "$base" && NANOSLG_COMMIT=${BASE_COMMIT:-base} PYTHONPATH=$PWD:/tmp/site timeout 170 python run.py $args \
-    mode=bench bench.extra.aggregate=false 2>&1 | grep -v "it/s\]" | tee "$OUT/base-$i.log")
+    mode=bench bench.extra.aggregate=false 2>&1 | grep -v "it/s\]" | tee "$OUT/logs/base-$i.log")
   # shellcheck disable=SC2086
-  (cd "$here" && timeout 170 python run.py $args mode=bench 2>&1 | grep -v "it/s\]" | tee "$OUT/new-$i.log")
+  (cd "$here" && timeout 170 python run.py $args mode=bench 2>&1 | grep -v "it/s\]" | tee "$OUT/logs/new-$i.log")
 done
-tar czf "$OUT/records.tgz" experiments/*/records experiments/*/results.md 2>/dev/null
+save_out
 save_fi

@@ -10,6 +10,14 @@ mkdir -p .fi
 # save_fi: the compiled modules (only the .so files, the rest is rebuilt or not needed) come back as
 # $OUT/fi-so.tgz.* pieces under the 16 MiB file limit; here, `cat fi-so.tgz.* > .fi/cache.tgz`.
 save_fi() { (cd .fi && find .cache -name "*.so" -path "*cached_ops*" -print0 | tar czf - --null -T -) | split -b 15m - "$OUT/fi-so.tgz."; }
+# At most 8 files come back from $OUT: scripts write their logs under $OUT/logs/, and save_out packs
+# them into $OUT/logs.tgz and this run's new records into $OUT/records.tgz (here: tar xzf each).
+touch /tmp/nanoslg-run-start
+mkdir -p "$OUT/logs"
+save_out() {
+  tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+  find experiments -path "*/records/*.json" -newer /tmp/nanoslg-run-start -print0 | tar czf "$OUT/records.tgz" --null -T -
+}
 # FlashInfer runs ninja before loading a JIT module, and ninja rebuilds whatever is older than the
 # freshly installed headers: about 4 minutes on every fresh machine. A module found under the
 # package's data/aot folder is loaded without ninja, so the cached builds go there.
