@@ -207,7 +207,10 @@ def test_ngram_propose():
     assert ngram_propose([5, 7, 6, 5, 8, 6, 5], 2, 1, 1) == [8, 6]
     assert ngram_propose([1, 2, 3], 4, 1, 3) == []
     assert ngram_propose([1, 2, 1], 4, 2, 3) == []  # only 1-grams match, below min_n
-    assert ngram_propose([4, 4], 5, 1, 2) == [4]
+    # A match near the end: the text repeats with that period, and so do the proposals.
+    assert ngram_propose([4, 4], 5, 1, 2) == [4, 4, 4, 4, 4]
+    assert ngram_propose([7, 1, 2, 1, 2], 4, 1, 2) == [1, 2, 1, 2]
+    assert ngram_propose([3, 1, 2, 9, 1, 2], 4, 2, 2) == [9, 1, 2, 9]
 
 
 # -- sampling keeps the target's distribution ------------------------------------------------------

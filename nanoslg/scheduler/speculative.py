@@ -24,7 +24,9 @@ from nanoslg.core.sequence import Sequence
 
 def ngram_propose(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
     """Prompt lookup: for n from max_n down to min_n, the latest earlier occurrence of the last n
-    tokens; the (up to k) tokens that followed it are the proposals. [] when nothing matches."""
+    tokens; the k tokens that followed it are the proposals. [] when nothing matches. A match closer
+    to the end than k tokens means the text repeats with that period (a loop, which greedy decoding
+    falls into), so the proposals go on repeating it rather than stop at the end of the text."""
     L = len(tokens)
     if L < 2 or k <= 0:
         return []
@@ -34,7 +36,8 @@ def ngram_propose(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int
         hits = np.flatnonzero((sliding_window_view(arr[:-1], n) == arr[L - n :]).all(axis=1))
         if hits.size:
             at = int(hits[-1]) + n
-            return tokens[at : at + k]
+            period = L - at  # how far back the match lies
+            return [tokens[at + i % period] for i in range(k)]
     return []
 
 
