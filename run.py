@@ -9,7 +9,9 @@ import os
 import sys
 import time
 
-os.environ.setdefault("NANOSLG_STARTED", repr(time.time()))  # the banner says how long start-up took
+# The serving banner says how long start-up took. Set, not defaulted: a server the bench spawns would
+# otherwise inherit the bench's own start.
+os.environ["NANOSLG_STARTED"] = repr(time.time())
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
