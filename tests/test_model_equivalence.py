@@ -132,6 +132,16 @@ def test_bundled_shapes():
         q.head_dim,
     ) == (151936, 28, 1024, 3072, 16, 8, 128)
     assert q.tie_word_embeddings and q.qk_norm and q.rope_theta == 1e6
+    q8 = load_args(shape_path("qwen3-8b"))
+    assert (q8.vocab_size, q8.num_layers, q8.hidden_size, q8.intermediate_size, q8.num_heads, q8.num_kv_heads) == (
+        151936,
+        36,
+        4096,
+        12288,
+        32,
+        8,
+    )
+    assert not q8.tie_word_embeddings and q8.qk_norm
     with pytest.raises(ConfigError, match="llama3-8b"):
         shape_path("gpt-5")
 
