@@ -15,7 +15,7 @@ if __name__ == "__main__":
     overrides = sys.argv[2:] or ["model=qwen3-0.6b", "model.load_format=dummy", "model.dtype=float32"]
     llm = LLM(*overrides, "speculative=ngram", "cache.max_num_tokens=4096", "log_level=WARNING")
     rng = random.Random(0)
-    prompt = [rng.randrange(3, 150000) for _ in range(128)]
+    prompt = [rng.randrange(3, 100000) for _ in range(128)]
     t = time.time()
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
     tokens = out.outputs[0].token_ids

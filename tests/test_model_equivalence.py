@@ -197,6 +197,19 @@ def test_dummy_load(tiny_qwen3):
         assert torch.isfinite(run(bf, prompt(512, 8))).all()
 
 
+def test_dummy_init_fan_in(tiny_qwen3):
+    normal = load_model(tiny_qwen3, load_format="dummy")
+    fan_in = load_model(tiny_qwen3, load_format="dummy", dummy_init="fan_in")
+    for (n, p), q in zip(normal.named_parameters(), fan_in.parameters()):
+        if n.endswith("norm.weight"):
+            assert torch.all(q == 1), n
+        elif p.numel() >= 4096:  # enough draws for the spread to show
+            assert abs(p.std().item() - 0.02) < 0.003, n
+            assert abs(q.std().item() - 0.5 / q.shape[-1] ** 0.5) < 0.15 * 0.5 / q.shape[-1] ** 0.5, n
+    with pytest.raises(ConfigError, match="model.dummy_init='xavier'.*normal, fan_in"):
+        load_model(tiny_qwen3, load_format="dummy", dummy_init="xavier")
+
+
 def test_tp_shards(tiny_llama, clean_parallel_state):
     """Each rank loads its slice; KV heads are split (tp=2) or replicated (tp=4 > 2 KV heads)."""
     w = load_file(os.path.join(tiny_llama, "model.safetensors"))

@@ -27,6 +27,11 @@ class ModelConfig:
     device: str = "auto"  # auto | cuda | cpu
     max_model_len: int | None = None
     seed: int = 0  # seeds dummy weights
+    # Dummy weights' spread: normal draws N(0, 0.02) (transformers' initializer_range); fan_in draws
+    # N(0, 0.5/sqrt(fan_in)), where a random model settles into loops, as a trained one often does on
+    # a repetitive text (at 0.02 a 4096-wide model is chaotic and never repeats itself), so prompt
+    # lookup has something to find (the speculative-decoding presets).
+    dummy_init: str = "normal"
     enforce_eager: bool = False  # true: no CUDA graphs for decode (they need flashinfer on one GPU)
     # Random draws: auto (flashinfer's fused top-k/top-p kernel on a GPU where it imports, else torch),
     # torch, or flashinfer. The fused kernel takes batches with no per-request seed and no min_p;
@@ -172,6 +177,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "mode": ("serve", "generate", "bench"),
     "model.load_format": ("auto", "safetensors", "dummy"),
+    "model.dummy_init": ("normal", "fan_in"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.device": ("auto", "cuda", "cpu"),
     "model.sampling_kernels": ("auto", "torch", "flashinfer"),

@@ -72,10 +72,12 @@ def load_model(
     load_format: str = "auto",
     seed: int = 0,
     quantization: str = "none",
+    dummy_init: str = "normal",
 ) -> torch.nn.Module:
     """`path`: a checkpoint folder, or ModelArgs alone (then load_format must be dummy).
     load_format: auto|safetensors read the weights; dummy makes seeded random ones.
-    quantization: none|fp8|awq (model.quantization; a quantized checkpoint picks its own method)."""
+    quantization: none|fp8|awq (model.quantization; a quantized checkpoint picks its own method).
+    dummy_init: normal|fan_in, the random weights' spread (model.dummy_init)."""
     if isinstance(path, ModelArgs):
         path, args = None, path
     if args is None:
@@ -88,6 +90,8 @@ def load_model(
     dtype, _ = resolve_dtype(dtype, args, device)
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ConfigError(f"model.load_format={load_format!r} is not allowed; allowed: auto, safetensors, dummy")
+    if dummy_init not in ("normal", "fan_in"):
+        raise ConfigError(f"model.dummy_init={dummy_init!r} is not allowed; allowed: normal, fan_in")
     quant = resolve_quantization(quantization, args.quantization, load_format)
     cls = ARCHITECTURES.get(args.architecture)
     old = torch.get_default_dtype()
@@ -98,7 +102,7 @@ def load_model(
     finally:
         torch.set_default_dtype(old)
     if load_format == "dummy":
-        init_dummy(model, seed)
+        init_dummy(model, seed, dummy_init)
     else:
         load_weights(model, path)
     if quant is not None:
@@ -236,8 +240,9 @@ def hf_weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 
 @torch.no_grad()
-def init_dummy(model, seed: int) -> None:
-    """Seeded random weights: small-std normal (bf16 stays finite through many layers), norms = 1.
+def init_dummy(model, seed: int, init: str = "normal") -> None:
+    """Seeded random weights: small-std normal (bf16 stays finite through many layers), norms = 1;
+    init=normal: std 0.02, fan_in: std 0.5/sqrt(the tensor's last dimension) (model.dummy_init).
 
     Each full checkpoint tensor is drawn from (seed, its name) and then sliced by the same
     weight_loaders as real weights, so every TP/PP split of one seed holds the same model.
@@ -256,7 +261,8 @@ def init_dummy(model, seed: int) -> None:
             if name.endswith("norm.weight"):
                 tensors = {"weight": torch.ones(shape, dtype=dtype, device=device)}
             else:
-                tensors = {"weight": torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)}
+                std = 0.02 if init == "normal" else 0.5 / shape[-1] ** 0.5
+                tensors = {"weight": torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=gen)}
         for suffix, full in tensors.items():  # a quantized linear's tensors replace its `weight`
             for pname, shard in pairs:
                 pname, ckpt = (pname[:-6] + suffix, name[:-6] + suffix) if suffix != "weight" else (pname, name)

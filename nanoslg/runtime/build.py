@@ -71,6 +71,7 @@ def build_runner(cfg: Config, ckpt: Checkpoint, device: torch.device, sample: bo
         load_format="dummy" if cfg.model.load_format == "dummy" else "safetensors",
         seed=cfg.model.seed,
         quantization=cfg.model.quantization,
+        dummy_init=cfg.model.dummy_init,
     )
     name, reason = resolve_backend(cfg.cache, device, dtype)
     backend_cls = CACHE_BACKENDS.get(name)

@@ -137,7 +137,15 @@ def build_drafter(cfg: Config, ckpt: Checkpoint, target: torch.nn.Module, sample
                 f"{max_len}: lower model.max_model_len or pick a draft with the target's context"
             )
         fmt = "dummy" if cfg.model.load_format == "dummy" else "safetensors"
-        model = load_model(dck.path, args, dtype=dtype, device=device, load_format=fmt, seed=cfg.model.seed)
+        model = load_model(
+            dck.path,
+            args,
+            dtype=dtype,
+            device=device,
+            load_format=fmt,
+            seed=cfg.model.seed,
+            dummy_init=cfg.model.dummy_init,
+        )
         log.info("speculative=draft: draft %s (%s, %d layers)", dck.path, args.architecture, args.num_layers)
     spec = KVSpec(args.num_layers, args.num_kv_heads, args.head_dim, dtype, device, args.num_heads)
     return DraftRunner(model, SdpaBackend(spec, cfg.cache.page_size), sampler, device)
