@@ -180,23 +180,65 @@ def test_logprobs_and_requests_that_do_not_speculate(tiny_llama, drafts, hf_gree
     assert spec == again  # seeded: the same draws
 
 
-def test_structured_outputs_decode_without_proposals(tiny_llama):
-    """A constrained request shares steps with speculating ones and gets what speculative=none gives."""
-    from nanoslg.core.sampling_params import StructuredOutputs
+def test_structured_outputs_speculate(tiny_llama, monkeypatch):
+    """Constrained requests verify proposals under their grammar masks and give what speculative=none
+    gives: proposals are the reference continuation, one in three wrong (often a token the grammar
+    refuses), and go on past the grammar's end, so a step can end the grammar halfway."""
+    from nanoslg.core.sampling_params import StructuredOutputs as S
 
-    prompts = prompts_for(500)[:3]
-    params = [
-        greedy(12),
-        SamplingParams(temperature=0.0, max_tokens=12, structured_outputs=StructuredOutputs(regex="[a-d]{3,8}")),
-        greedy(12),
-    ]
-    runs = []
-    for extra in ([], ["speculative=draft", "speculative.draft.path=target"]):
-        with LLM(f"model.path={tiny_llama}", "cache=sdpa", "scheduler.overlap=false", *extra) as llm:
-            runs.append([(o.token_ids, o.text) for o in llm.generate(prompts, params)])
-            drafts = llm.engine.metrics.spec_num_drafts
-    assert runs[0] == runs[1] and drafts > 0
-    assert all(c in "abcd" for c in runs[1][1][1]) and 3 <= len(runs[1][1][1]) <= 8
+    prompts = prompts_for(500)[:4]
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"enum": ["x", "y"]}},
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    }
+    specs = [S(regex="[a-d]{3,8}"), S(json=schema), S(choice=["ab", "abcd", "bad"]), S(regex="(ab){1,3}c")]
+    params = [SamplingParams(temperature=0.0, max_tokens=24, structured_outputs=s) for s in specs]
+    params.append(SamplingParams(temperature=0.0, max_tokens=24, logit_bias={300: 100.0}))  # forced: 300, 300, ...
+    prompts.append(prompts[0])
+    base = ["cache=sdpa", "scheduler.overlap=false"]
+    with LLM(f"model.path={tiny_llama}", *base) as llm:
+        ref = [(o.token_ids, o.text, o.finish_reason) for o in llm.generate(prompts, params)]
+    assert ref[4][0] == [300] * 24
+    rng = random.Random(1)
+    refs = {tuple(p): r[0] for p, r in zip(prompts[:4], ref)}
+
+    def propose(tokens, k, min_n, max_n):
+        for prompt, out in refs.items():
+            if tuple(tokens[: len(prompt)]) == prompt:
+                props = (out[len(tokens) - len(prompt) :] + [7, 8, 9, 10])[:k]  # on past the end
+                return [t if rng.random() > 1 / 3 else rng.randrange(3, 500) for t in props]
+        return [300] * k  # the biased request: its own forced token
+
+    monkeypatch.setattr(speculative, "ngram_propose", propose)
+    for extra in (
+        ["speculative=ngram", "speculative.num_tokens=3"],
+        ["speculative=draft", "speculative.draft.path=target"],
+    ):
+        for cache in (base, ["cache=paged", "cache.page_size=8"]):
+            with LLM(f"model.path={tiny_llama}", *cache, *extra) as llm:
+                got = [(o.token_ids, o.text, o.finish_reason) for o in llm.generate(prompts, params)]
+                m = llm.engine.metrics
+            assert got == ref, (extra, cache)
+            assert m.spec_num_drafts > 0
+            # The draft proposes without the grammar or the bias, so only the reference proposals stay.
+            assert m.spec_num_accepted_tokens > 0 or extra[0] == "speculative=draft"
+    assert all(r[2] == "stop" for r in ref[:4]), ref
+    assert set(ref[0][1]) <= set("abcd") and ref[3][1].endswith("c")
+
+
+def test_sampled_structured_outputs_with_speculation_stay_valid(tiny_llama):
+    import re
+
+    from nanoslg.core.sampling_params import StructuredOutputs as S
+
+    params = SamplingParams(n=8, temperature=1.0, seed=4, max_tokens=30, structured_outputs=S(regex="(ab|cd)+e"))
+    with LLM(f"model.path={tiny_llama}", "cache=sdpa", "speculative=ngram") as llm:
+        out = llm.generate(prompts_for(500)[:1], params)[0]
+        assert llm.engine.metrics.spec_num_accepted_tokens > 0
+    for c in out.outputs:
+        assert c.finish_reason == "length" or re.fullmatch("(ab|cd)+e", c.text), c
 
 
 def test_ngram_propose():

@@ -30,8 +30,13 @@ def demo_llm(demo_model):
 
 @pytest.mark.parametrize(
     "overrides,seed,shards",
-    [([], 1, 3), (["scheduler.overlap=false"], 2, 1), (["cache=paged", "cache.page_size=8"], 3, 2)],
-    ids=["overlap-3-shards", "no-overlap", "paged-2-shards"],
+    [
+        ([], 1, 3),
+        (["scheduler.overlap=false"], 2, 1),
+        (["cache=paged", "cache.page_size=8"], 3, 2),
+        (["cache=paged", "cache.page_size=8", "speculative=ngram"], 5, 2),
+    ],
+    ids=["overlap-3-shards", "no-overlap", "paged-2-shards", "speculative-ngram"],
 )
 def test_every_stopped_completion_validates(demo_model, overrides, seed, shards, monkeypatch):
     """`shards`: mask threads, each with its own compile of every grammar (structured.SHARDS), so the
@@ -41,7 +46,13 @@ def test_every_stopped_completion_validates(demo_model, overrides, seed, shards,
     monkeypatch.setattr(structured, "SHARDS", shards)
     with LLM(f"model.path={demo_model}", "cache=sdpa", *overrides) as llm:
         counts = run_property(llm, seed, n_schemas=110)
-        assert llm.engine.overlap == ("scheduler.overlap=false" not in overrides)
+        assert llm.engine.overlap == (not {"scheduler.overlap=false", "speculative=ngram"} & set(overrides))
+        if "speculative=ngram" in overrides:  # constrained rows verified proposals, and kept some
+            m = llm.engine.metrics
+            assert m.spec_num_drafts > 0 and m.spec_num_accepted_tokens > 0, (
+                m.spec_num_drafts,
+                m.spec_num_accepted_tokens,
+            )
     total = sum(counts.values())
     assert counts.get("stop", 0) >= total * 0.6, counts  # the grammars do end: most finish
     assert set(counts) <= {"stop", "length"}, counts

@@ -49,6 +49,9 @@ class TokenMasks:
 
     seq_ids: list[int]
     bits: Any  # numpy int32 [len(seq_ids), ceil(vocab / 32)]
+    # Speculating sequences (not in seq_ids): seq id -> int32 [proposals + 1, words], row j the mask
+    # after the first j proposals (all ones past a proposal the grammar refuses: never read).
+    spec: dict[int, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -66,6 +69,9 @@ class StepPlan:
     # step stops after its logits and samples once the engine hands the masks over (executor.sample).
     sample_later: bool = False
     spec: bool = False  # some sequence verifies proposals (SeqStep.spec): the runner returns several tokens
+    # speculative=draft with constrained rows: their masks need the draft's proposals, so the runner
+    # calls this once it has them (one GPU only) and adds what it returns to masks.spec.
+    spec_masks: Any = None
 
     @property
     def num_tokens(self) -> int:

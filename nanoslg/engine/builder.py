@@ -161,8 +161,8 @@ def _speculative(cfg: Config) -> Config:
     detail = f"ngram sizes {spec.ngram.min_n}..{spec.ngram.max_n}" if spec.method == "ngram" else spec.draft.path
     log.info(
         "speculative=%s (%s), %d proposals a step; overlap scheduling off while it is on; verify steps "
-        "run eagerly (decode steps without proposals may replay CUDA graphs); requests with structured "
-        "outputs, penalties or logit_bias decode without proposals",
+        "run eagerly (decode steps without proposals may replay CUDA graphs); requests with penalties, "
+        "or min_tokens still to reach, decode without proposals",
         spec.method,
         detail,
         spec.num_tokens,

@@ -124,14 +124,14 @@ class OutputProcessor:
         they are filled while this step's text is processed (ended: seq_id -> "stop" | "abort")."""
         ended = self._advance_grammars(sampled) if self.num_constrained else {}
         if grammars_done is not None:
-            grammars_done(ended)
+            grammars_done({sampled[i][0].seq_id: end for i, end in ended.items()})
         grouped: dict[str, list[CompletionOutput]] = {}  # requests of n > 1: one delta for all samples
         outs, finished, append, emit = self.outs, SeqStatus.FINISHED, self._append, self._emit
-        for seq, tok, lp in sampled:
+        for i, (seq, tok, lp) in enumerate(sampled):
             so = outs.get(seq.seq_id)
             if so is None or seq.status is finished:  # its request is gone, or it was aborted just now
                 continue
-            out = append(so, seq, tok, lp, now, ended.get(seq.seq_id) if ended else None)
+            out = append(so, seq, tok, lp, now, ended.get(i) if ended else None)
             req = so.req
             if len(req.outs) == 1:
                 emit(req, [out])
@@ -143,15 +143,18 @@ class OutputProcessor:
                 self._emit(req, delta)
 
     def _advance_grammars(self, sampled: list[tuple[Sequence, int, object]]) -> dict[int, str]:
-        """Every committed token advances its sequence's grammar; returns where one ended."""
-        ended, outs, finished = {}, self.outs, SeqStatus.FINISHED
-        for seq, tok, _ in sampled:
+        """Every committed token advances its sequence's grammar; returns {index in `sampled`: "stop" |
+        "abort"} where one ended (a speculating sequence brings several tokens: the first end counts,
+        and its tokens after it are never shown to the grammar)."""
+        ended, done, outs, finished = {}, set(), self.outs, SeqStatus.FINISHED
+        for i, (seq, tok, _) in enumerate(sampled):
             so = outs.get(seq.seq_id)
-            if so is None or so.grammar is None or seq.status is finished:
+            if so is None or so.grammar is None or seq.status is finished or seq.seq_id in done:
                 continue
             end = so.grammar.advance(tok)
             if end is not None:
-                ended[seq.seq_id] = end
+                ended[i] = end
+                done.add(seq.seq_id)
         return ended
 
     def _append(

@@ -40,7 +40,7 @@ import numpy as np
 from llguidance.gbnf_to_lark import any_to_lark
 
 from nanoslg.core.errors import RequestError
-from nanoslg.core.plan import StepPlan, TokenMasks
+from nanoslg.core.plan import PLACEHOLDER, StepPlan, TokenMasks
 from nanoslg.core.sampling_params import StructuredOutputs
 from nanoslg.engine.outputs import CompletionOutput, RequestOutput
 
@@ -200,21 +200,27 @@ class Grammars:
         rows = _constrained(plan, outs)
         if not rows:
             return
-        if overlap and any(so.seq.num_pending > 1 for so in rows):
+        if overlap and any(so.seq.num_pending > 1 for so, _ in rows):
             plan.sample_later = True
-        else:
-            plan.masks = self._filler.submit(self._fill, rows).result()
+            return
+        drafted = [(so, st) for so, st in rows if st.spec and st.token_ids[1] == PLACEHOLDER]
+        if drafted:  # the draft model proposes on the device rank: those masks once it has
+            rows = [r for r in rows if r not in drafted]
+            plan.spec_masks = lambda: self._filler.submit(self._fill, drafted).result().spec
+        plan.masks = self._filler.submit(self._fill, rows).result()
 
     def fill_later(self, plan: StepPlan, outs: dict, ended: dict[int, str]) -> Future | None:
         """The masks of the plan's constrained rows, from their grammars' present state, as a future
         filled on the mask thread (None when no row needs one). Rows whose grammar just `ended` get
         none: they finish with this step, and a stopped matcher has no mask to give."""
-        rows = [so for so in _constrained(plan, outs) if so.seq.seq_id not in ended]
+        rows = [(so, st) for so, st in _constrained(plan, outs) if so.seq.seq_id not in ended]
         return self._filler.submit(self._fill, rows) if rows else None
 
-    def _fill(self, rows: list) -> TokenMasks:
-        """Runs on the filler thread: each shard's rows filled by that shard's thread, into one array."""
+    def _fill(self, pairs: list) -> TokenMasks:
+        """Runs on the filler thread: each shard's rows filled by that shard's thread, into one array;
+        then the masks of speculating rows, one per proposal, on this thread."""
         t = time.perf_counter()
+        rows = [so for so, st in pairs if not st.spec]
         bits = np.empty((len(rows), self.words), dtype=np.int32)  # every row is written whole
         if self._executors is None:
             self._executors = [llg.LLExecutor(num_threads=1) for _ in range(SHARDS)]
@@ -228,9 +234,31 @@ class Grammars:
         ]
         for job in jobs:
             job.result()
+        spec = {so.seq.seq_id: self._spec_masks(so.grammar.m, st.token_ids[1:]) for so, st in pairs if st.spec}
         if self.metrics is not None:
             self.metrics.profile.masks_s += time.perf_counter() - t
-        return TokenMasks([so.seq.seq_id for so in rows], bits)
+        return TokenMasks([so.seq.seq_id for so in rows], bits, spec)
+
+    def _spec_masks(self, m: llg.LLMatcher, draft: list[int]) -> np.ndarray:
+        """A speculating row's masks: row j after the first j proposals. The matcher takes the
+        proposals the grammar allows, one by one, and gives them back: verification decides which
+        stay (the output processor then advances it by the tokens kept). Rows past a refused proposal,
+        or past the grammar's end, are never read: verification stops at the refused one, which its
+        row's mask forbids, and the output processor at the end."""
+        out = np.full((len(draft) + 1, self.words), -1, dtype=np.int32)
+        ptr, row = out.ctypes.data, self.words * 4
+        m.unsafe_compute_mask_ptr(ptr, row)
+        taken = 0
+        for j in range(m.validate_tokens(draft)):
+            if not m.consume_token(draft[j]):
+                break
+            taken += 1
+            if m.is_stopped():
+                break
+            m.unsafe_compute_mask_ptr(ptr + (j + 1) * row, row)
+        if taken:
+            m.rollback(taken)
+        return out
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -239,13 +267,13 @@ class Grammars:
 
 
 def _constrained(plan: StepPlan, outs: dict) -> list:
-    """The SeqOutputs of the plan's live constrained rows that sample, in plan order."""
+    """(SeqOutput, SeqStep) of the plan's live constrained rows that sample, in plan order."""
     rows = []
     for st in plan.seqs:
         if st.sample:
             so = outs.get(st.seq_id)
             if so is not None and so.grammar is not None and not so.seq.finished:
-                rows.append(so)
+                rows.append((so, st))
     return rows
 
 

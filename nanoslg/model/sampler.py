@@ -238,20 +238,24 @@ def apply_token_masks(x: torch.Tensor, seq_ids: list[int], masks: TokenMasks) ->
     """Sets to -inf what each constrained row's grammar forbids (a new tensor: x may be a CUDA graph's
     output). The int32 words are read as little-endian bytes, so token t is bit t % 8 of byte t // 8;
     the bytes unpack to booleans on the device."""
-    dev, V = x.device, x.shape[1]
     at = {s: r for r, s in enumerate(seq_ids)}
     rows = [at[s] for s in masks.seq_ids]
-    shifts = _SHIFTS.get(dev)
-    if shifts is None:
-        shifts = _SHIFTS[dev] = torch.arange(8, dtype=torch.uint8, device=dev)
-    packed = to_device(masks.bits, torch.int32, dev).view(torch.uint8)  # [k, 4 * words]
-    allowed = ((packed[:, :, None] >> shifts) & 1).view(len(rows), -1)[:, :V].bool()
+    allowed = unpack_mask(masks.bits, x.shape[1], x.device)
     if rows == list(range(x.shape[0])):
         return x.masked_fill(~allowed, float("-inf"))
-    idx = to_device(rows, torch.long, dev)
+    idx = to_device(rows, torch.long, x.device)
     x = x.clone()
     x[idx] = x[idx].masked_fill(~allowed, float("-inf"))
     return x
+
+
+def unpack_mask(bits, vocab: int, dev: torch.device) -> torch.Tensor:
+    """llguidance's int32 mask rows [k, words] as booleans [k, vocab] on the device."""
+    shifts = _SHIFTS.get(dev)
+    if shifts is None:
+        shifts = _SHIFTS[dev] = torch.arange(8, dtype=torch.uint8, device=dev)
+    packed = to_device(bits, torch.int32, dev).view(torch.uint8)  # [k, 4 * words]
+    return ((packed[:, :, None] >> shifts) & 1).view(packed.shape[0], -1)[:, :vocab].bool()
 
 
 def filtered_probs(x: torch.Tensor, ks: list[int], ps: list[float], min_p: list[float]) -> torch.Tensor:

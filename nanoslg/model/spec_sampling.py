@@ -8,8 +8,10 @@ renormalised, and when every proposal is kept, from p at the position after the 
 tokens are then distributed exactly as the target's own draws. An n-gram proposal is a point mass
 (q = one-hot(d)): d is kept with probability p(d), and a rejection draws from p without d.
 
-p is the distribution the plain sampler draws from (temperature, top-k, top-p, min-p), so a
-speculating sequence samples from the same distribution as one that does not.
+p is the distribution the plain sampler draws from (grammar mask, logit_bias, temperature, top-k,
+top-p, min-p), so a speculating sequence samples from the same distribution as one that does not. A
+constrained sequence brings one grammar mask per position (the grammar's state after the proposals
+before it): a proposal its grammar refuses has p = 0 there and is never kept.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoslg.model.sampler import Sampler, filtered_probs
+from nanoslg.model.sampler import Sampler, filtered_probs, unpack_mask
 
 
 @dataclass
@@ -59,16 +61,38 @@ def row_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
     return filtered_probs(logits.float() / temps[:, None], ks, [p.top_p for p in params], [p.min_p for p in params])
 
 
-def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SpecRow]) -> tuple[list[list[int]], list]:
-    """logits: [sum(len(r.draft) + 1), V], each sequence's rows in order. Returns, per sequence, the
-    tokens it emits (the accepted proposals, then the target's own token) and, per sequence, None or
-    the logprob entry of each (the sampler's format)."""
+def constrain(
+    sampler: Sampler, logits: torch.Tensor, rows: list[SpecRow], offsets: list[int], masks: dict
+) -> torch.Tensor:
+    """The logits with each sequence's grammar masks (masks: seq id -> int32 [len(draft) + 1, words])
+    and its logit_bias applied at every position, as the plain sampler applies them to one row."""
+    states = [sampler.seqs[r.seq_id] for r in rows]
+    if not masks and all(s.bias is None for s in states):
+        return logits
+    x = logits.float()
+    for r, o in zip(rows, offsets):
+        bits = masks.get(r.seq_id)
+        if bits is not None:
+            n = len(r.draft) + 1
+            x[o : o + n] = x[o : o + n].masked_fill(~unpack_mask(bits, x.shape[1], x.device), float("-inf"))
+    per_row = [s for r, s in zip(rows, states) for _ in range(len(r.draft) + 1)]
+    return sampler._bias(x, per_row)
+
+
+def verify(
+    sampler: Sampler, logits: torch.Tensor, rows: list[SpecRow], masks: dict | None = None
+) -> tuple[list[list[int]], list]:
+    """logits: [sum(len(r.draft) + 1), V], each sequence's rows in order; masks: grammar masks of
+    constrained sequences (TokenMasks.spec). Returns, per sequence, the tokens it emits (the accepted
+    proposals, then the target's own token) and, per sequence, None or the logprob entry of each (the
+    sampler's format, from the raw logits)."""
     out: list[list[int] | None] = [None] * len(rows)
     offsets, at = [], 0
     for r in rows:
         offsets.append(at)
         at += len(r.draft) + 1
     states = [sampler.seqs[r.seq_id] for r in rows]
+    raw, logits = logits, constrain(sampler, logits, rows, offsets, masks or {})
     greedy = [i for i, s in enumerate(states) if s.params.greedy]
     if greedy:
         best = logits.argmax(dim=-1).tolist()
@@ -94,7 +118,7 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SpecRow]) -> tuple
     for s, toks in zip(states, out):
         s.num_out += len(toks)
     lps = [
-        None if s.params.logprobs is None else logprobs_of(logits[o : o + len(t)], t, s.params.logprobs)
+        None if s.params.logprobs is None else logprobs_of(raw[o : o + len(t)], t, s.params.logprobs)
         for s, t, o in zip(states, out, offsets)
     ]
     return out, lps

@@ -102,6 +102,8 @@ class ModelRunner:
         if not self.begin(plan):
             return Launched(plan.step_id, [])
         drafts = self.drafter.propose(plan) if self.drafter is not None else None  # fills the proposals
+        if plan.spec_masks is not None:
+            plan.masks.spec.update(plan.spec_masks())
         seq_ids = [s.seq_id for s in plan.seqs] if plan.decode else None
         if self.graphs is not None and hidden_in is None and self.graphs.can_run(plan):
             seq_ids = seq_ids or [s.seq_id for s in plan.seqs]

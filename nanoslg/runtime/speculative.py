@@ -36,14 +36,15 @@ def verify_step(sampler: Sampler, plan: StepPlan, logits: torch.Tensor, drafts: 
     if plain_ids:
         dev = logits.device
         # Read from the device directly (a blocking read): the verify step needs the host anyway.
-        sampled = sampler.sample_async(logits[torch.tensor(plain_rows, device=dev)], plain_ids, plan.masks)
+        masks = plan.masks if plan.masks is not None and plan.masks.seq_ids else None
+        sampled = sampler.sample_async(logits[torch.tensor(plain_rows, device=dev)], plain_ids, masks)
         tokens, logprobs = sampled.result()
         for i, (sid, tok) in enumerate(zip(plain_ids, tokens)):
             emitted[sid] = [tok]
             lps[sid] = logprobs[i] if logprobs is not None else None
     if specs:
         rows = logits[torch.tensor(spec_rows, device=logits.device)]
-        tokens, spec_lps = verify(sampler, rows, specs)
+        tokens, spec_lps = verify(sampler, rows, specs, plan.masks.spec if plan.masks is not None else None)
         for row, toks, lp in zip(specs, tokens, spec_lps):
             emitted[row.seq_id] = toks
             if lp is not None:

@@ -7,9 +7,11 @@ PLACEHOLDERs that the draft model's runner fills on the device rank, and keeps t
 accounting: a token budget like the sdpa backend's (the draft's pool is an sdpa pool of its own,
 as many pages as the target's), and how many of the sequence's tokens the draft has read.
 
-Requests that do not speculate (they decode one token a step, in the same steps): structured
-outputs (the grammar mask depends on each token before it), penalties, logit_bias, and min_tokens
-while it still masks stop ids (the sampler's per-token state). Logprobs come from the verify rows.
+Requests that do not speculate (they decode one token a step, in the same steps): penalties, and
+min_tokens while it still masks stop ids (the sampler's per-token state, which each proposal would
+change). Structured outputs and logit_bias do: the verify step masks each position with the grammar's
+state after the proposals before it (engine/structured.py) and adds the bias to every position.
+Logprobs come from the verify rows.
 """
 
 from __future__ import annotations
@@ -43,12 +45,7 @@ def ngram_propose(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int
 
 def can_speculate(seq: Sequence) -> bool:
     p = seq.params
-    return (
-        p.structured_outputs is None
-        and not p.has_penalties
-        and not p.logit_bias
-        and seq.num_output_tokens >= p.min_tokens
-    )
+    return not p.has_penalties and seq.num_output_tokens >= p.min_tokens
 
 
 class Speculator:
