@@ -247,3 +247,67 @@ def test_offline_json_bench_generates_what_offline_does(tiny_llama, tmp_path):
     res = run_bench(cfg, node)
     assert res["completed"] == 6 and res["failed"] == 0
     assert res["output_tokens"] == sum(r.max_tokens for r in make_requests(cfg.bench, TokenSpace(100)))
+
+
+def test_where_no_bytes_are_forced_a_token_validates_iff_its_mask_allows_it(demo_model):
+    """The guessed-mask path (Grammars.fill_later with a guess) skips a row's mask when the grammar
+    forces no bytes and validate_tokens accepts the row's argmax. Along random walks through the
+    property test's schemas, regexes and choices, wherever no bytes are forced, the tokens
+    validate_tokens accepts are exactly those the mask allows (EOS included); where bytes are
+    forced they are not (the mask keeps only canonical tokens), which is why those rows keep a mask."""
+    import random
+
+    import numpy as np
+
+    from nanoslg.engine.structured import Grammars
+
+    specs = (
+        [S(json=s) for s in sc.schemas(12, 7)]
+        + [S(regex=r) for r in sc.REGEXES]
+        + [S(choice=c) for c in sc.choices(4, 7)]
+    )
+    with LLM(f"model.path={demo_model}", "cache=sdpa") as llm:
+        eng = llm.engine
+        tok = eng.grammars.tokenizer
+        g = Grammars(tok, eng.vocab_size, eng.grammars.eos_token_ids)
+        rng, n, free, forced_differ = random.Random(0), len(tok), 0, 0
+        for spec in specs:
+            m = g._build(spec)[0].deep_copy()
+            for _ in range(25):
+                if m.is_stopped():
+                    break
+                bits = np.zeros(g.words, dtype=np.int32)
+                m.unsafe_compute_mask_ptr(bits.ctypes.data, g.words * 4)
+                allowed = np.unpackbits(bits.view(np.uint8), bitorder="little")[:n].astype(bool)
+                valid = np.array([m.validate_tokens([t]) == 1 for t in range(n)])
+                if not m.compute_ff_bytes():
+                    free += 1
+                    assert (allowed == valid).all(), (spec.key()[:80], np.flatnonzero(allowed != valid)[:10])
+                else:
+                    forced_differ += bool((allowed != valid).any())
+                m.consume_token(rng.choice(np.flatnonzero(allowed).tolist()))
+        g.shutdown()
+    assert free > 50 and forced_differ > 0, (free, forced_differ)
+
+
+def test_guessed_masks_change_no_greedy_token(demo_model):
+    """With overlap a constrained row whose argmax its grammar allows is sampled without a mask
+    (Grammars.fill_later's guess): greedy outputs equal those of overlap off, where every row is
+    masked, and both kinds of row occurred."""
+    cases = (
+        [S(json=s) for s in sc.schemas(40, 11)]
+        + [S(regex=r) for r in sc.REGEXES]
+        + [S(choice=c) for c in sc.choices(6, 11)]
+    )
+    params = [SamplingParams(temperature=0.0, max_tokens=MAX, structured_outputs=c) for c in cases]
+    prompts = [("Hello", "JSON please:", "x")[i % 3] for i in range(len(cases))]
+    runs = []
+    for overlap in ("true", "false"):
+        with LLM(f"model.path={demo_model}", "cache=sdpa", f"scheduler.overlap={overlap}") as llm:
+            outs = llm.generate(prompts, params)
+            prof = llm.engine.metrics.profile
+        runs.append([(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs])
+        if overlap == "true":
+            guessed, rows = prof.mask_rows_guessed, prof.mask_rows
+    assert runs[0] == runs[1]
+    assert 0 < guessed < rows, (guessed, rows)
