@@ -248,8 +248,7 @@ class AsyncEngine:
                 nxt, fwd = inflight[0]
 
                 def sample_when_masked(ended: dict, nxt=nxt, fwd=fwd) -> None:
-                    guess = lambda ids: self.executor.guess(fwd.result(), ids)  # noqa: E731
-                    masks = self.grammars.fill_later(nxt, self.outputs.outs, ended, guess)
+                    masks = self.grammars.fill_later(nxt, self.outputs.outs, ended)
                     sample = self._thread.submit(lambda: self.executor.sample(fwd.result(), masks and masks.result()))
                     inflight[0] = (nxt, sample)
 

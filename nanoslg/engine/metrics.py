@@ -61,10 +61,6 @@ class StepProfile:
     # Grammar mask fills, on the mask threads: the loop waits for those made right after scheduling
     # (also counted in schedule_s); those of a sample_later step overlap its processing.
     masks_s: float = 0.0
-    # Constrained rows of sample_later steps, and those whose plain argmax their grammar allowed (no
-    # mask filled for them: engine/structured.py).
-    mask_rows: int = 0
-    mask_rows_guessed: int = 0
     # speculative=draft: the draft model's proposals, inside the step (also counted in wait_s).
     draft_s: float = 0.0
 
@@ -76,8 +72,6 @@ class StepProfile:
                 k[:-2] + "_ms": getattr(self, k) / n * 1e3
                 for k in ("schedule_s", "process_s", "launch_s", "wait_s", "masks_s", "draft_s")
             },
-            "mask_rows": self.mask_rows,
-            "mask_rows_guessed": self.mask_rows_guessed,
         }
 
 

@@ -209,42 +209,12 @@ class Grammars:
             plan.spec_masks = lambda: self._filler.submit(self._fill, drafted).result().spec
         plan.masks = self._filler.submit(self._fill, rows).result()
 
-    def fill_later(self, plan: StepPlan, outs: dict, ended: dict[int, str], guess=None) -> Future | None:
+    def fill_later(self, plan: StepPlan, outs: dict, ended: dict[int, str]) -> Future | None:
         """The masks of the plan's constrained rows, from their grammars' present state, as a future
         filled on the mask thread (None when no row needs one). Rows whose grammar just `ended` get
-        none: they finish with this step, and a stopped matcher has no mask to give.
-
-        guess(seq_ids) -> the plain argmax of those rows of the launched step (waiting for the
-        device). A row that would take the argmax anyway (greedy, nothing else changing its logits)
-        and whose grammar allows it needs no mask: the masked argmax is that same token. Inside a
-        long string nearly every token is allowed and a mask costs most there, so most of the fill
-        is skipped; the rest of the rows are filled as before."""
+        none: they finish with this step, and a stopped matcher has no mask to give."""
         rows = [(so, st) for so, st in _constrained(plan, outs) if so.seq.seq_id not in ended]
-        if not rows:
-            return None
-        if guess is None:
-            return self._filler.submit(self._fill, rows)
-        return self._filler.submit(self._fill_guessed, rows, guess)
-
-    def _fill_guessed(self, rows: list, guess) -> TokenMasks | None:
-        """Runs on the filler thread: fill_later with a guess (above)."""
-        plain = [so for so, st in rows if not st.spec and _takes_argmax(so.seq)]
-        allowed: set[int] = set()
-        if plain:
-            n_tokens = len(self.tokenizer)
-            for so, tok in zip(plain, guess([so.seq.seq_id for so in plain])):
-                # Where the grammar forces the next bytes, its mask allows only their canonical
-                # tokens while validate_tokens takes any split of them: such rows keep their mask
-                # (a cheap one). Elsewhere the two agree (tests/test_structured.py). Ids past the
-                # tokenizer's (padding rows of the LM head) are never allowed.
-                m = so.grammar.m
-                if tok < n_tokens and not m.compute_ff_bytes() and m.validate_tokens([tok]) == 1:
-                    allowed.add(so.seq.seq_id)
-        if self.metrics is not None:
-            self.metrics.profile.mask_rows += len(rows)
-            self.metrics.profile.mask_rows_guessed += len(allowed)
-        need = [(so, st) for so, st in rows if so.seq.seq_id not in allowed]
-        return self._fill(need) if need else None
+        return self._filler.submit(self._fill, rows) if rows else None
 
     def _fill(self, pairs: list) -> TokenMasks:
         """Runs on the filler thread: each shard's rows filled by that shard's thread, into one array;
@@ -305,18 +275,6 @@ def _constrained(plan: StepPlan, outs: dict) -> list:
             if so is not None and so.grammar is not None and not so.seq.finished:
                 rows.append((so, st))
     return rows
-
-
-def _takes_argmax(seq) -> bool:
-    """Whether the sampler's token for this row is the argmax of its masked logits and nothing else:
-    greedy, no bias or penalties, no stop ids held back by min_tokens."""
-    p = seq.params
-    return (
-        p.greedy
-        and not p.logit_bias
-        and not p.has_penalties
-        and (not seq.min_tokens_stop_ids or seq.num_output_tokens >= p.min_tokens)
-    )
 
 
 def _grammar(spec: StructuredOutputs) -> str:

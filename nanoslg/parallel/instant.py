@@ -36,9 +36,6 @@ class InstantExecutor:
     def sample(self, plan: StepPlan, masks: TokenMasks | None) -> StepResult:
         return self._answer(plan, masks)
 
-    def guess(self, plan: StepPlan, seq_ids: list[int]) -> list[int]:
-        return [self.token] * len(seq_ids)  # what every row draws unless its mask forbids it
-
     def _answer(self, plan: StepPlan, masks: TokenMasks | None) -> StepResult:
         ids = [s.seq_id for s in plan.seqs if s.sample]
         tokens = [self.token] * len(ids)

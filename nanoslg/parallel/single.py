@@ -62,10 +62,6 @@ class SingleExecutor:
         with on_stream(self.stream):
             return self.rt.runner.sample(launched, masks)
 
-    def guess(self, launched: Launched, seq_ids: list[int]) -> list[int]:
-        with on_stream(self.stream):
-            return self.rt.runner.guess(launched, seq_ids)
-
     def collect(self, launched: Launched) -> StepResult:
         return self.rt.runner.collect(launched)
 

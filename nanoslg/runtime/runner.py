@@ -130,15 +130,6 @@ class ModelRunner:
         return self._sample(plan.step_id, logits, seq_ids, plan.masks)
 
     @torch.inference_mode()
-    def guess(self, launched: Launched, seq_ids: list[int]) -> list[int]:
-        """The plain argmax of some rows of a step launched with sample_later (waits for the device):
-        where a row's grammar allows it, it is what the masked argmax will pick, so that row needs no
-        mask. Queued before the step's sampling, so its logits are still intact."""
-        at = {s: r for r, s in enumerate(launched.seq_ids)}
-        rows = to_device([at[s] for s in seq_ids], torch.long, self.device)
-        return launched.logits[rows].argmax(dim=-1).tolist()
-
-    @torch.inference_mode()
     def sample(self, launched: Launched, masks) -> Launched:
         """Samples a step launched with sample_later, now that its grammar masks are known. Stream
         order keeps its logits intact: a later step (a graph replay) is queued after this."""
