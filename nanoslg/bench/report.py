@@ -72,6 +72,12 @@ def format_report(cfg: Config, r: dict) -> str:
     if cold and cold.get("first_token_s") is not None:
         row("cold start", f"{cold['first_token_s']:.1f} s from spawning the server to its first token "
                           f"(/health after {cold['server_ready_s']:.1f} s)")  # fmt: skip
+        slog = cold.get("server_log") or {}
+        if "serving_after_run_py_s" in slog and "engine_built_s" in slog:
+            phases = ", ".join(f"{k} {v:.2f}" for k, v in slog.get("engine_phases_s", {}).items())
+            built = f"the engine built in {slog['engine_built_s']:.1f} s ({phases} s)"
+            row("", f"server log: serving {slog['serving_after_run_py_s']:.1f} s after run.py started, {built}; "
+                    "the rest: imports, config")  # fmt: skip
     chunks = r.get("stream_chunks")
     if chunks is not None and chunks < 0.9 * r["output_tokens"]:
         row("note", f"the server sent {chunks:,} stream chunks for {r['output_tokens']:,} tokens: TTFT/ITL are per "

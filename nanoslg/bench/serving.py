@@ -167,6 +167,21 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def startup_from_log(text: str) -> dict:
+    """Where the spawned server's start-up went, from its own log: when it was serving, counted from
+    run.py's first line (the rest of the cold start is the interpreter's own start and the wait for
+    /health), and how long the engine took to build, phase by phase (engine/builder.py)."""
+    out: dict = {}
+    m = re.search(r"engine built in ([\d.]+) s since the config was read \((.*) s\)", text)
+    if m:
+        out["engine_built_s"] = float(m.group(1))
+        out["engine_phases_s"] = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)", m.group(2))}
+    m = re.search(r"([\d.]+) s after run\.py started", text)
+    if m:
+        out["serving_after_run_py_s"] = float(m.group(1))
+    return out
+
+
 def _start_server(cfg: Config) -> ServerProcess:
     """`run.py mode=serve` with this run's config on a free loopback port, ready (its log stays on disk)."""
     run_py = REPO_DIR / "run.py"
@@ -226,6 +241,8 @@ def run_http(cfg: Config, wl, figures: Figures | None) -> dict:
         code = server.stop() if server is not None else None
         if server is not None and code not in (0, None):
             log.warning("the server exited with code %s; its log tail:\n%s", code, server.tail())
+    if cold is not None:
+        cold["server_log"] = startup_from_log(server.output())
     results = summarize(timings, wall)
     results["server"] = {
         "url": url,
