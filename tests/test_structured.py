@@ -247,3 +247,40 @@ def test_offline_json_bench_generates_what_offline_does(tiny_llama, tmp_path):
     res = run_bench(cfg, node)
     assert res["completed"] == 6 and res["failed"] == 0
     assert res["output_tokens"] == sum(r.max_tokens for r in make_requests(cfg.bench, TokenSpace(100)))
+
+
+def test_the_engines_token_slices_give_llguidances_default_masks(demo_model):
+    """engine/structured.py's SLICES (string bodies narrow to wide) only change how a mask is computed:
+    along random walks through W11's schema, the property test's schemas and the regexes, every mask
+    equals the one llguidance's default slices give."""
+    import llguidance as llg
+    import numpy as np
+    from llguidance.hf import from_tokenizer
+
+    from nanoslg.bench.structured import SCHEMA
+    from nanoslg.engine.structured import JSON_DEFAULTS, SLICES
+
+    with LLM(f"model.path={demo_model}", "cache=sdpa") as llm:
+        tok = llm.engine.grammars.tokenizer
+    n = len(tok)
+    words = (n + 31) // 32
+    tokenizers = [from_tokenizer(tok, n_vocab=n, slices=s) for s in (None, SLICES)]
+    grammars = [llg.LLMatcher.grammar_from_json_schema(s, defaults=JSON_DEFAULTS) for s in [SCHEMA, *sc.schemas(15, 5)]]
+    grammars += [llg.LLMatcher.grammar_from_regex(r) for r in sc.REGEXES]
+    rng, states = np.random.default_rng(0), 0
+    for g in grammars:
+        pair = [llg.LLMatcher(t, g, log_level=0) for t in tokenizers]
+        for _ in range(40):
+            if pair[0].is_stopped():
+                break
+            bits = np.zeros((2, words), dtype=np.int32)
+            for j, m in enumerate(pair):
+                m.unsafe_compute_mask_ptr(bits[j].ctypes.data, words * 4)
+            assert (bits[0] == bits[1]).all(), g[:80]
+            allowed = np.unpackbits(bits[0].view(np.uint8), bitorder="little")[:n].astype(bool)
+            logits = rng.standard_normal(n)
+            logits[~allowed] = -np.inf
+            t = int(np.argmax(logits))
+            assert all(m.consume_token(t) for m in pair)
+            states += 1
+    assert states > 300, states

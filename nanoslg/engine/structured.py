@@ -52,6 +52,13 @@ SHARDS = max(1, min(12, (os.cpu_count() or 2) - 4))
 # Compact JSON unless a schema's "x-guidance" asks for more: with free whitespace between tokens a
 # model (a random one always) can spend its whole budget on blank lines.
 JSON_DEFAULTS = {"whitespace_flexible": False}
+# llguidance's token slices: token sets precomputed per regex, OR-ed into a mask wherever the lexer
+# allows all of a slice, so only the tokens of the other slices are walked. A token joins the first
+# slice it matches, so string bodies go narrow to wide: inside a string of bounded length with r
+# characters left, every slice up to r characters is taken whole (the defaults' widths 1-10, 1-30
+# leave most tokens to walk there). Same masks as the defaults (tests/test_structured.py).
+_BODY = '[^"\\\\\\x00-\\x1F\\x7F]'
+SLICES = ["[\\x20\\x0A\\x0D\\x09]+", *(f"{_BODY}{{1,{k}}}" for k in (*range(1, 25), 32)), _BODY + "+"]
 
 
 class Matcher:
@@ -182,7 +189,7 @@ class Grammars:
                 n_vocab = max(self.vocab_size, len(self.tokenizer))
                 try:
                     self._ll_tokenizer = from_tokenizer(
-                        self.tokenizer, n_vocab=n_vocab, eos_token=list(self.eos_token_ids) or None
+                        self.tokenizer, n_vocab=n_vocab, eos_token=list(self.eos_token_ids) or None, slices=SLICES
                     )
                 except ValueError as e:
                     raise RequestError(f"structured outputs need a fast tokenizer: {e}") from None
