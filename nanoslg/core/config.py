@@ -219,12 +219,17 @@ def _get(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key)
 
 
+def check_choice(key: str, value: Any) -> None:
+    """Raises the ConfigError naming `key` and its allowed values (CHOICES) when `value` is not one."""
+    allowed = CHOICES[key]
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(allowed)}")
+
+
 def validate(cfg: DictConfig) -> Config:
     """Checks choices and ranges, and returns the typed config object."""
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(allowed)}")
+    for key in CHOICES:
+        check_choice(key, _get(cfg, key))
     for key, lo, hi, lo_incl in RANGES:
         value = _get(cfg, key)
         if value is None:

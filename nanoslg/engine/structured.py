@@ -210,9 +210,12 @@ class Grammars:
         if overlap and any(so.seq.num_pending > 1 for so, _ in rows):
             plan.sample_later = True
             return
-        drafted = [(so, st) for so, st in rows if st.spec and st.token_ids[1] == PLACEHOLDER]
-        if drafted:  # the draft model proposes on the device rank: those masks once it has
-            rows = [r for r in rows if r not in drafted]
+        # A draft model's proposals are filled on the device rank: those rows' masks wait for them.
+        now, drafted = [], []
+        for so, st in rows:
+            (drafted if st.spec and st.token_ids[1] == PLACEHOLDER else now).append((so, st))
+        if drafted:
+            rows = now
             plan.spec_masks = lambda: self._filler.submit(self._fill, drafted).result().spec
         plan.masks = self._filler.submit(self._fill, rows).result()
 

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from nanoslg.core.config import check_choice
 from nanoslg.core.dist import get_state
 from nanoslg.core.errors import ConfigError
 from nanoslg.core.registry import ARCHITECTURES
@@ -52,9 +53,8 @@ def resolve_dtype(dtype: str | torch.dtype, args: ModelArgs, device: torch.devic
     """The dtype the model runs in, and why (for the start-up log). The one place `auto` is decided."""
     if isinstance(dtype, torch.dtype):
         return dtype, "given"
+    check_choice("model.dtype", dtype)
     if dtype != "auto":
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"model.dtype={dtype!r} is not allowed; allowed: auto, float32, bfloat16, float16")
         return getattr(torch, dtype), "set by model.dtype"
     if device.type == "cpu":
         return torch.float32, "auto on CPU: float32 (bf16 matmuls are slow and inexact there)"
@@ -88,10 +88,8 @@ def load_model(
         raise ConfigError("model.load_format must be dummy when there is no checkpoint path")
     device = torch.device(device)
     dtype, _ = resolve_dtype(dtype, args, device)
-    if load_format not in ("auto", "safetensors", "dummy"):
-        raise ConfigError(f"model.load_format={load_format!r} is not allowed; allowed: auto, safetensors, dummy")
-    if dummy_init not in ("normal", "fan_in"):
-        raise ConfigError(f"model.dummy_init={dummy_init!r} is not allowed; allowed: normal, fan_in")
+    check_choice("model.load_format", load_format)
+    check_choice("model.dummy_init", dummy_init)
     quant = resolve_quantization(quantization, args.quantization, load_format)
     cls = ARCHITECTURES.get(args.architecture)
     old = torch.get_default_dtype()
