@@ -168,15 +168,19 @@ class ServerProcess:
 
 
 def startup_from_log(text: str) -> dict:
-    """Where the spawned server's start-up went, from its own log: when it was serving, counted from
-    run.py's first line (the rest of the cold start is the interpreter's own start and the wait for
-    /health), and how long the engine took to build, phase by phase (engine/builder.py)."""
+    """Where the spawned server's start-up went, from its own log: when it had read its config (imports,
+    Hydra) and when it was serving, counted from run.py's first line (the rest of the cold start is the
+    interpreter's own start and the wait for /health), and how long the engine took to build, phase by
+    phase (engine/builder.py)."""
     out: dict = {}
     m = re.search(r"engine built in ([\d.]+) s since the config was read \((.*) s\)", text)
     if m:
         out["engine_built_s"] = float(m.group(1))
         out["engine_phases_s"] = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)", m.group(2))}
-    m = re.search(r"([\d.]+) s after run\.py started", text)
+    m = re.search(r"the config was read ([\d.]+) s after run\.py started", text)
+    if m:
+        out["config_read_after_run_py_s"] = float(m.group(1))
+    m = re.search(r"NanoSLG serving model .*?([\d.]+) s after run\.py started", text)
     if m:
         out["serving_after_run_py_s"] = float(m.group(1))
     return out

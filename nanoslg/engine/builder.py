@@ -27,6 +27,9 @@ log = logging.getLogger("nanoslg")
 
 def build_engine(cfg: Config) -> AsyncEngine:
     t0 = time.perf_counter()
+    started = os.environ.get("NANOSLG_STARTED")  # set by run.py: where a cold start's time goes
+    if started:
+        log.info("building the engine: the config was read %.1f s after run.py started", time.time() - float(started))
     ckpt = resolve_checkpoint(cfg)
     cfg = resolve_parallel(cfg, ckpt)
     cfg = _speculative(cfg)
