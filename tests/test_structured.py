@@ -152,6 +152,26 @@ def test_bad_specs_are_refused_naming_the_field(demo_llm):
     assert e.value.param == "logit_bias"
 
 
+def test_a_tokenizer_llguidance_cannot_read_is_not_blamed_on_the_spec(demo_tokenizer, monkeypatch):
+    """llguidance before 1.7 takes one EOS id, and Qwen3's or Llama-3's tokenizer ends on several: its
+    TypeError was reported as "the json does not compile". It names llguidance and the tokenizer now."""
+    import llguidance.hf
+
+    from nanoslg.engine.structured import Grammars
+
+    def refuse(*args, **kwargs):
+        raise TypeError("argument 'eos_token': 'list' object cannot be interpreted as an integer")
+
+    monkeypatch.setattr(llguidance.hf, "from_tokenizer", refuse)
+    g = Grammars(demo_tokenizer, len(demo_tokenizer), (1, 2))
+    try:
+        with pytest.raises(RequestError, match="could not read this model's tokenizer") as e:
+            asyncio.run(g.compile(S(json={"type": "object"})))
+        assert "does not compile" not in str(e.value) and "eos_token" in str(e.value)
+    finally:
+        g.shutdown()
+
+
 def test_a_grammar_compiled_after_add_request(demo_llm):
     """engine.add_request with a spec not compiled yet: the request starts once it is; a bad spec
     ends the stream with its error; an abort while compiling ends the stream."""

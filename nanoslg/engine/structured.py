@@ -193,6 +193,11 @@ class Grammars:
                     )
                 except ValueError as e:
                     raise RequestError(f"structured outputs need a fast tokenizer: {e}") from None
+                except Exception as e:  # e.g. an llguidance before 1.7 given several EOS ids: not the spec's fault
+                    raise RequestError(
+                        f"structured outputs are unavailable: llguidance {getattr(llg, '__version__', '?')} could not "
+                        f"read this model's tokenizer ({type(e).__name__}: {_first_lines(e, 2)})"
+                    ) from None
                 self.words = (n_vocab + 31) // 32
             return self._ll_tokenizer
 
