@@ -1,6 +1,9 @@
 """Host-side cost of one engine step, without a model: scheduler + KV manager + output processing.
 
-    python experiments/cpu_step_overhead.py [num_seqs] [prompt_len] [steps] [shared_prefix_len]
+    python experiments/cpu_step_overhead.py [num_seqs] [prompt_len] [steps] [shared_prefix_len] [each_delta 0|1]
+
+each_delta=1 wakes each request's reader at every token (a streamed answer); 0, the default, once at the
+end (LLM.generate, a non-streamed answer, the offline bench).
 
 The executor returns a token at once, so the time per step is what the CPU adds to every decode
 step (and what overlap scheduling would hide behind the GPU).
@@ -21,7 +24,7 @@ from nanoslg.scheduler.policy import FCFSPolicy
 from nanoslg.scheduler.scheduler import Scheduler
 
 
-async def main(num_seqs: int, prompt_len: int, steps: int, shared: int = 0) -> None:
+async def main(num_seqs: int, prompt_len: int, steps: int, shared: int = 0, each_delta: int = 0) -> None:
     cfg = SchedulerConfig(max_num_seqs=num_seqs, max_num_batched_tokens=num_seqs * prompt_len)
     kv = PagedKVManager(num_seqs * (prompt_len + steps) // 16 + num_seqs, 16, True)
     engine = AsyncEngine(
@@ -38,7 +41,9 @@ async def main(num_seqs: int, prompt_len: int, steps: int, shared: int = 0) -> N
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
     prefix = [rng.randrange(2, 1000) for _ in range(shared)]  # the first `shared` prompt tokens of all
     streams = [
-        engine.add_request(prefix + [rng.randrange(2, 1000) for _ in range(prompt_len - shared)], params)
+        engine.add_request(
+            prefix + [rng.randrange(2, 1000) for _ in range(prompt_len - shared)], params, each_delta=bool(each_delta)
+        )
         for _ in range(num_seqs)
     ]
     t = time.perf_counter()
@@ -46,7 +51,8 @@ async def main(num_seqs: int, prompt_len: int, steps: int, shared: int = 0) -> N
     dt = time.perf_counter() - t
     prof = engine.metrics.profile.per_step_ms()
     print(
-        f"{num_seqs} sequences, {steps} steps: {dt / steps * 1e3:.2f} ms of host work per step "
+        f"{num_seqs} sequences, {steps} steps, each_delta={each_delta}: {dt / steps * 1e3:.2f} ms of host work "
+        "per step "
         f"(schedule {prof['schedule_ms']:.2f} ms, process outputs {prof['process_ms']:.2f} ms, "
         f"the rest is the request streams' consumers and the loop)"
     )
@@ -54,5 +60,5 @@ async def main(num_seqs: int, prompt_len: int, steps: int, shared: int = 0) -> N
 
 
 if __name__ == "__main__":
-    args = [int(a) for a in sys.argv[1:]] + [256, 600, 300, 0][len(sys.argv) - 1 :]
-    asyncio.run(main(*args[:4]))
+    args = [int(a) for a in sys.argv[1:]] + [256, 600, 300, 0, 0][len(sys.argv) - 1 :]
+    asyncio.run(main(*args[:5]))

@@ -61,7 +61,7 @@ class LLM:
             streams = []
             try:
                 for p, sp in zip(prompts, params):
-                    streams.append(self.engine.add_request(p, sp))
+                    streams.append(self.engine.add_request(p, sp, each_delta=False))
             except Exception:
                 for s in streams:  # a bad prompt fails the call; nothing keeps running behind it
                     self.engine.abort(s.request_id)

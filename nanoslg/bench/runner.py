@@ -172,9 +172,12 @@ async def _engine_session(
         params = _sampling(cfg, r.max_tokens, r.structured)
         t.arrival = time.perf_counter()
         try:
-            stream = engine.add_request(r.prompt, params, request_id=f"bench-{i}")
-            async for out in stream:
-                t.on_delta(sum(len(o.token_ids) for o in out.outputs))
+            # Read once, at the end, as LLM.generate is; each delta's time is when the engine put it.
+            stream = engine.add_request(r.prompt, params, request_id=f"bench-{i}", each_delta=False)
+            async for _ in stream:
+                pass
+            for at, n in zip(*stream.timeline):
+                t.on_delta(n, at)
             t.finish()
         except Exception as e:  # one failed request is reported, not fatal
             t.finish(error=f"{type(e).__name__}: {e}")

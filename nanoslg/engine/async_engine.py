@@ -112,8 +112,15 @@ class AsyncEngine:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="nanoslg-engine")
 
     def add_request(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        each_delta: bool = True,
     ) -> RequestStream:
+        """Queues a request; its deltas come on the returned stream (`each_delta=False`: the reader
+        wakes once, at the end, and reads them all; see RequestStream)."""
         if self._dead is not None:
             raise EngineDeadError(f"the engine has stopped: {self._dead}")
         if not self._accepting:
@@ -125,7 +132,7 @@ class AsyncEngine:
         rid = request_id or uuid.uuid4().hex
         if rid in self.outputs.requests or rid in self.grammars.waiting:
             raise RequestError(f"request id {rid!r} is already in use", param="request_id")
-        stream = RequestStream(rid)
+        stream = RequestStream(rid, each_delta)
         spec = params.structured_outputs
         compiled = self.grammars.cached(spec) if spec is not None else None
         if spec is not None and compiled is None:  # compiled off the loop; the request starts after
@@ -155,7 +162,7 @@ class AsyncEngine:
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
     ) -> RequestOutput:
         """Runs one request to the end and returns the accumulated result."""
-        stream = self.add_request(prompt, params, request_id)
+        stream = self.add_request(prompt, params, request_id, each_delta=False)
         return await collect(stream)
 
     def abort(self, request_id: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
+from array import array
 from collections.abc import AsyncIterator
 
 from nanoslg.engine.outputs import CompletionOutput, RequestOutput
@@ -13,15 +15,33 @@ class RequestStream:
     """Async iterator over one request's deltas; ends after the delta with finished=True.
 
     A deque and one waiter future rather than an asyncio.Queue: `put` runs once per token of every
-    running request, on the loop, between steps."""
+    running request, on the loop, between steps.
 
-    def __init__(self, request_id: str):
+    `each_delta=False` is for a caller that wants the whole result (LLM.generate, a non-streamed HTTP
+    answer, the offline bench): the deltas are folded into one as they come and the reader is woken
+    once, by the last (or by an error), so the loop spends no task switch per token on it and keeps
+    no object per token. When each delta came, and how many tokens it brought, stays in `timeline`
+    (perf_counter seconds, token counts: plain arrays)."""
+
+    def __init__(self, request_id: str, each_delta: bool = True):
         self.request_id = request_id
+        self.each_delta = each_delta
+        self.timeline: tuple[array, array] | None = None if each_delta else (array("d"), array("l"))
+        self._folded: RequestOutput | None = None
         self._items: collections.deque = collections.deque()
         self._waiter: asyncio.Future | None = None
         self._done = False
 
     def put(self, item: RequestOutput | BaseException) -> None:
+        if not self.each_delta and not isinstance(item, BaseException):
+            times, counts = self.timeline
+            times.append(time.perf_counter())
+            outs = item.outputs
+            counts.append(len(outs[0].token_ids) if len(outs) == 1 else sum(len(o.token_ids) for o in outs))
+            self._folded = item if self._folded is None else _fold(self._folded, item)
+            if not item.finished:
+                return
+            item, self._folded = self._folded, None
         self._items.append(item)
         w = self._waiter
         if w is not None:
@@ -44,6 +64,26 @@ class RequestStream:
             raise item
         self._done = item.finished
         return item
+
+
+def _fold(acc: RequestOutput, delta: RequestOutput) -> RequestOutput:
+    """acc with delta appended, sample by sample (the engine makes fresh objects for every delta, so
+    acc's are this stream's to change)."""
+    one = len(acc.outputs) == 1  # most requests: one sample, no index to look up
+    by_index = None if one else {o.index: o for o in acc.outputs}
+    for d in delta.outputs:
+        o = (acc.outputs[0] if acc.outputs[0].index == d.index else None) if one else by_index.get(d.index)
+        if o is None:
+            acc.outputs.append(d)
+            continue
+        o.text += d.text
+        o.token_ids += d.token_ids
+        if d.logprobs:
+            o.logprobs = (o.logprobs or []) + d.logprobs
+        if d.finish_reason is not None:
+            o.finish_reason, o.stop_reason = d.finish_reason, d.stop_reason
+    acc.finished, acc.num_cached_tokens = delta.finished, delta.num_cached_tokens
+    return acc
 
 
 async def collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:

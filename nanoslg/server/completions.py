@@ -129,13 +129,14 @@ class OpenAIServer:
             )
         return SamplingParams(**kw)
 
-    def add_all(self, prompts: list, params: SamplingParams, base_id: str, param: str = "prompt") -> list:
-        """Adds one engine request per prompt; all or none."""
+    def add_all(self, prompts: list, params: SamplingParams, base_id: str, stream: bool, param: str = "prompt") -> list:
+        """Adds one engine request per prompt; all or none (`stream`: the answer is streamed, so each
+        delta wakes its reader; else the reader wakes once, with the whole result)."""
         self.check_capacity()
         streams = []
         try:
             for i, p in enumerate(prompts):
-                streams.append(self.engine.add_request(p, params, f"{base_id}-{i}"))
+                streams.append(self.engine.add_request(p, params, f"{base_id}-{i}", each_delta=stream))
         except BaseException as e:
             self.abort(streams)
             if isinstance(e, RequestError) and e.param == "prompt" and param != "prompt":
@@ -188,7 +189,7 @@ class OpenAIServer:
             )
         encoded = await self.prompts.encode(prompts)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = self.add_all(encoded, params, rid)
+        streams = self.add_all(encoded, params, rid, bool(req.stream))
         if req.stream:
             return self.sse(self.completion_events(rid, req, params, streams, prompts), streams)
         results = await self.wait_all(request, streams)
@@ -267,7 +268,7 @@ class OpenAIServer:
         params = tools.constrain(self.sampling(req, max_tokens, logprobs), field)
         await compile_for(self.engine, params, tools.field or field)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = self.add_all([ids], params, rid, param="messages")
+        streams = self.add_all([ids], params, rid, bool(req.stream), param="messages")
         if req.stream:
             return self.sse(self.chat_events(rid, req, params, streams, tools), streams)
         (r,) = await self.wait_all(request, streams)
