@@ -498,7 +498,7 @@ class _DyingEngine:
         self.is_alive = True
         self.aborted: list[str] = []
 
-    def add_request(self, prompt, params, request_id=None):
+    def add_request(self, prompt, params, request_id=None, each_delta=True):
         return _DyingStream(request_id, list(prompt))
 
     def abort(self, request_id):

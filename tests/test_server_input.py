@@ -21,7 +21,7 @@ class _RecordingEngine:
         self.metrics = EngineMetrics()
         self.added: list = []
 
-    def add_request(self, prompt, params, request_id=None):
+    def add_request(self, prompt, params, request_id=None, each_delta=True):
         self.added.append((prompt, params))
         raise AssertionError("a bad body must not reach the engine")
 
@@ -97,7 +97,7 @@ class _Done:
 def test_integral_numbers_are_integers(client):
     """JSON has one number type: 16.0 is 16 (JSON Schema's "integer" allows it), 16.5 is not."""
     engine = client.engine
-    engine.add_request = lambda prompt, params, request_id=None: (
+    engine.add_request = lambda prompt, params, request_id=None, each_delta=True: (
         engine.added.append(params) or _Done(request_id, prompt)
     )
     r = client.post("/v1/completions", json={"prompt": [1.0, 2], "max_tokens": 16.0, "n": 1e0})
