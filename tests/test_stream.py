@@ -12,15 +12,16 @@ from nanoslg.engine.stream import RequestStream, collect
 
 
 def deltas() -> list[RequestOutput]:
-    """Two samples, streamed unevenly (a step may bring one sample's token and not the other's), with
-    logprobs and each sample's own end; fresh objects on every call."""
+    """Two samples, streamed unevenly (a step may bring one sample's token and not the other's; the
+    second sample's first), with logprobs and each sample's own end; fresh objects on every call."""
 
     def out(i, text, ids, finish=None):
         lp = [Logprob(t, -0.5, [(t, -0.5)]) for t in ids]
         return CompletionOutput(i, text, list(ids), lp, finish, "x" if finish == "stop" else None)
 
     return [
-        RequestOutput("r", [1, 2], [out(0, "a", [5]), out(1, "b", [6])], False, 0),
+        RequestOutput("r", [1, 2], [out(1, "b", [6])], False, 0),
+        RequestOutput("r", [1, 2], [out(0, "a", [5])], False, 0),
         RequestOutput("r", [1, 2], [out(1, "cd", [7, 8])], False, 2),
         RequestOutput("r", [1, 2], [out(0, "e", [9], "stop")], False, 2),
         RequestOutput("r", [1, 2], [out(1, "", [10], "length")], True, 2),
@@ -52,7 +53,7 @@ def test_a_whole_result_reader_is_woken_once_and_gets_what_collect_folds():
         return got_eager, got_lazy, lazy, wakes
 
     got_eager, got_lazy, lazy, wakes = asyncio.run(run())
-    assert wakes == {"eager": 4, "lazy": 1} and len(got_lazy) == 1 and got_lazy[0].finished
+    assert wakes == {"eager": 5, "lazy": 1} and len(got_lazy) == 1 and got_lazy[0].finished
 
     async def fold(items):
         s = RequestStream("r")
@@ -62,12 +63,12 @@ def test_a_whole_result_reader_is_woken_once_and_gets_what_collect_folds():
 
     want = asyncio.run(fold(got_eager))
     have = got_lazy[0]
-    assert [vars(o) for o in sorted(have.outputs, key=lambda o: o.index)] == [vars(o) for o in want.outputs]
+    assert [vars(o) for o in have.outputs] == [vars(o) for o in want.outputs]  # in sample order
     assert have.outputs[0].text == "ae" and have.outputs[1].token_ids == [6, 7, 8, 10]
     assert (have.outputs[0].finish_reason, have.outputs[1].finish_reason) == ("stop", "length")
     assert have.num_cached_tokens == 2
     times, counts = lazy.timeline
-    assert list(counts) == [2, 2, 1, 1] and list(times) == sorted(times) and len(times) == 4
+    assert list(counts) == [1, 1, 2, 1, 1] and list(times) == sorted(times) and len(times) == 5
     # collect() of a whole-result stream is the same result
     s = RequestStream("r", each_delta=False)
     for d in deltas():

@@ -28,6 +28,7 @@ class RequestStream:
         self.each_delta = each_delta
         self.timeline: tuple[array, array] | None = None if each_delta else (array("d"), array("l"))
         self._folded: RequestOutput | None = None
+        self._texts: dict[int, list[str]] = {}  # the folded samples' text, in pieces
         self._items: collections.deque = collections.deque()
         self._waiter: asyncio.Future | None = None
         self._done = False
@@ -38,16 +39,48 @@ class RequestStream:
             times.append(time.perf_counter())
             outs = item.outputs
             counts.append(len(outs[0].token_ids) if len(outs) == 1 else sum(len(o.token_ids) for o in outs))
-            self._folded = item if self._folded is None else _fold(self._folded, item)
+            self._fold(item)
             if not item.finished:
                 return
-            item, self._folded = self._folded, None
+            item = self._folded_result()
         self._items.append(item)
         w = self._waiter
         if w is not None:
             self._waiter = None
             if not w.done():
                 w.set_result(None)
+
+    def _fold(self, delta: RequestOutput) -> None:
+        """Appends delta to the folded result, sample by sample. The engine makes fresh objects for
+        every delta, so the first delta's are this stream's to grow; text is kept in pieces and joined
+        once, at the end (appending to a string would copy it at every token)."""
+        acc = self._folded
+        if acc is None:
+            self._folded, self._texts = delta, {o.index: [o.text] for o in delta.outputs}
+            return
+        outs, texts = acc.outputs, self._texts
+        for d in delta.outputs:
+            o = outs[0] if outs[0].index == d.index else next((x for x in outs if x.index == d.index), None)
+            if o is None:  # the first delta of this sample
+                outs.append(d)
+                texts[d.index] = [d.text]
+                continue
+            texts[d.index].append(d.text)
+            o.token_ids += d.token_ids
+            if d.logprobs:
+                if o.logprobs is None:
+                    o.logprobs = []
+                o.logprobs += d.logprobs
+            if d.finish_reason is not None:
+                o.finish_reason, o.stop_reason = d.finish_reason, d.stop_reason
+        acc.finished, acc.num_cached_tokens = delta.finished, delta.num_cached_tokens
+
+    def _folded_result(self) -> RequestOutput:
+        acc, self._folded = self._folded, None
+        for o in acc.outputs:
+            o.text = "".join(self._texts[o.index])
+        acc.outputs.sort(key=lambda o: o.index)
+        return acc
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -64,26 +97,6 @@ class RequestStream:
             raise item
         self._done = item.finished
         return item
-
-
-def _fold(acc: RequestOutput, delta: RequestOutput) -> RequestOutput:
-    """acc with delta appended, sample by sample (the engine makes fresh objects for every delta, so
-    acc's are this stream's to change)."""
-    one = len(acc.outputs) == 1  # most requests: one sample, no index to look up
-    by_index = None if one else {o.index: o for o in acc.outputs}
-    for d in delta.outputs:
-        o = (acc.outputs[0] if acc.outputs[0].index == d.index else None) if one else by_index.get(d.index)
-        if o is None:
-            acc.outputs.append(d)
-            continue
-        o.text += d.text
-        o.token_ids += d.token_ids
-        if d.logprobs:
-            o.logprobs = (o.logprobs or []) + d.logprobs
-        if d.finish_reason is not None:
-            o.finish_reason, o.stop_reason = d.finish_reason, d.stop_reason
-    acc.finished, acc.num_cached_tokens = delta.finished, delta.num_cached_tokens
-    return acc
 
 
 async def collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
