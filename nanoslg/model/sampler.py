@@ -111,7 +111,7 @@ class Sampler:
         if masks is not None:
             x = apply_token_masks(x, seq_ids, masks)
         x = self._mask_stops(x, states)
-        x = self._bias(x, states)
+        x = self.apply_bias(x, states)
         x = self._penalize(x, states, V)
         greedy = [s.params.greedy for s in states]
         if all(greedy):  # the fast path: no sort, no noise
@@ -144,8 +144,9 @@ class Sampler:
         x[to_device(rows, torch.long, x.device), to_device(cols, torch.long, x.device)] = float("-inf")
         return x
 
-    def _bias(self, x: torch.Tensor, states: list[_Seq]) -> torch.Tensor:
-        """logit_bias: one batched add over every biased row's entries."""
+    def apply_bias(self, x: torch.Tensor, states: list[_Seq]) -> torch.Tensor:
+        """logit_bias: one batched add over every biased row's entries (row r of x is states[r]'s; the
+        speculative verifier passes a sequence's state once per position it verifies)."""
         rows, cols, vals = [], [], []
         for r, s in enumerate(states):
             if s.bias is not None:

@@ -76,7 +76,7 @@ def constrain(
             n = len(r.draft) + 1
             x[o : o + n] = x[o : o + n].masked_fill(~unpack_mask(bits, x.shape[1], x.device), float("-inf"))
     per_row = [s for r, s in zip(rows, states) for _ in range(len(r.draft) + 1)]
-    return sampler._bias(x, per_row)
+    return sampler.apply_bias(x, per_row)
 
 
 def verify(
