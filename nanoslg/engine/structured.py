@@ -11,12 +11,12 @@ grammars its masks are filled on a thread of their own (llguidance fills rows in
 the GIL) while the loop processes that step's text; the step's sampling waits for them
 (AsyncEngine._run_overlapped).
 
-Filling is spread over SHARDS threads, each with its own compile of every grammar: matchers copied
-from one compile share its lazily built lexer, whose lock serializes their fills, while separate
-compiles fill in parallel (experiments/structured_mask_threads.py). A sequence's matcher comes from
-one shard's compile, round-robin. One call into llguidance's executor fills every row on its own
-threads, rows grouped by shard: the GIL is released once per fill and taken back once, where a Python
-thread per shard had to win it back from the busy loop thread each (experiments/structured_fill_modes.py).
+Every grammar is compiled SHARDS times: matchers copied from one compile share its lazily built
+lexer, whose lock serializes their fills, while separate compiles fill in parallel
+(experiments/structured_mask_threads.py). A sequence's matcher comes from one shard's compile,
+round-robin. One call into llguidance's executor (SHARDS threads of its own) fills every row, rows
+grouped by shard: the GIL is released once per fill and taken back once, where a Python thread per
+shard had to win it back from the busy loop thread each (experiments/structured_fill_modes.py).
 
 The grammar's end is a stop: when a matcher can take nothing more (the JSON object closed, the choice
 complete), the sequence ends with "stop" at once, without sampling an EOS; where the grammar could
