@@ -419,7 +419,7 @@ def test_record_has_the_promised_keys(tmp_path):
         assert key in rec
     assert rec["config"]["bench"]["workload"] == "batch1" and rec["config"]["model"]["name"] == "demo"
     assert set(rec["gpu"]) == {"name", "count"}
-    assert {"torch", "flashinfer", "transformers", "python"} <= set(rec["versions"])
+    assert {"torch", "flashinfer", "transformers", "llguidance", "python"} <= set(rec["versions"])
     assert rec["versions"]["torch"] == torch.__version__
     assert set(rec["git"]) == {"commit", "dirty"}
     path = write_record(rec, tmp_path / "batch1")

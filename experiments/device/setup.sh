@@ -28,7 +28,8 @@ for so in .fi/.cache/flashinfer/"$FI_VER"/*/cached_ops/*/*.so; do
   mkdir -p "/tmp/site/flashinfer/data/aot/$name" && cp "$so" "/tmp/site/flashinfer/data/aot/$name/"
 done
 nvidia-smi -L
-python3 -c "import torch, flashinfer; print('torch', torch.__version__, 'flashinfer', flashinfer.__version__)"
+python3 -c "import torch, flashinfer, llguidance; print('torch', torch.__version__, 'flashinfer', flashinfer.__version__, 'llguidance', llguidance.__version__)" \
+  || echo "WARNING: torch, flashinfer or llguidance does not import: run experiments/device/fetch-extra-wheels.sh" >&2
 echo "FlashInfer modules offered as AOT: $(ls /tmp/site/flashinfer/data/aot 2>/dev/null | wc -l)"
 # The device gets a tree whose .git may be stale: the caller passes the commit, typed out
 # (NANOSLG_COMMIT=abc1234; a $(git rev-parse HEAD) in the command runs there and reads the stale one).

@@ -79,6 +79,7 @@ def environment() -> dict:
             "torch": _version("torch"),
             "flashinfer": _version("flashinfer"),
             "transformers": _version("transformers"),
+            "llguidance": _version("llguidance"),  # the structured-output presets' mask cost is its work
             "nanoslg": _version("nanoslg"),
         },
     }
