@@ -11,12 +11,12 @@ grammars its masks are filled on a thread of their own (llguidance fills rows in
 the GIL) while the loop processes that step's text; the step's sampling waits for them
 (AsyncEngine._run_overlapped).
 
-Every grammar is compiled SHARDS times: matchers copied from one compile share its lazily built
-lexer, whose lock serializes their fills, while separate compiles fill in parallel
-(experiments/structured_mask_threads.py). A sequence's matcher comes from one shard's compile,
-round-robin. One call into llguidance's executor (SHARDS threads of its own) fills every row, rows
-grouped by shard: the GIL is released once per fill and taken back once, where a Python thread per
-shard had to win it back from the busy loop thread each (experiments/structured_fill_modes.py).
+Filling is spread over SHARDS threads, each with its own compile of every grammar: matchers copied
+from one compile share its lazily built lexer, whose lock serializes their fills, while separate
+compiles fill in parallel (experiments/structured_mask_threads.py). A sequence's matcher comes from
+one shard's compile, round-robin, and that shard's thread fills its mask. (One call into an
+llguidance executor of SHARDS threads over every row is the alternative, compared with this one in
+experiments/structured_fill_modes.py; see experiments/README.md.)
 
 The grammar's end is a stop: when a matcher can take nothing more (the JSON object closed, the choice
 complete), the sequence ends with "stop" at once, without sampling an EOS; where the grammar could
@@ -91,10 +91,12 @@ class Grammars:
         self._ll_tokenizer: llg.LLTokenizer | None = None
         self._cache: collections.OrderedDict[str, list[llg.LLMatcher] | RequestError] = collections.OrderedDict()
         self._compiling: dict[str, asyncio.Future] = {}
-        self._executor: llg.LLExecutor | None = None  # SHARDS threads of llguidance's own
+        self._executors: list[llg.LLExecutor] | None = None  # one single-threaded executor per shard
         self._next_shard = itertools.count()
-        # Every mask fill runs from this one thread: fills never overlap, so no matcher is read twice at once.
+        # Every mask fill runs from this one thread: fills never overlap, so no matcher is read twice at
+        # once; it hands each shard's rows to that shard's thread.
         self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanoslg-masks")
+        self._shards = ThreadPoolExecutor(max_workers=SHARDS, thread_name_prefix="nanoslg-mask-shard")
         self.metrics = metrics  # EngineMetrics: fill time is added to its step profile's masks_s
         # Requests waiting for their grammar before they reach the scheduler: id -> (task, stream, ids, n)
         self.waiting: dict[str, tuple] = {}
@@ -232,17 +234,23 @@ class Grammars:
         return self._filler.submit(self._fill, rows) if rows else None
 
     def _fill(self, pairs: list) -> TokenMasks:
-        """Runs on the filler thread: every row in one call to llguidance's executor (rows of one shard
-        next to each other, so each of its threads mostly walks one compile's lexer), into one array;
+        """Runs on the filler thread: each shard's rows filled by that shard's thread, into one array;
         then the masks of speculating rows, one per proposal, on this thread."""
         t = time.perf_counter()
         rows = [so for so, st in pairs if not st.spec]
         bits = np.empty((len(rows), self.words), dtype=np.int32)  # every row is written whole
-        if rows:
-            if self._executor is None:
-                self._executor = llg.LLExecutor(num_threads=SHARDS)
-            jobs = sorted(((so.grammar.m, i) for i, so in enumerate(rows)), key=lambda j: rows[j[1]].grammar.shard)
-            self._executor.unsafe_compute_mask_ptr(jobs, bits.ctypes.data, self.words * 4, len(rows))
+        if self._executors is None:
+            self._executors = [llg.LLExecutor(num_threads=1) for _ in range(SHARDS)]
+        by_shard: dict[int, list] = {}
+        for i, so in enumerate(rows):
+            by_shard.setdefault(so.grammar.shard, []).append((so.grammar.m, i))
+        ptr, row_bytes, n = bits.ctypes.data, self.words * 4, len(rows)
+        jobs = [
+            self._shards.submit(self._executors[k].unsafe_compute_mask_ptr, pairs, ptr, row_bytes, n)
+            for k, pairs in by_shard.items()
+        ]
+        for job in jobs:
+            job.result()
         spec = {so.seq.seq_id: self._spec_masks(so.grammar.m, st.token_ids[1:]) for so, st in pairs if st.spec}
         if self.metrics is not None:
             self.metrics.profile.masks_s += time.perf_counter() - t
@@ -272,6 +280,7 @@ class Grammars:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._filler.shutdown(wait=True)
+        self._shards.shutdown(wait=True)
 
 
 def _constrained(plan: StepPlan, outs: dict) -> list:
