@@ -77,9 +77,13 @@ def format_report(cfg: Config, r: dict) -> str:
             phases = ", ".join(f"{k} {v:.2f}" for k, v in slog.get("engine_phases_s", {}).items())
             built = f"the engine built in {slog['engine_built_s']:.1f} s ({phases} s)"
             read = slog.get("config_read_after_run_py_s")
-            read = f"config read after {read:.1f} s, " if read is not None else ""
-            row("", f"server log: {read}serving {slog['serving_after_run_py_s']:.1f} s after run.py started, {built}; "
-                    "the rest: the app and its socket")  # fmt: skip
+            head, rest = (
+                (f"config read after {read:.1f} s, ", "the app and its socket")
+                if read is not None
+                else ("", "imports, config")
+            )
+            row("", f"server log: {head}serving {slog['serving_after_run_py_s']:.1f} s after run.py started, {built}; "
+                    f"the rest: {rest}")  # fmt: skip
     chunks = r.get("stream_chunks")
     if chunks is not None and chunks < 0.9 * r["output_tokens"]:
         row("note", f"the server sent {chunks:,} stream chunks for {r['output_tokens']:,} tokens: TTFT/ITL are per "
