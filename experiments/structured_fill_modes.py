@@ -6,9 +6,9 @@ by random logits; per step every row's mask is filled two ways, both timed, and 
 alone, beside a thread running Python without pause, and beside one that runs 1.5 ms of Python and
 then sleeps 3 ms (as the loop processes a step's outputs, then awaits the device):
   threads   a Python thread per shard, each calling a one-thread llguidance executor with its rows
-            (the engine before 2026-12-05);
+            (nanoslg/engine/structured.py Grammars._fill);
   one-call  one call to an llguidance executor of SHARDS threads with every row, grouped by shard
-            (nanoslg/engine/structured.py Grammars._fill).
+            (the engine at d9296ff, reverted in b0419ad).
     python experiments/structured_fill_modes.py [shards, default 12] [tokenizer dir]"""
 
 import sys
