@@ -59,8 +59,6 @@ def format_report(cfg: Config, r: dict) -> str:
             row("", f"of the device wait, the draft model's proposals: {prof['draft_ms']:.2f} ms per step")
         if prof.get("masks_ms"):
             row("", f"grammar masks filled on their own thread: {prof['masks_ms']:.2f} ms per step")
-        if prof.get("mask_wait_ms"):
-            row("", f"of process outputs, the loop waiting for masks: {prof['mask_wait_ms']:.2f} ms per step")
     spec = eng.get("speculative")
     if spec:
         rate, mal = spec.get("acceptance_rate"), spec.get("mean_accepted_length")

@@ -16,7 +16,7 @@ import gc
 import logging
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 from nanoslg.core.errors import EngineDeadError, RequestError
 from nanoslg.core.plan import StepPlan, StepResult
@@ -252,26 +252,16 @@ class AsyncEngine:
             collected = waiter.submit(lambda h=launched: self._timed(self.executor.collect, "wait_s", h.result()))
             result = await asyncio.wrap_future(collected)
             if inflight and inflight[0][0].sample_later:  # its masks need the grammars this step advances
-                self._process_timed(plan, result, lambda ended: self._sample_when_masked(inflight, ended))
+                nxt, fwd = inflight[0]
+
+                def sample_when_masked(ended: dict, nxt=nxt, fwd=fwd) -> None:
+                    masks = self.grammars.fill_later(nxt, self.outputs.outs, ended)
+                    sample = self._thread.submit(lambda: self.executor.sample(fwd.result(), masks and masks.result()))
+                    inflight[0] = (nxt, sample)
+
+                self._process_timed(plan, result, sample_when_masked)
             else:
                 self._process_timed(plan, result)
-
-    def _sample_when_masked(self, inflight: collections.deque, ended: dict) -> None:
-        """Runs inside _process once this step's tokens have advanced the grammars: fills the masks of
-        the step in flight (inflight[0]) and queues its sampling. When its forward is already queued
-        (a decode step), the loop itself waits for the masks and queues the sample: the mask threads
-        then fill without the loop's Python beside them, and the sample needs no other thread to win
-        the GIL from the loop. Otherwise (an eager prefill still launching) the worker samples after
-        it, once the masks are in."""
-        nxt, fwd = inflight[0]
-        masks = self.grammars.fill_later(nxt, self.outputs.outs, ended)
-        if fwd.done():
-            filled = self._timed(masks.result, "mask_wait_s") if masks is not None else None
-            sample: Future = Future()
-            sample.set_result(self.executor.sample(fwd.result(), filled))
-        else:
-            sample = self._thread.submit(lambda: self.executor.sample(fwd.result(), masks and masks.result()))
-        inflight[0] = (nxt, sample)
 
     def _schedule(self) -> StepPlan | None:
         """The scheduler's next plan, with the grammar masks of its constrained rows (or sample_later)."""

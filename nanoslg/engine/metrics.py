@@ -61,8 +61,6 @@ class StepProfile:
     # Grammar mask fills, on the mask threads: the loop waits for those made right after scheduling
     # (also counted in schedule_s); those of a sample_later step overlap its processing.
     masks_s: float = 0.0
-    # Of process_s: the loop waiting for a sample_later step's masks before it queues the sample.
-    mask_wait_s: float = 0.0
     # speculative=draft: the draft model's proposals, inside the step (also counted in wait_s).
     draft_s: float = 0.0
 
@@ -72,7 +70,7 @@ class StepProfile:
             "steps": self.steps,
             **{
                 k[:-2] + "_ms": getattr(self, k) / n * 1e3
-                for k in ("schedule_s", "process_s", "launch_s", "wait_s", "masks_s", "mask_wait_s", "draft_s")
+                for k in ("schedule_s", "process_s", "launch_s", "wait_s", "masks_s", "draft_s")
             },
         }
 
