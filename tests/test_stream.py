@@ -88,3 +88,34 @@ def test_an_error_wakes_a_whole_result_reader_at_once():
             await task
 
     asyncio.run(run())
+
+
+def test_one_sample_deltas_folded_in_place_give_what_collect_folds():
+    """put_one (the output processor's path for a one-sample request's deltas before its last) folds
+    the bare CompletionOutput; the result and the timeline are those of putting whole deltas."""
+
+    def outs():
+        lp = lambda t: [Logprob(t, -0.25, [(t, -0.25)])]  # noqa: E731
+        return [
+            CompletionOutput(0, "a", [5], lp(5)),
+            CompletionOutput(0, "bc", [6], lp(6)),
+            CompletionOutput(0, "", [7], lp(7)),
+            CompletionOutput(0, "d", [8], lp(8), "stop", "x"),
+        ]
+
+    async def run():
+        whole, folded = RequestStream("r", each_delta=False), RequestStream("r", each_delta=False)
+        for o in outs():
+            whole.put(RequestOutput("r", [1, 2], [o], o.finish_reason is not None, 1))
+        *first, last = outs()
+        for o in first:
+            assert folded.put_one(o)
+        folded.put(RequestOutput("r", [1, 2], [last], True, 1))
+        return await collect(whole), await collect(folded), folded
+
+    want, have, folded = asyncio.run(run())
+    assert [vars(o) for o in have.outputs] == [vars(o) for o in want.outputs]
+    assert have.text == "abcd" and have.token_ids == [5, 6, 7, 8] and have.finish_reason == "stop"
+    assert have.num_cached_tokens == 1 and have.finished
+    assert list(folded.timeline[1]) == [1, 1, 1, 1]
+    assert not RequestStream("r").put_one(outs()[0])  # a streamed reader gets every delta itself

@@ -134,6 +134,8 @@ class OutputProcessor:
             out = append(so, seq, tok, lp, now, ended.get(i) if ended else None)
             req = so.req
             if len(req.outs) == 1:
+                if out.finish_reason is None and req.stream.put_one(out):
+                    continue  # folded for a reader of the whole result
                 emit(req, [out])
             else:
                 grouped.setdefault(req.id, []).append(out)

@@ -20,8 +20,9 @@ class RequestStream:
     `each_delta=False` is for a caller that wants the whole result (LLM.generate, a non-streamed HTTP
     answer, the offline bench): the deltas are folded into one as they come (as `collect` folds them)
     and the reader is woken once, by the last (or by an error), so the loop spends no task switch per
-    token on it and keeps no object per token. When each delta came, and how many tokens it brought,
-    stays in `timeline` (perf_counter seconds, token counts: plain arrays)."""
+    token on it and keeps no object per token; a one-sample request's deltas before its last come in
+    bare (`put_one`), without a RequestOutput made for each. When each delta came, and how many tokens
+    it brought, stays in `timeline` (perf_counter seconds, token counts: plain arrays)."""
 
     def __init__(self, request_id: str, each_delta: bool = True):
         self.request_id = request_id
@@ -49,6 +50,18 @@ class RequestStream:
             self._waiter = None
             if not w.done():
                 w.set_result(None)
+
+    def put_one(self, out: CompletionOutput) -> bool:
+        """A delta of a one-sample request that is not its last: folded in place, without a
+        RequestOutput around it, when this stream folds (each_delta=False). False: put() it instead."""
+        if self.each_delta:
+            return False
+        times, counts = self.timeline
+        times.append(time.perf_counter())
+        counts.append(len(out.token_ids))
+        fold = self._fold = self._fold or _Fold()
+        fold.add_output(out)
+        return True
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -82,22 +95,23 @@ class _Fold:
     def add(self, delta: RequestOutput) -> None:
         self.last = delta
         for d in delta.outputs:
-            o = self.outs.get(d.index)
-            if o is None:
-                lps = list(d.logprobs) if d.logprobs is not None else None
-                self.outs[d.index] = CompletionOutput(
-                    d.index, "", list(d.token_ids), lps, d.finish_reason, d.stop_reason
-                )
-                self.texts[d.index] = [d.text]
-                continue
-            self.texts[d.index].append(d.text)
-            o.token_ids += d.token_ids
-            if d.logprobs:
-                if o.logprobs is None:
-                    o.logprobs = []
-                o.logprobs += d.logprobs
-            if d.finish_reason is not None:
-                o.finish_reason, o.stop_reason = d.finish_reason, d.stop_reason
+            self.add_output(d)
+
+    def add_output(self, d: CompletionOutput) -> None:
+        o = self.outs.get(d.index)
+        if o is None:
+            lps = list(d.logprobs) if d.logprobs is not None else None
+            self.outs[d.index] = CompletionOutput(d.index, "", list(d.token_ids), lps, d.finish_reason, d.stop_reason)
+            self.texts[d.index] = [d.text]
+            return
+        self.texts[d.index].append(d.text)
+        o.token_ids += d.token_ids
+        if d.logprobs:
+            if o.logprobs is None:
+                o.logprobs = []
+            o.logprobs += d.logprobs
+        if d.finish_reason is not None:
+            o.finish_reason, o.stop_reason = d.finish_reason, d.stop_reason
 
     def result(self) -> RequestOutput:
         """The last delta (finished, cached tokens) carrying every sample's whole output, by index."""
