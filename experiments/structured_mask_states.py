@@ -7,10 +7,12 @@ written and whether the row is inside a string.
 engine's (nanoslg/engine/structured.py SLICES: string bodies of 1, 2, ..., 24, 32 characters, narrow
 to wide). A first version appended 1-8 character slices after the defaults, where they caught no
 token (a token joins the first slice it matches), and measured little.
+`coarse`: the engine's slices against sets with exact widths up to 8-12 characters and coarser ones
+beyond (fewer slices to check and walk), two rounds.
 `procs`: two processes filling 64 rows each at once, against one alone (does the fill scale?).
 `xgrammar`: 64 rows placed inside the bounded "name" string, filled by xgrammar (not a dependency:
 install it in a separate environment) and by llguidance.
-    python experiments/structured_mask_states.py states|slices|procs|xgrammar [tokenizer dir]"""
+    python experiments/structured_mask_states.py states|slices|coarse|procs|xgrammar [tokenizer dir]"""
 
 import collections
 import multiprocessing as mp
@@ -140,6 +142,21 @@ if __name__ == "__main__":
         general = llg.LLTokenizer.general_slices()
         print(f"llguidance's default slices: {batched_fill_ms(64, 160, general):.2f} ms per 64-row fill")
         print(f"the engine's slices: {batched_fill_ms(64, 160, SLICES):.2f} ms per 64-row fill")
+    elif mode == "coarse":  # exact widths up to a point, coarser beyond (fewer slices to check and walk)
+        from nanoslg.engine.structured import SLICES
+
+        ws, body, wide = SLICES[0], SLICES[1].split("{")[0], SLICES[-1]
+        configs = {
+            "the engine's (1..24, 32)": SLICES,
+            "1..8, 12, 16, 24, 32": [*range(1, 9), 12, 16, 24, 32],
+            "1..10, 14, 18, 24, 32": [*range(1, 11), 14, 18, 24, 32],
+            "1..12, 16, 24, 32": [*range(1, 13), 16, 24, 32],
+            "1..8, 10, 12, 14, 16, 20, 24, 32": [*range(1, 9), 10, 12, 14, 16, 20, 24, 32],
+        }
+        for rep in range(2):
+            for name, c in configs.items():
+                sl = c if isinstance(c[0], str) else [ws, *(f"{body}{{1,{k}}}" for k in c), wide]
+                print(f"round {rep + 1}, {name}: {batched_fill_ms(64, 120, sl):.2f} ms per 64-row fill", flush=True)
     elif mode == "xgrammar":
         xgrammar_vs_llguidance()
     elif mode == "procs":
