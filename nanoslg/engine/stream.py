@@ -35,11 +35,8 @@ class RequestStream:
 
     def put(self, item: RequestOutput | BaseException) -> None:
         if not self.each_delta and not isinstance(item, BaseException):
-            times, counts = self.timeline
-            times.append(time.perf_counter())
             outs = item.outputs
-            counts.append(len(outs[0].token_ids) if len(outs) == 1 else sum(len(o.token_ids) for o in outs))
-            fold = self._fold = self._fold or _Fold()
+            fold = self._folding(len(outs[0].token_ids) if len(outs) == 1 else sum(len(o.token_ids) for o in outs))
             fold.add(item)
             if not item.finished:
                 return
@@ -56,12 +53,16 @@ class RequestStream:
         RequestOutput around it, when this stream folds (each_delta=False). False: put() it instead."""
         if self.each_delta:
             return False
+        self._folding(len(out.token_ids)).add_output(out)
+        return True
+
+    def _folding(self, num_tokens: int) -> _Fold:
+        """A delta of num_tokens tokens arrives now: its place in the timeline, and the fold it joins."""
         times, counts = self.timeline
         times.append(time.perf_counter())
-        counts.append(len(out.token_ids))
+        counts.append(num_tokens)
         fold = self._fold = self._fold or _Fold()
-        fold.add_output(out)
-        return True
+        return fold
 
     def __aiter__(self) -> RequestStream:
         return self
