@@ -64,6 +64,10 @@ class CacheBackend(ABC):
         self.page_size = page_size
         self.scale = spec.head_dim**-0.5  # softmax scale of every attention kernel
 
+    def configure(self, cache_cfg) -> str:
+        """Takes the backend's own cache.* options (a CacheConfig); returns what it chose, for the log."""
+        return ""
+
     @abstractmethod
     def allocate(self, num_pages: int) -> None:
         """Reserve the pool (or just remember the budget, for backends that allocate lazily)."""

@@ -4,8 +4,10 @@ It runs everywhere torch runs (the CPU path of CI, and GPUs without FlashInfer).
 tensor [layers, 2, pages * page_size, Hkv, D]; this backend hands out its pages itself (its manager,
 the rank-0 TokenBudgetManager, only counts them and keeps the sum of pages_for(kv_tokens) over
 running sequences within the pool). Token slots (page * page_size + offset) are computed once per
-step in `prepare`. Decode rows attend in a few batched calls (sdpa_decode.py); prefill chunks one
-sequence at a time, where the flash kernels with is_causal do the work.
+step in `prepare`. Decode rows attend in a few batched calls (sdpa_decode.py), or on a GPU with Triton
+in one paged kernel that reads the pool in place (sdpa_paged.py; `cache.sdpa_decode`), which also lets
+decode steps run in CUDA graphs. Prefill chunks attend one sequence at a time, where the flash kernels
+with is_causal do the work.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import torch.nn.functional as F
 from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_of
 from nanoslg.cache.kv_quant import as_bytes, gather, store
 from nanoslg.cache.sdpa_decode import DecodeGroup, attend_group, build_group, decode_kernels, plan_groups
+from nanoslg.cache.sdpa_paged import PagedDecode, SdpaGraphs, decode_arrays, paged_from, triton_status
+from nanoslg.core.config import CacheConfig
+from nanoslg.core.errors import ConfigError
 from nanoslg.core.plan import StepPlan
 from nanoslg.core.registry import CACHE_BACKENDS
 from nanoslg.core.tensors import to_device
@@ -70,6 +75,7 @@ class SdpaContext(CacheContext):
     scale: float
     spec: KVSpec
     kernels: list | None = None  # the batched decode call's SDPA kernels (sdpa_decode.decode_kernels)
+    paged: PagedDecode | None = None  # the decode rows, for the Triton kernel (in place of groups)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.pool[layer, 0], self.pool[layer, 1]  # [slots, Hkv, D], views
@@ -81,9 +87,13 @@ class SdpaContext(CacheContext):
             return gather(kc, vc, slots, scales, q.dtype)
 
         hkv = self.spec.num_kv_heads
-        if len(self.groups) == 1 and self.groups[0].rows is None:  # a plain decode step
+        if self.paged is not None:
+            out = torch.empty_like(q)
+            self.paged.run(q, kc, vc, out, self.scale)
+        elif len(self.groups) == 1 and self.groups[0].rows is None:  # a plain decode step
             return attend_group(q, self.groups[0], read, hkv, self.scale, self.kernels)
-        out = torch.empty_like(q)
+        else:
+            out = torch.empty_like(q)
         for g in self.groups:
             out.index_copy_(0, g.rows, attend_group(q, g, read, hkv, self.scale, self.kernels))
         for c in self.chunks:
@@ -107,19 +117,40 @@ class SdpaBackend(CacheBackend):
         self.kernels = decode_kernels(spec.num_kv_heads, group, spec.head_dim, spec.dtype, spec.device)
         # What one key's K and V take once gathered (read back in the model's dtype): bounds a group's copy.
         self.gathered_token_bytes = 2 * spec.num_kv_heads * spec.head_dim * spec.dtype.itemsize
+        self.triton = False  # decode rows through the paged Triton kernel (configure)
+        self._graphs: SdpaGraphs | None = None
+
+    def configure(self, cache_cfg: CacheConfig) -> str:
+        choice = cache_cfg.sdpa_decode
+        s = self.spec
+        ok, why = triton_status(s.device, s.cache_dtype, s.dtype, s.head_dim)
+        if choice == "triton" and not ok:
+            raise ConfigError(f"cache.sdpa_decode=triton cannot run here: {why}; use auto or gather")
+        self.triton = ok and choice != "gather"
+        self.supports_graphs = self.triton  # the gathered decode's shapes change every step
+        if self.triton:
+            return f"decode attention in the paged Triton kernel ({why}; cache.sdpa_decode={choice})"
+        reason = "set by cache.sdpa_decode=gather" if choice == "gather" else f"no Triton kernel: {why}"
+        return f"decode attention gathered into batched SDPA calls ({reason})"
+
+    @property
+    def scratch_page(self) -> int:
+        """A page past the budget, never handed out: graph padding rows write their K and V there."""
+        return self.num_pages
 
     def allocate(self, num_pages: int) -> None:
         self.num_pages, self.pool, self.top = num_pages, None, 0
         self.free, self.pages = list(range(num_pages)), {}  # a sorted list is a heap
-        # On a GPU the whole pool at once: the memory was sized for it, and growing would copy it.
-        self._reserve(num_pages if self.spec.device.type == "cuda" else min(num_pages, CPU_FIRST_PAGES))
+        # On a GPU the whole pool at once (and the scratch page): the memory was sized for it, and
+        # growing would copy it.
+        self._reserve(num_pages + 1 if self.spec.device.type == "cuda" else min(num_pages, CPU_FIRST_PAGES))
 
     def _reserve(self, pages: int) -> None:
         """Makes the pool hold at least `pages` pages (at least doubling it)."""
         have = 0 if self.pool is None else self.pool.shape[2] // self.page_size
         if pages <= have:
             return
-        pages = min(self.num_pages, max(pages, 2 * have))
+        pages = min(self.num_pages + (self.spec.device.type == "cuda"), max(pages, 2 * have))  # + scratch
         s = self.spec
         shape = (s.num_layers, 2, pages * self.page_size, s.num_kv_heads, s.head_dim)
         pool = torch.zeros(shape, dtype=s.cache_dtype, device=s.device)
@@ -127,7 +158,12 @@ class SdpaBackend(CacheBackend):
             as_bytes(pool)[:, :, : self.pool.shape[2]] = as_bytes(self.pool)
         self.pool = pool
 
-    def _pages_of(self, seq_id: int, num_tokens: int) -> list[int]:
+    def free_pages(self, freed) -> None:
+        for seq_id in freed:
+            for page in self.pages.pop(seq_id, ()):
+                heapq.heappush(self.free, page)
+
+    def pages_of(self, seq_id: int, num_tokens: int) -> list[int]:
         """The sequence's pages, grown to hold num_tokens."""
         pages = self.pages.setdefault(seq_id, [])
         for _ in range(-(-num_tokens // self.page_size) - len(pages)):
@@ -141,14 +177,12 @@ class SdpaBackend(CacheBackend):
     def prepare(self, plan: StepPlan) -> SdpaContext:
         if self.pool is None:
             raise RuntimeError("the sdpa pool is not allocated: call allocate(num_pages) first")
-        for seq_id in plan.freed:
-            for page in self.pages.pop(seq_id, ()):
-                heapq.heappush(self.free, page)
+        self.free_pages(plan.freed)
         ps, new_slots, decodes, chunks, offset = self.page_size, [], [], [], 0
         for st in plan.seqs:
             n = len(st.token_ids)
             end = st.start + n
-            pages = self._pages_of(st.seq_id, end)
+            pages = self.pages_of(st.seq_id, end)
             if n == 1:
                 new_slots.append(pages[st.start // ps] * ps + st.start % ps)
                 decodes.append((offset, end, pages))
@@ -160,14 +194,17 @@ class SdpaBackend(CacheBackend):
             offset += n
         self._reserve(self.top)
         s = self.spec
-        groups = plan_groups(decodes, self.gathered_token_bytes, ps)
+        groups = [] if self.triton else plan_groups(decodes, self.gathered_token_bytes, ps)
         # Everything the step's layers read goes to the device in one copy, sliced there.
         parts = [np.asarray(new_slots, dtype=np.int64)]
+        if self.triton and decodes:
+            parts += decode_arrays(decodes, ps)
         parts += [a for g in groups for a in (np.asarray(g.rows + g.lens, dtype=np.int64), g.table.ravel())]
         parts += [c[3] for c in chunks]
         flat = to_device(np.concatenate(parts), torch.long, s.device)
         pieces = iter(torch.split(flat, [p.size for p in parts]))
         new = next(pieces)
+        paged = paged_from(next(pieces), next(pieces), s.num_kv_heads, ps) if self.triton and decodes else None
         whole = len(groups) == 1 and len(decodes) == offset  # every row a decode, in order
         built = []
         for g in groups:
@@ -175,7 +212,19 @@ class SdpaBackend(CacheBackend):
             rows, lens = rows_lens.split(len(g.rows))
             built.append(build_group(None if whole else rows, lens, table, g.width, ps, s.dtype))
         done = [_Chunk(start, n, off, next(pieces)) for start, n, off, _ in chunks]
-        return SdpaContext(self.pool, new, built, done, positions_of(plan, s.device), self.scale, s, self.kernels)
+        positions = positions_of(plan, s.device)
+        return SdpaContext(self.pool, new, built, done, positions, self.scale, s, self.kernels, paged)
+
+    # -- CUDA graphs (the Triton decode only) ---------------------------------------------------
+    def init_graphs(self, max_bs: int, max_model_len: int) -> None:
+        self._graphs = SdpaGraphs(self, max_bs, max_model_len)
+
+    def capture_context(self, bs: int, variant: str) -> CacheContext:
+        return self._graphs.capture_context(bs)
+
+    def prepare_replay(self, bs: int, plan: StepPlan) -> str:
+        self._graphs.prepare_replay(bs, plan)
+        return "plain"
 
 
 class NoCacheContext(CacheContext):

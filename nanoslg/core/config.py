@@ -61,6 +61,9 @@ class CacheConfig:
     # The KV pool's element type: auto (the model's dtype) or fp8_e4m3 (one byte per value, so twice
     # the tokens of bf16 in the same memory; per-layer scales from the checkpoint, else 1.0).
     kv_dtype: str = "auto"
+    # The sdpa backend's decode attention: auto (the paged Triton kernel where it runs: a CUDA device
+    # with Triton; else gather), triton, or gather (keys copied out of the pool into batched SDPA calls).
+    sdpa_decode: str = "auto"
 
 
 @dataclass
@@ -183,6 +186,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.sampling_kernels": ("auto", "torch", "flashinfer"),
     "model.blas": ("auto", "cublas", "cublaslt"),
     "cache.kv_dtype": ("auto", "fp8_e4m3"),
+    "cache.sdpa_decode": ("auto", "triton", "gather"),
     "parallel.dist_backend": ("auto", "nccl", "gloo"),
     "bench.peer": ("none", "hf"),
     "speculative.method": ("none", "ngram", "draft"),

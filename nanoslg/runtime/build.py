@@ -87,6 +87,8 @@ def build_runner(cfg: Config, ckpt: Checkpoint, device: torch.device, sample: bo
         kv_scales = f"per-layer scales from the checkpoint ({found} tensors)" if found else "scale 1.0"
     backend = backend_cls(spec, cfg.cache.page_size)
     backend.cascade = bool(cfg.cache.cascade_attention and backend.paged)
+    chosen = backend.configure(cfg.cache)
+    reason = f"{reason}; {chosen}" if chosen else reason
     sampler = Sampler(device, kernels=cfg.model.sampling_kernels) if sample else None
     runner = ModelRunner(model, backend, sampler, device)
     # One rank only: the builder turns speculation off for tp/pp (this also covers ranks started alone).
