@@ -29,7 +29,7 @@ def _split_kernel(
     BLOCK: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n = tl.load(Lens + b)
+    n = tl.load(Lens + b).to(tl.int32)
     t = tl.load(Rows + b)  # the row's token in the step
     per = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK) * BLOCK
     lo = split * per
