@@ -8,6 +8,7 @@ engine's greedy tokens with the kernel in CUDA graphs against its eager steps an
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -102,14 +103,48 @@ print("ok")
 """
 
 
-def test_kernel_and_backend_in_the_interpreter():
+ENGINE = r"""
+import json, sys
+import nanoslg.cache.sdpa_paged as sdpa_paged
+from nanoslg import LLM
+from conftest import greedy
+
+sdpa_paged.MAX_SPLITS = 2  # fewer programs: the interpreter runs each one in Python
+path, cases = sys.argv[1], json.loads(open(sys.argv[2]).read())
+with LLM(f"model.path={path}", "cache=sdpa", "cache.sdpa_decode=gather") as llm:
+    backend, kernel_steps = llm.engine.executor.backend, []
+    backend.triton = True  # forced: triton_status wants CUDA
+    prepare = backend.prepare
+    backend.prepare = lambda plan: kernel_steps.append(prepare(plan)) or kernel_steps[-1]
+    outs = llm.generate([c["prompt"] for c in cases], greedy())
+assert sum(ctx.paged is not None for ctx in kernel_steps) >= 30, "decode steps should run the kernel"
+for c, out in zip(cases, outs):
+    assert out.token_ids == c["want"], (len(c["prompt"]), out.token_ids, c["want"])
+print("ok")
+"""
+
+
+def _interpret(*args: str) -> None:
     pytest.importorskip("triton")
     path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    res = subprocess.run(
-        [sys.executable, "-c", INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+    res = subprocess.run([sys.executable, "-c", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def test_kernel_and_backend_in_the_interpreter():
+    _interpret(INTERPRETED)
+
+
+def test_engine_greedy_equals_transformers_in_the_interpreter(tiny_llama, hf_greedy, tmp_path):
+    """float32 on the CPU, every decode row through the kernel: transformers' greedy tokens exactly."""
+    pytest.importorskip("triton")
+    from conftest import NEW, prompts_for
+
+    prompts = prompts_for(512, (3, 11, 26, 41, 60, 90))  # the test tokenizer's vocabulary
+    cases = [{"prompt": p, "want": hf_greedy(tiny_llama, p, NEW)} for p in prompts]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    _interpret(ENGINE, str(tiny_llama), str(tmp_path / "cases.json"))
 
 
 @pytest.mark.parametrize("hq,hkv", [(16, 8), (32, 8), (8, 1)])
