@@ -35,6 +35,9 @@ def triton_status(device: torch.device, pool_dtype: torch.dtype, dtype: torch.dt
         return False, f"the KV pool holds {pool_dtype}, not the model's {dtype}"
     if head_dim & (head_dim - 1) or head_dim < 16:
         return False, f"head_dim {head_dim} is not a power of two of at least 16"
+    major, minor = torch.cuda.get_device_capability(device)
+    if dtype == torch.bfloat16 and major < 8:
+        return False, f"SM{major}{minor} has no bf16 tensor cores for Triton's tl.dot (model.dtype=float16 has)"
     import triton
 
     return True, f"triton {triton.__version__}"
