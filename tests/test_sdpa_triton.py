@@ -86,6 +86,12 @@ for hq, hkv, d, ps, lens, splits in [
     others = [t for t in range(q.shape[0]) if t not in rows.tolist()]
     assert (out[others] == 7.0).all(), "rows that are not decode rows are left alone"
 
+# The start-up probe: passes where the kernel runs, names the error where it cannot build.
+from nanoslg.cache.backend import KVSpec
+from nanoslg.cache.sdpa_paged import probe
+assert probe(KVSpec(2, 2, 16, torch.float32, cpu, 4)) is None
+assert "power of 2" in probe(KVSpec(2, 2, 24, torch.float32, cpu, 4))
+
 # The backend's mixed steps, decode rows through the kernel (forced: triton_status wants CUDA).
 for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-2)):
     h = Harness(dtype=dtype, num_pages=80, tol={"atol": tol, "rtol": tol})

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_of
 from nanoslg.cache.kv_quant import as_bytes, gather, store
 from nanoslg.cache.sdpa_decode import DecodeGroup, attend_group, build_group, decode_kernels, plan_groups
-from nanoslg.cache.sdpa_paged import PagedDecode, SdpaGraphs, decode_arrays, paged_from, triton_status
+from nanoslg.cache.sdpa_paged import PagedDecode, SdpaGraphs, decode_arrays, paged_from, probe, triton_status
 from nanoslg.core.config import CacheConfig
 from nanoslg.core.errors import ConfigError
 from nanoslg.core.plan import StepPlan
@@ -129,6 +129,9 @@ class SdpaBackend(CacheBackend):
         ok, why = triton_status(s.device, s.cache_dtype, s.dtype, s.head_dim)
         if choice == "triton" and not ok:
             raise ConfigError(f"cache.sdpa_decode=triton cannot run here: {why}; use auto or gather")
+        if ok and choice == "auto":
+            failed = probe(s)
+            ok, why = (False, f"the kernel failed its probe ({failed})") if failed else (ok, why)
         self.triton = ok and choice != "gather"
         self.supports_graphs = self.triton  # the gathered decode's shapes change every step
         if self.triton:

@@ -43,6 +43,25 @@ def triton_status(device: torch.device, pool_dtype: torch.dtype, dtype: torch.dt
     return True, f"triton {triton.__version__}"
 
 
+def probe(spec) -> str | None:
+    """Runs the kernel once on a few keys of the backend's shape; the error, if it fails to build or run
+    (a Triton that cannot compile for this GPU), so that auto falls back instead of failing the first step."""
+    from nanoslg.cache.kernels.paged_decode import paged_decode
+
+    dev, d = spec.device, spec.head_dim
+    hq = spec.num_qo_heads or spec.num_kv_heads
+    try:
+        kv = torch.zeros(16, spec.num_kv_heads, d, dtype=spec.dtype, device=dev)
+        q, out = torch.zeros(2, 1, hq, d, dtype=spec.dtype, device=dev)
+        one = torch.ones(1, dtype=torch.long, device=dev)
+        paged_decode(q, kv, kv, torch.zeros(1, 1, dtype=torch.long, device=dev), one, one - 1, out, 1.0, 16, 1)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    except Exception as e:  # a compiler or driver error: any type
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return None
+
+
 def num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
     """Splits per row: enough programs to fill the GPU about twice when the batch alone does not.
     Counted for the batch rounded up to a power of two, which a CUDA-graph bucket holding the batch
