@@ -5,11 +5,11 @@
 #   NANOSLG_COMMIT=<sha> bash experiments/device/session_w12_w11.sh
 set -u
 source experiments/device/setup.sh || exit 1
-timeout 170 python -m pytest -q -s -m gpu tests/test_sdpa_triton.py tests/test_sdpa_batched.py \
-  tests/test_gpu.py -k "sdpa or triton" 2>&1 | grep -v "it/s\]" > "$OUT/logs/gpu_tests.log"
+timeout 150 python -m pytest -q -s -m gpu tests/test_sdpa_triton.py tests/test_sdpa_batched.py 2>&1 \
+  | grep -v "it/s\]" > "$OUT/logs/gpu_tests.log"
 tail -12 "$OUT/logs/gpu_tests.log"
 i=0
-for args in "+experiment=offline-qwen3-0.6b" "+experiment=offline-qwen3-0.6b-sdpa"; do
+for args in "+experiment=offline-qwen3-0.6b" "+experiment=offline-qwen3-0.6b-sdpa cache.sdpa_decode=auto"; do
   i=$((i + 1))
   # shellcheck disable=SC2086
   timeout 120 python run.py $args mode=bench bench.extra.aggregate=false 2>&1 | grep -v "it/s\]" > "$OUT/logs/w12-bench-$i.log"

@@ -8,7 +8,7 @@ timeout 200 python -m pytest -q -s -m gpu tests/test_sdpa_triton.py tests/test_s
   tests/test_gpu.py -k "sdpa or triton" 2>&1 | grep -v "it/s\]" > "$OUT/logs/gpu_tests.log"
 tail -15 "$OUT/logs/gpu_tests.log"
 i=0
-for args in "+experiment=offline-qwen3-0.6b" "+experiment=offline-qwen3-0.6b-sdpa" \
+for args in "+experiment=offline-qwen3-0.6b" "+experiment=offline-qwen3-0.6b-sdpa cache.sdpa_decode=auto" \
   "+experiment=offline-qwen3-0.6b-sdpa cache.sdpa_decode=gather"; do
   i=$((i + 1))
   [ "$SECONDS" -lt "${DEADLINE:-420}" ] || { echo "== past DEADLINE: skipped $args"; continue; }
