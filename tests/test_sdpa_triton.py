@@ -63,6 +63,28 @@ def test_split_counts_match_between_a_batch_and_its_graph_bucket():
             assert num_splits(n, heads, torch.device("cpu")) == num_splits(bucket, heads, torch.device("cpu"))
 
 
+def test_eager_steps_pass_the_kernel_aligned_arrays():
+    """Triton compiles a kernel variant per pointer alignment and per stride's divisibility by 16; an
+    eager step's arrays (slices of one host-to-device copy) keep both as the graph buffers do, so no
+    eager step pays a compile. Odd-sized parts on purpose: 3 new-token slots, a 5-token chunk."""
+    from nanoslg.cache.backend import KVSpec
+    from nanoslg.cache.sdpa import SdpaBackend
+    from nanoslg.core.plan import SeqStep, StepPlan
+
+    backend = SdpaBackend(KVSpec(2, 2, 16, torch.float32, torch.device("cpu"), 4), 4)
+    backend.allocate(64)
+    backend.triton = True
+    backend.prepare(StepPlan(0, [SeqStep(1, [5] * 9, 0, True), SeqStep(2, [5] * 30, 0, True)]))
+    ctx = backend.prepare(
+        StepPlan(1, [SeqStep(1, [5], 9, True), SeqStep(3, [5] * 5, 0, True), SeqStep(2, [5], 30, True)])
+    )
+    p = ctx.paged
+    assert p.table.stride(0) % 16 == 0 and p.table.shape == (2, 16)
+    assert all(t.data_ptr() % 16 == 0 for t in (p.table, p.lens, p.rows))
+    assert p.rows.tolist() == [0, 6] and p.lens.tolist() == [10, 31]
+    assert ctx.new_slots.numel() == 7 and ctx.chunks[0].slots.numel() == 5
+
+
 INTERPRETED = r"""
 import sys
 import torch

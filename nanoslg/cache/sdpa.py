@@ -207,8 +207,10 @@ class SdpaBackend(CacheBackend):
             parts += decode_arrays(decodes, ps)
         parts += [a for g in groups for a in (np.asarray(g.rows + g.lens, dtype=np.int64), g.table.ravel())]
         parts += [c[3] for c in chunks]
-        flat = to_device(np.concatenate(parts), torch.long, s.device)
-        pieces = iter(torch.split(flat, [p.size for p in parts]))
+        # Each part padded to 16 bytes, so every piece starts aligned (sdpa_paged.ALIGN says why).
+        sizes = [p.size for p in parts]
+        flat = to_device(np.concatenate([np.pad(p, (0, p.size % 2)) for p in parts]), torch.long, s.device)
+        pieces = iter(t[:n] for t, n in zip(torch.split(flat, [n + n % 2 for n in sizes]), sizes))
         new = next(pieces)
         paged = paged_from(next(pieces), next(pieces), s.num_kv_heads, ps) if self.triton and decodes else None
         whole = len(groups) == 1 and len(decodes) == offset  # every row a decode, in order

@@ -23,6 +23,14 @@ from nanoslg.core.plan import StepPlan
 from nanoslg.core.tensors import to_device
 
 MAX_SPLITS = 16
+# Triton compiles a variant of a kernel for each integer argument's divisibility by 16 and each
+# pointer's 16-byte alignment. Page tables are as wide as a multiple of this and every array starts
+# 16-byte aligned, as the graphs' buffers are, so no eager step compiles a variant of its own.
+ALIGN = 16
+
+
+def aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 def triton_status(device: torch.device, pool_dtype: torch.dtype, dtype: torch.dtype, head_dim: int) -> tuple[bool, str]:
@@ -91,7 +99,7 @@ def decode_arrays(decodes: list[tuple[int, int, list[int]]], page_size: int) -> 
     """Host arrays for PagedDecode from (row, key count, pages) per decode row: rows and lens as one
     array [2B], then the page table [B, pages] flattened."""
     n = len(decodes)
-    width = max((-(-end // page_size) for _, end, _ in decodes), default=0)
+    width = aligned(max((-(-end // page_size) for _, end, _ in decodes), default=0))
     table = np.zeros((n, width), dtype=np.int64)
     rows_lens = np.empty(2 * n, dtype=np.int64)
     for i, (row, end, pages) in enumerate(decodes):
@@ -134,7 +142,7 @@ class SdpaGraphs:
         self.new_slots = torch.full((max_bs,), backend.scratch_page * backend.page_size, dtype=i64, device=s.device)
         self.lens = torch.zeros(max_bs, dtype=i64, device=s.device)
         self.rows = torch.arange(max_bs, dtype=i64, device=s.device)
-        self.table = torch.zeros(max_bs, -(-max_model_len // backend.page_size), dtype=i64, device=s.device)
+        self.table = torch.zeros(max_bs, aligned(-(-max_model_len // backend.page_size)), dtype=i64, device=s.device)
 
     def capture_context(self, bs: int) -> CacheContext:
         return _GraphContext(self, bs)
