@@ -61,10 +61,10 @@ class CacheConfig:
     # The KV pool's element type: auto (the model's dtype) or fp8_e4m3 (one byte per value, so twice
     # the tokens of bf16 in the same memory; per-layer scales from the checkpoint, else 1.0).
     kv_dtype: str = "auto"
-    # The sdpa backend's decode attention: gather (keys copied out of the pool into batched SDPA calls),
-    # triton (the paged Triton kernel), or auto (that kernel where it runs: a CUDA device with Triton,
-    # else gather). gather by default until the kernel's GPU tests and benchmark have run on a GPU.
-    sdpa_decode: str = "gather"
+    # The sdpa backend's decode attention: auto (the paged Triton kernel where it runs: a CUDA device
+    # with Triton, and SM80+ for bf16; else gather), triton, or gather (keys copied out of the pool
+    # into batched SDPA calls).
+    sdpa_decode: str = "auto"
 
 
 @dataclass
