@@ -144,19 +144,23 @@ class SdpaBackend(CacheBackend):
         """A page past the budget, never handed out: graph padding rows write their K and V there."""
         return self.num_pages
 
+    @property
+    def _most_pages(self) -> int:
+        """The pool's largest size: the budget, and on a GPU (where graphs run) the scratch page."""
+        return self.num_pages + (self.spec.device.type == "cuda")
+
     def allocate(self, num_pages: int) -> None:
         self.num_pages, self.pool, self.top = num_pages, None, 0
         self.free, self.pages = list(range(num_pages)), {}  # a sorted list is a heap
-        # On a GPU the whole pool at once (and the scratch page): the memory was sized for it, and
-        # growing would copy it.
-        self._reserve(num_pages + 1 if self.spec.device.type == "cuda" else min(num_pages, CPU_FIRST_PAGES))
+        # On a GPU the whole pool at once: the memory was sized for it, and growing would copy it.
+        self._reserve(self._most_pages if self.spec.device.type == "cuda" else min(num_pages, CPU_FIRST_PAGES))
 
     def _reserve(self, pages: int) -> None:
         """Makes the pool hold at least `pages` pages (at least doubling it)."""
         have = 0 if self.pool is None else self.pool.shape[2] // self.page_size
         if pages <= have:
             return
-        pages = min(self.num_pages + (self.spec.device.type == "cuda"), max(pages, 2 * have))  # + scratch
+        pages = min(self._most_pages, max(pages, 2 * have))
         s = self.spec
         shape = (s.num_layers, 2, pages * self.page_size, s.num_kv_heads, s.head_dim)
         pool = torch.zeros(shape, dtype=s.cache_dtype, device=s.device)

@@ -106,7 +106,8 @@ def paged_decode(
     """Writes out[rows[b]] = attention of q[rows[b]] over the first lens[b] keys of row b's pages.
 
     q, out: [T, Hq, D]; k_pool, v_pool: [slots, Hkv, D] (slot = page * page_size + offset);
-    table: [B, max_pages] int32 page ids; lens, rows: [B] int32. A row of length 0 writes zeros.
+    table: [B, max_pages] page ids; lens, rows: [B] (integer tensors; the backend passes int64). A row
+    of length 0 writes zeros.
     """
     batch, (hq, dim), hkv = table.shape[0], q.shape[1:], k_pool.shape[1]
     if batch == 0:
