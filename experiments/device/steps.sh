@@ -4,6 +4,7 @@
 #   "profile:ARGS"  python experiments/gpu_profile.py ARGS  (log: $OUT/logs/N-profile.log; windows
 #                   from NANOSLG_PROFILE_WINDOWS, or "windows=A:B,C:D ARGS" to set them per step)
 #   "test:ARGS"     python -m pytest -q -s -m gpu ARGS     (log: $OUT/logs/N-test.log)
+#   "host:ARGS"     python experiments/host_profile.py ARGS (log: $OUT/logs/N-host.log)
 # Carry .whl and .fi; pass the commit typed out:
 #   NANOSLG_COMMIT=<sha> bash experiments/device/steps.sh "bench:+experiment=offline-qwen3-0.6b" ...
 set -u
@@ -28,6 +29,10 @@ for step in "$@"; do
         python experiments/gpu_profile.py $args 2>&1 | grep -v "it/s\]" > "$log"
       echo "== $i $step ($SECONDS s)"
       sed -n '/^== launches/,$p' "$log" | head -50 ;;
+    host) # shellcheck disable=SC2086
+      timeout "$left" python experiments/host_profile.py $args 2>&1 | grep -v "it/s\]" > "$log"
+      echo "== $i $step ($SECONDS s)"
+      grep -v "^\s*$" "$log" | tail -60 ;;
     test) # shellcheck disable=SC2086
       timeout "$left" python -m pytest -q -s -m gpu $args 2>&1 | grep -v "it/s\]" > "$log"
       echo "== $i $step ($SECONDS s)"
