@@ -147,17 +147,22 @@ def test_fused_kernels_equal_torch():
     assert torch.equal(qkv[:, 768:], orig[:, 768:])
 
 
+@pytest.mark.parametrize("decode", ["tensor_cores", "cuda_cores"])
 @pytest.mark.parametrize("ckpt", ["bf16_llama", "bf16_llama_gqa4"])
-def test_flashinfer_equals_sdpa_on_a_decisive_model(ckpt, request):
-    """Both backends pick, at every one of 32 steps, the float32 reference's argmax up to bf16 noise
-    (GQA 4 takes FlashInfer's tensor-core decode); where the two differ, it is a near tie."""
+def test_flashinfer_equals_sdpa_on_a_decisive_model(ckpt, decode, request):
+    """Both backends pick, at every one of 32 steps, the float32 reference's argmax up to bf16 noise,
+    with either of FlashInfer's decode kernels; where the two differ, it is a near tie."""
     path = request.getfixturevalue(ckpt)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (9, 64, 300)]
     runs = {}
     for cache in ("flashinfer", "sdpa"):
         with LLM(
-            f"model.path={path}", f"cache={cache}", "model.enforce_eager=true", "cache.max_num_tokens=8192"
+            f"model.path={path}",
+            f"cache={cache}",
+            f"cache.flashinfer_decode={decode}",
+            "model.enforce_eager=true",
+            "cache.max_num_tokens=8192",
         ) as llm:
             runs[cache] = [
                 o.token_ids
@@ -166,15 +171,16 @@ def test_flashinfer_equals_sdpa_on_a_decisive_model(ckpt, request):
     same = sum(a == b for x, y in zip(runs["flashinfer"], runs["sdpa"]) for a, b in zip(x, y))
     gaps = {c: max(max(greedy_gaps(path, p, t)) for p, t in zip(prompts, runs[c])) for c in runs}
     print(
-        f"\nflashinfer vs sdpa ({ckpt}): {same}/{32 * len(prompts)} greedy tokens equal; max gap to the "
+        f"\nflashinfer ({decode}) vs sdpa ({ckpt}): {same}/{32 * len(prompts)} greedy tokens equal; max gap to the "
         f"fp32 argmax: flashinfer {gaps['flashinfer']:.3f}, sdpa {gaps['sdpa']:.3f} nats"
     )
     assert gaps["flashinfer"] < GAP_TOL and gaps["sdpa"] < GAP_TOL
 
 
-def test_cuda_graphs_and_overlap_change_no_token(bf16_llama):
+@pytest.mark.parametrize("decode", ["tensor_cores", "cuda_cores"])
+def test_cuda_graphs_and_overlap_change_no_token(bf16_llama, decode):
     """Decode through captured CUDA graphs (padded buckets) and overlapped steps (the device reads the
-    token in flight) gives the tokens of eager, one-step-at-a-time decoding."""
+    token in flight) gives the tokens of eager, one-step-at-a-time decoding, with either decode kernel."""
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (3, 17, 40, 90, 130)] * 4
     runs = {}
@@ -182,6 +188,7 @@ def test_cuda_graphs_and_overlap_change_no_token(bf16_llama):
         with LLM(
             f"model.path={bf16_llama}",
             "cache=flashinfer",
+            f"cache.flashinfer_decode={decode}",
             f"model.enforce_eager={eager}",
             f"scheduler.overlap={overlap}",
             "cache.max_num_tokens=16384",

@@ -49,6 +49,14 @@ def _import_flashinfer(device: torch.device):
     return flashinfer
 
 
+def uses_tensor_cores(choice: str, group: int, cache_dtype: torch.dtype) -> bool:
+    """Whether decode steps run FlashInfer's tensor-core kernel (its prefill kernel, one query row per
+    sequence) rather than the CUDA-core decode kernel; choice is cache.flashinfer_decode."""
+    if choice != "auto":
+        return choice == "tensor_cores"
+    return group >= 4 or is_fp8(cache_dtype)
+
+
 @dataclass(eq=False)
 class FlashInferContext(CacheContext):
     """One step. The kernels are planned once: in prepare when the query head count is known, else
@@ -121,6 +129,18 @@ class FlashInferBackend(CacheBackend):
         self._decode = None  # built once the GQA group size is known (tensor cores or not)
         self._plan_events: dict = {}  # wrapper -> event recorded after its last plan()
         self._graphs: FlashInferGraphs | None = None  # the CUDA-graph buffers, once init_graphs ran
+        self.decode_choice = "auto"  # cache.flashinfer_decode (configure)
+
+    def configure(self, cache_cfg) -> str:
+        self.decode_choice = cache_cfg.flashinfer_decode
+        kind = "tensor-core" if self.decode_tensor_cores else "CUDA-core"
+        return f"{kind} decode kernel (cache.flashinfer_decode={self.decode_choice})"
+
+    @property
+    def decode_tensor_cores(self) -> bool:
+        s = self.spec
+        group = (self.num_qo_heads or s.num_qo_heads or s.num_kv_heads) // s.num_kv_heads
+        return uses_tensor_cores(self.decode_choice, group, s.cache_dtype)
 
     def allocate(self, num_pages: int) -> None:
         s = self.spec
@@ -174,9 +194,8 @@ class FlashInferBackend(CacheBackend):
 
     def _decode_wrapper(self):
         if self._decode is None:
-            group = self.num_qo_heads // self.spec.num_kv_heads
             self._decode = self.fi.BatchDecodeWithPagedKVCacheWrapper(
-                self._decode_ws, "NHD", use_tensor_cores=group >= 4
+                self._decode_ws, "NHD", use_tensor_cores=self.decode_tensor_cores
             )
         return self._decode
 

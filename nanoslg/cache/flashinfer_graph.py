@@ -62,7 +62,6 @@ class FlashInferGraphs:
         self.last_len = torch.zeros(max_bs, dtype=i32, device=dev)
         # Shared prefix pages appear once per sequence, so size for every row at full length.
         self.indices = torch.zeros(max_bs * -(-max_model_len // backend.page_size) + max_bs, dtype=i32, device=dev)
-        self.group = s.num_qo_heads // s.num_kv_heads
         # Cascade level 0's own small buffers; the per-sequence level reuses the buffers above,
         # holding only each row's own pages.
         self.shared_qo = torch.zeros(2, dtype=i32, device=dev)
@@ -80,7 +79,7 @@ class FlashInferGraphs:
             self.decode_ws,
             "NHD",
             use_cuda_graph=True,
-            use_tensor_cores=self.group >= 4,
+            use_tensor_cores=self.backend.decode_tensor_cores,
             paged_kv_indptr_buffer=self.indptr[: bs + 1],
             paged_kv_indices_buffer=self.indices,
             paged_kv_last_page_len_buffer=self.last_len[:bs],

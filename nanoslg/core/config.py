@@ -65,6 +65,10 @@ class CacheConfig:
     # with Triton, and SM80+ for bf16; else gather), triton, or gather (keys copied out of the pool
     # into batched SDPA calls).
     sdpa_decode: str = "auto"
+    # FlashInfer's decode kernel: auto (tensor cores for GQA groups of 4 or more and for an FP8 pool,
+    # where the CUDA-core kernel is bound by converting FP8, not by reading it), tensor_cores, or
+    # cuda_cores.
+    flashinfer_decode: str = "auto"
 
 
 @dataclass
@@ -188,6 +192,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.blas": ("auto", "cublas", "cublaslt"),
     "cache.kv_dtype": ("auto", "fp8_e4m3"),
     "cache.sdpa_decode": ("auto", "triton", "gather"),
+    "cache.flashinfer_decode": ("auto", "tensor_cores", "cuda_cores"),
     "parallel.dist_backend": ("auto", "nccl", "gloo"),
     "bench.peer": ("none", "hf"),
     "speculative.method": ("none", "ngram", "draft"),
