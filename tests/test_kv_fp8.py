@@ -17,7 +17,7 @@ from quant_ckpt import E4M3_MAX, make_fp8
 from test_quant import FP8_AGREE, FP8_GAP, greedy, hf_gaps, prompts_for
 
 from nanoslg import LLM
-from nanoslg.cache.kv_quant import FP8, from_cache, to_cache
+from nanoslg.cache.kv_quant import FP8, from_cache, to_cache, to_cache_pair
 from nanoslg.model.hf_config import load_args
 
 _SCALES: dict[int, tuple[float, float]] = {}  # layer -> (k, v) scale of the reference's FP8 KV
@@ -63,6 +63,20 @@ def test_store_and_read_back():
     q2 = to_cache(x, 4.0, FP8)  # stored as x / 4: 1000 fits now
     assert from_cache(q2, 4.0, torch.float32)[3].item() == 1024.0
     assert to_cache(x, 1.0, torch.float32) is x  # a float pool stores as is
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.5, 1.0)])
+def test_k_and_v_of_one_qkv_output_convert_as_one(scales):
+    """to_cache_pair gives to_cache's bits, whether k and v are adjacent views of a fused qkv output
+    (converted together) or not (and with a scale, always apart)."""
+    qkv = torch.randn(5, (4 + 2 + 2) * 8, dtype=torch.bfloat16) * 300
+    q, k, v = qkv.split([32, 16, 16], dim=-1)
+    k, v = k.view(5, 2, 8), v.view(5, 2, 8)
+    for a, b in ((k, v), (v, k), (k, k.clone())):
+        pk, pv = to_cache_pair(a, b, scales, FP8)
+        assert pk.dtype == pv.dtype == FP8 and pk.shape == pv.shape == (5, 2, 8)
+        assert torch.equal(pk.view(torch.uint8), to_cache(a, scales[0], FP8).view(torch.uint8))
+        assert torch.equal(pv.view(torch.uint8), to_cache(b, scales[1], FP8).view(torch.uint8))
 
 
 @pytest.mark.parametrize("cache", ["sdpa", "paged"])

@@ -28,7 +28,7 @@ from nanoslg.cache.auto import flashinfer_status
 from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_of
 from nanoslg.cache.cascade import shared_prefix_pages
 from nanoslg.cache.flashinfer_graph import FlashInferGraphs
-from nanoslg.cache.kv_quant import FP8, as_bytes, is_fp8, to_cache
+from nanoslg.cache.kv_quant import FP8, as_bytes, is_fp8, to_cache_pair
 from nanoslg.core.errors import ConfigError
 from nanoslg.core.plan import StepPlan
 from nanoslg.core.registry import CACHE_BACKENDS
@@ -183,7 +183,8 @@ class FlashInferBackend(CacheBackend):
         if not is_fp8(self.spec.cache_dtype):
             return k, v, {}
         ks, vs = self.spec.scales(layer)
-        return to_cache(k, ks, FP8), to_cache(v, vs, FP8), {"k_scale": ks, "v_scale": vs}
+        k, v = to_cache_pair(k, v, (ks, vs), FP8)
+        return k, v, {"k_scale": ks, "v_scale": vs}
 
     def cascade_run(self, own, shared, q: torch.Tensor, cache: torch.Tensor, scales: dict) -> torch.Tensor:
         """Each query against its own pages and against the shared prefix, merged by log-sum-exp."""

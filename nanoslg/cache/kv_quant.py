@@ -35,6 +35,26 @@ def to_cache(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     return x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
+def to_cache_pair(k: torch.Tensor, v: torch.Tensor, scales, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """to_cache of k and v [T, Hkv, D]. Where v directly follows k in memory (both views of one fused
+    qkv output) and no scale applies, both are converted as one view: two kernels, not four."""
+    ks, vs = scales
+    t, h, d = k.shape
+    joined = (
+        ks == 1.0
+        and vs == 1.0
+        and is_fp8(dtype)
+        and k.dtype == v.dtype
+        and v.shape == k.shape
+        and k.stride() == v.stride() == (k.stride(0), d, 1)
+        and v.data_ptr() == k.data_ptr() + h * d * k.element_size()
+    )
+    if not joined:
+        return to_cache(k, ks, dtype), to_cache(v, vs, dtype)
+    kv = to_cache(k.as_strided((t, 2 * h, d), (k.stride(0), d, 1)), 1.0, dtype)
+    return kv[:, :h], kv[:, h:]
+
+
 def from_cache(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """Values read from the pool, in the model's dtype."""
     if not is_fp8(x.dtype):
