@@ -66,7 +66,8 @@ def test_split_counts_match_between_a_batch_and_its_graph_bucket():
 def test_eager_steps_pass_the_kernel_aligned_arrays():
     """Triton compiles a kernel variant per pointer alignment and per stride's divisibility by 16; an
     eager step's arrays (slices of one host-to-device copy) keep both as the graph buffers do, so no
-    eager step pays a compile. Odd-sized parts on purpose: 3 new-token slots, a 5-token chunk."""
+    eager step pays a compile. Odd-sized parts on purpose: 3 new-token slots, a 5-token chunk, then
+    3 decode rows (the lens after 3 rows would start on 8 bytes without padding)."""
     from nanoslg.cache.backend import KVSpec
     from nanoslg.cache.sdpa import SdpaBackend
     from nanoslg.core.plan import SeqStep, StepPlan
@@ -83,6 +84,10 @@ def test_eager_steps_pass_the_kernel_aligned_arrays():
     assert all(t.data_ptr() % 16 == 0 for t in (p.table, p.lens, p.rows))
     assert p.rows.tolist() == [0, 6] and p.lens.tolist() == [10, 31]
     assert ctx.new_slots.numel() == 7 and ctx.chunks[0].slots.numel() == 5
+    ctx = backend.prepare(StepPlan(2, [SeqStep(1, [5], 10, True), SeqStep(3, [5], 5, True), SeqStep(2, [5], 31, True)]))
+    p = ctx.paged
+    assert all(t.data_ptr() % 16 == 0 for t in (p.table, p.lens, p.rows))
+    assert p.rows.tolist() == [0, 1, 2] and p.lens.tolist() == [11, 6, 32] and p.table.shape == (3, 16)
 
 
 INTERPRETED = r"""

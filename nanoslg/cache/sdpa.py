@@ -216,7 +216,9 @@ class SdpaBackend(CacheBackend):
         flat = to_device(np.concatenate([np.pad(p, (0, p.size % 2)) for p in parts]), torch.long, s.device)
         pieces = iter(t[:n] for t, n in zip(torch.split(flat, [n + n % 2 for n in sizes]), sizes))
         new = next(pieces)
-        paged = paged_from(next(pieces), next(pieces), s.num_kv_heads, ps) if self.triton and decodes else None
+        paged = None
+        if self.triton and decodes:
+            paged = paged_from(next(pieces), next(pieces), len(decodes), s.num_kv_heads, ps)
         whole = len(groups) == 1 and len(decodes) == offset  # every row a decode, in order
         built = []
         for g in groups:

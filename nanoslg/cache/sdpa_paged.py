@@ -97,21 +97,24 @@ class PagedDecode:
 
 def decode_arrays(decodes: list[tuple[int, int, list[int]]], page_size: int) -> list[np.ndarray]:
     """Host arrays for PagedDecode from (row, key count, pages) per decode row: rows and lens as one
-    array [2B], then the page table [B, pages] flattened."""
+    array, each half padded to an even count (so lens, too, starts on 16 bytes), then the page table
+    [B, pages] flattened."""
     n = len(decodes)
+    half = n + n % 2
     width = aligned(max((-(-end // page_size) for _, end, _ in decodes), default=0))
     table = np.zeros((n, width), dtype=np.int64)
-    rows_lens = np.empty(2 * n, dtype=np.int64)
+    rows_lens = np.zeros(2 * half, dtype=np.int64)
     for i, (row, end, pages) in enumerate(decodes):
         used = -(-end // page_size)
         table[i, :used] = pages[:used]
-        rows_lens[i], rows_lens[n + i] = row, end
+        rows_lens[i], rows_lens[half + i] = row, end
     return [rows_lens, table.ravel()]
 
 
-def paged_from(rows_lens: torch.Tensor, flat_table: torch.Tensor, kv_heads: int, page_size: int) -> PagedDecode:
-    n = rows_lens.numel() // 2
-    rows, lens = rows_lens.split(n)
+def paged_from(rows_lens: torch.Tensor, flat_table: torch.Tensor, n: int, kv_heads: int, page_size: int) -> PagedDecode:
+    """The PagedDecode of n decode rows from decode_arrays' two arrays, on the device."""
+    half = rows_lens.numel() // 2
+    rows, lens = rows_lens[:n], rows_lens[half : half + n]
     return PagedDecode(flat_table.view(n, -1), lens, rows, num_splits(n, kv_heads, flat_table.device), page_size)
 
 
@@ -158,7 +161,7 @@ class SdpaGraphs:
             decodes.append((i, st.start + 1, pages))
         rows_lens, table = decode_arrays(decodes, ps)
         lens = np.zeros(bs, dtype=np.int64)
-        lens[:n] = rows_lens[n:]
+        lens[:n] = rows_lens[rows_lens.size // 2 :][:n]
         positions = np.zeros(bs, dtype=np.int64)
         positions[:n] = lens[:n] - 1
         dev = to_device(np.concatenate([positions, slots, lens, table]), torch.long, self.device)
