@@ -91,13 +91,13 @@ def test_auto_picks_sdpa_on_cpu_and_flashinfer_fails_clearly():
 
 
 def test_flashinfer_decode_kernel_choice():
-    """auto: tensor cores for GQA groups of 4 or more and for FP8 pools; a setting overrides it."""
+    """auto: tensor cores for every GQA group and pool dtype; a setting overrides it."""
     from nanoslg.cache.flashinfer_backend import uses_tensor_cores
 
     bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
-    assert [uses_tensor_cores("auto", g, bf16) for g in (1, 2, 4, 8)] == [False, False, True, True]
-    assert uses_tensor_cores("auto", 2, fp8) and uses_tensor_cores("auto", 1, fp8)
-    assert not uses_tensor_cores("cuda_cores", 8, fp8) and uses_tensor_cores("tensor_cores", 1, bf16)
+    assert all(uses_tensor_cores("auto", g, dt) for g in (1, 2, 4, 8) for dt in (bf16, fp8))
+    assert not uses_tensor_cores("cuda_cores", 8, fp8) and not uses_tensor_cores("cuda_cores", 1, bf16)
+    assert uses_tensor_cores("tensor_cores", 1, bf16)
 
 
 # -- the engine on CPU with cache=paged ---------------------------------------------------------

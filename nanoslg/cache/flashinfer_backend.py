@@ -51,10 +51,11 @@ def _import_flashinfer(device: torch.device):
 
 def uses_tensor_cores(choice: str, group: int, cache_dtype: torch.dtype) -> bool:
     """Whether decode steps run FlashInfer's tensor-core kernel (its prefill kernel, one query row per
-    sequence) rather than the CUDA-core decode kernel; choice is cache.flashinfer_decode."""
+    sequence) rather than the CUDA-core decode kernel; choice is cache.flashinfer_decode. auto: tensor
+    cores for every GQA group and pool dtype (experiments/README.md, eighth wave, has the measurement)."""
     if choice != "auto":
         return choice == "tensor_cores"
-    return group >= 4 or is_fp8(cache_dtype)
+    return True
 
 
 @dataclass(eq=False)

@@ -65,9 +65,8 @@ class CacheConfig:
     # with Triton, and SM80+ for bf16; else gather), triton, or gather (keys copied out of the pool
     # into batched SDPA calls).
     sdpa_decode: str = "auto"
-    # FlashInfer's decode kernel: auto (tensor cores for GQA groups of 4 or more and for an FP8 pool,
-    # where the CUDA-core kernel is bound by converting FP8, not by reading it), tensor_cores, or
-    # cuda_cores.
+    # FlashInfer's decode kernel: auto (tensor cores), tensor_cores, or cuda_cores (FlashInfer's decode
+    # kernel, bound by its arithmetic rather than by reading the pool at small GQA groups and FP8).
     flashinfer_decode: str = "auto"
 
 
