@@ -49,13 +49,14 @@ def _import_flashinfer(device: torch.device):
     return flashinfer
 
 
-def uses_tensor_cores(choice: str, group: int, cache_dtype: torch.dtype) -> bool:
+def uses_tensor_cores(choice: str, cache_dtype: torch.dtype) -> bool:
     """Whether decode steps run FlashInfer's tensor-core kernel (its prefill kernel, one query row per
     sequence) rather than the CUDA-core decode kernel; choice is cache.flashinfer_decode. auto: tensor
-    cores for every GQA group and pool dtype (experiments/README.md, eighth wave, has the measurement)."""
+    cores for a bf16/fp16 pool, the CUDA-core kernel for an FP8 one (as measured on W1:
+    experiments/README.md, eighth wave)."""
     if choice != "auto":
         return choice == "tensor_cores"
-    return True
+    return not is_fp8(cache_dtype)
 
 
 @dataclass(eq=False)
@@ -139,9 +140,7 @@ class FlashInferBackend(CacheBackend):
 
     @property
     def decode_tensor_cores(self) -> bool:
-        s = self.spec
-        group = (self.num_qo_heads or s.num_qo_heads or s.num_kv_heads) // s.num_kv_heads
-        return uses_tensor_cores(self.decode_choice, group, s.cache_dtype)
+        return uses_tensor_cores(self.decode_choice, self.spec.cache_dtype)
 
     def allocate(self, num_pages: int) -> None:
         s = self.spec

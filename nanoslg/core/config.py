@@ -65,8 +65,8 @@ class CacheConfig:
     # with Triton, and SM80+ for bf16; else gather), triton, or gather (keys copied out of the pool
     # into batched SDPA calls).
     sdpa_decode: str = "auto"
-    # FlashInfer's decode kernel: auto (tensor cores), tensor_cores, or cuda_cores (FlashInfer's decode
-    # kernel, bound by its arithmetic rather than by reading the pool at small GQA groups and FP8).
+    # FlashInfer's decode kernel: auto (tensor cores for a bf16/fp16 pool, CUDA cores for an FP8 one),
+    # tensor_cores, or cuda_cores.
     flashinfer_decode: str = "auto"
 
 
