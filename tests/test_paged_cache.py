@@ -91,12 +91,11 @@ def test_auto_picks_sdpa_on_cpu_and_flashinfer_fails_clearly():
 
 
 def test_flashinfer_decode_kernel_choice():
-    """auto: tensor cores for a 16-bit pool, CUDA cores for an FP8 one; a setting overrides it."""
+    """auto: tensor cores from a GQA group of 4 (FlashInfer's rule); a setting overrides it."""
     from nanoslg.cache.flashinfer_backend import uses_tensor_cores
 
-    bf16, fp16, fp8 = torch.bfloat16, torch.float16, torch.float8_e4m3fn
-    assert uses_tensor_cores("auto", bf16) and uses_tensor_cores("auto", fp16) and not uses_tensor_cores("auto", fp8)
-    assert not uses_tensor_cores("cuda_cores", bf16) and uses_tensor_cores("tensor_cores", fp8)
+    assert [uses_tensor_cores("auto", g) for g in (1, 2, 4, 8)] == [False, False, True, True]
+    assert uses_tensor_cores("tensor_cores", 1) and not uses_tensor_cores("cuda_cores", 8)
 
 
 # -- the engine on CPU with cache=paged ---------------------------------------------------------

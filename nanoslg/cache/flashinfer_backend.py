@@ -49,14 +49,15 @@ def _import_flashinfer(device: torch.device):
     return flashinfer
 
 
-def uses_tensor_cores(choice: str, cache_dtype: torch.dtype) -> bool:
+def uses_tensor_cores(choice: str, group: int) -> bool:
     """Whether decode steps run FlashInfer's tensor-core kernel (its prefill kernel, one query row per
-    sequence) rather than the CUDA-core decode kernel; choice is cache.flashinfer_decode. auto: tensor
-    cores for a bf16/fp16 pool, the CUDA-core kernel for an FP8 one (as measured on W1:
-    experiments/README.md, eighth wave)."""
+    sequence) rather than the CUDA-core decode kernel; choice is cache.flashinfer_decode. auto keeps
+    FlashInfer's rule, tensor cores from a GQA group of 4: at smaller groups the tensor-core kernel
+    was no clear gain on W1 and its plan() adds host work every step (experiments/README.md, eighth
+    wave)."""
     if choice != "auto":
         return choice == "tensor_cores"
-    return not is_fp8(cache_dtype)
+    return group >= 4
 
 
 @dataclass(eq=False)
@@ -140,7 +141,8 @@ class FlashInferBackend(CacheBackend):
 
     @property
     def decode_tensor_cores(self) -> bool:
-        return uses_tensor_cores(self.decode_choice, self.spec.cache_dtype)
+        s = self.spec
+        return uses_tensor_cores(self.decode_choice, (self.num_qo_heads or s.num_qo_heads) // s.num_kv_heads)
 
     def allocate(self, num_pages: int) -> None:
         s = self.spec

@@ -65,7 +65,7 @@ class CacheConfig:
     # with Triton, and SM80+ for bf16; else gather), triton, or gather (keys copied out of the pool
     # into batched SDPA calls).
     sdpa_decode: str = "auto"
-    # FlashInfer's decode kernel: auto (tensor cores for a bf16/fp16 pool, CUDA cores for an FP8 one),
+    # FlashInfer's decode kernel: auto (tensor cores from a GQA group of 4, FlashInfer's own rule),
     # tensor_cores, or cuda_cores.
     flashinfer_decode: str = "auto"
 
