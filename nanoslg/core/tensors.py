@@ -13,12 +13,14 @@ only once the copies of the step that last filled it have run.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
 import torch
 
 _NUMPY = {torch.long: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.bool: np.bool_}
+_TORCH = {np.dtype(v): k for k, v in _NUMPY.items()}
 
 
 class PinnedStaging:
@@ -57,13 +59,15 @@ class PinnedStaging:
 
     def host(self, arr: np.ndarray) -> torch.Tensor:
         """A pinned tensor holding arr, valid until its buffer comes round again."""
-        out = self.empty(arr.shape, torch.from_numpy(arr[:0]).dtype)
+        out = self._bytes(arr.nbytes).view(_TORCH[arr.dtype]).view(arr.shape)
         out.numpy()[...] = arr
         return out
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """Pinned, uninitialized; valid until its buffer comes round again (SLOTS steps later)."""
-        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        return self._bytes(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
+
+    def _bytes(self, nbytes: int) -> torch.Tensor:
         n = max(nbytes, 1)
         with self.lock:
             if self.offset + n > self.slot_bytes and self.offset:
@@ -74,7 +78,7 @@ class PinnedStaging:
                 buf = self.bufs[self.slot] = self._alloc(self.slot_bytes)
             start = self.offset
             self.offset += -(-n // 8) * 8  # keep every view 8-byte aligned
-        return buf[start : start + nbytes].view(dtype).view(shape)
+        return buf[start : start + nbytes]
 
 
 STAGING = PinnedStaging()
