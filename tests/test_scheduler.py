@@ -98,6 +98,36 @@ def test_a_prefix_computed_in_this_step_is_waited_for_not_computed_twice():
     assert b.num_cached_tokens == 8 and b.block_table[:2] == a.block_table[:2]
 
 
+def test_a_prompt_is_admitted_only_beside_the_rest_of_the_prompts_in_progress():
+    """While a long prompt's chunk is in flight (overlap), the budget is free for admissions; a new
+    prompt is admitted only if its whole prompt fits beside the pages the running prompts still need,
+    so the long prompt's next chunks never have to preempt it (or be preempted)."""
+    kv = TokenBudgetManager(10, 4)  # 40 tokens of KV
+    s = make(kv, budget=8)
+    s.lookahead = True
+    a, b = seq(range(100, 124), t=0), seq(range(200, 220), t=1)  # 24 + 20 prompt tokens: 11 pages
+    s.add(a)
+    s.add(b)
+    p1 = s.schedule()
+    assert steps(p1) == {a.seq_id: (list(range(100, 108)), 0, False)}
+    # a's chunk is in flight: a cannot run again, and b's first chunk (2 pages) would fit, but b's
+    # 5 pages beside a's 4 still to come would not.
+    assert s.schedule() is None and b in s.waiting
+    s.commit(p1, answer(p1))
+    admitted_at = None
+    for _ in range(2, 40):
+        plan = s.schedule()
+        if plan is None:
+            break
+        if admitted_at is None and b.seq_id in steps(plan):
+            admitted_at = a.num_computed_tokens  # a's computed tokens once this plan is made
+        for x, _, _ in s.commit(plan, answer(plan)):
+            if x.num_output_tokens >= 3:
+                s.finish(x, "length")
+    assert a.finished and b.finished and s.num_preemptions == 0
+    assert admitted_at is not None and admitted_at >= 24  # b came in once a's prompt was computed
+
+
 def test_preemption_frees_the_newest_and_it_recomputes_its_outputs():
     kv = TokenBudgetManager(4, 4)  # 16 tokens of KV; two sequences of 7 + 4 tokens need 6 pages
     s = make(kv, budget=32)
@@ -153,7 +183,7 @@ def test_engine_plans_respect_every_limit(overlap):
         streams = [
             engine.add_request(
                 shared[: rng.randrange(0, 12)] + [rng.randrange(10, 500) for _ in range(n)],
-                SamplingParams(temperature=0.0, max_tokens=1 + i % 7, ignore_eos=True),
+                SamplingParams(temperature=0.0, max_tokens=1 + i % 11, ignore_eos=True),
             )
             for i, n in enumerate(lens)
         ]
@@ -163,7 +193,7 @@ def test_engine_plans_respect_every_limit(overlap):
 
     outs, engine = asyncio.run(run())
     for i, out in enumerate(outs):
-        assert out.token_ids == [9] * (1 + i % 7) and out.finish_reason == "length"
+        assert out.token_ids == [9] * (1 + i % 11) and out.finish_reason == "length"
     assert executor.plans
     for plan in executor.plans:
         ids = [s.seq_id for s in plan.seqs]

@@ -36,6 +36,14 @@ class KVManager(ABC):
     def usage(self) -> float:
         return 1.0 - self.num_free_pages() / max(self.num_pages, 1)
 
+    def num_available_pages(self) -> int:
+        """Pages a sequence could grow into now: free ones (and, with a prefix cache, evictable ones)."""
+        return self.num_free_pages()
+
+    def pages_held(self, seq: Sequence) -> int:
+        """Pages the sequence holds now."""
+        return self.pages_for(seq.kv_tokens)
+
     def match_prefix(self, seq: Sequence) -> int:
         """On admission: reuse cached pages of the prompt. Returns how many tokens are already computed
         (the scheduler sets seq.num_computed_tokens from it)."""

@@ -52,7 +52,13 @@ class PagedKVManager(KVManager):
 
     def usage(self) -> float:
         """Share of pages held by running sequences (cache no one uses counts as free, as in vLLM)."""
-        return 1.0 - (self.num_free_pages() + self.num_evictable_pages()) / max(self.num_pages, 1)
+        return 1.0 - self.num_available_pages() / max(self.num_pages, 1)
+
+    def num_available_pages(self) -> int:
+        return self.allocator.num_free + self.num_evictable_pages()
+
+    def pages_held(self, seq: Sequence) -> int:
+        return len(seq.block_table)
 
     def _state(self, seq: Sequence) -> _SeqState:
         st = self._states.get(seq.seq_id)

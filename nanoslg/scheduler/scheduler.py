@@ -2,8 +2,10 @@
 
 Each step: running sequences first (oldest first; a decode is one token, an unfinished prefill takes
 the next chunk), then waiting sequences in the policy's order while the token budget, the running
-cap and KV memory allow. When KV runs out, the newest running sequence is preempted: its KV is
-released and it waits again (first in line) to recompute prompt + outputs, so no token changes.
+cap and KV memory allow; beside running sequences, a new one only if its whole prompt fits next to
+the pages their own prompts still need. When KV runs out (decodes grow), the newest running sequence
+is preempted: its KV is released and it waits again (first in line) to recompute prompt + outputs,
+so no token changes.
 
 With `lookahead` (overlap scheduling) a sequence whose sampling step is still in flight is scheduled
 again, one token ahead: its input is a PLACEHOLDER for the token that step samples. Such a sequence
@@ -183,6 +185,11 @@ class Scheduler:
         if self.num_preemptions == preemptions_before:  # admitting right after a preemption would only thrash
             queue = self.preempted + self.policy.order(self.waiting, self.kv)
             held = 0
+            # Pages the running sequences still need to finish their prompts (a recompute included):
+            # beside a running sequence, a new one is admitted only if its whole prompt fits next to
+            # them, so no prompt is admitted only to be preempted (or to preempt) a few chunks on. With
+            # nothing running, the first is admitted on its first chunk, as before: progress is sure.
+            owed = self._owed_prompt_pages() if queue and self.running else 0
             for seq in queue:
                 if budget == 0 or len(self.running) >= self.cfg.max_num_seqs:
                     break
@@ -204,11 +211,15 @@ class Scheduler:
                 if not seq.admitted:
                     seq.num_cached_tokens = cached
                 n = min(seq.num_uncomputed_tokens, budget)
-                if not self.kv.can_grow(seq, seq.num_computed_tokens + n):
+                whole = self.kv.pages_for(len(seq.token_ids)) - self.kv.pages_held(seq)
+                if not self.kv.can_grow(seq, seq.num_computed_tokens + n) or (
+                    self.running and whole + owed > self.kv.num_available_pages()
+                ):
                     self.kv.release(seq, finished=False)  # undo the prefix match
                     seq.num_computed_tokens = 0
                     break
                 self.kv.grow(seq, seq.num_computed_tokens + n)
+                owed += self.kv.pages_for(len(seq.token_ids)) - self.kv.pages_held(seq)
                 self._admit(seq)
                 chosen.append((seq, n))
                 budget -= n
@@ -216,6 +227,16 @@ class Scheduler:
         if not chosen and not self._freed:
             return None
         return self._plan(chosen, proposals)
+
+    def _owed_prompt_pages(self) -> int:
+        """Pages the running sequences still need for the prompt tokens (and, after a preemption, the
+        outputs) they have not computed yet; a decoding sequence owes none."""
+        kv, owed = self.kv, 0
+        for s in self.running:
+            known = len(s.token_ids)
+            if s.num_computed_tokens < known - 1:
+                owed += max(0, kv.pages_for(known) - kv.pages_held(s))
+        return owed
 
     def _make_room(self, seq: Sequence, total: int, chosen: list) -> bool:
         """Preempt the newest other running sequences until `seq` fits; False if seq itself went."""
