@@ -44,6 +44,10 @@ class KVManager(ABC):
         """Pages the sequence holds now."""
         return self.pages_for(seq.kv_tokens)
 
+    def pages_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """Pages the sequence must add to hold `num_tokens` tokens (negative if it holds more)."""
+        return self.pages_for(num_tokens) - self.pages_held(seq)
+
     def match_prefix(self, seq: Sequence) -> int:
         """On admission: reuse cached pages of the prompt. Returns how many tokens are already computed
         (the scheduler sets seq.num_computed_tokens from it)."""
@@ -61,9 +65,9 @@ class KVManager(ABC):
         that stays inside its last page skips can_grow/grow: the scheduler's per-step fast path."""
         return False
 
-    @abstractmethod
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether the sequence can hold `num_tokens` tokens of KV in total."""
+        return self.pages_needed(seq, num_tokens) <= self.num_available_pages()
 
     @abstractmethod
     def grow(self, seq: Sequence, num_tokens: int) -> None:

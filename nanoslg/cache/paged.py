@@ -124,10 +124,6 @@ class PagedKVManager(KVManager):
         st = self._states.get(seq.seq_id)
         return st is not None and self._full_computed_pages(seq) <= st.cached
 
-    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
-        need = self.pages_for(num_tokens) - len(seq.block_table)
-        return need <= self.allocator.num_free + self.num_evictable_pages()
-
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         st = self._state(seq)
         if st.lookup is not None:
@@ -137,7 +133,7 @@ class PagedKVManager(KVManager):
             st.lookup = None
         if self.tree is not None:
             self._cache_computed(seq, st)
-        need = self.pages_for(num_tokens) - len(seq.block_table)
+        need = self.pages_needed(seq, num_tokens)
         if need > 0:
             if not self._ensure_free(need):
                 raise PageError(

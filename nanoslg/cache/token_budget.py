@@ -17,14 +17,10 @@ class TokenBudgetManager(KVManager):
     def has_room(self, seq: Sequence, num_tokens: int) -> bool:
         return self.pages_for(num_tokens) <= self.pages_for(seq.kv_tokens)
 
-    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
-        extra = self.pages_for(num_tokens) - self.pages_for(seq.kv_tokens)
-        return extra <= self.num_free_pages()
-
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         if num_tokens <= seq.kv_tokens:
             return
-        self.used_pages += self.pages_for(num_tokens) - self.pages_for(seq.kv_tokens)
+        self.used_pages += self.pages_needed(seq, num_tokens)
         seq.kv_tokens = num_tokens
 
     def release(self, seq: Sequence, finished: bool) -> None:

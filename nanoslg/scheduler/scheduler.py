@@ -211,15 +211,15 @@ class Scheduler:
                 if not seq.admitted:
                     seq.num_cached_tokens = cached
                 n = min(seq.num_uncomputed_tokens, budget)
-                whole = self.kv.pages_for(len(seq.token_ids)) - self.kv.pages_held(seq)
+                whole = len(seq.token_ids)
                 if not self.kv.can_grow(seq, seq.num_computed_tokens + n) or (
-                    self.running and whole + owed > self.kv.num_available_pages()
+                    self.running and self.kv.pages_needed(seq, whole) + owed > self.kv.num_available_pages()
                 ):
                     self.kv.release(seq, finished=False)  # undo the prefix match
                     seq.num_computed_tokens = 0
                     break
                 self.kv.grow(seq, seq.num_computed_tokens + n)
-                owed += self.kv.pages_for(len(seq.token_ids)) - self.kv.pages_held(seq)
+                owed += self.kv.pages_needed(seq, whole)
                 self._admit(seq)
                 chosen.append((seq, n))
                 budget -= n
@@ -235,7 +235,7 @@ class Scheduler:
         for s in self.running:
             known = len(s.token_ids)
             if s.num_computed_tokens < known - 1:
-                owed += max(0, kv.pages_for(known) - kv.pages_held(s))
+                owed += max(0, kv.pages_needed(s, known))
         return owed
 
     def _make_room(self, seq: Sequence, total: int, chosen: list) -> bool:
