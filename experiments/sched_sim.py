@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from nanoslg.bench.hardware import Figures
-from nanoslg.bench.roofline import StepLoad, facts_from_hf_config, roofline, simulate
+from nanoslg.bench.roofline import StepLoad, facts_from_hf_config, roofline, simulate, step_load
 from nanoslg.bench.workloads import make_requests, token_space
 from nanoslg.cache.paged import PagedKVManager
 from nanoslg.core.compose import compose_config
@@ -32,7 +32,7 @@ H100 = Figures(3.0e12, 989e12, "measured copy", "dense bf16", "H100 SXM")
 
 
 def price(plans, facts) -> list[StepLoad]:
-    per_pair = 4 * facts.num_layers * facts.num_heads * facts.head_dim
+    """Each plan's load, counted as the roofline's simulation counts its own steps."""
     loads = []
     for plan in plans:
         tokens = sampled = decodes = kv_read = pairs = 0
@@ -44,9 +44,7 @@ def price(plans, facts) -> list[StepLoad]:
             if st.sample:
                 sampled += 1
                 decodes += n == 1
-        nbytes = facts.weight_bytes_per_step + (kv_read + tokens) * facts.kv_bytes_per_token
-        flops = 2 * facts.body_params * tokens + 2 * facts.vocab_size * facts.hidden_size * sampled + per_pair * pairs
-        loads.append(StepLoad(nbytes, flops, tokens, decodes))
+        loads.append(step_load(facts, tokens, sampled, decodes, kv_read, tokens, pairs))
     return loads
 
 

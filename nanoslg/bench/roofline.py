@@ -173,6 +173,20 @@ class _Sim:
     produced: int = 0
 
 
+def step_load(
+    facts: ModelFacts, tokens: int, sampled: int, decodes: int, kv_read: int, kv_write: int, pairs: int
+) -> StepLoad:
+    """One step's bytes and FLOPs (points 2 and 3 above) from its counts: tokens computed, rows
+    sampled, decode rows, KV tokens read and written, and (query, key) pairs attended."""
+    nbytes = facts.weight_bytes_per_step + (kv_read + kv_write) * facts.kv_bytes_per_token
+    flops = (
+        2 * facts.body_params * tokens
+        + 2 * facts.vocab_size * facts.hidden_size * sampled
+        + 4 * facts.num_layers * facts.num_heads * facts.head_dim * pairs
+    )
+    return StepLoad(nbytes, flops, tokens, decodes)
+
+
 def simulate(
     requests: Sequence[tuple[int, int]],
     facts: ModelFacts,
@@ -192,7 +206,6 @@ def simulate(
     running: list[_Sim] = []
     steps: list[StepLoad] = []
     prefix_done = False
-    attn_flops_per_pair = 4 * facts.num_layers * facts.num_heads * facts.head_dim
     while waiting or running:
         budget = max_num_batched_tokens
         tokens = sampled = decodes = 0
@@ -240,13 +253,7 @@ def simulate(
             and decodes >= MIN_BATCH
         ):
             kv_read -= (decodes - 1) * shared_prefix_len
-        nbytes = facts.weight_bytes_per_step + (kv_read + kv_write) * facts.kv_bytes_per_token
-        flops = (
-            2 * facts.body_params * tokens
-            + 2 * facts.vocab_size * facts.hidden_size * sampled
-            + attn_flops_per_pair * pairs
-        )
-        steps.append(StepLoad(nbytes, flops, tokens, decodes))
+        steps.append(step_load(facts, tokens, sampled, decodes, kv_read, kv_write, pairs))
         running = [r for r in running if r.produced < r.output]
     return steps
 
