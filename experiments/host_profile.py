@@ -30,37 +30,38 @@ def profiled(fn, prof: cProfile.Profile):
     return run
 
 
+def _table(prof: cProfile.Profile, key: str, rows: int) -> str:
+    """The profile's top rows by `key`, from the column header on (pstats' preamble dropped)."""
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats(key).print_stats(rows)
+    text = out.getvalue()
+    return text[text.index("ncalls") - 3 :] if "ncalls" in text else text
+
+
 def main(overrides: list[str]) -> None:
     cfg, _ = compose_config(overrides)
     with LLM(config=cfg) as llm:
         eng = llm.engine
         reqs, params = warm_requests(llm, cfg.bench)
-        parts = {
-            "launch (step thread)": cProfile.Profile(),
-            "schedule (loop)": cProfile.Profile(),
-            "process outputs (loop)": cProfile.Profile(),
-        }
         if sys.version_info >= (3, 12):
             whole = cProfile.Profile()
             whole.enable()
             llm.generate([r.prompt for r in reqs], params)
             whole.disable()
             for key in ("tottime", "cumulative"):
-                out = io.StringIO()
-                pstats.Stats(whole, stream=out).sort_stats(key).print_stats(45)
-                text = out.getvalue()
-                print(f"\n== whole run, by {key} ==\n" + text[text.index("ncalls") - 3 :])
+                print(f"\n== whole run, by {key} ==\n" + _table(whole, key, 45))
             return
+        parts = {
+            "launch (step thread)": cProfile.Profile(),
+            "schedule (loop)": cProfile.Profile(),
+            "process outputs (loop)": cProfile.Profile(),
+        }
         eng.executor.launch = profiled(eng.executor.launch, parts["launch (step thread)"])
         eng.scheduler.schedule = profiled(eng.scheduler.schedule, parts["schedule (loop)"])
         eng._process = profiled(eng._process, parts["process outputs (loop)"])
         llm.generate([r.prompt for r in reqs], params)
     for name, prof in parts.items():
-        out = io.StringIO()
-        stats = pstats.Stats(prof, stream=out)
-        stats.sort_stats("tottime").print_stats(22)
-        text = out.getvalue()
-        print(f"\n== {name} ==\n" + text[text.index("ncalls") - 3 :] if "ncalls" in text else text)
+        print(f"\n== {name} ==\n" + _table(prof, "tottime", 22))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,12 @@ save_fi() { (cd .fi && find .cache -name "*.so" -path "*cached_ops*" -print0 | t
 # them into $OUT/logs.tgz and this run's new records into $OUT/records.tgz (here: tar xzf each).
 touch /tmp/nanoslg-run-start
 mkdir -p "$OUT/logs"
+save_records() {
+  find experiments -path "*/records/*.json" -newer /tmp/nanoslg-run-start -print0 | tar czf "$OUT/records.tgz" --null -T -
+}
 save_out() {
   tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
-  find experiments -path "*/records/*.json" -newer /tmp/nanoslg-run-start -print0 | tar czf "$OUT/records.tgz" --null -T -
+  save_records
 }
 # FlashInfer runs ninja before loading a JIT module, and ninja rebuilds whatever is older than the
 # freshly installed headers: about 4 minutes on every fresh machine. A module found under the

@@ -41,7 +41,7 @@ for step in "$@"; do
   esac
   # What the call has so far, in case it is cut off before the end (logs stay in place until then).
   tar czf "$OUT/logs-so-far.tgz" -C "$OUT" logs
-  find experiments -path "*/records/*.json" -newer /tmp/nanoslg-run-start -print0 | tar czf "$OUT/records.tgz" --null -T -
+  save_records
 done
 rm -f "$OUT/logs-so-far.tgz"
 save_out
