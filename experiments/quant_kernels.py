@@ -3,6 +3,7 @@
     python experiments/quant_kernels.py            # on a GPU: one line per (shape, M), bf16 / fp8 / awq
     python experiments/quant_kernels.py --sweep    # tries tile configs per shape, prints the fastest
     python experiments/quant_kernels.py --small-m  # FP8 at 2..16 rows: _scaled_mm or the skinny kernel
+    python experiments/quant_kernels.py --awq-gemv # the AWQ GEMV's variants, then its tiles swept
 
 For each of the four linears of a layer (qkv, o, gate_up, down) and M in (1, 8, 16, 64, 512), times the
 bf16 GEMM (F.linear), the FP8 path (nanoslg/model/quant/kernels/fp8.py: the skinny kernel up to
@@ -60,6 +61,7 @@ _COPIES: dict = {}
 
 
 def copies(n: int, k: int, kind: str) -> list:
+    kind = "awq" if kind == "awq-fused" else kind
     key = (n, k, kind)
     if key not in _COPIES:
         count = max(2, math.ceil(ROTATE_BYTES / nbytes(n, k, kind)))
@@ -77,7 +79,19 @@ def call(kind: str, x, w, cfg=None):
         if cfg is not None:
             return fp8_k.fp8_skinny(x, *w, None, cfg)
         return fp8_k.fp8_linear(x, *w, None, fp8_kernel(w[0]))
+    if kind == "awq-fused":  # the K splits summed by the GEMV's last split
+        return awq_k.awq_linear(x, *w, GROUP, cfg, counts=_counts(w[0].shape[1]))
     return awq_k.awq_linear(x, *w, GROUP, cfg)
+
+
+_COUNTS: dict = {}
+
+
+def _counts(n: int) -> torch.Tensor:
+    """One counter buffer per width: the calls of a graph run one after another."""
+    if n not in _COUNTS:
+        _COUNTS[n] = awq_k.split_counts(n, DEV)
+    return _COUNTS[n]
 
 
 def timed(kind: str, n: int, k: int, m: int, cfg=None) -> float:
@@ -137,7 +151,7 @@ def candidates() -> list[tuple]:
 
 def concrete(kind: str, cfg, n: int, k: int, m: int):
     """AWQ candidates name K splits as programs per SM (negative): the splits for this shape."""
-    if kind == "awq" and cfg.splits < 0:
+    if kind.startswith("awq") and cfg.splits < 0:
         rows = 1 if m == 1 else awq_k.gemm_rows(m)
         programs = -(-n // cfg.block_n) * -(-m // rows)
         return cfg._replace(splits=awq_k.split_k(programs, k // cfg.block_k, torch.device(DEV), -cfg.splits))
@@ -227,6 +241,57 @@ def small_m() -> None:
         _COPIES.clear()
 
 
+def awq_gemv(budget_s: float) -> None:
+    """The AWQ GEMV (one row) on the four shapes: the table's tiles as before 2026-12-06 (parts summed by
+    a kernel of their own, no prefetch, nibbles opened by a shift and a logic op), each change alone and
+    all together; then tiles swept with all three, the best printed as TABLE entries."""
+    t0 = time.time()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; AWQ GEMV, M=1", flush=True)
+    variants = {  # name -> (kind, prefetch, lop)
+        "before": ("awq", False, False),
+        "+fused sum": ("awq-fused", False, False),
+        "+prefetch": ("awq", True, False),
+        "+lop": ("awq", False, True),
+        "all three": ("awq-fused", True, True),
+    }
+    totals = dict.fromkeys(variants, 0.0)
+    for name, (n, k) in SHAPES.items():
+        t = awq_k.tiles(1, n, k, GROUP, torch.device(DEV))
+        line = []
+        for v, (kind, prefetch, lop) in variants.items():
+            us = timed(kind, n, k, 1, t._replace(prefetch=prefetch, lop=lop))
+            totals[v] += us
+            line.append(f"{v} {us:.1f} us ({nbytes(n, k, 'awq') / us / 1e3:.0f} GB/s)")
+        print(f"{name:8s} {t}: " + " | ".join(line), flush=True)
+        _COPIES.clear()
+    print("a layer's four: " + " | ".join(f"{v} {us:.1f} us" for v, us in totals.items()), flush=True)
+    jobs = []
+    for bn, bk, warps in itertools.product((32, 64, 128, 256), (64, 128), (2, 4, 8)):
+        jobs += [("awq-fused", 1, awq_k.Tiles(bn, bk, warps, -sp)) for sp in (1, 2, 4, 8)]
+    with mp.get_context("spawn").Pool(12) as pool:
+        pool.map(_compile, [jobs[i::12] for i in range(12)])
+    print(f"compiled {len(jobs)} candidates in {time.time() - t0:.0f} s", flush=True)
+    best: dict = {}
+    for kind, m, cfg in jobs:
+        if time.time() - t0 > budget_s:
+            print(f"budget spent: stopped before {cfg}", flush=True)
+            break
+        for name, (n, k) in SHAPES.items():
+            c = concrete("awq", cfg, n, k, m)
+            if any(r[1] == c for r in best.get(name, [])):
+                continue
+            try:
+                best.setdefault(name, []).append((timed(kind, n, k, m, c), c))
+            except Exception as e:
+                print(f"  {name} {c}: {type(e).__name__}", flush=True)
+    for name, runs in best.items():
+        n, k = SHAPES[name]
+        runs = sorted(runs, key=lambda r: r[0])
+        top = " | ".join(f"{us:.1f} us {c}" for us, c in runs[:3])
+        print(f"awq {name} N={n} K={k} M=1: best {nbytes(n, k, 'awq') / runs[0][0] / 1e3:.0f} GB/s; {top}", flush=True)
+    print(f"awq-gemv done in {time.time() - t0:.0f} s")
+
+
 def fp8_linear_scaled_mm(x, w):
     q, s = fp8_k.quantize_rows(x)
     return torch._scaled_mm(q, w[0].t(), scale_a=s, scale_b=w[1].view(1, -1), out_dtype=torch.bfloat16)
@@ -253,6 +318,8 @@ def timed_fn(fn, ws) -> float:
 if __name__ == "__main__":
     if "--small-m" in sys.argv:
         small_m()
+    elif "--awq-gemv" in sys.argv:
+        awq_gemv(float(sys.argv[sys.argv.index("--awq-gemv") + 1]) if len(sys.argv) > 2 else 200.0)
     elif "--sweep" in sys.argv:
         sweep(float(sys.argv[sys.argv.index("--sweep") + 1]) if len(sys.argv) > 2 else 150.0)
     else:

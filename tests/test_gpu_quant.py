@@ -91,7 +91,7 @@ def max_gap(m, ps, runs) -> float:
 def test_awq_kernels_match_the_reference(dtype):
     """The GEMV (1 row, K splits), the GEMM (2..255 rows) and dequantize + cuBLAS (256+ rows)."""
     from nanoslg.model.quant.awq import dequantize, pack_k, unpack_awq
-    from nanoslg.model.quant.kernels.awq import awq_linear
+    from nanoslg.model.quant.kernels.awq import awq_linear, split_counts
 
     torch.manual_seed(0)
     for n, k, g in ((3072, 2048, 128), (1000, 1024, 64)):
@@ -106,7 +106,9 @@ def test_awq_kernels_match_the_reference(dtype):
             assert out.dtype == dtype and out.shape == (m, n)
             err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
             assert err < 1e-2, (n, k, g, m, err)
-            assert torch.equal(awq_linear(x, qw, z, s, g), out)  # deterministic: no atomics
+            assert torch.equal(awq_linear(x, qw, z, s, g), out)  # deterministic: no atomic adds
+            # the GEMV's last split adds the parts as the kernel of their own does
+            assert torch.equal(awq_linear(x, qw, z, s, g, counts=split_counts(n, "cuda")), out)
 
 
 @FP8_SM
@@ -192,10 +194,11 @@ def test_awq_on_llama_shapes(shape):
     """Llama-3.1-8B's linears at group 128 through awq_linear (the table's tiles) against x @ the
     dequantized weight; the same bits again and from a CUDA graph replay."""
     from nanoslg.model.quant.awq import dequantize, pack_k
-    from nanoslg.model.quant.kernels.awq import awq_linear
+    from nanoslg.model.quant.kernels.awq import awq_linear, split_counts
 
     n, k = LLAMA_8B[shape]
     g = 128
+    counts = split_counts(n, "cuda")
     torch.manual_seed(0)
     qw = pack_k(torch.randint(0, 16, (k, n), device="cuda", dtype=torch.uint8))
     z = torch.randint(0, 16, (k // g, n), device="cuda", dtype=torch.uint8)
@@ -209,6 +212,11 @@ def test_awq_on_llama_shapes(shape):
         assert err < 1e-2, (shape, m, err)
         assert torch.equal(awq_linear(x, qw, z, s, g), out)
         assert torch.equal(_graph_replay(lambda x=x: awq_linear(x, qw, z, s, g)), out)
+        # as the layers call it: the GEMV's last split adds the parts, eagerly and from a graph, many
+        # times over the same counters
+        fused = [awq_linear(x, qw, z, s, g, counts=counts) for _ in range(3)]
+        fused.append(_graph_replay(lambda x=x: awq_linear(x, qw, z, s, g, counts=counts)))
+        assert all(torch.equal(f, out) for f in fused) and not counts.any(), (shape, m)
 
 
 # -- on a decisive model ------------------------------------------------------------------------------

@@ -130,10 +130,17 @@ for m, k, n, g, cfg in [
     out = awq.awq_linear(x, qweight, zero_bytes, scales, g, cfg).float()
     err = ((out - ref).abs().max() / ref.abs().max()).item()
     assert err < 2e-3, (m, k, n, g, cfg, err)
-    # the GEMV in float32 out (no rounding of the result): the float trick loses nothing
+    # the GEMV in float32 out (no rounding of the result): the float tricks lose nothing, whichever
+    # way the nibbles are opened and the next tile loaded; the last split adds the parts as the kernel
+    # of their own does, bit for bit, and leaves its counters at 0
     if m == 1:
-        out = awq.awq_linear(x.float(), qweight, zero_bytes, scales, g, cfg)
-        assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
+        for prefetch, lop in ((False, False), (True, False), (False, True), (True, True)):
+            c = cfg._replace(prefetch=prefetch, lop=lop)
+            out = awq.awq_linear(x.float(), qweight, zero_bytes, scales, g, c)
+            assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5, (c, prefetch, lop)
+            counts = awq.split_counts(n, x.device)
+            assert torch.equal(awq.awq_linear(x.float(), qweight, zero_bytes, scales, g, c, counts), out)
+            assert not counts.any()
 print("ok")
 """
 
@@ -157,5 +164,6 @@ def test_fp8_skinny_kernel_in_the_interpreter():
 
 
 def test_awq_tiles_in_the_interpreter():
-    """The AWQ GEMV and GEMM under explicit tile configs (the tables' kind), K splits included."""
+    """The AWQ GEMV and GEMM under explicit tile configs (the tables' kind), K splits included, with
+    the GEMV's variants (prefetch, nibbles opened, splits summed in the kernel or after)."""
     _interpret(AWQ_TILES)

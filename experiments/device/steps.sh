@@ -5,6 +5,9 @@
 #                   from NANOSLG_PROFILE_WINDOWS, or "windows=A:B,C:D ARGS" to set them per step)
 #   "test:ARGS"     python -m pytest -q -s -m gpu ARGS     (log: $OUT/logs/N-test.log)
 #   "host:ARGS"     python experiments/host_profile.py ARGS (log: $OUT/logs/N-host.log)
+#   "py:ARGS"       python ARGS                            (log: $OUT/logs/N-py.log)
+#   "before:ARGS"   the bench on the tree in .before/ (an earlier commit's nanoslg/, conf/ and run.py,
+#                   carried; BEFORE_COMMIT names it), its record copied into experiments/ (log: N-before.log)
 # Carry .whl and .fi; pass the commit typed out:
 #   NANOSLG_COMMIT=<sha> bash experiments/device/steps.sh "bench:+experiment=offline-qwen3-0.6b" ...
 set -u
@@ -33,6 +36,16 @@ for step in "$@"; do
       timeout "$left" python experiments/host_profile.py $args 2>&1 | grep -v "it/s\]" > "$log"
       echo "== $i $step ($SECONDS s)"
       grep -v "^\s*$" "$log" | tail -60 ;;
+    py) # shellcheck disable=SC2086
+      timeout "$left" python $args 2>&1 | grep -v "it/s\]" > "$log"
+      echo "== $i $step ($SECONDS s)"
+      grep -v "^\s*$" "$log" | tail -40 ;;
+    before) # shellcheck disable=SC2086
+      (cd .before && NANOSLG_COMMIT=${BEFORE_COMMIT:-before} PYTHONPATH=$PWD:/tmp/site timeout "$left" python run.py $args mode=bench bench.extra.aggregate=false) \
+        2>&1 | grep -v "it/s\]" > "$log"
+      (cd .before && find experiments -path "*/records/*.json" -newer /tmp/nanoslg-run-start -exec cp --parents {} .. \;)
+      echo "== $i $step ($SECONDS s)"
+      grep -E "throughput|step profile|roofline  |TTFT|ITL|Error|error" "$log" | head -10 ;;
     test) # shellcheck disable=SC2086
       timeout "$left" python -m pytest -q -s -m gpu $args 2>&1 | grep -v "it/s\]" > "$log"
       echo "== $i $step ($SECONDS s)"

@@ -134,6 +134,11 @@ class AwqMethod(QuantMethod):
         layer.register_buffer("zeros", unpack_awq(layer.qzeros.data))
         delattr(layer, "qzeros")
         layer.awq_kernel = "triton" if use_kernels(layer.qweight) else "torch"
+        if layer.awq_kernel == "triton":
+            from nanoslg.model.quant.kernels import awq as gpu  # deferred: imports Triton
+
+            # The GEMV's K splits count themselves done here; the layer's own, so no two linears share.
+            layer.register_buffer("split_counts", gpu.split_counts(layer.qweight.shape[1], layer.qweight.device), False)
         self.kernels[KERNEL_NAMES[layer.awq_kernel]] += 1
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +146,7 @@ class AwqMethod(QuantMethod):
             return awq_linear_torch(x, layer.qweight, layer.zeros, layer.scales, self.group_size)
         from nanoslg.model.quant.kernels import awq as gpu  # deferred: imports Triton
 
-        return gpu.awq_linear(x, layer.qweight, layer.zeros, layer.scales, self.group_size)
+        return gpu.awq_linear(x, layer.qweight, layer.zeros, layer.scales, self.group_size, counts=layer.split_counts)
 
     def linear_bytes(self, out_features: int, in_features: int, elem: int) -> int:
         groups = in_features // self.group_size

@@ -5,16 +5,18 @@ tile loads one row of zeros and scales.
 
 Three paths, by the number of rows M of x [M, K]:
 - M == 1 (batch-1 decode): a GEMV without tensor cores. Each program reduces BLOCK_K inputs for
-  BLOCK_N outputs, unpacking the eight values of an int32 with shifts and masks straight into float
-  bits (no int-to-float conversion, which would cost more than the load); the K loop is split over
-  programs when N alone gives too few programs to keep every SM reading.
+  BLOCK_N outputs, unpacking the eight values of an int32 with masks straight into float bits (no
+  int-to-float conversion, which would cost more than the load), with the next tile's load issued
+  before this one's arithmetic; the K loop is split over programs when N alone gives too few
+  programs to keep every SM reading, and the last split to finish adds the parts.
 - M < DEQUANT_ROWS: a GEMM that dequantizes each tile in registers and feeds tl.dot.
 Tile shapes and K splits per layer shape come from TABLE (measured), else a default.
 - more rows (prefill): dequantize the weight once into a bf16/fp16 buffer and let cuBLAS multiply;
   the extra write is small next to the GEMM's FLOPs.
 
-K splits write one float32 partial each, summed afterwards rather than by atomics, so a result never
-depends on the order programs finish in: a CUDA graph replay and an eager step give the same bits.
+K splits write one float32 partial each, added in split order (by the GEMV's last split, or by a
+kernel of their own) rather than by atomic adds, so a result never depends on the order programs
+finish in: a CUDA graph replay and an eager step give the same bits.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ DEQUANT_BLOCK_N = 64
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, N, K_SPLIT, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
-):
+    x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, K_SPLIT,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
+    FUSED_SUM: tl.constexpr, PREFETCH: tl.constexpr, LOP: tl.constexpr,
+):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -43,28 +47,73 @@ def _gemv_kernel(
     # inside the loop, whose time is then the loads'.
     acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
     k_begin = pid_k * K_SPLIT
-    for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
-        packed = tl.load(qw_ptr + ((k0 // 8) + rows)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+    k_end = k_begin + K_SPLIT
+    tile = qw_ptr + ((k_begin // 8) + rows)[:, None] * N + offs_n[None, :]
+    packed = tl.load(tile, mask=n_mask[None, :], other=0)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        if PREFETCH:  # the next tile's load is in flight while this one's arithmetic runs
+            tile += (BLOCK_K // 8) * N
+            ahead = tl.load(tile, mask=((k0 + BLOCK_K + rows * 8) < k_end)[:, None] & n_mask[None, :], other=0)
         g = k0 // GROUP  # one group per tile
         z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-        # Nibble j is moved into the top of a float's mantissa under the exponent of 1.0, giving
-        # 1 + q / 16 exactly with a shift and a mask (an int-to-float conversion costs more than the
-        # load it follows); one 8-bit x times a 5-bit value is exact in float32.
         xq = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
         xsum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
-        for j in tl.static_range(8):
-            x = tl.load(x_ptr + k0 + rows * 8 + j).to(tl.float32)
-            if j < 5:
-                bits = packed << (19 - 4 * j)
-            else:
-                bits = packed >> (4 * j - 19)
-            xq += x[:, None] * ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-            xsum += x
-        # sum x (q - z) s = 16 s (sum x (1 + q / 16) - (1 + z / 16) sum x)
-        acc += (16.0 * s)[None, :] * (xq - xsum[:, None] * (1.0 + z / 16.0)[None, :])
+        if LOP:
+            # Nibble j, left where it is (j < 5) or after one shift of the word for the top three, is
+            # masked into a float's mantissa under the exponent of 1.0: 1 + q 2^(p-23) for bit position
+            # p, one logic op (and + or); subtracting 1 leaves q 2^(p-23) exactly, and x scaled by
+            # 2^(23-p) (per input, not per weight) makes the product x q, exact in float32.
+            high = packed >> 12
+            for j in tl.static_range(8):
+                x = tl.load(x_ptr + k0 + rows * 8 + j).to(tl.float32)
+                if j < 5:
+                    f = ((packed & (0xF << (4 * j))) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
+                    xq += (x * (1 << (23 - 4 * j)))[:, None] * f
+                else:
+                    f = ((high & (0xF << (4 * j - 12))) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
+                    xq += (x * (1 << (35 - 4 * j)))[:, None] * f
+                xsum += x
+            # sum x (q - z) s = s (sum x q - z sum x)
+            acc += s[None, :] * (xq - xsum[:, None] * z[None, :])
+        else:
+            # Nibble j is moved into the top of a float's mantissa under the exponent of 1.0, giving
+            # 1 + q / 16 exactly with a shift and a mask (an int-to-float conversion costs more than the
+            # load it follows); one 8-bit x times a 5-bit value is exact in float32.
+            for j in tl.static_range(8):
+                x = tl.load(x_ptr + k0 + rows * 8 + j).to(tl.float32)
+                if j < 5:
+                    bits = packed << (19 - 4 * j)
+                else:
+                    bits = packed >> (4 * j - 19)
+                xq += x[:, None] * ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                xsum += x
+            # sum x (q - z) s = 16 s (sum x (1 + q / 16) - (1 + z / 16) sum x)
+            acc += (16.0 * s)[None, :] * (xq - xsum[:, None] * (1.0 + z / 16.0)[None, :])
+        if PREFETCH:
+            packed = ahead
+        else:
+            tile += (BLOCK_K // 8) * N
+            packed = tl.load(tile, mask=((k0 + BLOCK_K + rows * 8) < k_end)[:, None] & n_mask[None, :], other=0)
     out = tl.sum(acc, axis=0)
-    tl.store(y_ptr + pid_k * N + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)  # split pid_k's part
+    if SPLITS == 1:
+        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+    elif not FUSED_SUM:
+        tl.store(part_ptr + pid_k * N + offs_n, out, mask=n_mask)  # split pid_k's part, summed by _finish
+    else:
+        # Each split stores its part and counts itself done; the split that finds the others done
+        # adds the parts in split order (the same sum as _finish, whichever split finishes last) and
+        # sets the count back to 0 for the next call. The barrier puts every thread's store before
+        # the count's release; the parts are read past L1 (.cg), which may hold an older call's.
+        tl.store(part_ptr + pid_k * N + offs_n, out, mask=n_mask)
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == SPLITS - 1:
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for i in tl.static_range(SPLITS):
+                total += tl.load(part_ptr + i * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -182,6 +231,8 @@ class Tiles(NamedTuple):
     warps: int
     splits: int  # of K; a divisor of the K tiles (else the largest one below)
     stages: int = 2
+    prefetch: bool = True  # the GEMV: load the next tile before this one's arithmetic
+    lop: bool = True  # the GEMV: open nibbles with one logic op each (else a shift and a logic op)
 
 
 # (N, K, rows) -> the tiles measured fastest on an H100 (experiments/quant_kernels.py --sweep) for
@@ -235,9 +286,19 @@ def gemm_rows(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def awq_linear(x: torch.Tensor, qweight, zeros, scales, group: int, cfg: Tiles | None = None) -> torch.Tensor:
+def split_counts(n: int, device) -> torch.Tensor:
+    """The counters a GEMV with K splits uses to let its last split add the parts (one per column
+    block, BLOCK_N 16 at the least), zero between calls. A linear keeps its own, so two linears never
+    share one."""
+    return torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=device)
+
+
+def awq_linear(
+    x: torch.Tensor, qweight, zeros, scales, group: int, cfg: Tiles | None = None, counts: torch.Tensor | None = None
+) -> torch.Tensor:
     """x [M, K] (bf16 or fp16) @ the int4 weight -> [M, N] in x's dtype. cfg: tiles other than the
-    table's (experiments/quant_kernels.py tries them)."""
+    table's (experiments/quant_kernels.py tries them). counts (split_counts): the GEMV sums its K
+    splits in its own last split, else in a kernel of its own."""
     x = x.contiguous()
     m, k = x.shape
     n = qweight.shape[1]
@@ -245,17 +306,23 @@ def awq_linear(x: torch.Tensor, qweight, zeros, scales, group: int, cfg: Tiles |
         return x @ dequantize(qweight, zeros, scales, group, x.dtype)
     rows = 1 if m == 1 else gemm_rows(m)
     t = cfg or tiles(rows, n, k, group, x.device)
-    y = _output(m, n, t.splits, x)
     k_split = k // t.splits
     if m == 1:
+        fused = t.splits > 1 and counts is not None
+        if fused and counts.numel() < triton.cdiv(n, t.block_n):
+            raise ValueError(f"{counts.numel()} split counters for {triton.cdiv(n, t.block_n)} column blocks")
+        y = torch.empty(1, n, dtype=x.dtype, device=x.device) if t.splits == 1 or fused else None
+        parts = _output(1, n, t.splits, x) if t.splits > 1 else y
         _gemv_kernel[(triton.cdiv(n, t.block_n), t.splits)](
-            x, qweight, zeros, scales, y, n, k_split, GROUP=group, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-            num_warps=t.warps, num_stages=t.stages,
+            x, qweight, zeros, scales, y if y is not None else parts, parts, counts if fused else parts, n, k_split,
+            GROUP=group, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLITS=t.splits, FUSED_SUM=fused,
+            PREFETCH=t.prefetch, LOP=t.lop, num_warps=t.warps, num_stages=t.stages,
         )  # fmt: skip
-    else:
-        grid = (triton.cdiv(m, rows), triton.cdiv(n, t.block_n), t.splits)
-        _gemm_kernel[grid](
-            x, qweight, zeros, scales, y, m, n, k_split, x.stride(0), n,
-            GROUP=group, BLOCK_M=rows, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.warps, num_stages=t.stages,
-        )  # fmt: skip
+        return y if y is not None else _finish(parts, x.dtype)
+    y = _output(m, n, t.splits, x)
+    grid = (triton.cdiv(m, rows), triton.cdiv(n, t.block_n), t.splits)
+    _gemm_kernel[grid](
+        x, qweight, zeros, scales, y, m, n, k_split, x.stride(0), n,
+        GROUP=group, BLOCK_M=rows, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.warps, num_stages=t.stages,
+    )  # fmt: skip
     return y if t.splits == 1 else _finish(y, x.dtype)
