@@ -242,32 +242,25 @@ def small_m() -> None:
 
 
 def awq_gemv(budget_s: float) -> None:
-    """The AWQ GEMV (one row) on the four shapes: the table's tiles as before 2026-12-06 (parts summed by
-    a kernel of their own, no prefetch, nibbles opened by a shift and a logic op), each change alone and
-    all together; then tiles swept with all three, the best printed as TABLE entries."""
+    """The AWQ GEMV (one row) on the four shapes, its K splits summed by a kernel of their own (before
+    2026-12-06) and by the GEMV's last split, at the table's tiles; then tiles swept with the last
+    split summing, the best printed as TABLE entries."""
     t0 = time.time()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; AWQ GEMV, M=1", flush=True)
-    variants = {  # name -> (kind, prefetch, lop)
-        "before": ("awq", False, False),
-        "+fused sum": ("awq-fused", False, False),
-        "+prefetch": ("awq", True, False),
-        "+lop": ("awq", False, True),
-        "all three": ("awq-fused", True, True),
-    }
-    totals = dict.fromkeys(variants, 0.0)
+    totals = {"awq": 0.0, "awq-fused": 0.0}
     for name, (n, k) in SHAPES.items():
         t = awq_k.tiles(1, n, k, GROUP, torch.device(DEV))
         line = []
-        for v, (kind, prefetch, lop) in variants.items():
-            us = timed(kind, n, k, 1, t._replace(prefetch=prefetch, lop=lop))
-            totals[v] += us
-            line.append(f"{v} {us:.1f} us ({nbytes(n, k, 'awq') / us / 1e3:.0f} GB/s)")
+        for kind in totals:
+            us = timed(kind, n, k, 1, t)
+            totals[kind] += us
+            line.append(f"{kind} {us:.1f} us ({nbytes(n, k, 'awq') / us / 1e3:.0f} GB/s)")
         print(f"{name:8s} {t}: " + " | ".join(line), flush=True)
         _COPIES.clear()
-    print("a layer's four: " + " | ".join(f"{v} {us:.1f} us" for v, us in totals.items()), flush=True)
+    print("a layer's four: " + " | ".join(f"{kind} {us:.1f} us" for kind, us in totals.items()), flush=True)
     jobs = []
     for bn, bk, warps in itertools.product((32, 64, 128, 256), (64, 128), (2, 4, 8)):
-        jobs += [("awq-fused", 1, awq_k.Tiles(bn, bk, warps, -sp)) for sp in (1, 2, 4, 8)]
+        jobs += [("awq-fused", 1, awq_k.Tiles(bn, bk, warps, -sp)) for sp in (1, 2, 4, 8, 16)]
     with mp.get_context("spawn").Pool(12) as pool:
         pool.map(_compile, [jobs[i::12] for i in range(12)])
     print(f"compiled {len(jobs)} candidates in {time.time() - t0:.0f} s", flush=True)

@@ -5,10 +5,10 @@ tile loads one row of zeros and scales.
 
 Three paths, by the number of rows M of x [M, K]:
 - M == 1 (batch-1 decode): a GEMV without tensor cores. Each program reduces BLOCK_K inputs for
-  BLOCK_N outputs, unpacking the eight values of an int32 with masks straight into float bits (no
-  int-to-float conversion, which would cost more than the load), with the next tile's load issued
-  before this one's arithmetic; the K loop is split over programs when N alone gives too few
-  programs to keep every SM reading, and the last split to finish adds the parts.
+  BLOCK_N outputs, unpacking the eight values of an int32 with shifts and masks straight into float
+  bits (no int-to-float conversion, which would cost more than the load); the K loop is split over
+  programs when N alone gives too few programs to keep every SM reading, and the last split to
+  finish adds the parts.
 - M < DEQUANT_ROWS: a GEMM that dequantizes each tile in registers and feeds tl.dot.
 Tile shapes and K splits per layer shape come from TABLE (measured), else a default.
 - more rows (prefill): dequantize the weight once into a bf16/fp16 buffer and let cuBLAS multiply;
@@ -35,8 +35,7 @@ DEQUANT_BLOCK_N = 64
 @triton.jit
 def _gemv_kernel(
     x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, K_SPLIT,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-    FUSED_SUM: tl.constexpr, PREFETCH: tl.constexpr, LOP: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, FUSED_SUM: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -47,54 +46,26 @@ def _gemv_kernel(
     # inside the loop, whose time is then the loads'.
     acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
     k_begin = pid_k * K_SPLIT
-    k_end = k_begin + K_SPLIT
-    tile = qw_ptr + ((k_begin // 8) + rows)[:, None] * N + offs_n[None, :]
-    packed = tl.load(tile, mask=n_mask[None, :], other=0)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        if PREFETCH:  # the next tile's load is in flight while this one's arithmetic runs
-            tile += (BLOCK_K // 8) * N
-            ahead = tl.load(tile, mask=((k0 + BLOCK_K + rows * 8) < k_end)[:, None] & n_mask[None, :], other=0)
+    for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
+        packed = tl.load(qw_ptr + ((k0 // 8) + rows)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
         g = k0 // GROUP  # one group per tile
         z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
+        # Nibble j is moved into the top of a float's mantissa under the exponent of 1.0, giving
+        # 1 + q / 16 exactly with a shift and a mask (an int-to-float conversion costs more than the
+        # load it follows); one 8-bit x times a 5-bit value is exact in float32.
         xq = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
         xsum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
-        if LOP:
-            # Nibble j, left where it is (j < 5) or after one shift of the word for the top three, is
-            # masked into a float's mantissa under the exponent of 1.0: 1 + q 2^(p-23) for bit position
-            # p, one logic op (and + or); subtracting 1 leaves q 2^(p-23) exactly, and x scaled by
-            # 2^(23-p) (per input, not per weight) makes the product x q, exact in float32.
-            high = packed >> 12
-            for j in tl.static_range(8):
-                x = tl.load(x_ptr + k0 + rows * 8 + j).to(tl.float32)
-                if j < 5:
-                    f = ((packed & (0xF << (4 * j))) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
-                    xq += (x * (1 << (23 - 4 * j)))[:, None] * f
-                else:
-                    f = ((high & (0xF << (4 * j - 12))) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
-                    xq += (x * (1 << (35 - 4 * j)))[:, None] * f
-                xsum += x
-            # sum x (q - z) s = s (sum x q - z sum x)
-            acc += s[None, :] * (xq - xsum[:, None] * z[None, :])
-        else:
-            # Nibble j is moved into the top of a float's mantissa under the exponent of 1.0, giving
-            # 1 + q / 16 exactly with a shift and a mask (an int-to-float conversion costs more than the
-            # load it follows); one 8-bit x times a 5-bit value is exact in float32.
-            for j in tl.static_range(8):
-                x = tl.load(x_ptr + k0 + rows * 8 + j).to(tl.float32)
-                if j < 5:
-                    bits = packed << (19 - 4 * j)
-                else:
-                    bits = packed >> (4 * j - 19)
-                xq += x[:, None] * ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-                xsum += x
-            # sum x (q - z) s = 16 s (sum x (1 + q / 16) - (1 + z / 16) sum x)
-            acc += (16.0 * s)[None, :] * (xq - xsum[:, None] * (1.0 + z / 16.0)[None, :])
-        if PREFETCH:
-            packed = ahead
-        else:
-            tile += (BLOCK_K // 8) * N
-            packed = tl.load(tile, mask=((k0 + BLOCK_K + rows * 8) < k_end)[:, None] & n_mask[None, :], other=0)
+        for j in tl.static_range(8):
+            x = tl.load(x_ptr + k0 + rows * 8 + j).to(tl.float32)
+            if j < 5:
+                bits = packed << (19 - 4 * j)
+            else:
+                bits = packed >> (4 * j - 19)
+            xq += x[:, None] * ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            xsum += x
+        # sum x (q - z) s = 16 s (sum x (1 + q / 16) - (1 + z / 16) sum x)
+        acc += (16.0 * s)[None, :] * (xq - xsum[:, None] * (1.0 + z / 16.0)[None, :])
     out = tl.sum(acc, axis=0)
     if SPLITS == 1:
         tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -231,8 +202,6 @@ class Tiles(NamedTuple):
     warps: int
     splits: int  # of K; a divisor of the K tiles (else the largest one below)
     stages: int = 2
-    prefetch: bool = True  # the GEMV: load the next tile before this one's arithmetic
-    lop: bool = True  # the GEMV: open nibbles with one logic op each (else a shift and a logic op)
 
 
 # (N, K, rows) -> the tiles measured fastest on an H100 (experiments/quant_kernels.py --sweep) for
@@ -316,7 +285,7 @@ def awq_linear(
         _gemv_kernel[(triton.cdiv(n, t.block_n), t.splits)](
             x, qweight, zeros, scales, y if y is not None else parts, parts, counts if fused else parts, n, k_split,
             GROUP=group, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLITS=t.splits, FUSED_SUM=fused,
-            PREFETCH=t.prefetch, LOP=t.lop, num_warps=t.warps, num_stages=t.stages,
+            num_warps=t.warps, num_stages=t.stages,
         )  # fmt: skip
         return y if y is not None else _finish(parts, x.dtype)
     y = _output(m, n, t.splits, x)
