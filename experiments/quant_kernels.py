@@ -4,6 +4,7 @@
     python experiments/quant_kernels.py --sweep    # tries tile configs per shape, prints the fastest
     python experiments/quant_kernels.py --small-m  # FP8 at 2..16 rows: _scaled_mm or the skinny kernel
     python experiments/quant_kernels.py --awq-gemv # the AWQ GEMV's variants, then its tiles swept
+    python experiments/quant_kernels.py --fused    # FP8 and AWQ, K splits summed after / by the last split
 
 For each of the four linears of a layer (qkv, o, gate_up, down) and M in (1, 8, 16, 64, 512), times the
 bf16 GEMM (F.linear), the FP8 path (nanoslg/model/quant/kernels/fp8.py: the skinny kernel up to
@@ -61,7 +62,7 @@ _COPIES: dict = {}
 
 
 def copies(n: int, k: int, kind: str) -> list:
-    kind = "awq" if kind == "awq-fused" else kind
+    kind = kind.removesuffix("-fused")
     key = (n, k, kind)
     if key not in _COPIES:
         count = max(2, math.ceil(ROTATE_BYTES / nbytes(n, k, kind)))
@@ -81,17 +82,20 @@ def call(kind: str, x, w, cfg=None):
         return fp8_k.fp8_linear(x, *w, None, fp8_kernel(w[0]))
     if kind == "awq-fused":  # the K splits summed by the GEMV's last split
         return awq_k.awq_linear(x, *w, GROUP, cfg, counts=_counts(w[0].shape[1]))
+    if kind == "fp8-fused":  # the skinny kernel's K splits summed by its last split
+        return fp8_k.fp8_linear(x, *w, None, fp8_kernel(w[0]), counts=_counts(w[0].shape[0], fp8_k))
     return awq_k.awq_linear(x, *w, GROUP, cfg)
 
 
 _COUNTS: dict = {}
 
 
-def _counts(n: int) -> torch.Tensor:
-    """One counter buffer per width: the calls of a graph run one after another."""
-    if n not in _COUNTS:
-        _COUNTS[n] = awq_k.split_counts(n, DEV)
-    return _COUNTS[n]
+def _counts(n: int, kernels=awq_k) -> torch.Tensor:
+    """One counter buffer per width and method: the calls of a graph run one after another."""
+    key = (n, kernels.__name__)
+    if key not in _COUNTS:
+        _COUNTS[key] = kernels.split_counts(n, DEV)
+    return _COUNTS[key]
 
 
 def timed(kind: str, n: int, k: int, m: int, cfg=None) -> float:
@@ -285,6 +289,21 @@ def awq_gemv(budget_s: float) -> None:
     print(f"awq-gemv done in {time.time() - t0:.0f} s")
 
 
+def fused() -> None:
+    """FP8 and AWQ on the four shapes at the decode row counts, their K splits summed by a kernel of
+    their own (before 2026-12-06) and by the last split; a layer's four summed per row count."""
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; K splits summed after / by the last split")
+    for kind in ("fp8", "awq"):
+        for m in (1, 8, 16):
+            totals = [0.0, 0.0]
+            for name, (n, k) in SHAPES.items():
+                us = [timed(kind, n, k, m), timed(f"{kind}-fused", n, k, m)]
+                totals = [a + b for a, b in zip(totals, us)]
+                print(f"{kind} {name:8s} M={m:2d}: after {us[0]:.1f} us, by the last split {us[1]:.1f} us", flush=True)
+            print(f"{kind} a layer's four, M={m}: {totals[0]:.1f} us / {totals[1]:.1f} us", flush=True)
+        _COPIES.clear()
+
+
 def fp8_linear_scaled_mm(x, w):
     q, s = fp8_k.quantize_rows(x)
     return torch._scaled_mm(q, w[0].t(), scale_a=s, scale_b=w[1].view(1, -1), out_dtype=torch.bfloat16)
@@ -311,6 +330,8 @@ def timed_fn(fn, ws) -> float:
 if __name__ == "__main__":
     if "--small-m" in sys.argv:
         small_m()
+    elif "--fused" in sys.argv:
+        fused()
     elif "--awq-gemv" in sys.argv:
         awq_gemv(float(sys.argv[sys.argv.index("--awq-gemv") + 1]) if len(sys.argv) > 2 else 200.0)
     elif "--sweep" in sys.argv:

@@ -156,12 +156,13 @@ def test_fp8_skinny_on_llama_shapes(shape):
     """Llama-3.1-8B's linears through fp8_linear (skinny kernel up to SKINNY_ROWS rows, _scaled_mm after)
     against the reference; the same bits again, and from a CUDA graph replay (K splits in a fixed order)."""
     from nanoslg.model.quant.fp8 import fp8_kernel, fp8_linear_torch, quantize_weight
-    from nanoslg.model.quant.kernels.fp8 import fp8_linear
+    from nanoslg.model.quant.kernels.fp8 import fp8_linear, split_counts
 
     n, k = LLAMA_8B[shape]
     torch.manual_seed(0)
     wq, ws = quantize_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
     kernel = fp8_kernel(wq)
+    counts = split_counts(n, "cuda")
     for m in ROWS:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
         for act in (None, torch.tensor([0.05], device="cuda")):
@@ -172,21 +173,27 @@ def test_fp8_skinny_on_llama_shapes(shape):
             assert err < 1e-2, (shape, m, act, err)
             assert torch.equal(fp8_linear(x, wq, ws, act, kernel), out)
             assert torch.equal(_graph_replay(lambda x=x, act=act: fp8_linear(x, wq, ws, act, kernel)), out)
+            # as the layers call it: the last K split adds the parts, eagerly and from a graph
+            fused = [fp8_linear(x, wq, ws, act, kernel, counts=counts) for _ in range(2)]
+            fused.append(_graph_replay(lambda x=x, act=act: fp8_linear(x, wq, ws, act, kernel, counts=counts)))
+            assert all(torch.equal(f, out) for f in fused) and not counts.any(), (shape, m, act)
 
 
 @FP8_SM
 def test_fp8_rows_do_not_depend_on_the_row_count():
     """Up to SKINNY_ROWS rows, a row's output is the same bits whatever rows come with it."""
     from nanoslg.model.quant.fp8 import fp8_kernel, quantize_weight
-    from nanoslg.model.quant.kernels.fp8 import SKINNY_ROWS, fp8_linear
+    from nanoslg.model.quant.kernels.fp8 import SKINNY_ROWS, fp8_linear, split_counts
 
     n, k = LLAMA_8B["qkv"]
     torch.manual_seed(0)
     wq, ws = quantize_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
     x = torch.randn(SKINNY_ROWS, k, device="cuda", dtype=torch.bfloat16) * 2
     full = fp8_linear(x, wq, ws, None, fp8_kernel(wq))
+    counts = split_counts(n, "cuda")
     for m in (1, 2, 5, 16, 17, 33, SKINNY_ROWS):
         assert torch.equal(fp8_linear(x[:m], wq, ws, None, fp8_kernel(wq)), full[:m]), m
+        assert torch.equal(fp8_linear(x[:m], wq, ws, None, fp8_kernel(wq), counts=counts), full[:m]), m
 
 
 @pytest.mark.parametrize("shape", list(LLAMA_8B))

@@ -91,6 +91,9 @@ for m, n, k in [(1, 40, 700), (1, 64, 1024), (3, 24, 300), (5, 33, 96), (17, 20,
             assert out.dtype == x.dtype and out.shape == (m, n)
             err = ((out - ref).abs().max() / ref.abs().max()).item()
             assert err < 1e-6, (m, n, k, static, cfg, err)
+            # the last split adds the parts as the kernel of their own does, and leaves its counters at 0
+            counts = fp8.split_counts(n, x.device)
+            assert torch.equal(fp8_skinny(x, wq, ws, act, cfg, counts=counts), out) and not counts.any()
         # the default config through fp8_linear (more rows go to _scaled_mm, GPU only), and half precision
         if m <= fp8.SKINNY_ROWS:
             assert ((fp8.fp8_linear(x, wq, ws, act, "rowwise") - ref).abs().max() / ref.abs().max()).item() < 1e-6
@@ -101,6 +104,9 @@ for m, n, k in [(1, 40, 700), (1, 64, 1024), (3, 24, 300), (5, 33, 96), (17, 20,
             q, s = quantize_rows(x)
             out = fp8_skinny(q, wq, ws, None, Skinny(16, 64, 4, 2, m > 1), x_scale=s).float()
             assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-2  # bfloat16 out, rounded inexactly here
+            counts = fp8.split_counts(n, x.device)
+            again = fp8_skinny(q, wq, ws, None, Skinny(16, 64, 4, 2, m > 1), x_scale=s, counts=counts).float()
+            assert torch.equal(again, out) and not counts.any()
 print("ok")
 """
 
@@ -157,7 +163,7 @@ def test_triton_kernels_in_the_interpreter():
 
 def test_fp8_skinny_kernel_in_the_interpreter():
     """The few-row FP8 kernel: activation rounding in the kernel (per row, static, or done before),
-    one-row FMA and tl.dot paths, K splits summed after, masking."""
+    one-row FMA and tl.dot paths, K splits summed after or by the last split, masking."""
     _interpret(SKINNY)
 
 

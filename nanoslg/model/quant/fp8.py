@@ -167,6 +167,11 @@ class Fp8Method(QuantMethod):
         if self.static:  # one scale for the fused input: the largest of its shards', as they were calibrated
             layer.act_scale = layer.input_scale.data.max().reshape(1)
         layer.fp8_kernel = fp8_kernel(layer.weight)
+        if layer.fp8_kernel != "torch":
+            from nanoslg.model.quant.kernels import fp8 as gpu  # deferred: imports Triton
+
+            # The skinny kernel's K splits count themselves done here; the layer's own, as AWQ's.
+            layer.register_buffer("split_counts", gpu.split_counts(layer.weight.shape[0], layer.weight.device), False)
         self.kernels[KERNEL_NAMES[layer.fp8_kernel]] += 1
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +179,9 @@ class Fp8Method(QuantMethod):
             return fp8_linear_torch(x, layer.weight, layer.weight_scale, layer.act_scale)
         from nanoslg.model.quant.kernels import fp8 as gpu  # deferred: imports Triton
 
-        return gpu.fp8_linear(x, layer.weight, layer.weight_scale, layer.act_scale, layer.fp8_kernel)
+        return gpu.fp8_linear(
+            x, layer.weight, layer.weight_scale, layer.act_scale, layer.fp8_kernel, counts=layer.split_counts
+        )
 
     def linear_bytes(self, out_features: int, in_features: int, elem: int) -> int:
         return out_features * in_features + 4 * out_features  # float8 weight, float32 scale per channel

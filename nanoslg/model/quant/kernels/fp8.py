@@ -5,8 +5,8 @@ per-output-channel scale:
   x on the fly (below);
 - more rows: one Triton kernel rounds the rows (quantize_rows), then torch._scaled_mm multiplies on
   the FP8 tensor cores and applies both scales in its epilogue.
-K splits write float32 parts summed afterwards in a fixed order (no atomics), so a CUDA graph replay
-and an eager step give the same bits.
+K splits write float32 parts added in split order (by the last split to finish, or by a kernel of
+their own) rather than by atomic adds, so a CUDA graph replay and an eager step give the same bits.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ X_DYNAMIC, X_STATIC, X_FP8 = 0, 1, 2  # x: quantized here per row / with one sta
 
 @triton.jit
 def _skinny_kernel(
-    x_ptr, w_ptr, ws_ptr, xs_ptr, y_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
-    X_MODE: tl.constexpr, PARTS: tl.constexpr, DOT: tl.constexpr,
+    x_ptr, w_ptr, ws_ptr, xs_ptr, y_ptr, out_ptr, count_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
+    X_MODE: tl.constexpr, PARTS: tl.constexpr, SPLITS: tl.constexpr, FUSED_SUM: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
 ):  # fmt: skip
@@ -120,11 +120,26 @@ def _skinny_kernel(
         out = tl.sum(acc, axis=1)[None, :]
     y_ptrs = y_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
     y_mask = m_mask[:, None] & n_mask[None, :]
-    if PARTS:  # a K split's float32 sum, scaled once the splits are added
-        tl.store(y_ptrs, out, mask=y_mask)
-    else:  # the reference's order: (q_x . q_w) * s_x * s_w
+    if not PARTS:  # the reference's order: (q_x . q_w) * s_x * s_w
         ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
         tl.store(y_ptrs, (out * s[:, None] * ws[None, :]).to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:  # a K split's float32 sum, scaled once the splits are added
+        tl.store(y_ptrs, out, mask=y_mask)
+        if FUSED_SUM:
+            # As kernels/awq.py's GEMV: the split that finds the others done adds the parts in split
+            # order and scales them (_sum_parts_kernel's arithmetic), then sets the count back to 0.
+            tl.debug_barrier()
+            block = tl.program_id(2) * tl.num_programs(0) + pid_n
+            done = tl.atomic_add(count_ptr + block, 1, sem="acq_rel", scope="gpu")
+            if done == SPLITS - 1:
+                total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for i in tl.static_range(SPLITS):
+                    part = y_ptr + (i * M + offs_m[:, None]) * N + offs_n[None, :]
+                    total += tl.load(part, mask=y_mask, other=0.0, cache_modifier=".cg")
+                ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
+                res = total * s[:, None] * ws[None, :]
+                tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], res.to(out_ptr.dtype.element_ty), mask=y_mask)
+                tl.atomic_xchg(count_ptr + block, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -176,6 +191,13 @@ def skinny_config(m: int, n: int, k: int, device: torch.device) -> Skinny:
     return Skinny(block_n, block_k, 4 if m == 1 else 8, splits, m > 1)
 
 
+def split_counts(n: int, device) -> torch.Tensor:
+    """The counters fp8_skinny's K splits use to let the last one add the parts (one per block of
+    rows and columns, up to SKINNY_ROWS rows in DOT_ROWS tiles, BLOCK_N 8 at the least), zero between
+    calls. A linear keeps its own."""
+    return torch.zeros(triton.cdiv(SKINNY_ROWS, DOT_ROWS) * triton.cdiv(n, 8), dtype=torch.int32, device=device)
+
+
 def fp8_skinny(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -184,9 +206,11 @@ def fp8_skinny(
     cfg: Skinny | None = None,
     x_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fp8_linear for few rows: x [M, K] (M <= 64) in bf16/fp16 -> [M, N] in x's dtype. x may also be
-    float8 already, with its per-row x_scale [M, 1] (quantize_rows' output; the result in out_dtype)."""
+    float8 already, with its per-row x_scale [M, 1] (quantize_rows' output; the result in out_dtype).
+    counts (split_counts): K splits are added by the last one, else by a kernel of their own."""
     m, k = x.shape
     n = w.shape[0]
     cfg = cfg or skinny_config(m, n, k, x.device)
@@ -194,6 +218,10 @@ def fp8_skinny(
     block_m = DOT_ROWS if dot else 1
     k_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.splits) * cfg.block_k
     parts = cfg.splits > 1
+    grid = (triton.cdiv(n, cfg.block_n), cfg.splits, triton.cdiv(m, block_m))
+    fused = parts and counts is not None
+    if fused and counts.numel() < grid[0] * grid[2]:
+        raise ValueError(f"{counts.numel()} split counters for {grid[0] * grid[2]} blocks")
     if x.dtype == FP8:
         mode, xs = X_FP8, x_scale.float().reshape(m).contiguous()
     elif act_scale is None:
@@ -202,18 +230,17 @@ def fp8_skinny(
         mode, xs, out_dtype = X_STATIC, act_scale.float().reshape(1), x.dtype
     shape, dtype = ((cfg.splits, m, n), torch.float32) if parts else ((m, n), out_dtype)
     y = torch.empty(shape, dtype=dtype, device=x.device)
-    _skinny_kernel[(triton.cdiv(n, cfg.block_n), cfg.splits, triton.cdiv(m, block_m))](
-        x, w, w_scale, xs, y, m, n, k, k_split, x.stride(0), w.stride(0),
-        X_MODE=mode, PARTS=parts, DOT=dot, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, num_warps=cfg.warps,
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device) if parts else y
+    _skinny_kernel[grid](
+        x, w, w_scale, xs, y, out, counts if fused else y, m, n, k, k_split, x.stride(0), w.stride(0),
+        X_MODE=mode, PARTS=parts, SPLITS=cfg.splits, FUSED_SUM=fused, DOT=dot, BLOCK_M=block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, num_warps=cfg.warps,
     )  # fmt: skip
-    if not parts:
-        return y
-    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
-    block = 1024
-    _sum_parts_kernel[(triton.cdiv(m * n, block),)](
-        y, xs, w_scale, out, m, n, 0 if mode == X_STATIC else 1, SPLITS=cfg.splits, BLOCK=block
-    )
+    if parts and not fused:
+        block = 1024
+        _sum_parts_kernel[(triton.cdiv(m * n, block),)](
+            y, xs, w_scale, out, m, n, 0 if mode == X_STATIC else 1, SPLITS=cfg.splits, BLOCK=block
+        )
     return out
 
 
@@ -223,10 +250,16 @@ def _one(device: torch.device) -> torch.Tensor:
 
 
 def fp8_linear(
-    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_scale: torch.Tensor | None, kernel: str
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    act_scale: torch.Tensor | None,
+    kernel: str,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ (w [N, K] float8 * w_scale [N])^T -> [M, N] in x's dtype. kernel: "rowwise" (SM90+:
-    both scales in _scaled_mm's epilogue) or "tensorwise" (SM89: unit scales, both applied after)."""
+    both scales in _scaled_mm's epilogue) or "tensorwise" (SM89: unit scales, both applied after).
+    counts (split_counts): the skinny kernel's K splits added by the last one."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     if act_scale is None:
         q, s = quantize_rows(x)
@@ -235,7 +268,7 @@ def fp8_linear(
         s = act_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
     if x.shape[0] <= SKINNY_ROWS:  # one config for every row count: the same bits for a row at any M
         cfg = skinny_config(DOT_ROWS, w.shape[0], w.shape[1], x.device)
-        return fp8_skinny(q, w, w_scale, None, cfg=cfg, x_scale=s, out_dtype=x.dtype)
+        return fp8_skinny(q, w, w_scale, None, cfg=cfg, x_scale=s, out_dtype=x.dtype, counts=counts)
     if kernel == "rowwise":  # row-wise scaling takes a bf16 output only
         y = torch._scaled_mm(q, w.t(), scale_a=s, scale_b=w_scale.view(1, -1), out_dtype=torch.bfloat16)
     else:
