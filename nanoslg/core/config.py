@@ -68,10 +68,6 @@ class CacheConfig:
     # FlashInfer's decode kernel: auto (tensor cores from a GQA group of 4, FlashInfer's own rule),
     # tensor_cores, or cuda_cores.
     flashinfer_decode: str = "auto"
-    # KV splits of the tensor-core decode kernel: auto (FlashInfer's plan decides; under CUDA graphs
-    # it splits whenever a batch's blocks fill less than one wave, and merges the parts after) or off
-    # (one pass per sequence: no merge kernel, for batches large enough to fill the GPU on their own).
-    flashinfer_split_kv: str = "auto"
 
 
 @dataclass
@@ -196,7 +192,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cache.kv_dtype": ("auto", "fp8_e4m3"),
     "cache.sdpa_decode": ("auto", "triton", "gather"),
     "cache.flashinfer_decode": ("auto", "tensor_cores", "cuda_cores"),
-    "cache.flashinfer_split_kv": ("auto", "off"),
     "parallel.dist_backend": ("auto", "nccl", "gloo"),
     "bench.peer": ("none", "hf"),
     "speculative.method": ("none", "ngram", "draft"),
