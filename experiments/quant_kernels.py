@@ -248,7 +248,7 @@ def small_m() -> None:
 def awq_gemv(budget_s: float) -> None:
     """The AWQ GEMV (one row) on the four shapes, its K splits summed by a kernel of their own (before
     2026-12-06) and by the GEMV's last split, at the table's tiles; then tiles swept with the last
-    split summing, the best printed as TABLE entries."""
+    split summing, x loaded per input or per packed row (x_vec), the best printed as TABLE entries."""
     t0 = time.time()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; AWQ GEMV, M=1", flush=True)
     totals = {"awq": 0.0, "awq-fused": 0.0}
@@ -263,8 +263,8 @@ def awq_gemv(budget_s: float) -> None:
         _COPIES.clear()
     print("a layer's four: " + " | ".join(f"{kind} {us:.1f} us" for kind, us in totals.items()), flush=True)
     jobs = []
-    for bn, bk, warps in itertools.product((32, 64, 128, 256), (64, 128), (2, 4, 8)):
-        jobs += [("awq-fused", 1, awq_k.Tiles(bn, bk, warps, -sp)) for sp in (1, 2, 4, 8, 16)]
+    for bn, bk, warps, x_vec in itertools.product((64, 128, 256, 512), (64, 128), (1, 2, 4), (False, True)):
+        jobs += [("awq-fused", 1, awq_k.Tiles(bn, bk, warps, -sp, x_vec=x_vec)) for sp in (2, 4, 8, 16)]
     with mp.get_context("spawn").Pool(12) as pool:
         pool.map(_compile, [jobs[i::12] for i in range(12)])
     print(f"compiled {len(jobs)} candidates in {time.time() - t0:.0f} s", flush=True)

@@ -201,7 +201,7 @@ def test_awq_on_llama_shapes(shape):
     """Llama-3.1-8B's linears at group 128 through awq_linear (the table's tiles) against x @ the
     dequantized weight; the same bits again and from a CUDA graph replay."""
     from nanoslg.model.quant.awq import dequantize, pack_k
-    from nanoslg.model.quant.kernels.awq import awq_linear, split_counts
+    from nanoslg.model.quant.kernels.awq import awq_linear, split_counts, tiles
 
     n, k = LLAMA_8B[shape]
     g = 128
@@ -224,6 +224,9 @@ def test_awq_on_llama_shapes(shape):
         fused = [awq_linear(x, qw, z, s, g, counts=counts) for _ in range(3)]
         fused.append(_graph_replay(lambda x=x: awq_linear(x, qw, z, s, g, counts=counts)))
         assert all(torch.equal(f, out) for f in fused) and not counts.any(), (shape, m)
+        if m == 1:  # the GEMV with x's inputs loaded per packed row: the same arithmetic, the same bits
+            vec = tiles(1, n, k, g, x.device)._replace(x_vec=True)
+            assert torch.equal(awq_linear(x, qw, z, s, g, vec, counts), out), shape
 
 
 # -- on a decisive model ------------------------------------------------------------------------------

@@ -145,6 +145,8 @@ for m, k, n, g, cfg in [
         for _ in range(2):
             assert torch.equal(awq.awq_linear(x.float(), qweight, zero_bytes, scales, g, cfg, counts), out)
             assert not counts.any()
+        # x's inputs in one load per packed row: the same arithmetic, the same bits
+        assert torch.equal(awq.awq_linear(x.float(), qweight, zero_bytes, scales, g, cfg._replace(x_vec=True)), out)
 print("ok")
 """
 
@@ -169,5 +171,5 @@ def test_fp8_skinny_kernel_in_the_interpreter():
 
 def test_awq_tiles_in_the_interpreter():
     """The AWQ GEMV and GEMM under explicit tile configs (the tables' kind), K splits included (the
-    GEMV's summed by its last split or by a kernel of their own)."""
+    GEMV's summed by its last split or by a kernel of their own), x loaded per input or per packed row."""
     _interpret(AWQ_TILES)

@@ -36,6 +36,7 @@ DEQUANT_BLOCK_N = 64
 def _gemv_kernel(
     x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, K_SPLIT,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, FUSED_SUM: tl.constexpr,
+    X_VEC: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -56,8 +57,20 @@ def _gemv_kernel(
         # load it follows); one 8-bit x times a 5-bit value is exact in float32.
         xq = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
         xsum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
+        if X_VEC:  # a packed row's eight inputs in one 16-byte load, opened by splits (j = 4a + 2b + c)
+            xr = tl.load(x_ptr + k0 + rows[:, None] * 8 + tl.arange(0, 8)[None, :]).to(tl.float32)
+            x_c0, x_c1 = tl.split(tl.reshape(xr, [BLOCK_K // 8, 2, 2, 2]))
+            x_b0c0, x_b1c0 = tl.split(x_c0)
+            x_b0c1, x_b1c1 = tl.split(x_c1)
+            x0, x4 = tl.split(x_b0c0)
+            x2, x6 = tl.split(x_b1c0)
+            x1, x5 = tl.split(x_b0c1)
+            x3, x7 = tl.split(x_b1c1)
         for j in tl.static_range(8):
-            x = tl.load(x_ptr + k0 + rows * 8 + j).to(tl.float32)
+            if X_VEC:
+                x = (x0, x1, x2, x3, x4, x5, x6, x7)[j]
+            else:
+                x = tl.load(x_ptr + k0 + rows * 8 + j).to(tl.float32)
             if j < 5:
                 bits = packed << (19 - 4 * j)
             else:
@@ -202,6 +215,7 @@ class Tiles(NamedTuple):
     warps: int
     splits: int  # of K; a divisor of the K tiles (else the largest one below)
     stages: int = 2
+    x_vec: bool = False  # the GEMV: x's eight inputs of a packed row in one load (else one load each)
 
 
 # (N, K, rows) -> the tiles measured fastest on an H100 (experiments/quant_kernels.py --sweep, and
@@ -285,7 +299,7 @@ def awq_linear(
         parts = _output(1, n, t.splits, x) if t.splits > 1 else y
         _gemv_kernel[(triton.cdiv(n, t.block_n), t.splits)](
             x, qweight, zeros, scales, y if y is not None else parts, parts, counts if fused else parts, n, k_split,
-            GROUP=group, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLITS=t.splits, FUSED_SUM=fused,
+            GROUP=group, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLITS=t.splits, FUSED_SUM=fused, X_VEC=t.x_vec,
             num_warps=t.warps, num_stages=t.stages,
         )  # fmt: skip
         return y if y is not None else _finish(parts, x.dtype)
