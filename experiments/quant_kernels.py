@@ -175,10 +175,9 @@ def _compile(jobs: list) -> None:
     torch.cuda.synchronize()
 
 
-def sweep(budget_s: float) -> None:
-    t0 = time.time()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; sweep", flush=True)
-    jobs = candidates()
+def compile_and_time(jobs: list, t0: float, budget_s: float) -> dict:
+    """Compiles the (kind, M, config) jobs in parallel processes (Triton's disk cache then serves this
+    one), then times each on the four shapes until the budget is spent: (kind, shape, M) -> [(us, cfg)]."""
     workers = 12
     with mp.get_context("spawn").Pool(workers) as pool:
         pool.map(_compile, [jobs[i::workers] for i in range(workers)])
@@ -200,6 +199,13 @@ def sweep(budget_s: float) -> None:
                 continue
             best.setdefault(key, []).append((us, c))
             print(f"  {kind} {name} M={m} {us:.1f} us {c}", flush=True)
+    return best
+
+
+def sweep(budget_s: float) -> None:
+    t0 = time.time()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; sweep", flush=True)
+    best = compile_and_time(candidates(), t0, budget_s)
     for key, runs in best.items():
         kind, name, m = key
         n, k = SHAPES[name]
@@ -265,23 +271,7 @@ def awq_gemv(budget_s: float) -> None:
     jobs = []
     for bn, bk, warps, x_vec in itertools.product((64, 128, 256, 512), (64, 128), (1, 2, 4), (False, True)):
         jobs += [("awq-fused", 1, awq_k.Tiles(bn, bk, warps, -sp, x_vec=x_vec)) for sp in (2, 4, 8, 16)]
-    with mp.get_context("spawn").Pool(12) as pool:
-        pool.map(_compile, [jobs[i::12] for i in range(12)])
-    print(f"compiled {len(jobs)} candidates in {time.time() - t0:.0f} s", flush=True)
-    best: dict = {}
-    for kind, m, cfg in jobs:
-        if time.time() - t0 > budget_s:
-            print(f"budget spent: stopped before {cfg}", flush=True)
-            break
-        for name, (n, k) in SHAPES.items():
-            c = concrete("awq", cfg, n, k, m)
-            if any(r[1] == c for r in best.get(name, [])):
-                continue
-            try:
-                best.setdefault(name, []).append((timed(kind, n, k, m, c), c))
-            except Exception as e:
-                print(f"  {name} {c}: {type(e).__name__}", flush=True)
-    for name, runs in best.items():
+    for (_, name, _), runs in compile_and_time(jobs, t0, budget_s).items():
         n, k = SHAPES[name]
         runs = sorted(runs, key=lambda r: r[0])
         top = " | ".join(f"{us:.1f} us {c}" for us, c in runs[:3])
