@@ -254,7 +254,8 @@ def small_m() -> None:
 def awq_gemv(budget_s: float) -> None:
     """The AWQ GEMV (one row) on the four shapes, its K splits summed by a kernel of their own (before
     2026-12-06) and by the GEMV's last split, at the table's tiles; then tiles swept with the last
-    split summing, x loaded per input or per packed row (x_vec), the best printed as TABLE entries."""
+    split summing, x loaded per input or per packed row (x_vec), the mask as an immediate or an argument
+    (mask_arg), the best printed as TABLE entries."""
     t0 = time.time()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; AWQ GEMV, M=1", flush=True)
     totals = {"awq": 0.0, "awq-fused": 0.0}
@@ -269,8 +270,10 @@ def awq_gemv(budget_s: float) -> None:
         _COPIES.clear()
     print("a layer's four: " + " | ".join(f"{kind} {us:.1f} us" for kind, us in totals.items()), flush=True)
     jobs = []
-    for bn, bk, warps, x_vec in itertools.product((64, 128, 256, 512), (64, 128), (1, 2, 4), (False, True)):
-        jobs += [("awq-fused", 1, awq_k.Tiles(bn, bk, warps, -sp, x_vec=x_vec)) for sp in (2, 4, 8, 16)]
+    for bn, bk, warps, lean in itertools.product((128, 256, 512), (64, 128), (1, 2, 4), (0, 1, 2)):
+        x_vec, mask_arg = lean >= 1, lean == 2  # as before / x per packed row / that and the masks as arguments
+        tiles = [awq_k.Tiles(bn, bk, warps, -sp, x_vec=x_vec, mask_arg=mask_arg) for sp in (4, 8, 16)]
+        jobs += [("awq-fused", 1, t) for t in tiles]
     for (_, name, _), runs in compile_and_time(jobs, t0, budget_s).items():
         n, k = SHAPES[name]
         runs = sorted(runs, key=lambda r: r[0])

@@ -224,9 +224,10 @@ def test_awq_on_llama_shapes(shape):
         fused = [awq_linear(x, qw, z, s, g, counts=counts) for _ in range(3)]
         fused.append(_graph_replay(lambda x=x: awq_linear(x, qw, z, s, g, counts=counts)))
         assert all(torch.equal(f, out) for f in fused) and not counts.any(), (shape, m)
-        if m == 1:  # the GEMV with x's inputs loaded per packed row: the same arithmetic, the same bits
-            vec = tiles(1, n, k, g, x.device)._replace(x_vec=True)
-            assert torch.equal(awq_linear(x, qw, z, s, g, vec, counts), out), shape
+        if m == 1:  # x's inputs loaded per packed row, the mask as an argument: the same arithmetic and bits
+            for lean in (dict(x_vec=True), dict(mask_arg=True), dict(x_vec=True, mask_arg=True)):
+                t = tiles(1, n, k, g, x.device)._replace(**lean)
+                assert torch.equal(awq_linear(x, qw, z, s, g, t, counts), out), (shape, lean)
 
 
 # -- on a decisive model ------------------------------------------------------------------------------

@@ -145,8 +145,9 @@ for m, k, n, g, cfg in [
         for _ in range(2):
             assert torch.equal(awq.awq_linear(x.float(), qweight, zero_bytes, scales, g, cfg, counts), out)
             assert not counts.any()
-        # x's inputs in one load per packed row: the same arithmetic, the same bits
-        assert torch.equal(awq.awq_linear(x.float(), qweight, zero_bytes, scales, g, cfg._replace(x_vec=True)), out)
+        # x's inputs in one load per packed row, the mask as an argument: the same arithmetic, the same bits
+        for lean in (dict(x_vec=True), dict(mask_arg=True), dict(x_vec=True, mask_arg=True)):
+            assert torch.equal(awq.awq_linear(x.float(), qweight, zero_bytes, scales, g, cfg._replace(**lean)), out)
 print("ok")
 """
 

@@ -34,9 +34,9 @@ DEQUANT_BLOCK_N = 64
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, K_SPLIT,
+    x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, K_SPLIT, MASK, ONE,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, FUSED_SUM: tl.constexpr,
-    X_VEC: tl.constexpr,
+    X_VEC: tl.constexpr, MASK_ARG: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -75,7 +75,11 @@ def _gemv_kernel(
                 bits = packed << (19 - 4 * j)
             else:
                 bits = packed >> (4 * j - 19)
-            xq += x[:, None] * ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            if MASK_ARG:  # MASK, ONE = 0x780000, 0x3F800000 as arguments: ptxas keeps them in registers
+                f = ((bits & MASK) | ONE).to(tl.float32, bitcast=True)
+            else:  # immediates: a logic op takes one, and ptxas re-creates the other before most of them
+                f = ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            xq += x[:, None] * f
             xsum += x
         # sum x (q - z) s = 16 s (sum x (1 + q / 16) - (1 + z / 16) sum x)
         acc += (16.0 * s)[None, :] * (xq - xsum[:, None] * (1.0 + z / 16.0)[None, :])
@@ -216,6 +220,7 @@ class Tiles(NamedTuple):
     splits: int  # of K; a divisor of the K tiles (else the largest one below)
     stages: int = 2
     x_vec: bool = False  # the GEMV: x's eight inputs of a packed row in one load (else one load each)
+    mask_arg: bool = False  # the GEMV: the nibble mask and the exponent of 1.0 passed as arguments
 
 
 # (N, K, rows) -> the tiles measured fastest on an H100 (experiments/quant_kernels.py --sweep, and
@@ -299,8 +304,8 @@ def awq_linear(
         parts = _output(1, n, t.splits, x) if t.splits > 1 else y
         _gemv_kernel[(triton.cdiv(n, t.block_n), t.splits)](
             x, qweight, zeros, scales, y if y is not None else parts, parts, counts if fused else parts, n, k_split,
-            GROUP=group, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLITS=t.splits, FUSED_SUM=fused, X_VEC=t.x_vec,
-            num_warps=t.warps, num_stages=t.stages,
+            0x780000, 0x3F800000, GROUP=group, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLITS=t.splits,
+            FUSED_SUM=fused, X_VEC=t.x_vec, MASK_ARG=t.mask_arg, num_warps=t.warps, num_stages=t.stages,
         )  # fmt: skip
         return y if y is not None else _finish(parts, x.dtype)
     y = _output(m, n, t.splits, x)
