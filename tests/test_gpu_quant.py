@@ -60,13 +60,14 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
-def reference(path: str, fp8_acts: bool, fp8_kv: bool = False):
-    """transformers, float32 on the GPU, on a dequantized checkpoint; optionally FP8 activations / KV."""
+def reference(path: str, fp8_acts: bool, fp8_kv: bool = False, dtype: torch.dtype = torch.float32):
+    """transformers on the GPU (float32 unless dtype says), on a dequantized checkpoint; optionally FP8
+    activations / KV."""
     from test_kv_fp8 import hf_fp8_kv
     from transformers import AutoModelForCausalLM
 
     m = hf_fp8_kv(path) if fp8_kv else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    m = m.float().cuda().eval()
+    m = m.to(dtype).cuda().eval()
     if fp8_acts:
         for name, mod in m.named_modules():
             if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head"):
@@ -262,6 +263,62 @@ def test_kernels_and_reference_on_a_model(method, ckpts):
     )
     tol = GAP_TOL if method == "awq" else FP8_GAP_TOL
     assert gap[True] < tol and gap[False] < tol
+
+
+@FP8_SM
+@pytest.mark.parametrize("method", ["fp8", "fp8-online", "fp8-kv"])
+def test_fp8_picks_at_fixed_prefixes(method, ckpts, base):
+    """The model-level FP8 check without trajectories: at 96 fixed prefixes (the float32 reference's own
+    greedy continuations of three prompts) the engine's picks, through the kernels and through the
+    torch path, fall below the float32 reference's argmax (mean and worst, in nats) about as far as
+    transformers' own bf16 run with the same FP8 rounding does at those prefixes. A near tie then costs
+    one position, not the rest of a trajectory (why the checks above cannot pass at 1.0 nats:
+    experiments/README.md, ninth wave). Each prefix asks for two tokens and the second is kept where
+    the first is the reference's: that pick comes from a decode step (the skinny kernel). fp8-kv: bf16
+    weights and an FP8 KV pool, against a reference whose attention reads FP8 K and V."""
+    if method == "fp8-kv":  # bf16 weights, an FP8 pool; the reference's attention reads FP8 K/V
+        overrides, ref_path, acts, kv = [f"model.path={base}", "cache.kv_dtype=fp8_e4m3"], base, False, True
+    else:
+        (overrides, ref_path), acts, kv = ckpts[method], True, False
+    ref, half = reference(ref_path, acts, kv), reference(ref_path, acts, kv, dtype=torch.bfloat16)
+    ps, n = prompts(1), 32
+    with torch.no_grad():
+        conts = [ref.generate(torch.tensor([p], device="cuda"), max_new_tokens=n + 1, min_new_tokens=n + 1,
+                              do_sample=False)[0, len(p):].tolist() for p in ps]  # fmt: skip
+        logps = [torch.log_softmax(ref(torch.tensor([p + c], device="cuda")).logits[0, len(p) - 1 :].float(), -1)
+                 for p, c in zip(ps, conts)]  # fmt: skip
+        own = [half(torch.tensor([p + c], device="cuda")).logits[0, len(p) - 1 :].argmax(-1).tolist()
+               for p, c in zip(ps, conts)]  # fmt: skip
+    # Prefix p + c[:i] of prompt j: the first pick is position i's (a prefill step), the second is
+    # position i + 1's (a decode step) where the first pick is c[i], so that its prefix is fixed too.
+    prefixes = [(j, i) for j in range(len(ps)) for i in range(n)]
+    picks: dict = {}
+    try:
+        for kernels in (True, False):
+            quant_base.set_kernels(kernels)
+            eager = () if kernels else ("model.enforce_eager=true",)  # the kernels as served: graphs, overlap
+            with LLM(*overrides, "cache=flashinfer", "cache.max_num_tokens=16384", *eager) as llm:
+                outs = llm.generate([ps[j] + conts[j][:i] for j, i in prefixes], greedy(2))
+            first = [(j, i, o.token_ids[0]) for (j, i), o in zip(prefixes, outs)]
+            second = [(j, i + 1, o.token_ids[1]) for (j, i), o in zip(prefixes, outs) if o.token_ids[0] == conts[j][i]]
+            picks[kernels] = (first, second)
+    finally:
+        quant_base.set_kernels(True)
+
+    def gaps(entries) -> torch.Tensor:
+        return torch.tensor([(logps[j][pos].max() - logps[j][pos, t]).item() for j, pos, t in entries])
+
+    own = gaps([(j, pos, own[j][pos]) for j in range(len(ps)) for pos in range(n + 1)])
+    ours = {k: gaps(first + second) for k, (first, second) in picks.items()}
+    kept = {k: len(second) for k, (_, second) in picks.items()}
+    print(
+        f"\n{method} at {len(prefixes)} fixed prefixes (decode picks kept {kept[True]} / {kept[False]}): gap to the "
+        f"fp32 argmax, mean / max: kernels {ours[True].mean():.3f} / {ours[True].max():.3f}, torch path "
+        f"{ours[False].mean():.3f} / {ours[False].max():.3f}, transformers bf16 {own.mean():.3f} / {own.max():.3f} nats"
+    )
+    assert min(kept.values()) >= len(prefixes) // 3, kept
+    for k, g in ours.items():  # a wrong kernel picks at random: a mean gap of several nats
+        assert g.mean() <= 1.5 * own.mean() + 0.1 and g.max() <= own.max() + GAP_TOL, (k, g.mean(), g.max())
 
 
 @FP8_SM
