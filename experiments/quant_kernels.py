@@ -251,6 +251,16 @@ def small_m() -> None:
         _COPIES.clear()
 
 
+def awq_gemv_jobs() -> list:
+    """The GEMV's candidate tiles, its K splits added by the last split: as before / x loaded per packed
+    row (x_vec) / that and the masks as arguments (mask_arg)."""
+    jobs = []
+    for bn, bk, warps, lean in itertools.product((128, 256, 512), (64, 128), (1, 2, 4), (0, 1, 2)):
+        tiles = [awq_k.Tiles(bn, bk, warps, -sp, x_vec=lean >= 1, mask_arg=lean == 2) for sp in (4, 8, 16)]
+        jobs += [("awq-fused", 1, t) for t in tiles]
+    return jobs
+
+
 def awq_gemv(budget_s: float) -> None:
     """The AWQ GEMV (one row) on the four shapes, its K splits summed by a kernel of their own (before
     2026-12-06) and by the GEMV's last split, at the table's tiles; then tiles swept with the last
@@ -269,12 +279,7 @@ def awq_gemv(budget_s: float) -> None:
         print(f"{name:8s} {t}: " + " | ".join(line), flush=True)
         _COPIES.clear()
     print("a layer's four: " + " | ".join(f"{kind} {us:.1f} us" for kind, us in totals.items()), flush=True)
-    jobs = []
-    for bn, bk, warps, lean in itertools.product((128, 256, 512), (64, 128), (1, 2, 4), (0, 1, 2)):
-        x_vec, mask_arg = lean >= 1, lean == 2  # as before / x per packed row / that and the masks as arguments
-        tiles = [awq_k.Tiles(bn, bk, warps, -sp, x_vec=x_vec, mask_arg=mask_arg) for sp in (4, 8, 16)]
-        jobs += [("awq-fused", 1, t) for t in tiles]
-    for (_, name, _), runs in compile_and_time(jobs, t0, budget_s).items():
+    for (_, name, _), runs in compile_and_time(awq_gemv_jobs(), t0, budget_s).items():
         n, k = SHAPES[name]
         runs = sorted(runs, key=lambda r: r[0])
         top = " | ".join(f"{us:.1f} us {c}" for us, c in runs[:3])
