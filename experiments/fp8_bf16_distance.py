@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from quant_ckpt import fake_quant_act, make_fp8  # noqa: E402
 from test_gpu import _bf16_llama  # noqa: E402
+from test_gpu_quant import prompts  # noqa: E402  (the GPU tests' three prompts)
 
 
 def load(path: str, dtype: torch.dtype, fp8_acts: bool):
@@ -28,11 +29,6 @@ def load(path: str, dtype: torch.dtype, fp8_acts: bool):
             if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head"):
                 mod.register_forward_pre_hook(lambda _, args: (fake_quant_act(args[0]),))
     return m
-
-
-def prompts(seed: int, lengths=(9, 64, 300)) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 1024, (n,), generator=g).tolist() for n in lengths]
 
 
 @torch.no_grad()

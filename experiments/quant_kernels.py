@@ -289,10 +289,11 @@ def awq_gemv(budget_s: float) -> None:
 
 def fused() -> None:
     """FP8 and AWQ on the four shapes at the decode row counts, their K splits summed by a kernel of
-    their own (before 2026-12-06) and by the last split; a layer's four summed per row count."""
+    their own (before 2026-12-06) and by the last split; a layer's four summed per row count. AWQ at
+    one row only: its GEMM (more rows) always sums its splits in a kernel of their own."""
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; K splits summed after / by the last split")
-    for kind in ("fp8", "awq"):
-        for m in (1, 8, 16):
+    for kind, rows in (("fp8", (1, 8, 16)), ("awq", (1,))):
+        for m in rows:
             totals = [0.0, 0.0]
             for name, (n, k) in SHAPES.items():
                 us = [timed(kind, n, k, m), timed(f"{kind}-fused", n, k, m)]

@@ -287,8 +287,8 @@ def test_fp8_picks_at_fixed_prefixes(method, ckpts, base):
                               do_sample=False)[0, len(p):].tolist() for p in ps]  # fmt: skip
         logps = [torch.log_softmax(ref(torch.tensor([p + c], device="cuda")).logits[0, len(p) - 1 :].float(), -1)
                  for p, c in zip(ps, conts)]  # fmt: skip
-        own = [half(torch.tensor([p + c], device="cuda")).logits[0, len(p) - 1 :].argmax(-1).tolist()
-               for p, c in zip(ps, conts)]  # fmt: skip
+        own_picks = [half(torch.tensor([p + c], device="cuda")).logits[0, len(p) - 1 :].argmax(-1).tolist()
+                     for p, c in zip(ps, conts)]  # fmt: skip
     # Prefix p + c[:i] of prompt j: the first pick is position i's (a prefill step), the second is
     # position i + 1's (a decode step) where the first pick is c[i], so that its prefix is fixed too.
     prefixes = [(j, i) for j in range(len(ps)) for i in range(n)]
@@ -308,7 +308,7 @@ def test_fp8_picks_at_fixed_prefixes(method, ckpts, base):
     def gaps(entries) -> torch.Tensor:
         return torch.tensor([(logps[j][pos].max() - logps[j][pos, t]).item() for j, pos, t in entries])
 
-    own = gaps([(j, pos, own[j][pos]) for j in range(len(ps)) for pos in range(n + 1)])
+    own = gaps([(j, pos, own_picks[j][pos]) for j in range(len(ps)) for pos in range(n + 1)])
     ours = {k: gaps(first + second) for k, (first, second) in picks.items()}
     kept = {k: len(second) for k, (_, second) in picks.items()}
     print(
