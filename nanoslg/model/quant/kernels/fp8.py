@@ -38,16 +38,15 @@ def _quant_rows_kernel(
     for start in range(0, K, BLOCK):  # the second pass reads the row back from L2
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+        q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX)
         tl.store(q_ptr + row * K + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
     tl.store(s_ptr + row, scale)
 
 
-def quantize_rows(x: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (float8 [M, K], scale [M, 1] float32), per row. dtype float16: the same float8
-    values held in float16 (exactly), for the skinny kernel, which then converts only the weight."""
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (float8 [M, K], scale [M, 1] float32), per row."""
     m, k = x.shape
-    q = torch.empty(m, k, dtype=dtype, device=x.device)
+    q = torch.empty(m, k, dtype=FP8, device=x.device)
     s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     block = min(triton.next_power_of_2(k), 4096)
     _quant_rows_kernel[(m,)](x, q, s, k, x.stride(0), BLOCK=block, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, num_warps=8)
@@ -210,8 +209,7 @@ def fp8_skinny(
     counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fp8_linear for few rows: x [M, K] (M <= 64) in bf16/fp16 -> [M, N] in x's dtype. x may also be
-    rounded already (float8, or float8 values in float16), with its per-row x_scale [M, 1]
-    (quantize_rows' output; the result in out_dtype).
+    float8 already, with its per-row x_scale [M, 1] (quantize_rows' output; the result in out_dtype).
     counts (split_counts): K splits are added by the last one, else by a kernel of their own."""
     m, k = x.shape
     n = w.shape[0]
@@ -224,7 +222,7 @@ def fp8_skinny(
     fused = parts and counts is not None
     if fused and counts.numel() < grid[0] * grid[2]:
         raise ValueError(f"{counts.numel()} split counters for {grid[0] * grid[2]} blocks")
-    if x_scale is not None:  # rounded already: float8, or float8 values held in float16
+    if x.dtype == FP8:
         mode, xs = X_FP8, x_scale.float().reshape(m).contiguous()
     elif act_scale is None:
         mode, xs, out_dtype = X_DYNAMIC, torch.empty(m, dtype=torch.float32, device=x.device), x.dtype
@@ -263,15 +261,12 @@ def fp8_linear(
     both scales in _scaled_mm's epilogue) or "tensorwise" (SM89: unit scales, both applied after).
     counts (split_counts): the skinny kernel's K splits added by the last one."""
     x = x if x.stride(-1) == 1 else x.contiguous()
-    skinny = x.shape[0] <= SKINNY_ROWS
     if act_scale is None:
-        # The skinny kernel takes the rounded rows in float16: every warp converts the whole x tile,
-        # so handing it float8 tripled the conversions of the weight (experiments/sass_count.py).
-        q, s = quantize_rows(x, torch.float16 if skinny else FP8)
+        q, s = quantize_rows(x)
     else:  # a checkpoint's static scale, one for every token
         q = (x.float() / act_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         s = act_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
-    if skinny:  # one config for every row count: the same bits for a row at any M
+    if x.shape[0] <= SKINNY_ROWS:  # one config for every row count: the same bits for a row at any M
         cfg = skinny_config(DOT_ROWS, w.shape[0], w.shape[1], x.device)
         return fp8_skinny(q, w, w_scale, None, cfg=cfg, x_scale=s, out_dtype=x.dtype, counts=counts)
     if kernel == "rowwise":  # row-wise scaling takes a bf16 output only
