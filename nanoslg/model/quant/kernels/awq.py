@@ -227,10 +227,10 @@ class Tiles(NamedTuple):
 # --awq-gemv for the GEMV with its last split adding the parts) for Llama-3.1-8B's qkv, o, gate_up and
 # down at group 128; rows: 1 (the GEMV) or the GEMM's BLOCK_M.
 TABLE: dict[tuple[int, int, int], Tiles] = {
-    (6144, 4096, 1): Tiles(256, 64, 2, 32),
-    (4096, 4096, 1): Tiles(256, 128, 2, 32),
-    (28672, 4096, 1): Tiles(256, 64, 2, 16),
-    (4096, 14336, 1): Tiles(64, 128, 4, 28),
+    (6144, 4096, 1): Tiles(256, 128, 4, 16, x_vec=True, mask_arg=True),
+    (4096, 4096, 1): Tiles(128, 64, 2, 32, x_vec=True, mask_arg=True),
+    (28672, 4096, 1): Tiles(512, 64, 4, 16, x_vec=True, mask_arg=True),
+    (4096, 14336, 1): Tiles(128, 64, 2, 32, x_vec=True, mask_arg=True),
     (6144, 4096, 16): Tiles(128, 64, 4, 8, 3),
     (4096, 4096, 16): Tiles(128, 64, 4, 8, 3),
     (28672, 4096, 16): Tiles(128, 128, 4, 2, 3),
