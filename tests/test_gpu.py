@@ -147,11 +147,7 @@ def test_fused_kernels_equal_torch():
     assert torch.equal(qkv[:, 768:], orig[:, 768:])
 
 
-# FlashInfer's decode kernels: tensor cores, CUDA cores, tensor cores without KV splits.
-DECODE_KERNELS = ["tensor_cores", "cuda_cores", "tensor_cores cache.flashinfer_split_kv=off"]
-
-
-@pytest.mark.parametrize("decode", DECODE_KERNELS)
+@pytest.mark.parametrize("decode", ["tensor_cores", "cuda_cores"])
 @pytest.mark.parametrize("ckpt", ["bf16_llama", "bf16_llama_gqa4"])
 def test_flashinfer_equals_sdpa_on_a_decisive_model(ckpt, decode, request):
     """Both backends pick, at every one of 32 steps, the float32 reference's argmax up to bf16 noise,
@@ -164,7 +160,7 @@ def test_flashinfer_equals_sdpa_on_a_decisive_model(ckpt, decode, request):
         with LLM(
             f"model.path={path}",
             f"cache={cache}",
-            *f"cache.flashinfer_decode={decode}".split(),
+            f"cache.flashinfer_decode={decode}",
             "model.enforce_eager=true",
             "cache.max_num_tokens=8192",
         ) as llm:
@@ -181,7 +177,7 @@ def test_flashinfer_equals_sdpa_on_a_decisive_model(ckpt, decode, request):
     assert gaps["flashinfer"] < GAP_TOL and gaps["sdpa"] < GAP_TOL
 
 
-@pytest.mark.parametrize("decode", DECODE_KERNELS)
+@pytest.mark.parametrize("decode", ["tensor_cores", "cuda_cores"])
 def test_cuda_graphs_and_overlap_change_no_token(bf16_llama, decode):
     """Decode through captured CUDA graphs (padded buckets) and overlapped steps (the device reads the
     token in flight) gives the tokens of eager, one-step-at-a-time decoding, with either decode kernel."""
@@ -192,7 +188,7 @@ def test_cuda_graphs_and_overlap_change_no_token(bf16_llama, decode):
         with LLM(
             f"model.path={bf16_llama}",
             "cache=flashinfer",
-            *f"cache.flashinfer_decode={decode}".split(),
+            f"cache.flashinfer_decode={decode}",
             f"model.enforce_eager={eager}",
             f"scheduler.overlap={overlap}",
             "cache.max_num_tokens=16384",
@@ -242,16 +238,14 @@ def test_flashinfer_sampling_matches_torch():
             assert (freq - exact).abs().max() < 0.015, (kernels, kw)
 
 
-@pytest.mark.parametrize(
-    "variant", ["", "cache.cascade_split_kv=off", "cache.flashinfer_decode=tensor_cores cache.flashinfer_split_kv=off"]
-)
+@pytest.mark.parametrize("level0_split", ["auto", "off"])
 @pytest.mark.parametrize("ckpt", ["bf16_llama", "bf16_llama_gqa4"])
 @pytest.mark.parametrize("eager", ["true", "false"])
-def test_cascade_attention_on_gpu(ckpt, eager, variant, request):
+def test_cascade_attention_on_gpu(ckpt, eager, level0_split, request):
     """Ten requests sharing a 304-token cached prefix decode through cascade attention (eagerly and
-    in its CUDA graphs; GQA 4 takes the tensor-core path; variants: level 0 without KV splits, the
-    tensor-core decode without KV splits): every greedy token is the float32 reference's argmax up to
-    bf16 noise, and its logprobs are as close to the reference's as those of the plain kernel."""
+    in its CUDA graphs; GQA 4 takes the tensor-core path): every greedy token is the float32
+    reference's argmax up to bf16 noise, and its logprobs are as close to the reference's as those of
+    the plain kernel (cascade off)."""
     pytest.importorskip("flashinfer")
     path = request.getfixturevalue(ckpt)
     g = torch.Generator().manual_seed(3)
@@ -262,9 +256,9 @@ def test_cascade_attention_on_gpu(ckpt, eager, variant, request):
         with LLM(
             f"model.path={path}",
             "cache=flashinfer",
-            *variant.split(),
             f"model.enforce_eager={eager}",
             f"cache.cascade_attention={cascade}",
+            f"cache.cascade_split_kv={level0_split}",
             "cache.max_num_tokens=16384",
         ) as llm:
             llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=1))  # caches the base
@@ -281,7 +275,7 @@ def test_cascade_attention_on_gpu(ckpt, eager, variant, request):
     gaps = [greedy_gaps(path, p, o.token_ids) for p, o in zip(prompts, runs["true"])]
     same = sum(a == b for x, y in zip(runs["true"], runs["false"]) for a, b in zip(x.token_ids, y.token_ids))
     print(
-        f"\ncascade {ckpt} eager={eager} {variant or 'defaults'}: {steps['true']} cascade steps; "
+        f"\ncascade {ckpt} eager={eager} level-0 splits {level0_split}: {steps['true']} cascade steps; "
         f"{same}/320 tokens equal to cascade off; "
         f"max gap to the fp32 argmax {max(map(max, gaps)):.3f} nats; max logprob error against fp32: cascade "
         f"{err['true']:.3f}, plain {err['false']:.3f}"

@@ -98,18 +98,6 @@ def test_flashinfer_decode_kernel_choice():
     assert uses_tensor_cores("tensor_cores", 1) and not uses_tensor_cores("cuda_cores", 8)
 
 
-def test_flashinfer_split_kv_setting():
-    """cache.flashinfer_split_kv=off reaches the tensor-core kernel's plan() as disable_split_kv; the
-    CUDA-core kernel takes no such argument, so asking it of that kernel is a config error."""
-    from nanoslg.cache.flashinfer_backend import decode_plan_options
-    from nanoslg.core.errors import ConfigError
-
-    assert decode_plan_options(True, "auto") == decode_plan_options(False, "auto") == {}
-    assert decode_plan_options(True, "off") == {"disable_split_kv": True}
-    with pytest.raises(ConfigError, match="cache.flashinfer_split_kv=off needs .*cache.flashinfer_decode=tensor_cores"):
-        decode_plan_options(False, "off")
-
-
 # -- the engine on CPU with cache=paged ---------------------------------------------------------
 import gc  # noqa: E402
 import random  # noqa: E402

@@ -60,19 +60,6 @@ def uses_tensor_cores(choice: str, group: int) -> bool:
     return group >= 4
 
 
-def decode_plan_options(tensor_cores: bool, split_kv: str) -> dict:
-    """Extra arguments of the decode wrapper's plan() for cache.flashinfer_split_kv: FlashInfer takes
-    disable_split_kv from its tensor-core kernel only (the CUDA-core kernel's plan splits as it sees fit)."""
-    if split_kv == "auto":
-        return {}
-    if not tensor_cores:
-        raise ConfigError(
-            "cache.flashinfer_split_kv=off needs FlashInfer's tensor-core decode kernel "
-            "(cache.flashinfer_decode=tensor_cores); its CUDA-core kernel decides KV splits itself"
-        )
-    return {"disable_split_kv": True}
-
-
 @dataclass(eq=False)
 class FlashInferContext(CacheContext):
     """One step. The kernels are planned once: in prepare when the query head count is known, else
@@ -147,16 +134,13 @@ class FlashInferBackend(CacheBackend):
         self._graphs: FlashInferGraphs | None = None  # the CUDA-graph buffers, once init_graphs ran
         self.decode_choice = "auto"  # cache.flashinfer_decode (configure)
         self.level0_split = True  # cache.cascade_split_kv (configure)
-        self.decode_plan_options: dict = {}  # cache.flashinfer_split_kv (configure)
 
     def configure(self, cache_cfg) -> str:
         self.decode_choice = cache_cfg.flashinfer_decode
         self.level0_split = cache_cfg.cascade_split_kv != "off"
-        self.decode_plan_options = decode_plan_options(self.decode_tensor_cores, cache_cfg.flashinfer_split_kv)
         kind = "tensor-core" if self.decode_tensor_cores else "CUDA-core"
-        splits = ", no KV splits (cache.flashinfer_split_kv=off)" if self.decode_plan_options else ""
         level0 = "" if self.level0_split or not self.cascade else "; cascade level 0 without KV splits"
-        return f"{kind} decode kernel (cache.flashinfer_decode={self.decode_choice}){splits}{level0}"
+        return f"{kind} decode kernel (cache.flashinfer_decode={self.decode_choice}){level0}"
 
     @property
     def decode_tensor_cores(self) -> bool:
@@ -297,16 +281,7 @@ class FlashInferBackend(CacheBackend):
         if decode:
             wrapper = self._decode_wrapper()
             self.run_plan(
-                wrapper,
-                kv_indptr_h,
-                indices_d,
-                last_len_h,
-                num_qo_heads,
-                s.num_kv_heads,
-                s.head_dim,
-                ps,
-                **common,
-                **self.decode_plan_options,
+                wrapper, kv_indptr_h, indices_d, last_len_h, num_qo_heads, s.num_kv_heads, s.head_dim, ps, **common
             )
         else:
             wrapper = self._prefill

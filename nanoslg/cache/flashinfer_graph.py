@@ -169,5 +169,4 @@ class FlashInferGraphs:
             q_data_type=s.dtype,
             kv_data_type=s.cache_dtype,
             sm_scale=self.backend.scale,
-            **self.backend.decode_plan_options,
         )

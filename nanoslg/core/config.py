@@ -72,10 +72,6 @@ class CacheConfig:
     # plan splits the prefix's keys across blocks and merges the parts, always under CUDA graphs) or
     # off (one pass over the prefix per block of queries, no merge kernel).
     cascade_split_kv: str = "auto"
-    # KV splits of the tensor-core decode kernel: auto (FlashInfer's plan decides; under CUDA graphs
-    # it splits whenever a batch's blocks fill less than one wave, and merges the parts after) or off
-    # (one pass per sequence: no merge kernel, for batches large enough to fill the GPU on their own).
-    flashinfer_split_kv: str = "auto"
 
 
 @dataclass
@@ -201,7 +197,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cache.sdpa_decode": ("auto", "triton", "gather"),
     "cache.flashinfer_decode": ("auto", "tensor_cores", "cuda_cores"),
     "cache.cascade_split_kv": ("auto", "off"),
-    "cache.flashinfer_split_kv": ("auto", "off"),
     "parallel.dist_backend": ("auto", "nccl", "gloo"),
     "bench.peer": ("none", "hf"),
     "speculative.method": ("none", "ngram", "draft"),
