@@ -133,14 +133,11 @@ class FlashInferBackend(CacheBackend):
         self._plan_events: dict = {}  # wrapper -> event recorded after its last plan()
         self._graphs: FlashInferGraphs | None = None  # the CUDA-graph buffers, once init_graphs ran
         self.decode_choice = "auto"  # cache.flashinfer_decode (configure)
-        self.level0_split = True  # cache.cascade_split_kv (configure)
 
     def configure(self, cache_cfg) -> str:
         self.decode_choice = cache_cfg.flashinfer_decode
-        self.level0_split = cache_cfg.cascade_split_kv != "off"
         kind = "tensor-core" if self.decode_tensor_cores else "CUDA-core"
-        level0 = "" if self.level0_split or not self.cascade else "; cascade level 0 without KV splits"
-        return f"{kind} decode kernel (cache.flashinfer_decode={self.decode_choice}){level0}"
+        return f"{kind} decode kernel (cache.flashinfer_decode={self.decode_choice})"
 
     @property
     def decode_tensor_cores(self) -> bool:
@@ -324,7 +321,6 @@ class FlashInferBackend(CacheBackend):
             q_data_type=s.dtype,
             kv_data_type=s.cache_dtype,
             sm_scale=self.scale,
-            **({} if self.level0_split else {"disable_split_kv": True}),
         )
         return wrapper
 

@@ -68,10 +68,6 @@ class CacheConfig:
     # FlashInfer's decode kernel: auto (tensor cores from a GQA group of 4, FlashInfer's own rule),
     # tensor_cores, or cuda_cores.
     flashinfer_decode: str = "auto"
-    # Cascade level 0 (every sequence's queries against the shared prefix) with FlashInfer: auto (its
-    # plan splits the prefix's keys across blocks and merges the parts, always under CUDA graphs) or
-    # off (one pass over the prefix per block of queries, no merge kernel).
-    cascade_split_kv: str = "auto"
 
 
 @dataclass
@@ -196,7 +192,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cache.kv_dtype": ("auto", "fp8_e4m3"),
     "cache.sdpa_decode": ("auto", "triton", "gather"),
     "cache.flashinfer_decode": ("auto", "tensor_cores", "cuda_cores"),
-    "cache.cascade_split_kv": ("auto", "off"),
     "parallel.dist_backend": ("auto", "nccl", "gloo"),
     "bench.peer": ("none", "hf"),
     "speculative.method": ("none", "ngram", "draft"),
