@@ -27,17 +27,17 @@ from nanoslg.model.quant.kernels import awq
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SIG = {
     "x_ptr": "*bf16", "qw_ptr": "*i32", "z_ptr": "*u8", "s_ptr": "*fp16", "y_ptr": "*bf16", "part_ptr": "*fp32",
-    "count_ptr": "*i32", "N": "i32", "K_SPLIT": "i32", "MASK": "i32", "ONE": "i32", "GROUP": "constexpr",
+    "count_ptr": "*i32", "N": "i32", "K_SPLIT": "i32", "MASK": "i32", "ONE": "i32", "X_UP": "i32", "GROUP": "constexpr",
     "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SPLITS": "constexpr", "FUSED_SUM": "constexpr",
-    "X_VEC": "constexpr", "MASK_ARG": "constexpr",
+    "X_VEC": "constexpr", "MASK_ARG": "constexpr", "SILU_MUL": "constexpr",
 }  # fmt: skip
 
 
 def sass(block_n: int, block_k: int, warps: int, splits: int, x_vec: bool, mask_arg: bool) -> str:
     names = list(SIG)
-    div = {(names.index(a),): [["tt.divisibility", 16]] for a in names[:11]}
+    div = {(names.index(a),): [["tt.divisibility", 16]] for a in names[:12]}
     consts = dict(GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=splits, FUSED_SUM=splits > 1, X_VEC=x_vec)
-    consts["MASK_ARG"] = mask_arg
+    consts.update(MASK_ARG=mask_arg, SILU_MUL=False)
     src = ASTSource(fn=awq._gemv_kernel, signature=SIG, constexprs=consts, attrs=div)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

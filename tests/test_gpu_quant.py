@@ -229,6 +229,17 @@ def test_awq_on_llama_shapes(shape):
             for lean in (dict(x_vec=True), dict(mask_arg=True), dict(x_vec=True, mask_arg=True)):
                 t = tiles(1, n, k, g, x.device)._replace(**lean)
                 assert torch.equal(awq_linear(x, qw, z, s, g, t, counts), out), (shape, lean)
+    if shape == "down":  # the GEMV computing silu(gate) * up as it loads it, against the activation kernel
+        from nanoslg.model.kernels import silu_and_mul
+
+        h = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16) * 2
+        want = awq_linear(silu_and_mul(h), qw, z, s, g, counts=counts)
+        got = awq_linear(h, qw, z, s, g, counts=counts, silu_mul=True)
+        err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+        same = (got == want).float().mean().item()
+        print(f"\nAWQ down, silu(gate) * up in its loads: {err:.2e} off the activation kernel's, {same:.4f} same bits")
+        assert err < 1e-2 and not counts.any()
+        assert torch.equal(_graph_replay(lambda: awq_linear(h, qw, z, s, g, counts=counts, silu_mul=True)), got)
 
 
 # -- on a decisive model ------------------------------------------------------------------------------

@@ -148,6 +148,13 @@ for m, k, n, g, cfg in [
         # x's inputs in one load per packed row, the mask as an argument: the same arithmetic, the same bits
         for lean in (dict(x_vec=True), dict(mask_arg=True), dict(x_vec=True, mask_arg=True)):
             assert torch.equal(awq.awq_linear(x.float(), qweight, zero_bytes, scales, g, cfg._replace(**lean)), out)
+            # silu(gate) * up computed as the GEMV loads it, against the activation on its own first
+            h = torch.randn(1, 2 * k).half()
+            act = (torch.nn.functional.silu(h[:, :k].float()) * h[:, k:].float()).half()
+            want = awq.awq_linear(act, qweight, zero_bytes, scales, g, cfg._replace(**lean)).float()
+            got = awq.awq_linear(h, qweight, zero_bytes, scales, g, cfg._replace(**lean), counts, silu_mul=True)
+            assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3, (cfg, lean)
+            assert not counts.any()
 print("ok")
 """
 
@@ -172,5 +179,6 @@ def test_fp8_skinny_kernel_in_the_interpreter():
 
 def test_awq_tiles_in_the_interpreter():
     """The AWQ GEMV and GEMM under explicit tile configs (the tables' kind), K splits included (the
-    GEMV's summed by its last split or by a kernel of their own), x loaded per input or per packed row."""
+    GEMV's summed by its last split or by a kernel of their own), x loaded per input or per packed row,
+    the GEMV's input computed from [gate | up] as it loads it."""
     _interpret(AWQ_TILES)

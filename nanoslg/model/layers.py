@@ -47,11 +47,6 @@ class RMSNorm(nn.Module):
         return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
-class SiluAndMul(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.silu_and_mul(x)
-
-
 # -- rotary embedding -----------------------------------------------------------------------------------
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """HF's inverse frequencies, with the `linear` and `llama3` scalings."""
@@ -259,6 +254,15 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = tp_all_reduce(self.matmul(x))
+        return y if self.bias is None else y + self.bias
+
+    def forward_silu_mul(self, h: torch.Tensor) -> torch.Tensor:
+        """forward(silu(gate) * up) for h = [gate | up] (this rank's shards of both): in one kernel
+        where the quantization method has one, else the activation kernel and then forward."""
+        y = None if self.quant is None else self.quant.apply_silu_mul(self, h)
+        if y is None:
+            return self.forward(kernels.silu_and_mul(h))
+        y = tp_all_reduce(y)
         return y if self.bias is None else y + self.bias
 
 

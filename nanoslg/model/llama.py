@@ -27,7 +27,6 @@ from nanoslg.model.layers import (
     RMSNorm,
     RotaryEmbedding,
     RowParallelLinear,
-    SiluAndMul,
     VocabParallelEmbedding,
 )
 
@@ -68,10 +67,9 @@ class MLP(nn.Module):
         inter = args.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(args.hidden_size, [inter, inter], args.mlp_bias, quant=quant)
         self.down_proj = RowParallelLinear(inter, args.hidden_size, args.mlp_bias, quant=quant)
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj.forward_silu_mul(self.gate_up_proj(x))  # silu(gate) * up, then down
 
 
 class DecoderLayer(nn.Module):

@@ -148,6 +148,17 @@ class AwqMethod(QuantMethod):
 
         return gpu.awq_linear(x, layer.qweight, layer.zeros, layer.scales, self.group_size, counts=layer.split_counts)
 
+    def apply_silu_mul(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor | None:
+        # One row (batch-1 decode): the GEMV computes the activation as it loads its input, which
+        # saves the activation's own launch, a one-block kernel at one row.
+        if layer.awq_kernel == "torch" or h.shape[0] != 1 or h.dtype not in (torch.float16, torch.bfloat16):
+            return None
+        from nanoslg.model.quant.kernels import awq as gpu  # deferred: imports Triton
+
+        return gpu.awq_linear(
+            h, layer.qweight, layer.zeros, layer.scales, self.group_size, counts=layer.split_counts, silu_mul=True
+        )
+
     def linear_bytes(self, out_features: int, in_features: int, elem: int) -> int:
         groups = in_features // self.group_size
         return out_features * in_features // 2 + groups * out_features * 3  # int4; fp16 scale + byte zero

@@ -58,6 +58,11 @@ class QuantMethod:
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def apply_silu_mul(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of h = [gate | up], times the layer's weight, in one kernel; None where the
+        method has none for h (the caller then runs the activation on its own and `apply`)."""
+        return None
+
     def linear_bytes(self, out_features: int, in_features: int, elem: int) -> int:
         """Bytes one whole (unsharded) linear weight takes as this method stores it."""
         raise NotImplementedError

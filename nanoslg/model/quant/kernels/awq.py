@@ -33,10 +33,21 @@ DEQUANT_BLOCK_N = 64
 
 
 @triton.jit
+def _load_x(x_ptr, offs, X_UP, SILU_MUL: tl.constexpr):
+    """The GEMV's inputs at offs in float32. SILU_MUL: x holds [gate | up] (up from X_UP on), and the
+    input is silu(gate) * up rounded to x's dtype, as the separate activation kernel would store it."""
+    if SILU_MUL:
+        g = tl.load(x_ptr + offs).to(tl.float32)
+        u = tl.load(x_ptr + X_UP + offs).to(tl.float32)
+        return (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return tl.load(x_ptr + offs).to(tl.float32)
+
+
+@triton.jit
 def _gemv_kernel(
-    x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, K_SPLIT, MASK, ONE,
+    x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, K_SPLIT, MASK, ONE, X_UP,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, FUSED_SUM: tl.constexpr,
-    X_VEC: tl.constexpr, MASK_ARG: tl.constexpr,
+    X_VEC: tl.constexpr, MASK_ARG: tl.constexpr, SILU_MUL: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -58,7 +69,7 @@ def _gemv_kernel(
         xq = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
         xsum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
         if X_VEC:  # a packed row's eight inputs in one 16-byte load, opened by splits (j = 4a + 2b + c)
-            xr = tl.load(x_ptr + k0 + rows[:, None] * 8 + tl.arange(0, 8)[None, :]).to(tl.float32)
+            xr = _load_x(x_ptr, k0 + rows[:, None] * 8 + tl.arange(0, 8)[None, :], X_UP, SILU_MUL)
             x_c0, x_c1 = tl.split(tl.reshape(xr, [BLOCK_K // 8, 2, 2, 2]))
             x_b0c0, x_b1c0 = tl.split(x_c0)
             x_b0c1, x_b1c1 = tl.split(x_c1)
@@ -70,7 +81,7 @@ def _gemv_kernel(
             if X_VEC:
                 x = (x0, x1, x2, x3, x4, x5, x6, x7)[j]
             else:
-                x = tl.load(x_ptr + k0 + rows * 8 + j).to(tl.float32)
+                x = _load_x(x_ptr, k0 + rows * 8 + j, X_UP, SILU_MUL)
             if j < 5:
                 bits = packed << (19 - 4 * j)
             else:
@@ -283,14 +294,27 @@ def split_counts(n: int, device) -> torch.Tensor:
 
 
 def awq_linear(
-    x: torch.Tensor, qweight, zeros, scales, group: int, cfg: Tiles | None = None, counts: torch.Tensor | None = None
+    x: torch.Tensor,
+    qweight,
+    zeros,
+    scales,
+    group: int,
+    cfg: Tiles | None = None,
+    counts: torch.Tensor | None = None,
+    silu_mul: bool = False,
 ) -> torch.Tensor:
     """x [M, K] (bf16 or fp16) @ the int4 weight -> [M, N] in x's dtype. cfg: tiles other than the
     table's (experiments/quant_kernels.py tries them). counts (split_counts): the GEMV sums its K
-    splits in its own last split, else in a kernel of its own."""
+    splits in its own last split, else in a kernel of its own. silu_mul (the GEMV only): x is
+    [1, 2K] = [gate | up], and the GEMV multiplies silu(gate) * up, computed as it loads it."""
     x = x.contiguous()
     m, k = x.shape
     n = qweight.shape[1]
+    if silu_mul:
+        if m != 1 or k != 2 * qweight.shape[0] * 8:
+            want = f"[1, {2 * qweight.shape[0] * 8}]"
+            raise ValueError(f"silu_mul takes one row of [gate | up], {want}; got {list(x.shape)}")
+        k //= 2
     if m >= DEQUANT_ROWS:
         return x @ dequantize(qweight, zeros, scales, group, x.dtype)
     rows = 1 if m == 1 else gemm_rows(m)
@@ -304,8 +328,9 @@ def awq_linear(
         parts = _output(1, n, t.splits, x) if t.splits > 1 else y
         _gemv_kernel[(triton.cdiv(n, t.block_n), t.splits)](
             x, qweight, zeros, scales, y if y is not None else parts, parts, counts if fused else parts, n, k_split,
-            0x780000, 0x3F800000, GROUP=group, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLITS=t.splits,
-            FUSED_SUM=fused, X_VEC=t.x_vec, MASK_ARG=t.mask_arg, num_warps=t.warps, num_stages=t.stages,
+            0x780000, 0x3F800000, k, GROUP=group, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLITS=t.splits,
+            FUSED_SUM=fused, X_VEC=t.x_vec, MASK_ARG=t.mask_arg, SILU_MUL=silu_mul, num_warps=t.warps,
+            num_stages=t.stages,
         )  # fmt: skip
         return y if y is not None else _finish(parts, x.dtype)
     y = _output(m, n, t.splits, x)
