@@ -76,6 +76,11 @@ def load_awq(layer: nn.Module, param: nn.Parameter, loaded, shard_id) -> None:
     layer.load_sliced(param, loaded, shard_id)
 
 
+def _on_kernels(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether x goes through the GPU kernels (a half-precision x on a layer that chose them)."""
+    return layer.awq_kernel != "torch" and x.dtype in (torch.float16, torch.bfloat16)
+
+
 @QUANTIZATION.register("awq")
 class AwqMethod(QuantMethod):
     name = "awq"
@@ -142,22 +147,20 @@ class AwqMethod(QuantMethod):
         self.kernels[KERNEL_NAMES[layer.awq_kernel]] += 1
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if layer.awq_kernel == "torch" or x.dtype not in (torch.float16, torch.bfloat16):
+        if not _on_kernels(layer, x):
             return awq_linear_torch(x, layer.qweight, layer.zeros, layer.scales, self.group_size)
-        from nanoslg.model.quant.kernels import awq as gpu  # deferred: imports Triton
-
-        return gpu.awq_linear(x, layer.qweight, layer.zeros, layer.scales, self.group_size, counts=layer.split_counts)
+        return self._kernel(layer, x)
 
     def apply_silu_mul(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor | None:
         # One row (batch-1 decode): the GEMV computes the activation as it loads its input, which
         # saves the activation's own launch, a one-block kernel at one row.
-        if layer.awq_kernel == "torch" or h.shape[0] != 1 or h.dtype not in (torch.float16, torch.bfloat16):
-            return None
+        return self._kernel(layer, h, silu_mul=True) if h.shape[0] == 1 and _on_kernels(layer, h) else None
+
+    def _kernel(self, layer: nn.Module, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
         from nanoslg.model.quant.kernels import awq as gpu  # deferred: imports Triton
 
-        return gpu.awq_linear(
-            h, layer.qweight, layer.zeros, layer.scales, self.group_size, counts=layer.split_counts, silu_mul=True
-        )
+        qw, z, s, g = layer.qweight, layer.zeros, layer.scales, self.group_size
+        return gpu.awq_linear(x, qw, z, s, g, counts=layer.split_counts, silu_mul=silu_mul)
 
     def linear_bytes(self, out_features: int, in_features: int, elem: int) -> int:
         groups = in_features // self.group_size
