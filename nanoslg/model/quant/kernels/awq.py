@@ -21,12 +21,13 @@ finish in: a CUDA graph replay and an eager step give the same bits.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from nanoslg.model.quant.kernels import num_sms
 
 DEQUANT_ROWS = 256  # from here on, dequantize + cuBLAS (vLLM's AWQ switches at the same count)
 DEQUANT_BLOCK_N = 64
@@ -208,19 +209,12 @@ def block_k(group: int) -> int:
     return bk
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # the Triton interpreter (tests on the CPU)
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 PROGRAMS_PER_SM = 4  # without a table entry: K splits until about this many programs per SM run
 
 
 def split_k(programs: int, k_tiles: int, device: torch.device, per_sm: int = PROGRAMS_PER_SM) -> int:
     """K splits so that about per_sm programs per SM run: the largest divisor of k_tiles up to that."""
-    want = max(1, -(-per_sm * _num_sms(device) // programs))
+    want = max(1, -(-per_sm * num_sms(device) // programs))
     return max(d for d in range(1, min(want, k_tiles) + 1) if k_tiles % d == 0)
 
 

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanoslg.model.quant.kernels import num_sms
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 MIN_SCALE = 1e-12  # as the reference's: an all-zero row quantizes to zeros
@@ -173,11 +175,6 @@ SKINNY_TABLE: dict[tuple[int, int, bool], Skinny] = {
 }
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-
-
 def skinny_config(m: int, n: int, k: int, device: torch.device) -> Skinny:
     """The table's entry, else: column blocks of a few rows each (whole rows are contiguous in K), K
     split only when that leaves fewer than two programs per SM."""
@@ -187,7 +184,7 @@ def skinny_config(m: int, n: int, k: int, device: torch.device) -> Skinny:
     block_n, block_k = (16, 512) if m == 1 else (64, 128)
     programs = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
-    splits = max(1, min(k_tiles, triton.cdiv(2 * _num_sms(device), programs)))
+    splits = max(1, min(k_tiles, triton.cdiv(2 * num_sms(device), programs)))
     return Skinny(block_n, block_k, 4 if m == 1 else 8, splits, m > 1)
 
 
