@@ -6,6 +6,7 @@
 #   "test:ARGS"     python -m pytest -q -s -m gpu ARGS     (log: $OUT/logs/N-test.log)
 #   "host:ARGS"     python experiments/host_profile.py ARGS (log: $OUT/logs/N-host.log)
 #   "py:ARGS"       python ARGS                            (log: $OUT/logs/N-py.log)
+#   "sh:CMD"        bash -c CMD, e.g. a test on the tree in .before/ (log: $OUT/logs/N-sh.log)
 #   "before:ARGS"   the bench on the tree in .before/ (an earlier commit's nanoslg/, conf/ and run.py,
 #                   carried; BEFORE_COMMIT names it), its record copied into experiments/ (log: N-before.log)
 # Carry .whl and .fi; pass the commit typed out:
@@ -38,6 +39,10 @@ for step in "$@"; do
       grep -v "^\s*$" "$log" | tail -60 ;;
     py) # shellcheck disable=SC2086
       timeout "$left" python $args 2>&1 | grep -v "it/s\]" > "$log"
+      echo "== $i $step ($SECONDS s)"
+      grep -v "^\s*$" "$log" | tail -40 ;;
+    sh)
+      timeout "$left" bash -c "$args" 2>&1 | grep -v "it/s\]" > "$log"
       echo "== $i $step ($SECONDS s)"
       grep -v "^\s*$" "$log" | tail -40 ;;
     before) # shellcheck disable=SC2086
