@@ -37,12 +37,14 @@ def reference(q, k_pool, v_pool, table, lens, rows, scale, page_size):
     return out
 
 
-def case(hq, hkv, d, ps, lens, dtype, device, seed=0):
+def case(hq, hkv, d, ps, lens, dtype, device, seed=0, strided=False):
+    """Pools, a page table and q; strided: q is the first heads of a fused qkv output, as the model
+    hands it over once rope ran in place (its token stride is not the output's)."""
     g = torch.Generator().manual_seed(seed)
     pages = sum(-(-n // ps) for n in lens) + 8
     k_pool, v_pool = (torch.randn(pages * ps, hkv, d, generator=g).to(dtype).to(device) for _ in range(2))
     tokens = len(lens) + 2
-    q = torch.randn(tokens, hq, d, generator=g).to(dtype).to(device)
+    q = torch.randn(tokens, hq + (2 * hkv if strided else 0), d, generator=g).to(dtype).to(device)[:, :hq]
     perm = torch.randperm(pages, generator=g)
     width = max(-(-n // ps) for n in lens)
     table = torch.zeros(len(lens), width, dtype=torch.long)
@@ -101,12 +103,16 @@ from nanoslg.cache.kernels.paged_decode import paged_decode
 cpu = torch.device("cpu")
 # (Hq, Hkv, D, page size, lens, splits): GQA 1..4 and 3 (padded to 16 query rows), a row of 0 keys
 # (zeros out), of 1 key, rows past one block; one split, several, more splits than a row has blocks.
-for hq, hkv, d, ps, lens, splits in [
-    (4, 2, 16, 4, [37, 0, 1, 130], 1), (4, 2, 16, 4, [37, 0, 1, 130], 4), (8, 1, 32, 16, [200, 65, 64], 2),
-    (6, 2, 16, 8, [5, 90, 1, 17], 8), (4, 4, 16, 16, [300, 2], 16),
+# Strided: q a view of the fused qkv output, out its own contiguous tensor (the backends' case on a GPU).
+for hq, hkv, d, ps, lens, splits, strided in [
+    (4, 2, 16, 4, [37, 0, 1, 130], 1, False), (4, 2, 16, 4, [37, 0, 1, 130], 4, False),
+    (8, 1, 32, 16, [200, 65, 64], 2, False), (6, 2, 16, 8, [5, 90, 1, 17], 8, False),
+    (4, 4, 16, 16, [300, 2], 16, False), (4, 2, 16, 4, [37, 0, 1, 130], 1, True),
+    (8, 1, 32, 16, [200, 65, 64], 2, True),
 ]:
-    q, kp, vp, table, lens_t, rows = case(hq, hkv, d, ps, lens, torch.float32, cpu)
-    out = torch.full_like(q, 7.0)
+    q, kp, vp, table, lens_t, rows = case(hq, hkv, d, ps, lens, torch.float32, cpu, strided=strided)
+    assert q.is_contiguous() != strided
+    out = torch.full(q.shape, 7.0)
     paged_decode(q, kp, vp, table, lens_t, rows, out, d**-0.5, ps, splits)
     want = reference(q, kp, vp, table, lens_t, rows, d**-0.5, ps)
     torch.testing.assert_close(out[rows].double(), want[rows], atol=1e-5, rtol=1e-5)
@@ -189,12 +195,13 @@ def test_kernel_bf16_on_cuda(hq, hkv):
 
     dev = torch.device("cuda")
     lens = [0, 1, 15, 16, 17, 64, 65, 700, 1900, 4000]
-    q, kp, vp, table, lens_t, rows = case(hq, hkv, 128, 16, lens, torch.bfloat16, dev)
-    want = reference(q, kp, vp, table, lens_t, rows, 128**-0.5, 16)
-    for splits in (1, 2, 16, num_splits(len(lens), hkv, dev)):
-        out = torch.zeros_like(q)
-        paged_decode(q, kp, vp, table, lens_t, rows, out, 128**-0.5, 16, splits)
-        torch.testing.assert_close(out.cpu()[rows.cpu()].double(), want[rows.cpu()], atol=2e-2, rtol=2e-2)
+    for strided in (False, True):  # q contiguous, or a view of the fused qkv output as the model passes it
+        q, kp, vp, table, lens_t, rows = case(hq, hkv, 128, 16, lens, torch.bfloat16, dev, strided=strided)
+        want = reference(q, kp, vp, table, lens_t, rows, 128**-0.5, 16)
+        for splits in (1, 2, 16, num_splits(len(lens), hkv, dev)):
+            out = torch.zeros(q.shape, dtype=q.dtype, device=dev)
+            paged_decode(q, kp, vp, table, lens_t, rows, out, 128**-0.5, 16, splits)
+            torch.testing.assert_close(out.cpu()[rows.cpu()].double(), want[rows.cpu()], atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu

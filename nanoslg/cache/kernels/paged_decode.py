@@ -24,7 +24,7 @@ BLOCK_N = 64  # keys per inner iteration
 @triton.jit
 def _split_kernel(
     Q, K, V, Table, Lens, Rows, Out, MidO, MidLse,
-    scale, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb,
+    scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -66,7 +66,7 @@ def _split_kernel(
     empty = l_sum == 0.0  # a split past the row's end (or a padding row of length 0)
     o = acc / tl.where(empty, 1.0, l_sum)[:, None]
     if SPLITS == 1:
-        ptr = Out + t * stride_qt + qh[:, None] * stride_qh + d[None, :]
+        ptr = Out + t * stride_ot + qh[:, None] * stride_oh + d[None, :]
         tl.store(ptr, o.to(Out.dtype.element_ty), mask=in_group[:, None])
     else:
         lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l_sum)))
@@ -105,7 +105,8 @@ def paged_decode(
 ) -> None:
     """Writes out[rows[b]] = attention of q[rows[b]] over the first lens[b] keys of row b's pages.
 
-    q, out: [T, Hq, D]; k_pool, v_pool: [slots, Hkv, D] (slot = page * page_size + offset);
+    q, out: [T, Hq, D], each with its own strides (q is often a view of the fused qkv output, out a
+    new tensor); k_pool, v_pool: [slots, Hkv, D] (slot = page * page_size + offset);
     table: [B, max_pages] page ids; lens, rows: [B] (integer tensors; the backend passes int64). A row
     of length 0 writes zeros.
     """
@@ -120,8 +121,8 @@ def paged_decode(
         mid_lse = torch.empty(batch * hq * splits, dtype=torch.float32, device=q.device)
     _split_kernel[grid](
         q, k_pool, v_pool, table, lens, rows, out, mid_o, mid_lse,
-        scale, q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
-        table.stride(0),
+        scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), table.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=dim, PAGE=page_size, BLOCK=BLOCK_N,
         SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
     )  # fmt: skip
