@@ -147,11 +147,12 @@ def test_fused_kernels_equal_torch():
     assert torch.equal(qkv[:, 768:], orig[:, 768:])
 
 
-@pytest.mark.parametrize("decode", ["tensor_cores", "cuda_cores"])
+@pytest.mark.parametrize("decode", ["tensor_cores", "cuda_cores", "tensor_cores cache.fused_rope=off"])
 @pytest.mark.parametrize("ckpt", ["bf16_llama", "bf16_llama_gqa4"])
 def test_flashinfer_equals_sdpa_on_a_decisive_model(ckpt, decode, request):
     """Both backends pick, at every one of 32 steps, the float32 reference's argmax up to bf16 noise,
-    with either of FlashInfer's decode kernels; where the two differ, it is a near tie."""
+    with either of FlashInfer's decode kernels, and with FlashInfer's rope and append in place of the
+    fused kernel; where the two backends differ, it is a near tie."""
     path = request.getfixturevalue(ckpt)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (9, 64, 300)]
@@ -160,7 +161,7 @@ def test_flashinfer_equals_sdpa_on_a_decisive_model(ckpt, decode, request):
         with LLM(
             f"model.path={path}",
             f"cache={cache}",
-            f"cache.flashinfer_decode={decode}",
+            *f"cache.flashinfer_decode={decode}".split(),
             "model.enforce_eager=true",
             "cache.max_num_tokens=8192",
         ) as llm:

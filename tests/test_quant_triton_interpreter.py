@@ -9,12 +9,8 @@ float8 values times a power of two, each holding +-448 times it, so the per-row 
 x / scale is exact), in float32 against the reference to the last bits of a float32 sum.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from triton_interp import interpret
 
 pytest.importorskip("triton")
 
@@ -159,26 +155,18 @@ print("ok")
 """
 
 
-def _interpret(script: str) -> None:
-    root = Path(__file__).resolve().parent.parent
-    path = os.pathsep.join(p for p in (str(root), str(root / "tests"), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    res = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-3000:] + res.stderr[-3000:]
-
-
 def test_triton_kernels_in_the_interpreter():
-    _interpret(SCRIPT)
+    interpret(SCRIPT)
 
 
 def test_fp8_skinny_kernel_in_the_interpreter():
     """The few-row FP8 kernel: activation rounding in the kernel (per row, static, or done before),
     one-row FMA and tl.dot paths, K splits summed after or by the last split, masking."""
-    _interpret(SKINNY)
+    interpret(SKINNY)
 
 
 def test_awq_tiles_in_the_interpreter():
     """The AWQ GEMV and GEMM under explicit tile configs (the tables' kind), K splits included (the
     GEMV's summed by its last split or by a kernel of their own), x loaded per input or per packed row,
     the GEMV's input computed from [gate | up] as it loads it."""
-    _interpret(AWQ_TILES)
+    interpret(AWQ_TILES)

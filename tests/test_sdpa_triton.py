@@ -9,18 +9,13 @@ engine's greedy tokens with the kernel in CUDA graphs against its eager steps an
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_interp import interpret
 
 from nanoslg.cache.sdpa_paged import num_splits
 from nanoslg.runtime.graph_runner import BUCKETS
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def reference(q, k_pool, v_pool, table, lens, rows, scale, page_size):
@@ -163,16 +158,8 @@ print("ok")
 """
 
 
-def _interpret(*args: str) -> None:
-    pytest.importorskip("triton")
-    path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    res = subprocess.run([sys.executable, "-c", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-3000:] + res.stderr[-3000:]
-
-
 def test_kernel_and_backend_in_the_interpreter():
-    _interpret(INTERPRETED)
+    interpret(INTERPRETED)
 
 
 def test_engine_greedy_equals_transformers_in_the_interpreter(tiny_llama, hf_greedy, tmp_path):
@@ -183,7 +170,7 @@ def test_engine_greedy_equals_transformers_in_the_interpreter(tiny_llama, hf_gre
     prompts = prompts_for(512, (3, 11, 26, 41, 60, 90))  # the test tokenizer's vocabulary
     cases = [{"prompt": p, "want": hf_greedy(tiny_llama, p, NEW)} for p in prompts]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    _interpret(ENGINE, str(tiny_llama), str(tmp_path / "cases.json"))
+    interpret(ENGINE, str(tiny_llama), str(tmp_path / "cases.json"))
 
 
 @pytest.mark.parametrize("hq,hkv", [(16, 8), (32, 8), (8, 1)])

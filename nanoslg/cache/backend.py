@@ -52,6 +52,12 @@ class CacheContext(ABC):
     @abstractmethod
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
+    def attend_rotary(self, layer: int, q, k, v, positions: torch.Tensor, rotary) -> torch.Tensor:
+        """rotary(positions, q, k), then attend. rotary has `cos_sin_cache` ([max_pos, D] float32, cos
+        half | sin half, neox style), for a backend that applies it as it stores k (one kernel)."""
+        q, k = rotary(positions, q, k)
+        return self.attend(layer, q, k, v)
+
 
 class CacheBackend(ABC):
     name: str = "base"

@@ -101,6 +101,19 @@ class FlashInferContext(CacheContext):
             self.kv_last_page_len,
             kv_layout="NHD",
         )
+        return self._run(q, cache, scales)
+
+    def attend_rotary(self, layer: int, q, k, v, positions: torch.Tensor, rotary) -> torch.Tensor:
+        if not (self.decode and self.backend.fused_rope):
+            return super().attend_rotary(layer, q, k, v, positions, rotary)
+        self.plan_once(q.shape[1])
+        cache = self.pool[layer]
+        q = self.backend.rope_append(
+            q, k, v, positions, rotary, cache, self.batch_indices, self.kv_positions, self.kv_indices, self.kv_indptr
+        )
+        return self._run(q, cache, {})
+
+    def _run(self, q: torch.Tensor, cache: torch.Tensor, scales: dict) -> torch.Tensor:
         if self.level0 is None:
             return self.wrapper.run(q.contiguous(), cache, **scales)
         return self.backend.cascade_run(self.wrapper, self.level0, q.contiguous(), cache, scales)
@@ -133,11 +146,30 @@ class FlashInferBackend(CacheBackend):
         self._plan_events: dict = {}  # wrapper -> event recorded after its last plan()
         self._graphs: FlashInferGraphs | None = None  # the CUDA-graph buffers, once init_graphs ran
         self.decode_choice = "auto"  # cache.flashinfer_decode (configure)
+        self.fused_rope = False  # cache.fused_rope (configure)
 
     def configure(self, cache_cfg) -> str:
         self.decode_choice = cache_cfg.flashinfer_decode
         kind = "tensor-core" if self.decode_tensor_cores else "CUDA-core"
-        return f"{kind} decode kernel (cache.flashinfer_decode={self.decode_choice})"
+        # An FP8 pool takes k and v cast and scaled, which the fused kernel does not do.
+        self.fused_rope = cache_cfg.fused_rope == "auto" and not is_fp8(self.spec.cache_dtype)
+        rope = "one kernel" if self.fused_rope else "FlashInfer's rope, then its append"
+        why = "an FP8 pool" if cache_cfg.fused_rope == "auto" and not self.fused_rope else f"={cache_cfg.fused_rope}"
+        return (
+            f"{kind} decode kernel (cache.flashinfer_decode={self.decode_choice}); "
+            f"decode steps' rotary and KV append: {rope} (cache.fused_rope{why})"
+        )
+
+    def rope_append(self, q, k, v, positions, rotary, cache, batch_indices, kv_positions, kv_indices, kv_indptr):
+        """A decode step's rotary and KV append in one kernel (kernels/rope_append.py); the rotated q,
+        contiguous, for the attention kernel."""
+        from nanoslg.cache.kernels.rope_append import rope_append  # deferred: imports Triton
+
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        rope_append(
+            q, k, v, positions, rotary.cos_sin_cache, cache, batch_indices, kv_positions, kv_indices, kv_indptr, out
+        )
+        return out
 
     @property
     def decode_tensor_cores(self) -> bool:

@@ -68,6 +68,9 @@ class CacheConfig:
     # FlashInfer's decode kernel: auto (tensor cores from a GQA group of 4, FlashInfer's own rule),
     # tensor_cores, or cuda_cores.
     flashinfer_decode: str = "auto"
+    # A FlashInfer decode step's rotary embedding and KV append: auto (one Triton kernel for both,
+    # where the pool holds the model's dtype) or off (FlashInfer's two kernels).
+    fused_rope: str = "auto"
 
 
 @dataclass
@@ -192,6 +195,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cache.kv_dtype": ("auto", "fp8_e4m3"),
     "cache.sdpa_decode": ("auto", "triton", "gather"),
     "cache.flashinfer_decode": ("auto", "tensor_cores", "cuda_cores"),
+    "cache.fused_rope": ("auto", "off"),
     "parallel.dist_backend": ("auto", "nccl", "gloo"),
     "bench.peer": ("none", "hf"),
     "speculative.method": ("none", "ngram", "draft"),

@@ -8,7 +8,7 @@ Pipeline stages: the model builds only the layers in `get_state().stage_layers` 
       (hidden, residual). The last stage returns the normed hidden [T, H]; other stages return
       (hidden, residual), both [T, H], to send to the next stage.
 
-`ctx.attend(layer, ...)` gets the LOCAL layer index (global index minus the stage's first layer),
+`ctx.attend_rotary(layer, ...)` gets the LOCAL layer index (global index minus the stage's first layer),
 so each stage's KV cache holds only its own layers, numbered from 0.
 """
 
@@ -56,8 +56,8 @@ class Attention(nn.Module):
         q, k, v = q.view(t, self.num_heads, -1), k.view(t, self.num_kv_heads, -1), v.view(t, self.num_kv_heads, -1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        o = ctx.attend(self.local_idx, q, k, v)  # k, v may be strided views: backends take them as is
+        # Rotary, then attention; k, v may be strided views: backends take them as is.
+        o = ctx.attend_rotary(self.local_idx, q, k, v, positions, self.rotary_emb)
         return self.o_proj(o.reshape(t, -1))
 
 

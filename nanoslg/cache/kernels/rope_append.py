@@ -1,0 +1,87 @@
+"""A decode step's rotary embedding and paged-KV append in one kernel (the FlashInfer backend's
+`cache.fused_rope=auto`).
+
+FlashInfer runs them as two launches a layer: rope in place on q and k, then `append_paged_kv_cache`.
+At a few sequences a step both are short launches whose time is mostly their start-up. This kernel
+does both: q is rotated into a contiguous buffer (the attention kernel reads it next, and a strided q
+would otherwise be copied), k is rotated and written, with v, straight into its page slot; q and k
+themselves are left as they were.
+
+- Rotary: neox style over the whole head, with the model's [max_pos, D] float32 cache (cos half |
+  sin half), computed as FlashInfer's kernel writes it: x * cos + (-x_other | x_other) * sin in
+  float32, rounded to the model's dtype.
+- Slot: FlashInfer's, for token t of sequence b = batch_indices[t] at KV position p = positions[t]:
+  page kv_indices[kv_indptr[b] + p // page_size], row p % page_size, in an NHD pool
+  [pages, 2 (K, V), page_size, kv_heads, D].
+
+One program per (token, head): query heads first, then KV heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rope_append_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, cache_ptr, bidx_ptr, kvpos_ptr, indices_ptr, indptr_ptr, out_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_page, stride_kv, stride_row, stride_head,
+    HQ: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    cos = tl.load(cs_ptr + pos * (2 * HALF) + d)
+    sin = tl.load(cs_ptr + pos * (2 * HALF) + HALF + d)
+    dtype = q_ptr.dtype.element_ty
+    if h < HQ:
+        src = q_ptr + t.to(tl.int64) * stride_qt + h * stride_qh
+        dst = out_ptr + (t.to(tl.int64) * HQ + h) * (2 * HALF)
+    else:
+        kh = h - HQ
+        src = k_ptr + t.to(tl.int64) * stride_kt + kh * stride_kh
+        b = tl.load(bidx_ptr + t)
+        p = tl.load(kvpos_ptr + t)
+        page = tl.load(indices_ptr + tl.load(indptr_ptr + b) + p // PAGE).to(tl.int64)
+        dst = cache_ptr + page * stride_page + (p % PAGE) * stride_row + kh * stride_head
+        v_src = v_ptr + t.to(tl.int64) * stride_vt + kh * stride_vh
+        tl.store(dst + stride_kv + d, tl.load(v_src + d))
+        tl.store(dst + stride_kv + HALF + d, tl.load(v_src + HALF + d))
+    x1 = tl.load(src + d).to(tl.float32)
+    x2 = tl.load(src + HALF + d).to(tl.float32)
+    tl.store(dst + d, (x1 * cos + (-x2) * sin).to(dtype))
+    tl.store(dst + HALF + d, (x2 * cos + x1 * sin).to(dtype))
+
+
+def rope_append(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    cache: torch.Tensor,
+    batch_indices: torch.Tensor,
+    kv_positions: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """q [T, Hq, D] rotated into out (contiguous, q's shape); k [T, Hk, D] rotated and v [T, Hk, D] as
+    is, both written into the layer's pool `cache` [pages, 2, page_size, Hk, D]. q, k and v may be
+    strided views (of the fused qkv output) with a contiguous last dimension."""
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    if any(x.stride(-1) != 1 for x in (q, k, v, cache)) or not out.is_contiguous() or out.shape != q.shape:
+        raise ValueError("rope_append takes q, k, v and the pool with a contiguous last dimension, out as q")
+    if t == 0:
+        return
+    _rope_append_kernel[(t, hq + hk)](
+        q, k, v, positions, cos_sin, cache, batch_indices, kv_positions, kv_indices, kv_indptr, out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
+        HQ=hq, HALF=d // 2, PAGE=cache.shape[2], num_warps=1,
+    )  # fmt: skip
