@@ -66,7 +66,6 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # change that count, and FP8 rounding of the next layer turns a last-bit difference into a token).
 SKINNY_ROWS = 64
 DOT_ROWS = 16
-AMAX_K = 1024  # the skinny kernel's step through a row for its absolute max (x quantized in the kernel)
 X_DYNAMIC, X_STATIC, X_FP8 = 0, 1, 2  # x: quantized here per row / with one static scale / already float8
 
 
@@ -74,7 +73,7 @@ X_DYNAMIC, X_STATIC, X_FP8 = 0, 1, 2  # x: quantized here per row / with one sta
 def _skinny_kernel(
     x_ptr, w_ptr, ws_ptr, xs_ptr, y_ptr, out_ptr, count_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
     X_MODE: tl.constexpr, PARTS: tl.constexpr, SPLITS: tl.constexpr, FUSED_SUM: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AMAX_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -85,11 +84,9 @@ def _skinny_kernel(
     m_mask, n_mask = offs_m < M, offs_n < N
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     if X_MODE == 0:
-        # Each program reads the whole rows for their absolute max (from L2, in wide steps), so the
-        # rows need no quantize_rows launch of their own: the same scale and rounding, the same bits.
-        amax = tl.zeros([BLOCK_M, AMAX_K], dtype=tl.float32)
-        for k0 in range(0, K, AMAX_K):
-            offs = k0 + tl.arange(0, AMAX_K)
+        amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + offs_kb
             x = tl.load(x_rows + offs[None, :], mask=m_mask[:, None] & (offs < K)[None, :], other=0.0)
             amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
         s = tl.maximum(tl.max(amax, axis=1) / FP8_MAX, MIN_SCALE)
@@ -234,8 +231,7 @@ def fp8_skinny(
     _skinny_kernel[grid](
         x, w, w_scale, xs, y, out, counts if fused else y, m, n, k, k_split, x.stride(0), w.stride(0),
         X_MODE=mode, PARTS=parts, SPLITS=cfg.splits, FUSED_SUM=fused, DOT=dot, BLOCK_M=block_m,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, AMAX_K=min(AMAX_K, triton.next_power_of_2(k)),
-        FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, num_warps=cfg.warps,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, num_warps=cfg.warps,
     )  # fmt: skip
     if parts and not fused:
         block = 1024
@@ -262,16 +258,13 @@ def fp8_linear(
     both scales in _scaled_mm's epilogue) or "tensorwise" (SM89: unit scales, both applied after).
     counts (split_counts): the skinny kernel's K splits added by the last one."""
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if x.shape[0] <= SKINNY_ROWS:  # one config for every row count: the same bits for a row at any M
-        cfg = skinny_config(DOT_ROWS, w.shape[0], w.shape[1], x.device)
-        if act_scale is None:  # rows quantized in the kernel, as quantize_rows would (one launch fewer)
-            return fp8_skinny(x, w, w_scale, None, cfg=cfg, counts=counts)
     if act_scale is None:
         q, s = quantize_rows(x)
     else:  # a checkpoint's static scale, one for every token
         q = (x.float() / act_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         s = act_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
-    if x.shape[0] <= SKINNY_ROWS:
+    if x.shape[0] <= SKINNY_ROWS:  # one config for every row count: the same bits for a row at any M
+        cfg = skinny_config(DOT_ROWS, w.shape[0], w.shape[1], x.device)
         return fp8_skinny(q, w, w_scale, None, cfg=cfg, x_scale=s, out_dtype=x.dtype, counts=counts)
     if kernel == "rowwise":  # row-wise scaling takes a bf16 output only
         y = torch._scaled_mm(q, w.t(), scale_a=s, scale_b=w_scale.view(1, -1), out_dtype=torch.bfloat16)
