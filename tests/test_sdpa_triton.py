@@ -145,6 +145,16 @@ from conftest import greedy
 
 sdpa_paged.MAX_SPLITS = 2  # fewer programs: the interpreter runs each one in Python
 path, cases = sys.argv[1], json.loads(open(sys.argv[2]).read())
+if sys.argv[3] == "in_place":  # rope as FlashInfer's on a GPU: q and k stay strided views of qkv
+    from nanoslg.model import kernels
+
+    sdpa_paged.MAX_SPLITS = 1  # as a large batch on a GPU: the split kernel writes the output itself
+
+    def rope_in_place(positions, q, k, cos_sin):
+        q2, k2 = kernels.rope_torch(positions, q, k, cos_sin)
+        return q.copy_(q2), k.copy_(k2)
+
+    kernels.rope = rope_in_place
 with LLM(f"model.path={path}", "cache=sdpa", "cache.sdpa_decode=gather") as llm:
     backend, kernel_steps = llm.engine.executor.backend, []
     backend.triton = True  # forced: triton_status wants CUDA
@@ -162,15 +172,18 @@ def test_kernel_and_backend_in_the_interpreter():
     interpret(INTERPRETED)
 
 
-def test_engine_greedy_equals_transformers_in_the_interpreter(tiny_llama, hf_greedy, tmp_path):
-    """float32 on the CPU, every decode row through the kernel: transformers' greedy tokens exactly."""
+@pytest.mark.parametrize("rope", ["torch", "in_place"])
+def test_engine_greedy_equals_transformers_in_the_interpreter(tiny_llama, hf_greedy, tmp_path, rope):
+    """float32 on the CPU, every decode row through the kernel: transformers' greedy tokens exactly;
+    also with rope in place, so q reaches the kernel as a strided view of the fused qkv output (one
+    split: the kernel writes the contiguous output itself, with its own strides)."""
     pytest.importorskip("triton")
     from conftest import NEW, prompts_for
 
     prompts = prompts_for(512, (3, 11, 26, 41, 60, 90))  # the test tokenizer's vocabulary
     cases = [{"prompt": p, "want": hf_greedy(tiny_llama, p, NEW)} for p in prompts]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    interpret(ENGINE, str(tiny_llama), str(tmp_path / "cases.json"))
+    interpret(ENGINE, str(tiny_llama), str(tmp_path / "cases.json"), rope)
 
 
 @pytest.mark.parametrize("hq,hkv", [(16, 8), (32, 8), (8, 1)])
