@@ -36,6 +36,7 @@ class SeqOutput:
         "last_token_time",
         "grammar",
         "num_out",
+        "plain",
     )
 
     def __init__(self, seq: Sequence, req: RequestState, index: int, detok: IncrementalDetokenizer | None):
@@ -49,6 +50,9 @@ class SeqOutput:
         # Tokens processed so far: a speculative step appends several tokens to the sequence at once,
         # and each is judged (max_tokens, the context) at its own place.
         self.num_out = 0
+        # Token ids only, one sample, a folding stream, no stop strings, logprobs or grammar: a token
+        # that does not end it takes process()'s short path (set by add_request and constrain).
+        self.plain = False
 
 
 class RequestState:
@@ -103,6 +107,8 @@ class OutputProcessor:
                 else None
             )
             so = SeqOutput(seq, req, i, detok)
+            so.plain = detok is None and params.n == 1 and params.logprobs is None and not params.stop
+            so.plain = so.plain and not stream.each_delta
             req.outs.append(so)
             self.outs[seq.seq_id] = so
         return req
@@ -111,6 +117,7 @@ class OutputProcessor:
         """Gives each of the request's sequences a matcher of its own (n > 1: one each)."""
         for so in req.outs:
             so.grammar = new_matcher()
+            so.plain = False
         self.num_constrained += len(req.outs)
 
     # -- a step's tokens -------------------------------------------------------------------------
@@ -127,9 +134,12 @@ class OutputProcessor:
             grammars_done({sampled[i][0].seq_id: end for i, end in ended.items()})
         grouped: dict[str, list[CompletionOutput]] = {}  # requests of n > 1: one delta for all samples
         outs, finished, append, emit = self.outs, SeqStatus.FINISHED, self._append, self._emit
+        plain = self._plain
         for i, (seq, tok, lp) in enumerate(sampled):
             so = outs.get(seq.seq_id)
             if so is None or seq.status is finished:  # its request is gone, or it was aborted just now
+                continue
+            if so.plain and plain(so, seq, tok, now):
                 continue
             out = append(so, seq, tok, lp, now, ended.get(i) if ended else None)
             req = so.req
@@ -158,6 +168,22 @@ class OutputProcessor:
                 ended[i] = end
                 done.add(seq.seq_id)
         return ended
+
+    def _plain(self, so: SeqOutput, seq: Sequence, tok: int, now: float) -> bool:
+        """_append and put_one for a plain sequence's token that does not end it and is not its first
+        (the same metrics and the same folded result, without a delta object); False otherwise, for
+        the full path."""
+        last, p, n_out = so.last_token_time, seq.params, so.num_out + 1
+        if last is None or n_out >= p.max_tokens or seq.num_prompt_tokens + n_out >= self.max_model_len:
+            return False
+        if n_out >= p.min_tokens and ((not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids):
+            return False
+        m = self.metrics
+        m.inter_token_latency.observe(now - last)
+        m.generation_tokens += 1
+        so.last_token_time, so.num_out = now, n_out
+        so.req.stream.put_token(so.index, tok)
+        return True
 
     def _append(
         self, so: SeqOutput, seq: Sequence, tok: int, lp, now: float, grammar_end: str | None
