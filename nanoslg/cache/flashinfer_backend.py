@@ -101,7 +101,7 @@ class FlashInferContext(CacheContext):
             self.kv_last_page_len,
             kv_layout="NHD",
         )
-        return self._run(q, cache, scales)
+        return self.backend.run_attention(self.wrapper, self.level0, q, cache, scales)
 
     def attend_rotary(self, layer: int, q, k, v, positions: torch.Tensor, rotary) -> torch.Tensor:
         if not (self.decode and self.backend.fused_rope):
@@ -111,12 +111,7 @@ class FlashInferContext(CacheContext):
         q = self.backend.rope_append(
             q, k, v, positions, rotary, cache, self.batch_indices, self.kv_positions, self.kv_indices, self.kv_indptr
         )
-        return self._run(q, cache, {})
-
-    def _run(self, q: torch.Tensor, cache: torch.Tensor, scales: dict) -> torch.Tensor:
-        if self.level0 is None:
-            return self.wrapper.run(q.contiguous(), cache, **scales)
-        return self.backend.cascade_run(self.wrapper, self.level0, q.contiguous(), cache, scales)
+        return self.backend.run_attention(self.wrapper, self.level0, q, cache, {})
 
 
 @CACHE_BACKENDS.register("flashinfer")
@@ -220,8 +215,12 @@ class FlashInferBackend(CacheBackend):
         k, v = to_cache_pair(k, v, (ks, vs), FP8)
         return k, v, {"k_scale": ks, "v_scale": vs}
 
-    def cascade_run(self, own, shared, q: torch.Tensor, cache: torch.Tensor, scales: dict) -> torch.Tensor:
-        """Each query against its own pages and against the shared prefix, merged by log-sum-exp."""
+    def run_attention(self, own, shared, q: torch.Tensor, cache: torch.Tensor, scales: dict) -> torch.Tensor:
+        """The planned attention: each query against its own pages; with a cascade level 0 (shared),
+        also against the shared prefix, the two merged by log-sum-exp."""
+        q = q.contiguous()
+        if shared is None:
+            return own.run(q, cache, **scales)
         out, lse = own.run(q, cache, return_lse=True, **scales)
         out0, lse0 = shared.run(q, cache, return_lse=True, **scales)
         self.fi.merge_state_in_place(out, lse, out0, lse0)

@@ -41,7 +41,7 @@ class _GraphContext(CacheContext):
             g.last_len[:bs],
             kv_layout="NHD",
         )
-        return self._run(q, cache, scales)
+        return g.backend.run_attention(self.wrapper, self.level0, q, cache, scales)
 
     def attend_rotary(self, layer: int, q, k, v, positions: torch.Tensor, rotary) -> torch.Tensor:
         g, bs = self.g, self.bs
@@ -49,12 +49,8 @@ class _GraphContext(CacheContext):
             return super().attend_rotary(layer, q, k, v, positions, rotary)
         cache = g.backend.pool[layer]
         args = g.batch_idx[:bs], g.kv_pos[:bs], g.indices, g.indptr[: bs + 1]
-        return self._run(g.backend.rope_append(q, k, v, positions, rotary, cache, *args), cache, {})
-
-    def _run(self, q: torch.Tensor, cache: torch.Tensor, scales: dict) -> torch.Tensor:
-        if self.level0 is None:
-            return self.wrapper.run(q.contiguous(), cache, **scales)
-        return self.g.backend.cascade_run(self.wrapper, self.level0, q.contiguous(), cache, scales)
+        q = g.backend.rope_append(q, k, v, positions, rotary, cache, *args)
+        return g.backend.run_attention(self.wrapper, self.level0, q, cache, {})
 
 
 class FlashInferGraphs:
