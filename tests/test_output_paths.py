@@ -34,6 +34,7 @@ def run(params: SamplingParams, each_delta: bool, max_model_len: int = 64):
     out = asyncio.run(collect(stream))
     m = proc.metrics
     counts = (m.generation_tokens, m.inter_token_latency.n, m.inter_token_latency.counts, m.time_to_first_token.n)
+    counts += (m.request_generation_tokens.counts, m.request_generation_tokens.total, m.time_per_output_token.n)
     return plain, vars(out.outputs[0]), out.finished, counts, stream.timeline
 
 

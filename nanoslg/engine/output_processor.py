@@ -173,15 +173,17 @@ class OutputProcessor:
         """_append and put_one for a plain sequence's token that does not end it and is not its first
         (the same metrics and the same folded result, without a delta object); False otherwise, for
         the full path."""
-        last, p, n_out = so.last_token_time, seq.params, so.num_out + 1
-        if last is None or n_out >= p.max_tokens or seq.num_prompt_tokens + n_out >= self.max_model_len:
+        last = so.last_token_time
+        if last is None:
             return False
-        if n_out >= p.min_tokens and ((not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids):
+        so.num_out += 1  # as _append counts it before judging the token
+        if self._stop_reason(so, seq, tok, None) is not None:
+            so.num_out -= 1  # the full path counts it again and ends the sequence
             return False
         m = self.metrics
         m.inter_token_latency.observe(now - last)
         m.generation_tokens += 1
-        so.last_token_time, so.num_out = now, n_out
+        so.last_token_time = now
         so.req.stream.put_token(so.index, tok)
         return True
 

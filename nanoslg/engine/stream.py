@@ -58,10 +58,7 @@ class RequestStream:
 
     def put_token(self, index: int, tok: int) -> None:
         """put_one of a token-ids-only delta of one token, not the sample's first (its fold has it)."""
-        times, counts = self.timeline
-        times.append(time.perf_counter())
-        counts.append(1)
-        self._fold.outs[index].token_ids.append(tok)
+        self._folding(1).outs[index].token_ids.append(tok)
 
     def _folding(self, num_tokens: int) -> _Fold:
         """A delta of num_tokens tokens arrives now: its place in the timeline, and the fold it joins."""
