@@ -93,6 +93,19 @@ for m, n, k in [(1, 40, 700), (1, 64, 1024), (3, 24, 300), (5, 33, 96), (17, 20,
         # the default config through fp8_linear (more rows go to _scaled_mm, GPU only), and half precision
         if m <= fp8.SKINNY_ROWS:
             assert ((fp8.fp8_linear(x, wq, ws, act, "rowwise") - ref).abs().max() / ref.abs().max()).item() < 1e-6
+        # One row is quantized in the kernel: the bits of quantize_rows and then the kernel, and of the
+        # same row in a step of more rows (whose rows quantize_rows rounds first)
+        if not static:
+            cfg = fp8.skinny_config(fp8.DOT_ROWS, n, k, x.device)
+            for xt in (x, x.bfloat16()):
+                q, s = quantize_rows(xt[:1])
+                two = fp8_skinny(q, wq, ws, None, cfg=cfg, x_scale=s, out_dtype=xt.dtype)
+                one = fp8.fp8_linear(xt[:1], wq, ws, None, "rowwise")
+                assert torch.equal(one, two)
+                counts = fp8.split_counts(n, x.device)
+                assert torch.equal(fp8.fp8_linear(xt[:1], wq, ws, None, "rowwise", counts=counts), one)
+                assert not counts.any()
+                assert torch.equal(fp8.fp8_linear(xt, wq, ws, None, "rowwise")[:1], one)
         out = fp8_skinny(x.half(), wq, ws, act, Skinny(16, 64, 4, 2, m > 1))
         assert out.dtype == torch.float16 and ((out.float() - ref).abs().max() / ref.abs().max()).item() < 1e-3
         # x rounded beforehand by quantize_rows

@@ -67,13 +67,15 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 SKINNY_ROWS = 64
 DOT_ROWS = 16
 X_DYNAMIC, X_STATIC, X_FP8 = 0, 1, 2  # x: quantized here per row / with one static scale / already float8
+X_ONE_ROW = 3  # x: one row, quantized here once per K tile (fp8_linear at batch-1 decode)
+AMAX_K = 1024  # X_ONE_ROW: the step through the row for its absolute max
 
 
 @triton.jit
 def _skinny_kernel(
     x_ptr, w_ptr, ws_ptr, xs_ptr, y_ptr, out_ptr, count_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
     X_MODE: tl.constexpr, PARTS: tl.constexpr, SPLITS: tl.constexpr, FUSED_SUM: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AMAX_K: tl.constexpr,
     FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -92,6 +94,18 @@ def _skinny_kernel(
         s = tl.maximum(tl.max(amax, axis=1) / FP8_MAX, MIN_SCALE)
         if PARTS:  # the scales for the sum of the parts; every program computed the same ones
             tl.store(xs_ptr + offs_m, s, mask=m_mask & (offs_m * 0 + pid_n + pid_k == 0))
+    elif X_MODE == 3:
+        # One row, quantized as quantize_rows does it (the same scale and rounding, so the same bits),
+        # without a launch of its own. Each K tile of the row is divided once, as a vector; the padding
+        # rows of the dot tile are zeros (quantizing a whole 16-row tile in the loop is much slower).
+        amax1 = tl.zeros([AMAX_K], dtype=tl.float32)
+        for k0 in range(0, K, AMAX_K):
+            offs = k0 + tl.arange(0, AMAX_K)
+            amax1 = tl.maximum(amax1, tl.abs(tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)))
+        s0 = tl.maximum(tl.max(amax1, axis=0) / FP8_MAX, MIN_SCALE)
+        s = tl.where(offs_m == 0, s0, 1.0)
+        if PARTS:
+            tl.store(xs_ptr + offs_m, s, mask=(offs_m == 0) & (offs_m * 0 + pid_n + pid_k == 0))
     elif X_MODE == 1:
         s = tl.load(xs_ptr + offs_m * 0)
     else:
@@ -104,10 +118,15 @@ def _skinny_kernel(
     for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
         offs_k = k0 + offs_kb
         k_mask = offs_k < K
-        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if X_MODE == 2:
-            xq = x
-        else:  # as quantize_rows: a correctly rounded division, clamped, rounded to float8
+        if X_MODE == 3:
+            x0 = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            q0 = tl.clamp(tl.math.div_rn(x0, s0), -FP8_MAX, FP8_MAX).to(tl.float8e4nv).to(tl.float16)
+            xq = tl.where(offs_m[:, None] == 0, q0[None, :], tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float16))
+        elif X_MODE == 2:
+            xq = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        else:
+            # as quantize_rows: a correctly rounded division, clamped, rounded to float8
+            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             xq = tl.clamp(tl.math.div_rn(x.to(tl.float32), s[:, None]), -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
         w = tl.load(
             w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0
@@ -204,10 +223,12 @@ def fp8_skinny(
     x_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     counts: torch.Tensor | None = None,
+    one_row: bool = False,
 ) -> torch.Tensor:
     """fp8_linear for few rows: x [M, K] (M <= 64) in bf16/fp16 -> [M, N] in x's dtype. x may also be
     float8 already, with its per-row x_scale [M, 1] (quantize_rows' output; the result in out_dtype).
-    counts (split_counts): K splits are added by the last one, else by a kernel of their own."""
+    counts (split_counts): K splits are added by the last one, else by a kernel of their own.
+    one_row: x is one bf16/fp16 row, quantized in the kernel as quantize_rows would (tensor-core tiles)."""
     m, k = x.shape
     n = w.shape[0]
     cfg = cfg or skinny_config(m, n, k, x.device)
@@ -219,7 +240,11 @@ def fp8_skinny(
     fused = parts and counts is not None
     if fused and counts.numel() < grid[0] * grid[2]:
         raise ValueError(f"{counts.numel()} split counters for {grid[0] * grid[2]} blocks")
-    if x.dtype == FP8:
+    if one_row:
+        if m != 1 or x.dtype == FP8 or act_scale is not None or not dot:
+            raise ValueError("one_row takes one half-precision row, no static scale, and a tensor-core config")
+        mode, xs, out_dtype = X_ONE_ROW, torch.empty(1, dtype=torch.float32, device=x.device), x.dtype
+    elif x.dtype == FP8:
         mode, xs = X_FP8, x_scale.float().reshape(m).contiguous()
     elif act_scale is None:
         mode, xs, out_dtype = X_DYNAMIC, torch.empty(m, dtype=torch.float32, device=x.device), x.dtype
@@ -231,7 +256,8 @@ def fp8_skinny(
     _skinny_kernel[grid](
         x, w, w_scale, xs, y, out, counts if fused else y, m, n, k, k_split, x.stride(0), w.stride(0),
         X_MODE=mode, PARTS=parts, SPLITS=cfg.splits, FUSED_SUM=fused, DOT=dot, BLOCK_M=block_m,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, num_warps=cfg.warps,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, AMAX_K=min(AMAX_K, triton.next_power_of_2(k)),
+        FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, num_warps=cfg.warps,
     )  # fmt: skip
     if parts and not fused:
         block = 1024
@@ -258,6 +284,9 @@ def fp8_linear(
     both scales in _scaled_mm's epilogue) or "tensorwise" (SM89: unit scales, both applied after).
     counts (split_counts): the skinny kernel's K splits added by the last one."""
     x = x if x.stride(-1) == 1 else x.contiguous()
+    if x.shape[0] == 1 and act_scale is None:  # batch-1 decode: the row quantized in the kernel
+        cfg = skinny_config(DOT_ROWS, w.shape[0], w.shape[1], x.device)
+        return fp8_skinny(x, w, w_scale, None, cfg=cfg, counts=counts, one_row=True)
     if act_scale is None:
         q, s = quantize_rows(x)
     else:  # a checkpoint's static scale, one for every token
