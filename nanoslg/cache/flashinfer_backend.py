@@ -160,10 +160,9 @@ class FlashInferBackend(CacheBackend):
         from nanoslg.cache.kernels.rope_append import rope_append  # deferred: imports Triton
 
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        scales = self.spec.scales(layer)
         args = batch_indices, kv_positions, kv_indices, indptr, out
-        rope_append(q, k, v, positions, rotary.cos_sin_cache, cache, *args, scales=scales)
-        return out, ({"k_scale": scales[0], "v_scale": scales[1]} if is_fp8(cache.dtype) else {})
+        rope_append(q, k, v, positions, rotary.cos_sin_cache, cache, *args, scales=self.spec.scales(layer))
+        return out, self.run_scales(layer)
 
     @property
     def decode_tensor_cores(self) -> bool:
@@ -208,11 +207,17 @@ class FlashInferBackend(CacheBackend):
 
     def kv_in(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """k, v as the pool stores them, and the run() arguments that scale them back (FP8 pools)."""
+        scales = self.run_scales(layer)
+        if scales:
+            k, v = to_cache_pair(k, v, self.spec.scales(layer), FP8)
+        return k, v, scales
+
+    def run_scales(self, layer: int) -> dict:
+        """The run() arguments that scale an FP8 pool's K and V back; none for a pool in the model's dtype."""
         if not is_fp8(self.spec.cache_dtype):
-            return k, v, {}
+            return {}
         ks, vs = self.spec.scales(layer)
-        k, v = to_cache_pair(k, v, (ks, vs), FP8)
-        return k, v, {"k_scale": ks, "v_scale": vs}
+        return {"k_scale": ks, "v_scale": vs}
 
     def run_attention(self, own, shared, q: torch.Tensor, cache: torch.Tensor, scales: dict) -> torch.Tensor:
         """The planned attention: each query against its own pages; with a cascade level 0 (shared),
