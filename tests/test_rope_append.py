@@ -62,6 +62,35 @@ assert torch.allclose(out, want_q, atol=1e-6, rtol=0), (out - want_q).abs().max(
 assert torch.allclose(pool, want_pool, atol=1e-6, rtol=0), (pool - want_pool).abs().max()
 assert torch.equal(pool[:, 1], want_pool[:, 1])  # v copied as is; untouched slots stay
 assert torch.equal(q, q0) and torch.equal(k, k0)
+
+# An FP8 pool: k rotated, then both stored as kv_quant.to_cache does (divided by the layer's scale,
+# saturated, rounded): the same bytes. Triton's interpreter rounds to float8 wrongly where the mantissa
+# carries into the exponent, so here every stored value is exact: values on the float8 grid, rotation
+# by position 0 (cos 1, sin 0), power-of-two scales (one saturates v). The GPU test rounds for real.
+from nanoslg.cache.kv_quant import FP8, to_cache
+
+grid = torch.tensor([0.0, 0.5, -1.0, 3.0, -448.0, 448.0, 13.0, -0.125, 0.25, -6.0])
+for scales in ((1.0, 1.0), (0.5, 2.0 ** -6), (2.0, 0.25)):
+    args = case("cpu", torch.float32)
+    q, k, v, positions, cos_sin, pool = args[:6]
+    g = torch.Generator().manual_seed(1)
+    for x in (q, k, v):
+        x.copy_(grid[torch.randint(0, len(grid), x.shape, generator=g)] * 0.25)
+    positions.zero_()
+    pool8 = pool.to(FP8)
+    want8 = pool8.clone()
+    page = pool.shape[2]
+    bidx, kv_pos, pages, indptr = args[6:]
+    for t in range(q.shape[0]):
+        b, p = int(bidx[t]), int(kv_pos[t])
+        slot = int(pages[int(indptr[b]) + p // page])
+        want8[slot, 0, p % page] = to_cache(k[t], scales[0], FP8)
+        want8[slot, 1, p % page] = to_cache(v[t], scales[1], FP8)
+    out = torch.empty(q.shape)
+    rope_append(q, k, v, positions, cos_sin, pool8, *args[6:], out, scales=scales)
+    assert torch.equal(out, q)
+    assert torch.equal(pool8.view(torch.uint8), want8.view(torch.uint8)), scales
+    assert (v.abs() / scales[1] > 448.0).any() == (scales[1] < 0.25)  # the second case saturates v
 print("ok")
 """
 )
@@ -103,3 +132,32 @@ def test_rope_append_against_flashinfer():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(replay_out, out) and torch.equal(replay_pool, pool)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rope_append_fp8_pool_against_flashinfer():
+    """An FP8 pool, bf16 model: the fused kernel against the backend's unfused path (FlashInfer's rope,
+    kv_quant's cast with the layer's scales, FlashInfer's append): the same pool bytes."""
+    import flashinfer
+
+    from nanoslg.cache.kernels.rope_append import rope_append
+    from nanoslg.cache.kv_quant import FP8, to_cache_pair
+
+    scope: dict = {}
+    exec(CASE, scope)
+    for scales in ((1.0, 1.0), (0.37, 0.05)):
+        args = scope["case"]("cuda", torch.bfloat16, 32, 8, 128, 16)
+        q, k, v, positions, cos_sin, pool, bidx, kv_pos, pages, indptr = args
+        pool = pool.to(FP8)
+        last = torch.tensor([1, 6, 11], dtype=torch.int32, device="cuda")
+        ref_pool, qr, kr = pool.clone(), q.clone(), k.clone()
+        flashinfer.rope.apply_rope_with_cos_sin_cache_inplace(positions, qr, kr, 128, cos_sin, True)
+        k8, v8 = to_cache_pair(kr, v, scales, FP8)
+        flashinfer.page.append_paged_kv_cache(k8, v8, bidx, kv_pos, ref_pool, pages, indptr, last, kv_layout="NHD")
+        out = torch.empty(q.shape, dtype=q.dtype, device="cuda")
+        rope_append(q, k, v, positions, cos_sin, pool, bidx, kv_pos, pages, indptr, out, scales=scales)
+        same = (pool.view(torch.uint8) == ref_pool.view(torch.uint8)).float().mean().item()
+        print(f"\nrope_append into an FP8 pool, scales {scales}: {same:.4f} of the pool's bytes equal")
+        assert torch.equal(out, qr)
+        assert torch.equal(pool.view(torch.uint8), ref_pool.view(torch.uint8))

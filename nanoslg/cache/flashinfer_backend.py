@@ -108,10 +108,9 @@ class FlashInferContext(CacheContext):
             return super().attend_rotary(layer, q, k, v, positions, rotary)
         self.plan_once(q.shape[1])
         cache = self.pool[layer]
-        q = self.backend.rope_append(
-            q, k, v, positions, rotary, cache, self.batch_indices, self.kv_positions, self.kv_indices, self.kv_indptr
-        )
-        return self.backend.run_attention(self.wrapper, self.level0, q, cache, {})
+        args = self.batch_indices, self.kv_positions, self.kv_indices, self.kv_indptr
+        q, scales = self.backend.rope_append(layer, q, k, v, positions, rotary, cache, *args)
+        return self.backend.run_attention(self.wrapper, self.level0, q, cache, scales)
 
 
 @CACHE_BACKENDS.register("flashinfer")
@@ -146,25 +145,24 @@ class FlashInferBackend(CacheBackend):
     def configure(self, cache_cfg) -> str:
         self.decode_choice = cache_cfg.flashinfer_decode
         kind = "tensor-core" if self.decode_tensor_cores else "CUDA-core"
-        # An FP8 pool takes k and v cast and scaled, which the fused kernel does not do.
-        self.fused_rope = cache_cfg.fused_rope == "auto" and not is_fp8(self.spec.cache_dtype)
+        self.fused_rope = cache_cfg.fused_rope == "auto"
         rope = "one kernel" if self.fused_rope else "FlashInfer's rope, then its append"
-        why = "an FP8 pool" if cache_cfg.fused_rope == "auto" and not self.fused_rope else f"={cache_cfg.fused_rope}"
+        if self.fused_rope and is_fp8(self.spec.cache_dtype):
+            rope += ", which casts k and v to FP8 as it stores them"
         return (
             f"{kind} decode kernel (cache.flashinfer_decode={self.decode_choice}); "
-            f"decode steps' rotary and KV append: {rope} (cache.fused_rope{why})"
+            f"decode steps' rotary and KV append: {rope} (cache.fused_rope={cache_cfg.fused_rope})"
         )
 
-    def rope_append(self, q, k, v, positions, rotary, cache, batch_indices, kv_positions, kv_indices, kv_indptr):
-        """A decode step's rotary and KV append in one kernel (kernels/rope_append.py); the rotated q,
-        contiguous, for the attention kernel."""
+    def rope_append(self, layer, q, k, v, positions, rotary, cache, batch_indices, kv_positions, kv_indices, indptr):
+        """A decode step's rotary and KV append in one kernel (kernels/rope_append.py): the rotated q,
+        contiguous, for the attention kernel, and the run() arguments that scale an FP8 pool back."""
         from nanoslg.cache.kernels.rope_append import rope_append  # deferred: imports Triton
 
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        rope_append(
-            q, k, v, positions, rotary.cos_sin_cache, cache, batch_indices, kv_positions, kv_indices, kv_indptr, out
-        )
-        return out
+        args = batch_indices, kv_positions, kv_indices, indptr, out
+        rope_append(q, k, v, positions, rotary.cos_sin_cache, cache, *args, scales=self.spec.scales(layer))
+        return out, self.run_scales(layer)
 
     @property
     def decode_tensor_cores(self) -> bool:
@@ -209,11 +207,17 @@ class FlashInferBackend(CacheBackend):
 
     def kv_in(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """k, v as the pool stores them, and the run() arguments that scale them back (FP8 pools)."""
+        scales = self.run_scales(layer)
+        if scales:
+            k, v = to_cache_pair(k, v, self.spec.scales(layer), FP8)
+        return k, v, scales
+
+    def run_scales(self, layer: int) -> dict:
+        """The run() arguments that scale an FP8 pool's K and V back; none for a pool in the model's dtype."""
         if not is_fp8(self.spec.cache_dtype):
-            return k, v, {}
+            return {}
         ks, vs = self.spec.scales(layer)
-        k, v = to_cache_pair(k, v, (ks, vs), FP8)
-        return k, v, {"k_scale": ks, "v_scale": vs}
+        return {"k_scale": ks, "v_scale": vs}
 
     def run_attention(self, own, shared, q: torch.Tensor, cache: torch.Tensor, scales: dict) -> torch.Tensor:
         """The planned attention: each query against its own pages; with a cascade level 0 (shared),

@@ -49,8 +49,8 @@ class _GraphContext(CacheContext):
             return super().attend_rotary(layer, q, k, v, positions, rotary)
         cache = g.backend.pool[layer]
         args = g.batch_idx[:bs], g.kv_pos[:bs], g.indices, g.indptr[: bs + 1]
-        q = g.backend.rope_append(q, k, v, positions, rotary, cache, *args)
-        return g.backend.run_attention(self.wrapper, self.level0, q, cache, {})
+        q, scales = g.backend.rope_append(layer, q, k, v, positions, rotary, cache, *args)
+        return g.backend.run_attention(self.wrapper, self.level0, q, cache, scales)
 
 
 class FlashInferGraphs:

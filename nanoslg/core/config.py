@@ -68,8 +68,8 @@ class CacheConfig:
     # FlashInfer's decode kernel: auto (tensor cores from a GQA group of 4, FlashInfer's own rule),
     # tensor_cores, or cuda_cores.
     flashinfer_decode: str = "auto"
-    # A FlashInfer decode step's rotary embedding and KV append: auto (one Triton kernel for both,
-    # where the pool holds the model's dtype) or off (FlashInfer's two kernels).
+    # A FlashInfer decode step's rotary embedding and KV append: auto (one Triton kernel for both; an
+    # FP8 pool's cast included) or off (FlashInfer's kernels).
     fused_rope: str = "auto"
 
 

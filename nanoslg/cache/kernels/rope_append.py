@@ -10,6 +10,8 @@ themselves are left as they were.
 - Rotary: neox style over the whole head, with the model's [max_pos, D] float32 cache (cos half |
   sin half), computed as FlashInfer's kernel writes it: x * cos + (-x_other | x_other) * sin in
   float32, rounded to the model's dtype.
+- An FP8 pool (`cache.kv_dtype=fp8_e4m3`): k, rotated and rounded to the model's dtype, and v are
+  stored as kv_quant.to_cache does it: divided by the layer's scale, saturated, rounded to float8.
 - Slot: FlashInfer's, for token t of sequence b = batch_indices[t] at KV position p = positions[t]:
   page kv_indices[kv_indptr[b] + p // page_size], row p % page_size, in an NHD pool
   [pages, 2 (K, V), page_size, kv_heads, D].
@@ -28,8 +30,8 @@ import triton.language as tl
 def _rope_append_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, cache_ptr, bidx_ptr, kvpos_ptr, indices_ptr, indptr_ptr, out_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_page, stride_kv, stride_row, stride_head,
-    HQ: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
+    stride_page, stride_kv, stride_row, stride_head, k_scale, v_scale,
+    HQ: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     h = tl.program_id(1)
@@ -49,12 +51,26 @@ def _rope_append_kernel(
         page = tl.load(indices_ptr + tl.load(indptr_ptr + b) + p // PAGE).to(tl.int64)
         dst = cache_ptr + page * stride_page + (p % PAGE) * stride_row + kh * stride_head
         v_src = v_ptr + t.to(tl.int64) * stride_vt + kh * stride_vh
-        tl.store(dst + stride_kv + d, tl.load(v_src + d))
-        tl.store(dst + stride_kv + HALF + d, tl.load(v_src + HALF + d))
+        v1, v2 = tl.load(v_src + d), tl.load(v_src + HALF + d)
+        if FP8:
+            v1, v2 = _to_fp8(v1, v_scale, cache_ptr), _to_fp8(v2, v_scale, cache_ptr)
+        tl.store(dst + stride_kv + d, v1)
+        tl.store(dst + stride_kv + HALF + d, v2)
     x1 = tl.load(src + d).to(tl.float32)
     x2 = tl.load(src + HALF + d).to(tl.float32)
-    tl.store(dst + d, (x1 * cos + (-x2) * sin).to(dtype))
-    tl.store(dst + HALF + d, (x2 * cos + x1 * sin).to(dtype))
+    r1 = (x1 * cos + (-x2) * sin).to(dtype)
+    r2 = (x2 * cos + x1 * sin).to(dtype)
+    if FP8 and h >= HQ:
+        r1, r2 = _to_fp8(r1, k_scale, cache_ptr), _to_fp8(r2, k_scale, cache_ptr)
+    tl.store(dst + d, r1)
+    tl.store(dst + HALF + d, r2)
+
+
+@triton.jit
+def _to_fp8(x, scale, cache_ptr):
+    # kv_quant.to_cache: divided by the scale (exact at 1.0), saturated, rounded to the pool's float8
+    y = tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -448.0, 448.0)
+    return y.to(cache_ptr.dtype.element_ty)
 
 
 def rope_append(
@@ -69,10 +85,12 @@ def rope_append(
     kv_indices: torch.Tensor,
     kv_indptr: torch.Tensor,
     out: torch.Tensor,
+    scales: tuple[float, float] = (1.0, 1.0),
 ) -> None:
     """q [T, Hq, D] rotated into out (contiguous, q's shape); k [T, Hk, D] rotated and v [T, Hk, D] as
-    is, both written into the layer's pool `cache` [pages, 2, page_size, Hk, D]. q, k and v may be
-    strided views (of the fused qkv output) with a contiguous last dimension."""
+    is, both written into the layer's pool `cache` [pages, 2, page_size, Hk, D] (a float8 pool: divided
+    by scales = (k_scale, v_scale) and rounded). q, k and v may be strided views (of the fused qkv
+    output) with a contiguous last dimension."""
     t, hq, d = q.shape
     hk = k.shape[1]
     if any(x.stride(-1) != 1 for x in (q, k, v, cache)) or not out.is_contiguous() or out.shape != q.shape:
@@ -82,6 +100,6 @@ def rope_append(
     _rope_append_kernel[(t, hq + hk)](
         q, k, v, positions, cos_sin, cache, batch_indices, kv_positions, kv_indices, kv_indptr, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
-        HQ=hq, HALF=d // 2, PAGE=cache.shape[2], num_warps=1,
+        cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), float(scales[0]), float(scales[1]),
+        HQ=hq, HALF=d // 2, PAGE=cache.shape[2], FP8=cache.dtype == torch.float8_e4m3fn, num_warps=1,
     )  # fmt: skip
