@@ -45,6 +45,13 @@ def bf16_llama_gqa4(tmp_path_factory):
 # Nats below the float32 argmax: bf16 rounding at near ties stays well under it (the measured gaps are
 # in experiments/README.md); a wrong kernel is off by whole nats.
 GAP_TOL = 0.5
+XQA = pytest.param(
+    "xqa",
+    marks=pytest.mark.skipif(
+        not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10, 12),
+        reason="XQA needs SM90+",
+    ),
+)
 
 
 def greedy_gaps(ckpt: str, prompt: list[int], tokens: list[int]) -> list[float]:
@@ -147,7 +154,7 @@ def test_fused_kernels_equal_torch():
     assert torch.equal(qkv[:, 768:], orig[:, 768:])
 
 
-@pytest.mark.parametrize("decode", ["tensor_cores", "cuda_cores", "tensor_cores cache.fused_rope=off"])
+@pytest.mark.parametrize("decode", ["tensor_cores", "cuda_cores", "tensor_cores cache.fused_rope=off", XQA])
 @pytest.mark.parametrize("ckpt", ["bf16_llama", "bf16_llama_gqa4"])
 def test_flashinfer_equals_sdpa_on_a_decisive_model(ckpt, decode, request):
     """Both backends pick, at every one of 32 steps, the float32 reference's argmax up to bf16 noise,
@@ -178,7 +185,7 @@ def test_flashinfer_equals_sdpa_on_a_decisive_model(ckpt, decode, request):
     assert gaps["flashinfer"] < GAP_TOL and gaps["sdpa"] < GAP_TOL
 
 
-@pytest.mark.parametrize("decode", ["tensor_cores", "cuda_cores"])
+@pytest.mark.parametrize("decode", ["tensor_cores", "cuda_cores", XQA])
 def test_cuda_graphs_and_overlap_change_no_token(bf16_llama, decode):
     """Decode through captured CUDA graphs (padded buckets) and overlapped steps (the device reads the
     token in flight) gives the tokens of eager, one-step-at-a-time decoding, with either decode kernel."""

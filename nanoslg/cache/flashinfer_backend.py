@@ -8,7 +8,8 @@
 - Steps with any prefill chunk (including a chunk over a cached prefix) use
   BatchPrefillWithPagedKVCacheWrapper with a causal mask (FlashInfer aligns it bottom-right when
   a request has more KV than queries); pure-decode steps use BatchDecodeWithPagedKVCacheWrapper,
-  with tensor cores when the GQA group is 4 or more.
+  with tensor cores when the GQA group is 4 or more, or FlashInfer's XQA kernel
+  (`cache.flashinfer_decode=xqa`, xqa_decode.py).
 - A decode step whose sequences all start with the same cached pages runs cascade attention
   (nanoslg/cache/cascade.py): the shared pages once for the whole batch, each sequence's own pages
   by the decode wrapper, merged with FlashInfer's merge_state.
@@ -29,6 +30,7 @@ from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_
 from nanoslg.cache.cascade import shared_prefix_pages
 from nanoslg.cache.flashinfer_graph import FlashInferGraphs
 from nanoslg.cache.kv_quant import FP8, as_bytes, is_fp8, to_cache_pair
+from nanoslg.cache.xqa_decode import XqaDecode, XqaStep, xqa_check
 from nanoslg.core.errors import ConfigError
 from nanoslg.core.plan import StepPlan
 from nanoslg.core.registry import CACHE_BACKENDS
@@ -50,12 +52,12 @@ def _import_flashinfer(device: torch.device):
 
 
 def uses_tensor_cores(choice: str, group: int) -> bool:
-    """Whether decode steps run FlashInfer's tensor-core kernel (its prefill kernel, one query row per
-    sequence) rather than the CUDA-core decode kernel; choice is cache.flashinfer_decode. auto keeps
-    FlashInfer's rule, tensor cores from a GQA group of 4: at smaller groups the tensor-core kernel
-    was no clear gain on W1 and its plan() adds host work every step (experiments/README.md, eighth
-    wave)."""
-    if choice != "auto":
+    """Whether FlashInfer's decode wrapper runs its tensor-core kernel (its prefill kernel, one query
+    row per sequence) rather than the CUDA-core decode kernel; choice is cache.flashinfer_decode. auto
+    (and xqa, whose cascade steps run the wrapper) keeps FlashInfer's rule, tensor cores from a GQA
+    group of 4: at smaller groups the tensor-core kernel was no clear gain on W1 and its plan() adds
+    host work every step (experiments/README.md, eighth wave)."""
+    if choice in ("tensor_cores", "cuda_cores"):
         return choice == "tensor_cores"
     return group >= 4
 
@@ -82,6 +84,11 @@ class FlashInferContext(CacheContext):
 
     def plan_once(self, num_qo_heads: int) -> None:
         if self.wrapper is None:
+            if self.decode and self.shared is None and self.backend.xqa:
+                kv_indptr_h = self.csr[1]
+                max_pages = int((kv_indptr_h[1:] - kv_indptr_h[:-1]).max())
+                self.wrapper = self.backend.xqa_eager(self.kv_indptr, self.kv_indices, self.kv_last_page_len, max_pages)
+                return
             self.wrapper = self.backend.plan_step(self.decode, self.csr, num_qo_heads, self.max_q)
             if self.shared is not None:
                 self.level0 = self.backend.plan_shared(len(self.csr[0]) - 1, self.shared, num_qo_heads)
@@ -140,11 +147,16 @@ class FlashInferBackend(CacheBackend):
         self._plan_events: dict = {}  # wrapper -> event recorded after its last plan()
         self._graphs: FlashInferGraphs | None = None  # the CUDA-graph buffers, once init_graphs ran
         self.decode_choice = "auto"  # cache.flashinfer_decode (configure)
+        self.xqa = False  # decode steps without a cascade run XQA (xqa_decode.py)
+        self._xqa_eager: XqaDecode | None = None  # its buffers for eager decode steps, grown on demand
         self.fused_rope = False  # cache.fused_rope (configure)
 
     def configure(self, cache_cfg) -> str:
         self.decode_choice = cache_cfg.flashinfer_decode
         kind = "tensor-core" if self.decode_tensor_cores else "CUDA-core"
+        if self.decode_choice == "xqa":
+            kind = xqa_check(self.fi, self.spec, self.page_size, self.num_qo_heads or self.spec.num_qo_heads, kind)
+            self.xqa = True
         self.fused_rope = cache_cfg.fused_rope == "auto"
         rope = "one kernel" if self.fused_rope else "FlashInfer's rope, then its append"
         if self.fused_rope and is_fp8(self.spec.cache_dtype):
@@ -229,6 +241,16 @@ class FlashInferBackend(CacheBackend):
         out0, lse0 = shared.run(q, cache, return_lse=True, **scales)
         self.fi.merge_state_in_place(out, lse, out0, lse0)
         return out
+
+    def xqa_eager(self, indptr, indices, last_len, max_pages: int) -> XqaStep:
+        """An eager decode step's XQA attention: its table built from the CSR on the device (the
+        buffers grow to the largest step so far)."""
+        bs, x = indptr.shape[0] - 1, self._xqa_eager
+        if x is None or x.rows < bs or x.table.shape[1] < max_pages:
+            rows, width = (64, 0) if x is None else x.table.shape
+            x = XqaDecode(self.fi, self.spec, self.page_size, self.scale, max(bs, rows), max(max_pages, width))
+            self._xqa_eager = x
+        return x.fill(indptr, indices, last_len)
 
     def _decode_wrapper(self):
         if self._decode is None:

@@ -6,6 +6,10 @@ wrapper's `plan()` (run outside the graph). Padding rows of a bucket larger than
 write one scratch page, which the KV manager never hands out. Buckets of MIN_BATCH or more also get
 a cascade-attention variant (nanoslg/cache/cascade.py), replayed when every sequence starts with the
 same cached pages; padding rows attend those pages too, and their output is dropped.
+
+With `cache.flashinfer_decode=xqa` the plain variant runs XQA (xqa_decode.py) instead of the decode
+wrapper: no plan(); the host writes the CSR into the buffers itself, and the captured graph's first
+layer turns it into XQA's page table.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from nanoslg.cache.backend import CacheContext
 from nanoslg.cache.cascade import MIN_BATCH, shared_prefix_pages
+from nanoslg.cache.xqa_decode import XqaDecode, XqaStep
 from nanoslg.core.plan import StepPlan
 from nanoslg.core.tensors import pinned, to_device
 
@@ -25,8 +30,18 @@ class _GraphContext(CacheContext):
     def __init__(self, g: FlashInferGraphs, bs: int, wrapper, level0=None):
         self.g, self.bs, self.wrapper, self.level0 = g, bs, wrapper, level0
         self.positions = g.positions[:bs]
+        self._last_layer = None
+
+    def _step_start(self, layer: int) -> None:
+        """XQA: the page table, built once a forward pass (at its first layer; a warm-up and then the
+        capture each run every layer once)."""
+        if isinstance(self.wrapper, XqaStep) and (self._last_layer is None or layer <= self._last_layer):
+            g, bs = self.g, self.bs
+            g.xqa.fill(g.indptr[: bs + 1], g.indices, g.last_len[:bs])
+        self._last_layer = layer
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self._step_start(layer)
         g, bs = self.g, self.bs
         cache = g.backend.pool[layer]
         k, v, scales = g.backend.kv_in(layer, k, v)  # an FP8 pool: cast before the append, scales to run()
@@ -47,6 +62,7 @@ class _GraphContext(CacheContext):
         g, bs = self.g, self.bs
         if not g.backend.fused_rope:
             return super().attend_rotary(layer, q, k, v, positions, rotary)
+        self._step_start(layer)
         cache = g.backend.pool[layer]
         args = g.batch_idx[:bs], g.kv_pos[:bs], g.indices, g.indptr[: bs + 1]
         q, scales = g.backend.rope_append(layer, q, k, v, positions, rotary, cache, *args)
@@ -77,6 +93,10 @@ class FlashInferGraphs:
         self.shared_last = torch.zeros(1, dtype=i32, device=dev)
         self.wrappers: dict[tuple[int, str], tuple] = {}  # (bucket, variant) -> (wrapper, level-0 wrapper)
         self._level0_key = None  # (bucket, shared pages) the level-0 buffers were last planned for
+        self.xqa = None
+        if backend.xqa:
+            max_pages = -(-max_model_len // backend.page_size)
+            self.xqa = XqaDecode(backend.fi, s, backend.page_size, backend.scale, max_bs, max_pages)
 
     def variants(self, bs: int) -> tuple[str, ...]:
         return ("plain", "cascade") if self.backend.cascade and bs >= MIN_BATCH else ("plain",)
@@ -106,7 +126,7 @@ class FlashInferGraphs:
 
     def capture_context(self, bs: int, variant: str) -> CacheContext:
         """A context over the fixed buffers, planned for a batch of padding rows only."""
-        wrapper = self._wrapper(bs)
+        wrapper = XqaStep(self.xqa, bs) if self.xqa is not None and variant == "plain" else self._wrapper(bs)
         self._plan(wrapper, bs, None)
         level0 = None
         if variant == "cascade":
@@ -158,9 +178,17 @@ class FlashInferGraphs:
         host[bs : 2 * bs] = host[:bs]
         host[bs : bs + n] -= skip * ps
         host[2 * bs :] = indices
+        if isinstance(wrapper, XqaStep):  # no plan() to copy the CSR: it goes in the same copy
+            host = np.concatenate([host, indptr, last])
         dev = to_device(host, torch.int32, self.positions.device)
         self.positions[:bs].copy_(dev[:bs])
         self.kv_pos[:bs].copy_(dev[bs : 2 * bs])
+        if isinstance(wrapper, XqaStep):
+            m = len(indices)
+            self.indices[:m].copy_(dev[2 * bs : 2 * bs + m])
+            self.indptr[: bs + 1].copy_(dev[2 * bs + m : 3 * bs + m + 1])
+            self.last_len[:bs].copy_(dev[3 * bs + m + 1 :])
+            return
         s = self.backend.spec
         # Indices go in as a device tensor: in CUDA-graph mode FlashInfer copies host indices into its
         # buffer with a blocking copy, which would stall the host until the step in flight finished.

@@ -66,7 +66,7 @@ class CacheConfig:
     # into batched SDPA calls).
     sdpa_decode: str = "auto"
     # FlashInfer's decode kernel: auto (tensor cores from a GQA group of 4, FlashInfer's own rule),
-    # tensor_cores, or cuda_cores.
+    # tensor_cores, cuda_cores, or xqa (TensorRT-LLM's kernel; SM90+, FP8 products with an FP8 pool).
     flashinfer_decode: str = "auto"
     # A FlashInfer decode step's rotary embedding and KV append: auto (one Triton kernel for both; an
     # FP8 pool's cast included) or off (FlashInfer's kernels).
@@ -194,7 +194,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.blas": ("auto", "cublas", "cublaslt"),
     "cache.kv_dtype": ("auto", "fp8_e4m3"),
     "cache.sdpa_decode": ("auto", "triton", "gather"),
-    "cache.flashinfer_decode": ("auto", "tensor_cores", "cuda_cores"),
+    "cache.flashinfer_decode": ("auto", "tensor_cores", "cuda_cores", "xqa"),
     "cache.fused_rope": ("auto", "off"),
     "parallel.dist_backend": ("auto", "nccl", "gloo"),
     "bench.peer": ("none", "hf"),

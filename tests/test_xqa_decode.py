@@ -1,0 +1,114 @@
+"""`cache.flashinfer_decode=xqa` (nanoslg/cache/xqa_decode.py): the page table XQA reads, built on the
+device from FlashInfer's CSR (kernels/page_table.py), and XQA's attention against a float32 one.
+
+Where Triton is installed, the table kernel runs in Triton's interpreter on the CPU. On an SM90 GPU:
+XQA through the backend's buffers, bf16 and FP8 pools, against float32 attention over the same pool,
+with FlashInfer's decode wrapper's error printed next to it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton_interp import interpret
+
+TABLE = r"""
+import torch
+from nanoslg.cache.kernels.page_table import csr_to_table
+
+# rows of 3, 1, 0 + 1 (a padding row: one page), 300 pages (over one 256-wide block), page size 16
+counts = [3, 1, 1, 300]
+last = torch.tensor([16, 1, 5, 9], dtype=torch.int32)
+indptr = torch.tensor([0] + counts).cumsum(0).int()
+indices = torch.randperm(400)[: sum(counts)].int()
+table = torch.full((6, 320), -7, dtype=torch.int32)
+lens = torch.full((6,), -7, dtype=torch.int32)
+csr_to_table(indptr, indices, last, table, lens, 16)
+for b, n in enumerate(counts):
+    assert table[b, :n].tolist() == indices[indptr[b] : indptr[b + 1]].tolist(), b
+    assert (table[b, n:] == -7).all(), b
+assert lens.tolist() == [2 * 16 + 16, 1, 5, 299 * 16 + 9, -7, -7], lens
+assert (table[4:] == -7).all()
+try:
+    csr_to_table(torch.zeros(8, dtype=torch.int32), indices, last, table, lens, 16)
+except ValueError as e:
+    assert "holds 6 contiguous rows, the step has 7" in str(e), e
+else:
+    raise AssertionError("seven rows in a six-row table")
+print("ok")
+"""
+
+
+def test_page_table_in_the_interpreter():
+    """Each row's pages land at the start of its table row, the rest untouched; its KV length is
+    (pages - 1) x page size + the last page's length; a step larger than the table is refused."""
+    interpret(TABLE)
+
+
+def reference(q, cache, tables, lens, scale, scales=(1.0, 1.0)):
+    out = []
+    for b in range(q.shape[0]):
+        n = int(lens[b])
+        kv = cache[tables[b, : -(-n // cache.shape[2])].long()].float()  # [p, 2, ps, H, D]
+        k = kv[:, 0].flatten(0, 1)[:n] * scales[0]
+        v = kv[:, 1].flatten(0, 1)[:n] * scales[1]
+        g = q.shape[1] // k.shape[1]
+        s = torch.einsum("hd,nhd->hn", q[b].float(), k.repeat_interleave(g, 1)) * scale
+        out.append(torch.einsum("hn,nhd->hd", s.softmax(-1), v.repeat_interleave(g, 1)))
+    return torch.stack(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="needs an SM90 GPU"
+)
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("hq, hkv, bs", [(16, 8, 37), (32, 8, 1), (32, 8, 130)])
+def test_xqa_against_float32(kv_dtype, hq, hkv, bs):
+    """XQA through XqaDecode (its table built from the CSR) is as close to float32 attention over the
+    same pool as FlashInfer's decode wrapper is, within the rounding of q and the softmax weights to
+    FP8 on an FP8 pool; FP8 scales other than 1 are applied."""
+    import flashinfer
+
+    from nanoslg.cache.backend import KVSpec
+    from nanoslg.cache.xqa_decode import XqaDecode
+
+    ps, d, dev = 16, 128, "cuda"
+    g = torch.Generator().manual_seed(hq + bs)
+    lens = torch.randint(1, 900, (bs,), generator=g)
+    pages = (-(-lens // ps)).tolist()
+    perm = torch.randperm(sum(pages) + 5, generator=g)[: sum(pages)].int()
+    indptr = torch.tensor([0] + pages).cumsum(0).int()
+    tables = torch.zeros(bs, max(pages), dtype=torch.int32)
+    for b, p in enumerate(pages):
+        tables[b, :p] = perm[indptr[b] : indptr[b + 1]]
+    last = (lens - (torch.tensor(pages) - 1) * ps).int()
+    cache = (torch.randn(sum(pages) + 5, 2, ps, hkv, d, generator=g) * 2).to(dev).to(kv_dtype)
+    q = torch.randn(bs, hq, d, generator=g).to(dev, torch.bfloat16)
+    scale, scales = d**-0.5, ((0.7, 1.3) if kv_dtype != torch.bfloat16 else (1.0, 1.0))
+    ref = reference(q, cache, tables.to(dev), lens, scale, scales)
+    spec = KVSpec(1, hkv, d, torch.bfloat16, torch.device(dev), hq, kv_dtype)
+    x = XqaDecode(flashinfer, spec, ps, scale, 200, 64)
+    csr = indptr.to(dev), perm.to(dev), last.to(dev)
+    step = x.fill(*csr)
+    kw = {"k_scale": scales[0], "v_scale": scales[1]} if kv_dtype != torch.bfloat16 else {}
+    out = step.run(q, cache, **kw)
+    assert torch.equal(x.seq_lens[:bs].cpu(), lens.int())
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+    w.plan(
+        indptr, perm.to(dev), last, hq, hkv, d, ps, q_data_type=torch.bfloat16, kv_data_type=kv_dtype, sm_scale=scale
+    )
+    fi_out = w.run(q, cache, **kw)
+    err, fi_err = (out.float() - ref).abs().max().item(), (fi_out.float() - ref).abs().max().item()
+    print(f"\nxqa {hq}/{hkv} bs={bs} {kv_dtype}: max |err| {err:.4f} (FlashInfer's decode wrapper {fi_err:.4f})")
+    # bf16: both round the output once more. FP8: q and the probabilities in e4m3 (3 mantissa bits);
+    # a wrong page or length would be off by about the values' own size (several units here).
+    assert err <= (3 * fi_err + 0.02 if kv_dtype == torch.bfloat16 else 0.5), (err, fi_err)
+    g2 = torch.cuda.CUDAGraph()  # replayed from a CUDA graph: the same bits
+    with torch.cuda.graph(g2):
+        x.fill(*csr)
+        replayed = step.run(q, cache, **kw)
+    g2.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, out)
