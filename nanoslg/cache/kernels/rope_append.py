@@ -40,30 +40,37 @@ def _rope_append_kernel(
     cos = tl.load(cs_ptr + pos * (2 * HALF) + d)
     sin = tl.load(cs_ptr + pos * (2 * HALF) + HALF + d)
     dtype = q_ptr.dtype.element_ty
+    # Each branch has its own names and stores: compiled Triton wants a variable to keep one type
+    # across an if, and an FP8 pool's pointer and values are not q's.
     if h < HQ:
-        src = q_ptr + t.to(tl.int64) * stride_qt + h * stride_qh
-        dst = out_ptr + (t.to(tl.int64) * HQ + h) * (2 * HALF)
+        q1, q2 = _rotate(q_ptr + t.to(tl.int64) * stride_qt + h * stride_qh, d, cos, sin, HALF, dtype)
+        q_dst = out_ptr + (t.to(tl.int64) * HQ + h) * (2 * HALF)
+        tl.store(q_dst + d, q1)
+        tl.store(q_dst + HALF + d, q2)
     else:
         kh = h - HQ
-        src = k_ptr + t.to(tl.int64) * stride_kt + kh * stride_kh
+        k1, k2 = _rotate(k_ptr + t.to(tl.int64) * stride_kt + kh * stride_kh, d, cos, sin, HALF, dtype)
         b = tl.load(bidx_ptr + t)
         p = tl.load(kvpos_ptr + t)
         page = tl.load(indices_ptr + tl.load(indptr_ptr + b) + p // PAGE).to(tl.int64)
-        dst = cache_ptr + page * stride_page + (p % PAGE) * stride_row + kh * stride_head
+        slot = cache_ptr + page * stride_page + (p % PAGE) * stride_row + kh * stride_head
         v_src = v_ptr + t.to(tl.int64) * stride_vt + kh * stride_vh
         v1, v2 = tl.load(v_src + d), tl.load(v_src + HALF + d)
         if FP8:
+            k1, k2 = _to_fp8(k1, k_scale, cache_ptr), _to_fp8(k2, k_scale, cache_ptr)
             v1, v2 = _to_fp8(v1, v_scale, cache_ptr), _to_fp8(v2, v_scale, cache_ptr)
-        tl.store(dst + stride_kv + d, v1)
-        tl.store(dst + stride_kv + HALF + d, v2)
+        tl.store(slot + d, k1)
+        tl.store(slot + HALF + d, k2)
+        tl.store(slot + stride_kv + d, v1)
+        tl.store(slot + stride_kv + HALF + d, v2)
+
+
+@triton.jit
+def _rotate(src, d, cos, sin, HALF: tl.constexpr, dtype: tl.constexpr):
+    # neox rotary of one head, in float32, rounded to the model's dtype (FlashInfer's arithmetic)
     x1 = tl.load(src + d).to(tl.float32)
     x2 = tl.load(src + HALF + d).to(tl.float32)
-    r1 = (x1 * cos + (-x2) * sin).to(dtype)
-    r2 = (x2 * cos + x1 * sin).to(dtype)
-    if FP8 and h >= HQ:
-        r1, r2 = _to_fp8(r1, k_scale, cache_ptr), _to_fp8(r2, k_scale, cache_ptr)
-    tl.store(dst + d, r1)
-    tl.store(dst + HALF + d, r2)
+    return (x1 * cos + (-x2) * sin).to(dtype), (x2 * cos + x1 * sin).to(dtype)
 
 
 @triton.jit
