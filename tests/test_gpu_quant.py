@@ -30,9 +30,6 @@ FP8_MODEL_XFAIL = pytest.mark.xfail(reason="FP8 rounding exceeds the tolerance o
 FP8_SM = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs SM89+"
 )
-XQA_SM = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10, 12), reason="XQA needs SM90+"
-)
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +277,7 @@ def test_kernels_and_reference_on_a_model(method, ckpts):
 
 
 @FP8_SM
-@pytest.mark.parametrize("method", ["fp8", "fp8-online", "fp8-kv", pytest.param("fp8-kv-xqa", marks=XQA_SM)])
+@pytest.mark.parametrize("method", ["fp8", "fp8-online", "fp8-kv", "fp8-kv-cuda-cores"])
 def test_fp8_picks_at_fixed_prefixes(method, ckpts, base):
     """The model-level FP8 check without trajectories: at 96 fixed prefixes (the float32 reference's own
     greedy continuations of three prompts) the engine's picks, through the kernels and through the
@@ -289,12 +286,13 @@ def test_fp8_picks_at_fixed_prefixes(method, ckpts, base):
     one position, not the rest of a trajectory (why the checks above cannot pass at 1.0 nats:
     experiments/README.md, ninth wave). Each prefix asks for two tokens and the second is kept where
     the first is the reference's: that pick comes from a decode step (the skinny kernel). fp8-kv: bf16
-    weights and an FP8 KV pool, against a reference whose attention reads FP8 K and V; fp8-kv-xqa: the
-    same through XQA (q and the softmax weights rounded to FP8 too)."""
+    weights and an FP8 KV pool, against a reference whose attention reads FP8 K and V (on SM90 its
+    decode steps run XQA, which rounds q and the softmax weights to FP8 too); fp8-kv-cuda-cores: the
+    same through FlashInfer's CUDA-core kernel, which upcasts the pool instead."""
     if method.startswith("fp8-kv"):  # bf16 weights, an FP8 pool; the reference's attention reads FP8 K/V
         overrides, ref_path, acts, kv = [f"model.path={base}", "cache.kv_dtype=fp8_e4m3"], base, False, True
-        if method == "fp8-kv-xqa":
-            overrides.append("cache.flashinfer_decode=xqa")
+        if method == "fp8-kv-cuda-cores":
+            overrides.append("cache.flashinfer_decode=cuda_cores")
     else:
         (overrides, ref_path), acts, kv = ckpts[method], True, False
     ref, half = reference(ref_path, acts, kv), reference(ref_path, acts, kv, dtype=torch.bfloat16)
@@ -358,7 +356,7 @@ def test_fp8_kv_against_bf16_kv(base):
     assert gap < FP8_GAP_TOL
 
 
-@pytest.mark.parametrize("method", [pytest.param("fp8", marks=FP8_SM), "awq", pytest.param("awq xqa", marks=XQA_SM)])
+@pytest.mark.parametrize("method", [pytest.param("fp8", marks=FP8_SM), "awq", "awq cuda_cores"])
 def test_cuda_graphs_and_overlap_change_no_token(method, ckpts):
     """Quantized weights and an FP8 pool: decode through captured CUDA graphs (padded buckets, the
     cascade variant over a shared prefix) with overlapped steps gives the tokens of eager,
@@ -368,8 +366,8 @@ def test_cuda_graphs_and_overlap_change_no_token(method, ckpts):
     # any row count up to SKINNY_ROWS (test_fp8_rows_do_not_depend_on_the_row_count). With a one-row
     # FMA path next to the tensor-core one it failed on an H100 (experiments/low-precision/).
     overrides = list(ckpts[method.split()[0]][0])
-    if method.endswith("xqa"):  # the FP8 pool's decode steps through XQA, cascade steps through FlashInfer
-        overrides.append("cache.flashinfer_decode=xqa")
+    if method.endswith("cuda_cores"):  # on SM90 auto runs the FP8 pool's decode steps through XQA
+        overrides.append("cache.flashinfer_decode=cuda_cores")
     g = torch.Generator().manual_seed(3)
     batch = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (3, 17, 40, 90, 130)] * 4
     shared = torch.randint(3, 1024, (304,), generator=g).tolist()

@@ -45,6 +45,39 @@ def test_page_table_in_the_interpreter():
     interpret(TABLE)
 
 
+def test_auto_takes_xqa_for_an_fp8_pool_on_sm90(monkeypatch):
+    """auto: XQA for an FP8 pool on SM90 only (where it was measured faster); xqa asked for where it
+    cannot run names the setting and the reason; the wrapper's own kernels are never replaced."""
+    from types import SimpleNamespace
+
+    from nanoslg.cache.backend import KVSpec
+    from nanoslg.cache.xqa_decode import xqa_choice
+    from nanoslg.core.errors import ConfigError
+
+    fi = SimpleNamespace(decode=SimpleNamespace(xqa_batch_decode_with_kv_cache=None), __version__="test")
+    fp8 = KVSpec(2, 8, 128, torch.bfloat16, torch.device("cpu"), 32, torch.float8_e4m3fn)
+    bf16 = KVSpec(2, 8, 128, torch.bfloat16, torch.device("cpu"), 32)
+    for cap in ((9, 0), (8, 9)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        picks = {
+            (c, s.kv_dtype): xqa_choice(fi, s, 16, 32, c, "k") for c in ("auto", "cuda_cores") for s in (fp8, bf16)
+        }
+        assert [k for k, v in picks.items() if v] == ([("auto", torch.float8_e4m3fn)] if cap == (9, 0) else [])
+        if cap == (9, 0):
+            assert "auto: an FP8 pool on SM90" in picks["auto", torch.float8_e4m3fn]
+            assert xqa_choice(fi, bf16, 16, 32, "xqa", "k") == "XQA (torch.bfloat16; cascade steps: the k kernel)"
+            with pytest.raises(
+                ConfigError, match=r"cache.flashinfer_decode=xqa cannot run here: XQA takes cache.page_size"
+            ):
+                xqa_choice(fi, fp8, 8, 32, "xqa", "k")
+            assert xqa_choice(fi, fp8, 8, 32, "auto", "k") is None
+        else:
+            with pytest.raises(
+                ConfigError, match="cannot run here: XQA runs on SM90, SM100 and SM120 GPUs, this one is SM8x"
+            ):
+                xqa_choice(fi, fp8, 16, 32, "xqa", "k")
+
+
 def reference(q, cache, tables, lens, scale, scales=(1.0, 1.0)):
     out = []
     for b in range(q.shape[0]):

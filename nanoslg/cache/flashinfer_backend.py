@@ -30,7 +30,7 @@ from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_
 from nanoslg.cache.cascade import shared_prefix_pages
 from nanoslg.cache.flashinfer_graph import FlashInferGraphs
 from nanoslg.cache.kv_quant import FP8, as_bytes, is_fp8, to_cache_pair
-from nanoslg.cache.xqa_decode import XqaDecode, XqaStep, xqa_check
+from nanoslg.cache.xqa_decode import XqaDecode, XqaStep, xqa_choice
 from nanoslg.core.errors import ConfigError
 from nanoslg.core.plan import StepPlan
 from nanoslg.core.registry import CACHE_BACKENDS
@@ -154,9 +154,9 @@ class FlashInferBackend(CacheBackend):
     def configure(self, cache_cfg) -> str:
         self.decode_choice = cache_cfg.flashinfer_decode
         kind = "tensor-core" if self.decode_tensor_cores else "CUDA-core"
-        if self.decode_choice == "xqa":
-            kind = xqa_check(self.fi, self.spec, self.page_size, self.num_qo_heads or self.spec.num_qo_heads, kind)
-            self.xqa = True
+        hq = self.num_qo_heads or self.spec.num_qo_heads
+        xqa = xqa_choice(self.fi, self.spec, self.page_size, hq, self.decode_choice, kind)
+        self.xqa, kind = xqa is not None, xqa or kind
         self.fused_rope = cache_cfg.fused_rope == "auto"
         rope = "one kernel" if self.fused_rope else "FlashInfer's rope, then its append"
         if self.fused_rope and is_fp8(self.spec.cache_dtype):

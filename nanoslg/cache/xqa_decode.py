@@ -26,13 +26,23 @@ WORKSPACE_BYTES = 64 << 20
 PAGE_SIZES = (16, 32, 64, 128)
 
 
-def xqa_check(fi, spec, page_size: int, num_qo_heads: int, wrapper_kind: str) -> str:
-    """What the start-up log says of the decode kernel; a ConfigError where XQA cannot run here."""
+def xqa_choice(fi, spec, page_size: int, num_qo_heads: int, choice: str, wrapper_kind: str) -> str | None:
+    """Whether decode steps run XQA (choice is cache.flashinfer_decode): what the start-up log says of
+    it, or None for FlashInfer's wrapper. auto takes XQA for an FP8 pool on SM90, where it was measured
+    faster (experiments/README.md, twelfth wave); with a bf16 pool at batch 1 it was slower. An explicit
+    xqa where it cannot run is a ConfigError."""
+    if choice not in ("auto", "xqa"):
+        return None
     why = xqa_unsupported(fi, spec, page_size, num_qo_heads)
-    if why:
+    if choice == "auto":
+        sm90 = torch.cuda.get_device_capability(spec.device)[0] == 9
+        if why or not (sm90 and is_fp8(spec.cache_dtype)):
+            return None
+    elif why:
         raise ConfigError(f"cache.flashinfer_decode=xqa cannot run here: {why}; use auto, tensor_cores or cuda_cores")
     how = "q and the softmax weights rounded to FP8, FP8 products" if is_fp8(spec.cache_dtype) else str(spec.dtype)
-    return f"XQA ({how}; cascade steps: the {wrapper_kind} kernel)"
+    why_auto = ", auto: an FP8 pool on SM90" if choice == "auto" else ""
+    return f"XQA ({how}{why_auto}; cascade steps: the {wrapper_kind} kernel)"
 
 
 def xqa_unsupported(fi, spec, page_size: int, num_qo_heads: int) -> str | None:

@@ -65,8 +65,9 @@ class CacheConfig:
     # with Triton, and SM80+ for bf16; else gather), triton, or gather (keys copied out of the pool
     # into batched SDPA calls).
     sdpa_decode: str = "auto"
-    # FlashInfer's decode kernel: auto (tensor cores from a GQA group of 4, FlashInfer's own rule),
-    # tensor_cores, cuda_cores, or xqa (TensorRT-LLM's kernel; SM90+, FP8 products with an FP8 pool).
+    # FlashInfer's decode kernel: auto (XQA for an FP8 pool on SM90, else tensor cores from a GQA group
+    # of 4, FlashInfer's own rule), tensor_cores, cuda_cores, or xqa (TensorRT-LLM's kernel; SM90+, FP8
+    # products with an FP8 pool).
     flashinfer_decode: str = "auto"
     # A FlashInfer decode step's rotary embedding and KV append: auto (one Triton kernel for both; an
     # FP8 pool's cast included) or off (FlashInfer's kernels).
