@@ -29,6 +29,7 @@ class KVSpec:
     num_qo_heads: int = 0  # query heads on this rank (kernels that plan ahead need it)
     kv_dtype: torch.dtype | None = None  # the pool's dtype where it is not the model's (FP8: kv_quant.py)
     kv_scales: list[tuple[float, float]] | None = None  # per layer, (k, v) scales of an FP8 pool
+    max_model_len: int = 0  # the longest sequence (0: not known), for kernels that size page tables by it
 
     @property
     def cache_dtype(self) -> torch.dtype:

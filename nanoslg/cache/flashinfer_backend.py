@@ -242,13 +242,21 @@ class FlashInferBackend(CacheBackend):
         self.fi.merge_state_in_place(out, lse, out0, lse0)
         return out
 
+    @property
+    def max_pages(self) -> int:
+        """Pages of the longest sequence (0 where max_model_len is not known)."""
+        return -(-self.spec.max_model_len // self.page_size)
+
     def xqa_eager(self, indptr, indices, last_len, max_pages: int) -> XqaStep:
-        """An eager decode step's XQA attention: its table built from the CSR on the device (the
-        buffers grow to the largest step so far)."""
+        """An eager decode step's XQA attention: its table built from the CSR on the device. The table
+        is as wide as the graphs' (max_model_len's pages): XQA splits a short context over blocks up
+        to a count its width caps, so one width keeps a step's result independent of the steps before
+        it and the same as in a graph. Its rows grow with the largest step; the workspace is kept."""
         bs, x = indptr.shape[0] - 1, self._xqa_eager
         if x is None or x.rows < bs or x.table.shape[1] < max_pages:
-            rows, width = (64, 0) if x is None else x.table.shape
-            x = XqaDecode(self.fi, self.spec, self.page_size, self.scale, max(bs, rows), max(max_pages, width))
+            (rows, width), ws = ((64, 0), None) if x is None else (x.table.shape, x.workspace)
+            rows, width = max(bs, 2 * rows if bs > rows else rows), max(max_pages, width, self.max_pages)
+            x = XqaDecode(self.fi, self.spec, self.page_size, self.scale, rows, width, ws)
             self._xqa_eager = x
         return x.fill(indptr, indices, last_len)
 

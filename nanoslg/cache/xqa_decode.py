@@ -66,15 +66,17 @@ def xqa_unsupported(fi, spec, page_size: int, num_qo_heads: int) -> str | None:
 class XqaDecode:
     """The device buffers of XQA decode steps of up to `rows` sequences: the dense page table, the KV
     lengths and the kernel's workspace. One instance serves the CUDA graphs (fixed buffers), another
-    the eager decode steps."""
+    the eager decode steps (`workspace`: an earlier instance's, whose semaphores the kernel left zero)."""
 
-    def __init__(self, fi, spec, page_size: int, scale: float, rows: int, max_pages: int):
+    def __init__(self, fi, spec, page_size: int, scale: float, rows: int, max_pages: int, workspace=None):
         dev = spec.device
         self.run_kernel = fi.decode.xqa_batch_decode_with_kv_cache
         self.page_size, self.scale = page_size, scale
         self.table = torch.zeros(rows, max_pages, dtype=torch.int32, device=dev)
         self.seq_lens = torch.zeros(rows, dtype=torch.int32, device=dev)  # read as uint32 by the kernel
-        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+        if workspace is None:
+            workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+        self.workspace = workspace
 
     @property
     def rows(self) -> int:

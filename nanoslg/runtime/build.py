@@ -79,6 +79,7 @@ def build_runner(cfg: Config, ckpt: Checkpoint, device: torch.device, sample: bo
     num_layers = (args.num_layers if last == -1 else last) - first
     kv_heads = max(1, args.num_kv_heads // st.tp_size)
     spec = KVSpec(num_layers, kv_heads, args.head_dim, dtype, device, args.num_heads // st.tp_size)
+    spec.max_model_len = cfg.model.max_model_len or args.max_position_embeddings
     kv_scales = ""
     spec.kv_dtype = resolve_kv_dtype(cfg.cache.kv_dtype)
     if spec.kv_dtype is not None:
