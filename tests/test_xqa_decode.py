@@ -45,6 +45,68 @@ def test_page_table_in_the_interpreter():
     interpret(TABLE)
 
 
+EAGER = r"""
+import types
+import torch
+import nanoslg.cache.flashinfer_backend as fb
+from nanoslg.cache.backend import KVSpec
+
+calls = []
+
+
+def fake_xqa(q, cache, ws, table, lens, max_len, bmm1_scale, bmm2_scale, out):
+    calls.append(dict(table=table.clone(), lens=lens.clone(), max_len=max_len, s1=bmm1_scale, s2=bmm2_scale))
+    return out.fill_(1.0)
+
+
+fi = types.SimpleNamespace(
+    BatchPrefillWithPagedKVCacheWrapper=lambda *a, **k: object(),
+    decode=types.SimpleNamespace(xqa_batch_decode_with_kv_cache=fake_xqa),
+)
+fb._import_flashinfer = lambda device: fi
+spec = KVSpec(2, 2, 16, torch.bfloat16, torch.device("cpu"), 4, torch.float8_e4m3fn)
+spec.max_model_len = 1000  # 63 pages of 16
+be = fb.FlashInferBackend(spec, 16)
+
+
+def step(counts, last):
+    indptr = torch.tensor([0] + counts).cumsum(0).int()
+    indices = torch.arange(sum(counts), dtype=torch.int32) + 7
+    return be.xqa_eager(indptr, indices, torch.tensor(last, dtype=torch.int32), max(counts))
+
+
+first = step([3, 1], [5, 16])
+x = be._xqa_eager
+assert x.table.shape == (64, 63), x.table.shape  # max_model_len's pages, as the graphs' table
+q = torch.randn(2, 4, 16).to(torch.bfloat16)
+out = first.run(q, None, k_scale=0.5, v_scale=2.0)
+c = calls[-1]
+assert c["table"].shape == (2, 63) and c["table"][0, :3].tolist() == [7, 8, 9] and c["table"][1, 0] == 10
+assert c["lens"].tolist() == [37, 16] and c["max_len"] == 63 * 16
+assert c["s1"] == 16**-0.5 * 0.5 and c["s2"] == 2.0 and out.shape == q.shape and bool((out == 1).all())
+ws = x.workspace.data_ptr()
+step([2] * 100, [1] * 100)  # more rows: the table grows, the width and the workspace stay
+assert be._xqa_eager.table.shape == (128, 63) and be._xqa_eager.workspace.data_ptr() == ws
+step([1], [3]).run(q[:1], None)
+assert calls[-1]["max_len"] == 63 * 16 and be._xqa_eager.table.shape == (128, 63)  # no shrink, one width
+try:
+    first.run(q, None, return_lse=True)
+except ValueError as e:
+    assert "no log-sum-exp" in str(e)
+else:
+    raise AssertionError("XQA asked for a log-sum-exp")
+print("ok")
+"""
+
+
+def test_eager_steps_keep_one_table_width():
+    """Eager XQA steps (FlashInfer faked, the table kernel in the interpreter): the table is as wide as
+    max_model_len's pages from the first step on, whatever the step's own longest row, so XQA's block
+    split (which the width caps) does not depend on earlier steps; its rows grow with larger steps,
+    the workspace stays; the layer's FP8 scales reach the kernel; no log-sum-exp is offered."""
+    interpret(EAGER)
+
+
 def test_auto_takes_xqa_for_an_fp8_pool_on_sm90(monkeypatch):
     """auto: XQA for an FP8 pool on SM90 only (where it was measured faster); xqa asked for where it
     cannot run names the setting and the reason; the wrapper's own kernels are never replaced."""
