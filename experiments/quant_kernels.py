@@ -62,7 +62,7 @@ _COPIES: dict = {}
 
 
 def copies(n: int, k: int, kind: str) -> list:
-    kind = kind.removesuffix("-fused")
+    kind = kind.removesuffix("-fused").removesuffix("-one")
     key = (n, k, kind)
     if key not in _COPIES:
         count = max(2, math.ceil(ROTATE_BYTES / nbytes(n, k, kind)))
@@ -82,6 +82,9 @@ def call(kind: str, x, w, cfg=None):
         return fp8_k.fp8_linear(x, *w, None, fp8_kernel(w[0]))
     if kind == "awq-fused":  # the K splits summed by the GEMV's last split
         return awq_k.awq_linear(x, *w, GROUP, cfg, counts=_counts(w[0].shape[1]))
+    if kind == "fp8-one":  # fp8_linear at one row: the row quantized in the kernel, cfg or its table's
+        cfg = cfg or fp8_k.skinny_config(fp8_k.DOT_ROWS, w[0].shape[0], w[0].shape[1], x.device)
+        return fp8_k.fp8_skinny(x, *w, None, cfg, counts=_counts(w[0].shape[0], fp8_k), one_row=True)
     if kind == "fp8-fused":  # the skinny kernel's K splits summed by its last split
         return fp8_k.fp8_linear(x, *w, None, fp8_kernel(w[0]), counts=_counts(w[0].shape[0], fp8_k))
     return awq_k.awq_linear(x, *w, GROUP, cfg)
