@@ -184,9 +184,15 @@ class Skinny(NamedTuple):
     dot: bool
 
 
-# (N, K, one row) -> the config measured fastest on an H100 (experiments/quant_kernels.py --sweep):
-# Llama-3.1-8B's qkv, o, gate_up and down at one row; other shapes and row counts take the default.
+# (N, K, one row) -> the config measured fastest on an H100 for Llama-3.1-8B's qkv, o, gate_up and down;
+# other shapes take the default. False: the tensor-core configs fp8_linear runs at every row count up to
+# SKINNY_ROWS, swept at one row as it runs there (experiments/fp8_table_bench.py, twelfth wave); True:
+# the one-row FMA path (quant_kernels.py --sweep), which fp8_linear does not take.
 SKINNY_TABLE: dict[tuple[int, int, bool], Skinny] = {
+    (6144, 4096, False): Skinny(64, 128, 4, 4, True),
+    (4096, 4096, False): Skinny(128, 128, 4, 8, True),
+    (28672, 4096, False): Skinny(64, 128, 4, 1, True),
+    (4096, 14336, False): Skinny(64, 256, 4, 4, True),
     (6144, 4096, True): Skinny(8, 512, 4, 1, False),
     (4096, 4096, True): Skinny(16, 1024, 8, 1, False),
     (28672, 4096, True): Skinny(16, 256, 4, 1, False),
