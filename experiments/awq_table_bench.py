@@ -9,16 +9,12 @@ Prints the entries to paste into TABLE, and writes them next to the record
 (experiments/batch1-llama3-8b-awq-swept/tables/<record name>.json).
 """
 
-import json
 import sys
 import time
-from pathlib import Path
 
 import quant_kernels as qk
 import torch
 
-from nanoslg.bench.runner import run_bench
-from nanoslg.core.compose import compose_config, setup_logging
 from nanoslg.model.quant.kernels import awq as awq_k
 
 NAME = "batch1-llama3-8b-awq-swept"
@@ -33,18 +29,8 @@ def main(budget_s: float) -> None:
         before = qk.timed("awq-fused", n, k, 1, awq_k.tiles(1, n, k, qk.GROUP, torch.device(qk.DEV)))
         table[(n, k, 1)] = cfg
         print(f"    ({n}, {k}, 1): {cfg!r},  # {us:.1f} us; the checked-in table's {before:.1f} us", flush=True)
-    qk._COPIES.clear()
-    torch.cuda.empty_cache()  # the engine sizes its KV pool from the free memory
     awq_k.TABLE.update(table)
-    setup_logging()
-    cfg, node = compose_config(
-        ["+experiment=batch1-llama3-8b-awq", f"bench.name={NAME}", "bench.extra.aggregate=false"]
-    )
-    record = Path(run_bench(cfg, node)["record"])
-    out = record.parent.parent / "tables" / f"{record.stem}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({str(key): t._asdict() for key, t in table.items()}, indent=1))
-    print(f"tiles: {out}")
+    qk.bench_swept("batch1-llama3-8b-awq", NAME, table)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,12 @@ them next to the record (experiments/batch1-llama3-8b-fp8-swept/tables/<record n
 """
 
 import itertools
-import json
 import sys
 import time
-from pathlib import Path
 
 import quant_kernels as qk
 import torch
 
-from nanoslg.bench.runner import run_bench
-from nanoslg.core.compose import compose_config, setup_logging
 from nanoslg.model.quant.kernels import fp8 as fp8_k
 
 NAME = "batch1-llama3-8b-fp8-swept"
@@ -50,18 +46,8 @@ def main(budget_s: float) -> None:
         table[(n, k, False)] = cfg
         gbs = qk.nbytes(n, k, "fp8") / us / 1e3
         print(f"    ({n}, {k}, False): {cfg!r},  # {us:.1f} us, {gbs:.0f} GB/s; now {before:.1f} us, {now}", flush=True)
-    qk._COPIES.clear()
-    torch.cuda.empty_cache()  # the engine sizes its KV pool from the free memory
     fp8_k.SKINNY_TABLE.update(table)
-    setup_logging()
-    cfg, node = compose_config(
-        ["+experiment=batch1-llama3-8b-fp8", f"bench.name={NAME}", "bench.extra.aggregate=false"]
-    )
-    record = Path(run_bench(cfg, node)["record"])
-    out = record.parent.parent / "tables" / f"{record.stem}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({str(key): t._asdict() for key, t in table.items()}, indent=1))
-    print(f"tiles: {out}", flush=True)
+    qk.bench_swept("batch1-llama3-8b-fp8", NAME, table)
     import pytest  # the GPU tests on the swept table: this process's kernels module is theirs
 
     code = pytest.main(["-q", "-s", "-m", "gpu", "tests/test_gpu_quant.py", "-k", "fp8"])

@@ -22,10 +22,12 @@ table entries for kernels/fp8.py (SKINNY_TABLE) and kernels/awq.py (TABLE).
 """
 
 import itertools
+import json
 import math
 import multiprocessing as mp
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -304,6 +306,25 @@ def fused() -> None:
                 print(f"{kind} {name:8s} M={m:2d}: after {us[0]:.1f} us, by the last split {us[1]:.1f} us", flush=True)
             print(f"{kind} a layer's four, M={m}: {totals[0]:.1f} us / {totals[1]:.1f} us", flush=True)
         _COPIES.clear()
+
+
+def bench_swept(preset: str, name: str, table: dict) -> Path:
+    """Runs the preset in this process (whose kernel tables the caller updated with `table`) under the
+    bench name `name`, so its record never passes for the checked-in table's, and writes the table next
+    to the record (<name>/tables/<record>.json). Returns that file."""
+    from nanoslg.bench.runner import run_bench
+    from nanoslg.core.compose import compose_config, setup_logging
+
+    _COPIES.clear()
+    torch.cuda.empty_cache()  # the engine sizes its KV pool from the free memory
+    setup_logging()
+    cfg, node = compose_config([f"+experiment={preset}", f"bench.name={name}", "bench.extra.aggregate=false"])
+    record = Path(run_bench(cfg, node)["record"])
+    out = record.parent.parent / "tables" / f"{record.stem}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({str(key): t._asdict() for key, t in table.items()}, indent=1))
+    print(f"tiles: {out}", flush=True)
+    return out
 
 
 def fp8_linear_scaled_mm(x, w):
