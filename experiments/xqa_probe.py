@@ -85,7 +85,7 @@ def case(hq, hkv, bs, mean_len, kv_dtype, ps=16, d=128):
     kv_bytes = sum(lens.tolist()) * 2 * hkv * d * cache.element_size()
     print(f"Hq={hq} Hkv={hkv} bs={bs} mean_len={mean_len} kv={kv_dtype} (xqa first call {built:.1f} s)")
     for name, err, ms in rows:
-        print(f"  {name:12s} max|err| {err:.4f}  {ms * 1000:8.1f} us  {kv_bytes / ms / 1e9:7.1f} GB/s")
+        print(f"  {name:12s} max|err| {err:.4f}  {ms * 1000:8.1f} us  {kv_bytes / ms / 1e9:7.2f} TB/s")
 
 
 def main():
