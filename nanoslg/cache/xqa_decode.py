@@ -48,7 +48,7 @@ def xqa_choice(fi, spec, page_size: int, num_qo_heads: int, choice: str, wrapper
 def xqa_unsupported(fi, spec, page_size: int, num_qo_heads: int) -> str | None:
     """Why XQA cannot run this model's attention here, or None."""
     if not hasattr(getattr(fi, "decode", None), "xqa_batch_decode_with_kv_cache"):
-        return f"flashinfer {getattr(fi, '__version__', '?')} has no XQA decode (0.5 or later has it)"
+        return f"flashinfer {getattr(fi, '__version__', '?')} has no decode.xqa_batch_decode_with_kv_cache"
     major = torch.cuda.get_device_capability(spec.device)[0]
     if major not in (9, 10, 12):
         return f"XQA runs on SM90, SM100 and SM120 GPUs, this one is SM{major}x"
