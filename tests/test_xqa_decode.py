@@ -107,6 +107,38 @@ def test_eager_steps_keep_one_table_width():
     interpret(EAGER)
 
 
+def test_graph_replay_writes_the_csr_for_xqa(monkeypatch):
+    """The host side of an XQA graph replay (FlashInfer faked, on the CPU): with no plan() to copy it,
+    prepare_replay writes positions, KV positions, page indices, indptr and last page lengths into the
+    graph's buffers itself, padding rows on the scratch page; the plain variant runs XQA."""
+    from types import SimpleNamespace
+
+    import nanoslg.cache.flashinfer_backend as fb
+    from nanoslg.cache.backend import KVSpec
+    from nanoslg.cache.xqa_decode import XqaStep
+    from nanoslg.core.plan import SeqStep, StepPlan
+
+    fi = SimpleNamespace(
+        BatchPrefillWithPagedKVCacheWrapper=lambda *a, **k: object(),
+        decode=SimpleNamespace(xqa_batch_decode_with_kv_cache=None),
+    )
+    monkeypatch.setattr(fb, "_import_flashinfer", lambda device: fi)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    spec = KVSpec(2, 2, 16, torch.bfloat16, torch.device("cpu"), 4, torch.float8_e4m3fn)
+    be = fb.FlashInferBackend(spec, 16)
+    assert "XQA" in be.configure(SimpleNamespace(flashinfer_decode="auto", fused_rope="auto")) and be.xqa
+    be.allocate(40)
+    be.init_graphs(8, 1000)
+    assert isinstance(be.capture_context(4, "plain").wrapper, XqaStep)
+    tables = [[5], [9, 3], [7, 8, 2, 11]]  # the last one holds a page past its position
+    plan = StepPlan(0, [SeqStep(i, [1], start, True, t) for i, (start, t) in enumerate(zip((0, 16, 40), tables))])
+    assert be.prepare_replay(4, plan) == "plain"
+    g = be._graphs
+    assert g.positions[:4].tolist() == [0, 16, 40, 0] and g.kv_pos[:4].tolist() == [0, 16, 40, 0]
+    assert g.indices[:7].tolist() == [5, 9, 3, 7, 8, 2, be.scratch_page]
+    assert g.indptr[:5].tolist() == [0, 1, 3, 6, 7] and g.last_len[:4].tolist() == [1, 1, 9, 1]
+
+
 def test_auto_takes_xqa_for_an_fp8_pool_on_sm90(monkeypatch):
     """auto: XQA for an FP8 pool on SM90 only (where it was measured faster); xqa asked for where it
     cannot run names the setting and the reason; the wrapper's own kernels are never replaced."""
