@@ -171,20 +171,22 @@ class FlashInferGraphs:
         np.cumsum(counts, out=indptr[1:])
         last = np.ones(bs, np.int32)
         last[:n] = starts + 1 - (pages - 1) * ps
-        # One host-to-device copy: positions, KV positions, then the page indices.
-        host = np.empty(2 * bs + len(indices), np.int32)
+        # One host-to-device copy: positions, KV positions, the page indices, and for XQA (no plan() to
+        # copy them) the indptr and last page lengths.
+        xqa, m = isinstance(wrapper, XqaStep), len(indices)
+        host = np.empty(2 * bs + m + (2 * bs + 1 if xqa else 0), np.int32)
         host[:bs] = 0
         host[:n] = starts
         host[bs : 2 * bs] = host[:bs]
         host[bs : bs + n] -= skip * ps
-        host[2 * bs :] = indices
-        if isinstance(wrapper, XqaStep):  # no plan() to copy the CSR: it goes in the same copy
-            host = np.concatenate([host, indptr, last])
+        host[2 * bs : 2 * bs + m] = indices
+        if xqa:
+            host[2 * bs + m : 3 * bs + m + 1] = indptr
+            host[3 * bs + m + 1 :] = last
         dev = to_device(host, torch.int32, self.positions.device)
         self.positions[:bs].copy_(dev[:bs])
         self.kv_pos[:bs].copy_(dev[bs : 2 * bs])
-        if isinstance(wrapper, XqaStep):
-            m = len(indices)
+        if xqa:
             self.indices[:m].copy_(dev[2 * bs : 2 * bs + m])
             self.indptr[: bs + 1].copy_(dev[2 * bs + m : 3 * bs + m + 1])
             self.last_len[:bs].copy_(dev[3 * bs + m + 1 :])
