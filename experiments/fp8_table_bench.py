@@ -29,9 +29,11 @@ NAME = "batch1-llama3-8b-fp8-swept"
 
 
 def jobs() -> list:
+    """Around the checked-in table's configs (4 warps won every shape in the twelfth wave): N tiles up
+    to 256 and the loads in flight (num_stages), which do not change the bits."""
     out = []
-    for bn, bk, warps, splits in itertools.product((16, 32, 64, 128), (128, 256), (4, 8), (1, 2, 4, 8)):
-        out.append(("fp8-one", 1, fp8_k.Skinny(bn, bk, warps, splits, True)))
+    for bn, bk, splits, stages in itertools.product((32, 64, 128, 256), (128, 256), (1, 2, 4, 8), (0, 4, 5, 6)):
+        out.append(("fp8-one", 1, fp8_k.Skinny(bn, bk, 4, splits, True, stages)))
     return out
 
 

@@ -182,6 +182,7 @@ class Skinny(NamedTuple):
     warps: int
     splits: int
     dot: bool
+    stages: int = 0  # software-pipelined loads in flight (0: Triton's default); no effect on the bits
 
 
 # (N, K, one row) -> the config measured fastest on an H100 for Llama-3.1-8B's qkv, o, gate_up and down;
@@ -263,7 +264,7 @@ def fp8_skinny(
         x, w, w_scale, xs, y, out, counts if fused else y, m, n, k, k_split, x.stride(0), w.stride(0),
         X_MODE=mode, PARTS=parts, SPLITS=cfg.splits, FUSED_SUM=fused, DOT=dot, BLOCK_M=block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, AMAX_K=min(AMAX_K, triton.next_power_of_2(k)),
-        FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, num_warps=cfg.warps,
+        FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, num_warps=cfg.warps, **({"num_stages": cfg.stages} if cfg.stages else {}),
     )  # fmt: skip
     if parts and not fused:
         block = 1024
