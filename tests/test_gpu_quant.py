@@ -178,6 +178,18 @@ def test_fp8_skinny_on_llama_shapes(shape):
             fused = [fp8_linear(x, wq, ws, act, kernel, counts=counts) for _ in range(2)]
             fused.append(_graph_replay(lambda x=x, act=act: fp8_linear(x, wq, ws, act, kernel, counts=counts)))
             assert all(torch.equal(f, out) for f in fused) and not counts.any(), (shape, m, act)
+    if shape == "down":  # one row: silu(gate) * up computed as the skinny kernel loads it
+        from nanoslg.model.kernels import silu_and_mul
+
+        h = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16) * 2
+        want = fp8_linear(silu_and_mul(h), wq, ws, None, kernel, counts=counts)
+        got = fp8_linear(h, wq, ws, None, kernel, counts=counts, silu_mul=True)
+        same = (got == want).float().mean().item()
+        print(f"\nFP8 down, silu(gate) * up in its loads: {same:.4f} same bits as the activation kernel's")
+        # the bits of the unfused path, which steps of more rows take: a row's tokens cannot depend on it
+        assert torch.equal(got, want) and not counts.any()
+        fn = lambda: fp8_linear(h, wq, ws, None, kernel, counts=counts, silu_mul=True)  # noqa: E731
+        assert torch.equal(_graph_replay(fn), got)
 
 
 @FP8_SM

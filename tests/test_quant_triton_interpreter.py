@@ -106,6 +106,21 @@ for m, n, k in [(1, 40, 700), (1, 64, 1024), (3, 24, 300), (5, 33, 96), (17, 20,
                 assert torch.equal(fp8.fp8_linear(xt[:1], wq, ws, None, "rowwise", counts=counts), one)
                 assert not counts.any()
                 assert torch.equal(fp8.fp8_linear(xt, wq, ws, None, "rowwise")[:1], one)
+            # [gate | up] in, silu(gate) * up multiplied. The interpreter rounds to bf16 and float8 its own
+            # way, so the activation is exact: silu(0) = 0 and silu(32) = 32 in float32, up = x / 32.
+            gate = torch.where(torch.rand(1, k) < 0.7, 32.0, 0.0)
+            gate[0, 0] = 32.0  # x's absolute max stays in
+            h = torch.cat([gate, x[:1] / 32], dim=1).bfloat16()
+            gated = (gate / 32 * x[:1]).bfloat16()
+            counts = fp8.split_counts(n, x.device)
+            got = fp8.fp8_linear(h, wq, ws, None, "rowwise", counts=counts, silu_mul=True)
+            assert torch.equal(got, fp8.fp8_linear(gated, wq, ws, None, "rowwise")) and not counts.any()
+            assert not torch.equal(got, fp8.fp8_linear(x[:1].bfloat16(), wq, ws, None, "rowwise"))  # gate applied
+            try:
+                fp8.fp8_linear(h[:, :k], wq, ws, None, "rowwise", silu_mul=True)
+                raise AssertionError("a row of K with silu_mul was taken")
+            except ValueError as e:
+                assert "silu_mul" in str(e)
         out = fp8_skinny(x.half(), wq, ws, act, Skinny(16, 64, 4, 2, m > 1))
         assert out.dtype == torch.float16 and ((out.float() - ref).abs().max() / ref.abs().max()).item() < 1e-3
         # x rounded beforehand by quantize_rows

@@ -183,5 +183,15 @@ class Fp8Method(QuantMethod):
             x, layer.weight, layer.weight_scale, layer.act_scale, layer.fp8_kernel, counts=layer.split_counts
         )
 
+    def apply_silu_mul(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor | None:
+        # One row quantized per token (batch-1 decode): the skinny kernel computes the activation as it
+        # loads its input, with the activation kernel's bits, and saves that kernel's launch.
+        if layer.fp8_kernel == "torch" or h.shape[0] != 1 or layer.act_scale is not None:
+            return None
+        from nanoslg.model.quant.kernels import fp8 as gpu  # deferred: imports Triton
+
+        w, s = layer.weight, layer.weight_scale
+        return gpu.fp8_linear(h, w, s, None, layer.fp8_kernel, counts=layer.split_counts, silu_mul=True)
+
     def linear_bytes(self, out_features: int, in_features: int, elem: int) -> int:
         return out_features * in_features + 4 * out_features  # float8 weight, float32 scale per channel

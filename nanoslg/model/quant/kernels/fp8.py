@@ -72,11 +72,23 @@ AMAX_K = 1024  # X_ONE_ROW: the step through the row for its absolute max
 
 
 @triton.jit
+def _one_row(x_ptr, offs, mask, X_UP, SILU_MUL: tl.constexpr):
+    """X_ONE_ROW's input at offs in float32. SILU_MUL: x holds [gate | up] (up from X_UP on) and the
+    input is silu(gate) * up rounded to x's dtype, with the activation kernel's arithmetic (the same
+    expression as kernels/awq.py's, which gives its bits)."""
+    if SILU_MUL:
+        g = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + X_UP + offs, mask=mask, other=0.0).to(tl.float32)
+        return (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _skinny_kernel(
     x_ptr, w_ptr, ws_ptr, xs_ptr, y_ptr, out_ptr, count_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
     X_MODE: tl.constexpr, PARTS: tl.constexpr, SPLITS: tl.constexpr, FUSED_SUM: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AMAX_K: tl.constexpr,
-    FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+    FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, SILU_MUL: tl.constexpr = False,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -101,7 +113,7 @@ def _skinny_kernel(
         amax1 = tl.zeros([AMAX_K], dtype=tl.float32)
         for k0 in range(0, K, AMAX_K):
             offs = k0 + tl.arange(0, AMAX_K)
-            amax1 = tl.maximum(amax1, tl.abs(tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)))
+            amax1 = tl.maximum(amax1, tl.abs(_one_row(x_ptr, offs, offs < K, K, SILU_MUL)))
         s0 = tl.maximum(tl.max(amax1, axis=0) / FP8_MAX, MIN_SCALE)
         s = tl.where(offs_m == 0, s0, 1.0)
         if PARTS:
@@ -119,7 +131,7 @@ def _skinny_kernel(
         offs_k = k0 + offs_kb
         k_mask = offs_k < K
         if X_MODE == 3:
-            x0 = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            x0 = _one_row(x_ptr, offs_k, k_mask, K, SILU_MUL)
             q0 = tl.clamp(tl.math.div_rn(x0, s0), -FP8_MAX, FP8_MAX).to(tl.float8e4nv).to(tl.float16)
             xq = tl.where(offs_m[:, None] == 0, q0[None, :], tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float16))
         elif X_MODE == 2:
@@ -231,13 +243,16 @@ def fp8_skinny(
     out_dtype: torch.dtype = torch.bfloat16,
     counts: torch.Tensor | None = None,
     one_row: bool = False,
+    silu_mul: bool = False,
 ) -> torch.Tensor:
     """fp8_linear for few rows: x [M, K] (M <= 64) in bf16/fp16 -> [M, N] in x's dtype. x may also be
     float8 already, with its per-row x_scale [M, 1] (quantize_rows' output; the result in out_dtype).
     counts (split_counts): K splits are added by the last one, else by a kernel of their own.
-    one_row: x is one bf16/fp16 row, quantized in the kernel as quantize_rows would (tensor-core tiles)."""
-    m, k = x.shape
-    n = w.shape[0]
+    one_row: x is one bf16/fp16 row, quantized in the kernel as quantize_rows would (tensor-core tiles).
+    silu_mul (one_row only): x is [1, 2K] = [gate | up] and the row multiplied is silu(gate) * up."""
+    (m, width), (n, k) = x.shape, w.shape
+    if width != (2 if silu_mul else 1) * k or (silu_mul and not one_row):
+        raise ValueError(f"x {list(x.shape)} for a weight {list(w.shape)} (silu_mul={silu_mul}, one_row={one_row})")
     cfg = cfg or skinny_config(m, n, k, x.device)
     dot = cfg.dot or m > 1  # the FMA path holds one row
     block_m = DOT_ROWS if dot else 1
@@ -264,7 +279,8 @@ def fp8_skinny(
         x, w, w_scale, xs, y, out, counts if fused else y, m, n, k, k_split, x.stride(0), w.stride(0),
         X_MODE=mode, PARTS=parts, SPLITS=cfg.splits, FUSED_SUM=fused, DOT=dot, BLOCK_M=block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, AMAX_K=min(AMAX_K, triton.next_power_of_2(k)),
-        FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, num_warps=cfg.warps, **({"num_stages": cfg.stages} if cfg.stages else {}),
+        FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, SILU_MUL=silu_mul, num_warps=cfg.warps,
+        **({"num_stages": cfg.stages} if cfg.stages else {}),
     )  # fmt: skip
     if parts and not fused:
         block = 1024
@@ -286,14 +302,18 @@ def fp8_linear(
     act_scale: torch.Tensor | None,
     kernel: str,
     counts: torch.Tensor | None = None,
+    silu_mul: bool = False,
 ) -> torch.Tensor:
     """x [M, K] @ (w [N, K] float8 * w_scale [N])^T -> [M, N] in x's dtype. kernel: "rowwise" (SM90+:
     both scales in _scaled_mm's epilogue) or "tensorwise" (SM89: unit scales, both applied after).
-    counts (split_counts): the skinny kernel's K splits added by the last one."""
+    counts (split_counts): the skinny kernel's K splits added by the last one. silu_mul: x is one row
+    [1, 2K] = [gate | up], without a static scale, and the product is silu(gate) * up's."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     if x.shape[0] == 1 and act_scale is None:  # batch-1 decode: the row quantized in the kernel
         cfg = skinny_config(DOT_ROWS, w.shape[0], w.shape[1], x.device)
-        return fp8_skinny(x, w, w_scale, None, cfg=cfg, counts=counts, one_row=True)
+        return fp8_skinny(x, w, w_scale, None, cfg=cfg, counts=counts, one_row=True, silu_mul=silu_mul)
+    if silu_mul:
+        raise ValueError(f"silu_mul takes one row without a static scale; got {x.shape[0]} rows")
     if act_scale is None:
         q, s = quantize_rows(x)
     else:  # a checkpoint's static scale, one for every token
