@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanoslg.model.quant.kernels import num_sms
+from nanoslg.model.quant.kernels import gdc_launch_dependents, gdc_wait, num_sms, pdl_ok, prefetch_l2
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -88,7 +88,8 @@ def _skinny_kernel(
     x_ptr, w_ptr, ws_ptr, xs_ptr, y_ptr, out_ptr, count_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
     X_MODE: tl.constexpr, PARTS: tl.constexpr, SPLITS: tl.constexpr, FUSED_SUM: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AMAX_K: tl.constexpr,
-    FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, SILU_MUL: tl.constexpr = False,
+    FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, SILU_MUL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -97,6 +98,11 @@ def _skinny_kernel(
     offs_kb = tl.arange(0, BLOCK_K)
     m_mask, n_mask = offs_m < M, offs_n < N
     x_rows = x_ptr + offs_m[:, None] * stride_xm
+    k_begin = pid_k * K_SPLIT
+    if PREFETCH:  # the program's whole weight slice requested toward L2 at once, while x is not ready yet
+        prefetch_l2(w_ptr, offs_n, n_mask, stride_wn, k_begin, tl.minimum(k_begin + K_SPLIT, K), PREFETCH)
+    if PDL:  # launched before the previous kernel ended: x is its output, read only from here on
+        gdc_wait()
     if X_MODE == 0:
         amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -126,7 +132,6 @@ def _skinny_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:  # one row: FMAs per K position, reduced across K once at the end
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    k_begin = pid_k * K_SPLIT
     for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
         offs_k = k0 + offs_kb
         k_mask = offs_k < K
@@ -147,6 +152,8 @@ def _skinny_kernel(
             acc = tl.dot(xq.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
         else:
             acc += w.to(tl.float32) * xq.to(tl.float32)
+    if PDL:  # the next kernel may launch now; it waits for this one's stores before it reads them
+        gdc_launch_dependents()
     if DOT:
         out = acc
     else:
@@ -195,6 +202,7 @@ class Skinny(NamedTuple):
     splits: int
     dot: bool
     stages: int = 0  # software-pipelined loads in flight (0: Triton's default); no effect on the bits
+    prefetch: bool = False  # request the program's weight slice toward L2 first (SM90 only); same bits
 
 
 # (N, K, one row) -> the config measured fastest on an H100 for Llama-3.1-8B's qkv, o, gate_up and down;
@@ -251,6 +259,7 @@ def fp8_skinny(
     one_row: x is one bf16/fp16 row, quantized in the kernel as quantize_rows would (tensor-core tiles).
     silu_mul (one_row only): x is [1, 2K] = [gate | up] and the row multiplied is silu(gate) * up."""
     (m, width), (n, k) = x.shape, w.shape
+    pdl = pdl_ok(x.device)
     if width != (2 if silu_mul else 1) * k or (silu_mul and not one_row):
         raise ValueError(f"x {list(x.shape)} for a weight {list(w.shape)} (silu_mul={silu_mul}, one_row={one_row})")
     cfg = cfg or skinny_config(m, n, k, x.device)
@@ -280,7 +289,8 @@ def fp8_skinny(
         X_MODE=mode, PARTS=parts, SPLITS=cfg.splits, FUSED_SUM=fused, DOT=dot, BLOCK_M=block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, AMAX_K=min(AMAX_K, triton.next_power_of_2(k)),
         FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, SILU_MUL=silu_mul, num_warps=cfg.warps,
-        **({"num_stages": cfg.stages} if cfg.stages else {}),
+        PREFETCH=triton.next_power_of_2(triton.cdiv(k_split, 128)) if cfg.prefetch and pdl else 0,
+        **({"num_stages": cfg.stages} if cfg.stages else {}), **({"PDL": True, "launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     if parts and not fused:
         block = 1024
