@@ -5,10 +5,8 @@ import functools
 import os
 
 import torch
-import triton
-import triton.language as tl
 
-try:  # programmatic dependent launch (SM90): in Triton since 3.4
+try:  # programmatic dependent launch (SM90); older Triton releases lack it
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pdl_ok is then False and no kernel is compiled with a call to them
     gdc_launch_dependents = gdc_wait = None
@@ -31,15 +29,3 @@ def pdl_ok(device: torch.device) -> bool:
     if gdc_wait is None or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-@triton.jit
-def prefetch_l2(w_ptr, offs_n, n_mask, stride_wn, k_lo, k_hi, LINES: tl.constexpr):
-    """Requests rows offs_n of w [N, K] (bytes), columns k_lo..k_hi, toward L2 in 128-byte lines, without
-    waiting for them: the loads that follow find them there or on the way."""
-    offs = k_lo + tl.arange(0, LINES) * 128
-    mask = n_mask[:, None] & (offs < k_hi)[None, :]
-    ptrs = tl.where(mask, w_ptr + offs_n[:, None] * stride_wn + offs[None, :], w_ptr)
-    tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1];\n mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-    )

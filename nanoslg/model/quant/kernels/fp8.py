@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanoslg.model.quant.kernels import gdc_launch_dependents, gdc_wait, num_sms, pdl_ok, prefetch_l2
+from nanoslg.model.quant.kernels import gdc_launch_dependents, gdc_wait, num_sms, pdl_ok
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -88,8 +88,7 @@ def _skinny_kernel(
     x_ptr, w_ptr, ws_ptr, xs_ptr, y_ptr, out_ptr, count_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
     X_MODE: tl.constexpr, PARTS: tl.constexpr, SPLITS: tl.constexpr, FUSED_SUM: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AMAX_K: tl.constexpr,
-    FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, SILU_MUL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
-    PDL: tl.constexpr = False,
+    FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, SILU_MUL: tl.constexpr = False, PDL: tl.constexpr = False,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -99,8 +98,6 @@ def _skinny_kernel(
     m_mask, n_mask = offs_m < M, offs_n < N
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     k_begin = pid_k * K_SPLIT
-    if PREFETCH:  # the program's whole weight slice requested toward L2 at once, while x is not ready yet
-        prefetch_l2(w_ptr, offs_n, n_mask, stride_wn, k_begin, tl.minimum(k_begin + K_SPLIT, K), PREFETCH)
     if PDL:  # launched before the previous kernel ended: x is its output, read only from here on
         gdc_wait()
     if X_MODE == 0:
@@ -202,7 +199,6 @@ class Skinny(NamedTuple):
     splits: int
     dot: bool
     stages: int = 0  # software-pipelined loads in flight (0: Triton's default); no effect on the bits
-    prefetch: bool = False  # request the program's weight slice toward L2 first (SM90 only); same bits
 
 
 # (N, K, one row) -> the config measured fastest on an H100 for Llama-3.1-8B's qkv, o, gate_up and down;
@@ -289,7 +285,6 @@ def fp8_skinny(
         X_MODE=mode, PARTS=parts, SPLITS=cfg.splits, FUSED_SUM=fused, DOT=dot, BLOCK_M=block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, AMAX_K=min(AMAX_K, triton.next_power_of_2(k)),
         FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, SILU_MUL=silu_mul, num_warps=cfg.warps,
-        PREFETCH=triton.next_power_of_2(triton.cdiv(k_split, 128)) if cfg.prefetch and pdl else 0,
         **({"num_stages": cfg.stages} if cfg.stages else {}), **({"PDL": True, "launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     if parts and not fused:
