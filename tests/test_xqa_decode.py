@@ -137,6 +137,11 @@ def test_graph_replay_writes_the_csr_for_xqa(monkeypatch):
     assert g.positions[:4].tolist() == [0, 16, 40, 0] and g.kv_pos[:4].tolist() == [0, 16, 40, 0]
     assert g.indices[:7].tolist() == [5, 9, 3, 7, 8, 2, be.scratch_page]
     assert g.indptr[:5].tolist() == [0, 1, 3, 6, 7] and g.last_len[:4].tolist() == [1, 1, 9, 1]
+    # The same step eagerly: XQA gets the longest row's pages (1, 2 and 3 here), counted as the CSR
+    # is built, for its table's width where max_model_len is not known
+    widths = []
+    monkeypatch.setattr(be, "xqa_eager", lambda indptr, indices, last, max_pages: widths.append(max_pages) or "xqa")
+    assert be.prepare(plan).wrapper == "xqa" and widths == [3]
 
 
 def test_auto_takes_xqa_for_an_fp8_pool_on_sm90(monkeypatch):

@@ -79,15 +79,15 @@ class FlashInferContext(CacheContext):
     kv_last_page_len: torch.Tensor
     shared: list[int] | None = None  # cascade: the pages every sequence starts with
     max_q: int = 1  # the most query tokens of one sequence
+    max_pages: int = 0  # the most pages of one sequence past the shared ones (XQA's table width)
     wrapper: object = None  # planned by plan_once
     level0: object = None
 
     def plan_once(self, num_qo_heads: int) -> None:
         if self.wrapper is None:
             if self.decode and self.shared is None and self.backend.xqa:
-                kv_indptr_h = self.csr[1]
-                max_pages = int((kv_indptr_h[1:] - kv_indptr_h[:-1]).max())
-                self.wrapper = self.backend.xqa_eager(self.kv_indptr, self.kv_indices, self.kv_last_page_len, max_pages)
+                args = self.kv_indptr, self.kv_indices, self.kv_last_page_len, self.max_pages
+                self.wrapper = self.backend.xqa_eager(*args)
                 return
             self.wrapper = self.backend.plan_step(self.decode, self.csr, num_qo_heads, self.max_q)
             if self.shared is not None:
@@ -279,13 +279,14 @@ class FlashInferBackend(CacheBackend):
         decode = plan.is_decode
         skip = shared_prefix_pages(plan.seqs, ps) if self.cascade and decode else 0
         qo_indptr, kv_indptr, indices, last_len, batch_idx, kv_pos = [0], [0], [], [], [], []
-        max_q = 1
+        max_q = max_pages = 1
         for b, st in enumerate(plan.seqs):
             n = len(st.token_ids)
             if n > max_q:
                 max_q = n
             end = st.start + n
             pages = -(-end // ps)
+            max_pages = max(max_pages, pages - skip)
             indices.extend(st.block_table[skip:pages])
             kv_indptr.append(kv_indptr[-1] + pages - skip)
             qo_indptr.append(qo_indptr[-1] + n)
@@ -314,6 +315,7 @@ class FlashInferBackend(CacheBackend):
             last_len_h.to(dev, non_blocking=True),
             shared=plan.seqs[0].block_table[:skip] if skip else None,
             max_q=max_q,
+            max_pages=max_pages,
         )
         if self.num_qo_heads is not None:
             ctx.plan_once(self.num_qo_heads)
