@@ -5,6 +5,8 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 try:  # programmatic dependent launch (SM90); older Triton releases lack it
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -29,3 +31,10 @@ def pdl_ok(device: torch.device) -> bool:
     if gdc_wait is None or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+@triton.jit
+def silu_mul(g, u, dtype: tl.constexpr):
+    """silu(g) * u of float32 g and u, rounded to dtype and back to float32: the activation kernel's
+    expression, so the GEMVs that fuse it (AWQ's, FP8's at one row) give that kernel's bits."""
+    return (g / (1.0 + tl.exp(-g)) * u).to(dtype).to(tl.float32)

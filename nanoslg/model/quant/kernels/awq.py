@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanoslg.model.quant.kernels import num_sms
+from nanoslg.model.quant.kernels import num_sms, silu_mul
 
 DEQUANT_ROWS = 256  # from here on, dequantize + cuBLAS (vLLM's AWQ switches at the same count)
 DEQUANT_BLOCK_N = 64
@@ -40,7 +40,7 @@ def _load_x(x_ptr, offs, X_UP, SILU_MUL: tl.constexpr):
     if SILU_MUL:
         g = tl.load(x_ptr + offs).to(tl.float32)
         u = tl.load(x_ptr + X_UP + offs).to(tl.float32)
-        return (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+        return silu_mul(g, u, x_ptr.dtype.element_ty)
     return tl.load(x_ptr + offs).to(tl.float32)
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanoslg.model.quant.kernels import gdc_launch_dependents, gdc_wait, num_sms, pdl_ok
+from nanoslg.model.quant.kernels import gdc_launch_dependents, gdc_wait, num_sms, pdl_ok, silu_mul
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -76,12 +76,11 @@ AMAX_K = 1024  # X_ONE_ROW: the step through the row for its absolute max
 @triton.jit
 def _one_row(x_ptr, offs, mask, X_UP, SILU_MUL: tl.constexpr):
     """X_ONE_ROW's input at offs in float32. SILU_MUL: x holds [gate | up] (up from X_UP on) and the
-    input is silu(gate) * up rounded to x's dtype, with the activation kernel's arithmetic (the same
-    expression as kernels/awq.py's, which gives its bits)."""
+    input is silu(gate) * up rounded to x's dtype, as the activation kernel stores it."""
     if SILU_MUL:
         g = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + X_UP + offs, mask=mask, other=0.0).to(tl.float32)
-        return (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+        return silu_mul(g, u, x_ptr.dtype.element_ty)
     return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
