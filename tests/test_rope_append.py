@@ -161,3 +161,54 @@ def test_rope_append_fp8_pool_against_flashinfer():
         print(f"\nrope_append into an FP8 pool, scales {scales}: {same:.4f} of the pool's bytes equal")
         assert torch.equal(out, qr)
         assert torch.equal(pool.view(torch.uint8), ref_pool.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs an FP8 GPU"
+)
+def test_rope_append_launched_early_reads_its_input(monkeypatch):
+    """On SM90 the kernel launches as a programmatic dependent: right after the FP8 skinny kernel that
+    writes its q, k and v (and lets it launch early), it gives the bits of the same two kernels run
+    one at a time with a synchronize between them, eagerly and from a CUDA graph."""
+    from nanoslg.cache.kernels import rope_append as ra
+    from nanoslg.core.pdl import pdl_ok
+    from nanoslg.model.quant.fp8 import fp8_kernel, quantize_weight
+    from nanoslg.model.quant.kernels import fp8 as fp8_k
+
+    scope: dict = {}
+    exec(CASE, scope)
+    hq, hk, d = 32, 8, 128
+    q, k, v, positions, cos_sin, pool, bidx, kv_pos, pages, indptr = scope["case"](
+        "cuda", torch.bfloat16, hq, hk, d, 16
+    )
+    torch.manual_seed(0)
+    wq, ws = quantize_weight(torch.randn((hq + 2 * hk) * d, 4096, device="cuda", dtype=torch.bfloat16) * 0.02)
+    x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def step(pool, sync=False):
+        qkv = fp8_k.fp8_linear(x, wq, ws, None, fp8_kernel(wq))
+        if sync:
+            torch.cuda.synchronize()
+        qq, kk, vv = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+        out = torch.empty(3, hq, d, device="cuda", dtype=torch.bfloat16)
+        ra.rope_append(qq.view(3, hq, d), kk.view(3, hk, d), vv.view(3, hk, d), positions, cos_sin, pool, bidx,
+                       kv_pos, pages, indptr, out)  # fmt: skip
+        return out
+
+    assert pdl_ok(x.device) == (torch.cuda.get_device_capability() >= (9, 0))  # on SM90 the path under test
+    got_pool, graph_pool = pool.clone(), pool.clone()
+    got = step(got_pool)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = step(graph_pool)
+    graph_pool.copy_(pool)
+    graph.replay()
+    torch.cuda.synchronize()
+    for module in (ra, fp8_k):
+        monkeypatch.setattr(module, "pdl_ok", lambda device: False)
+    want_pool = pool.clone()
+    want = step(want_pool, sync=True)  # one at a time, nothing launched early
+    assert not torch.equal(want_pool, pool)  # the step appended
+    assert torch.equal(got, want) and torch.equal(got_pool, want_pool)
+    assert torch.equal(replayed, want) and torch.equal(graph_pool, want_pool)

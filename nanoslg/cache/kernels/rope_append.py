@@ -16,7 +16,8 @@ themselves are left as they were.
   page kv_indices[kv_indptr[b] + p // page_size], row p % page_size, in an NHD pool
   [pages, 2 (K, V), page_size, kv_heads, D].
 
-One program per (token, head): query heads first, then KV heads.
+One program per (token, head): query heads first, then KV heads. On SM90 it launches as a programmatic
+dependent (core/pdl.py): between the qkv projection and FlashInfer's attention, which launch so too.
 """
 
 from __future__ import annotations
@@ -25,14 +26,19 @@ import torch
 import triton
 import triton.language as tl
 
+from nanoslg.core.pdl import gdc_launch_dependents, gdc_wait, pdl_ok
+
 
 @triton.jit
 def _rope_append_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, cache_ptr, bidx_ptr, kvpos_ptr, indices_ptr, indptr_ptr, out_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_page, stride_kv, stride_row, stride_head, k_scale, v_scale,
-    HQ: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr,
+    HQ: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    if PDL:  # launched before the previous kernel ended: read nothing until it has
+        gdc_wait()
+        gdc_launch_dependents()  # the attention kernel next waits for this one's stores itself
     t = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, HALF)
@@ -109,4 +115,5 @@ def rope_append(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), float(scales[0]), float(scales[1]),
         HQ=hq, HALF=d // 2, PAGE=cache.shape[2], FP8=cache.dtype == torch.float8_e4m3fn, num_warps=1,
+        **({"PDL": True, "launch_pdl": True} if pdl_ok(q.device) else {}),
     )  # fmt: skip

@@ -2,16 +2,10 @@
 a GPU kernel, so CPU installs never import Triton; each has a plain-torch twin in its method's file."""
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
-
-try:  # programmatic dependent launch (SM90); older Triton releases lack it
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pdl_ok is then False and no kernel is compiled with a call to them
-    gdc_launch_dependents = gdc_wait = None
 
 
 @functools.cache
@@ -21,16 +15,6 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.cache
-def pdl_ok(device: torch.device) -> bool:
-    """Whether kernels here launch as programmatic dependents (SM90+, a Triton with griddepcontrol; not
-    in the interpreter): a kernel then starts while the one before it finishes, and waits for it with
-    gdc_wait before it reads that kernel's output."""
-    if gdc_wait is None or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 @triton.jit

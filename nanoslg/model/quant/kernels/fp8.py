@@ -7,7 +7,7 @@ per-output-channel scale:
   the FP8 tensor cores and applies both scales in its epilogue.
 K splits write float32 parts added in split order (by the last split to finish, or by a kernel of
 their own) rather than by atomic adds, so a CUDA graph replay and an eager step give the same bits.
-On SM90 the skinny kernel launches as a programmatic dependent (kernels.pdl_ok): it starts while the
+On SM90 the skinny kernel launches as a programmatic dependent (core/pdl.py): it starts while the
 kernel before it finishes and waits for it before it reads x, which hides the launch gap at batch 1.
 """
 
@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nanoslg.model.quant.kernels import gdc_launch_dependents, gdc_wait, num_sms, pdl_ok, silu_mul
+from nanoslg.core.pdl import gdc_launch_dependents, gdc_wait, pdl_ok
+from nanoslg.model.quant.kernels import num_sms, silu_mul
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
