@@ -225,6 +225,39 @@ def test_fp8_programmatic_launch_waits_for_its_input(monkeypatch):
     assert not any(c.any() for _, _, c, _ in layers)
 
 
+def test_awq_programmatic_launch_waits_for_its_input(monkeypatch):
+    """As the FP8 test above, for the AWQ GEMV: a chain of five (o, o, gate_up, down with the fused
+    SiLU, o), each reading the previous one's output, gives the bits of one-at-a-time launches."""
+    from nanoslg.core.pdl import pdl_ok
+    from nanoslg.model.quant.awq import pack_k
+    from nanoslg.model.quant.kernels import awq as awq_k
+
+    g = 128
+    torch.manual_seed(0)
+    layers = []
+    for n, k in [(4096, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (4096, 4096)]:
+        qw = pack_k(torch.randint(0, 16, (k, n), device="cuda", dtype=torch.uint8))
+        z = torch.randint(0, 16, (k // g, n), device="cuda", dtype=torch.uint8)
+        s = (torch.rand(k // g, n, device="cuda") * 0.002 + 0.002).half()
+        layers.append((qw, z, s, awq_k.split_counts(n, "cuda"), k == 14336))
+
+    def chain(x, sync=False):
+        for qw, z, s, counts, silu_mul in layers:
+            x = awq_k.awq_linear(x, qw, z, s, g, counts=counts, silu_mul=silu_mul)
+            if sync:
+                torch.cuda.synchronize()
+        return x
+
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    assert pdl_ok(x.device) == (torch.cuda.get_device_capability() >= (9, 0))  # on SM90 the path under test
+    got, replayed = chain(x), _graph_replay(lambda: chain(x))
+    monkeypatch.setattr(awq_k, "pdl_ok", lambda device: False)
+    want = chain(x, sync=True)  # one at a time, nothing launched early
+    assert torch.isfinite(want).all() and want.abs().max() > 0.1
+    assert torch.equal(got, want) and torch.equal(replayed, want)
+    assert not any(c.any() for _, _, _, c, _ in layers)
+
+
 @FP8_SM
 def test_fp8_rows_do_not_depend_on_the_row_count():
     """Up to SKINNY_ROWS rows, a row's output is the same bits whatever rows come with it."""

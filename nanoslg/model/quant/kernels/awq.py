@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanoslg.core.pdl import gdc_launch_dependents, gdc_wait, pdl_ok
 from nanoslg.model.quant.kernels import num_sms, silu_mul
 
 DEQUANT_ROWS = 256  # from here on, dequantize + cuBLAS (vLLM's AWQ switches at the same count)
@@ -48,8 +49,10 @@ def _load_x(x_ptr, offs, X_UP, SILU_MUL: tl.constexpr):
 def _gemv_kernel(
     x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, K_SPLIT, MASK, ONE, X_UP,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, FUSED_SUM: tl.constexpr,
-    X_VEC: tl.constexpr, MASK_ARG: tl.constexpr, SILU_MUL: tl.constexpr,
+    X_VEC: tl.constexpr, MASK_ARG: tl.constexpr, SILU_MUL: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    if PDL:  # launched before the previous kernel ended: x is its output, read only from here on
+        gdc_wait()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -95,6 +98,8 @@ def _gemv_kernel(
             xsum += x
         # sum x (q - z) s = 16 s (sum x (1 + q / 16) - (1 + z / 16) sum x)
         acc += (16.0 * s)[None, :] * (xq - xsum[:, None] * (1.0 + z / 16.0)[None, :])
+    if PDL:  # the next kernel may launch now; it waits for this one's stores before it reads them
+        gdc_launch_dependents()
     out = tl.sum(acc, axis=0)
     if SPLITS == 1:
         tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -324,7 +329,7 @@ def awq_linear(
             x, qweight, zeros, scales, y if y is not None else parts, parts, counts if fused else parts, n, k_split,
             0x780000, 0x3F800000, k, GROUP=group, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLITS=t.splits,
             FUSED_SUM=fused, X_VEC=t.x_vec, MASK_ARG=t.mask_arg, SILU_MUL=silu_mul, num_warps=t.warps,
-            num_stages=t.stages,
+            num_stages=t.stages, **({"PDL": True, "launch_pdl": True} if pdl_ok(x.device) else {}),
         )  # fmt: skip
         return y if y is not None else _finish(parts, x.dtype)
     y = _output(m, n, t.splits, x)
