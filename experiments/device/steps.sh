@@ -3,7 +3,8 @@
 #   "bench:ARGS"    python run.py ARGS mode=bench          (log: $OUT/logs/N-bench.log)
 #   "profile:ARGS"  python experiments/gpu_profile.py ARGS  (log: $OUT/logs/N-profile.log; windows
 #                   from NANOSLG_PROFILE_WINDOWS, or "windows=A:B,C:D ARGS" to set them per step)
-#   "test:ARGS"     python -m pytest -q -s -m gpu ARGS     (log: $OUT/logs/N-test.log)
+#   "test:ARGS"     python -m pytest -q -s -m gpu ARGS     (log: $OUT/logs/N-test.log); a bare "test:"
+#                   runs the files that hold GPU tests (the server tests import openai, absent there)
 #   "host:ARGS"     python experiments/host_profile.py ARGS (log: $OUT/logs/N-host.log)
 #   "py:ARGS"       python ARGS                            (log: $OUT/logs/N-py.log)
 #   "sh:CMD"        bash -c CMD, e.g. a test on the tree in .before/ (log: $OUT/logs/N-sh.log)
@@ -51,7 +52,9 @@ for step in "$@"; do
       (cd .before && find experiments -path "*/records/*.json" -newer /tmp/nanoslg-run-start -exec cp --parents {} .. \;)
       echo "== $i $step ($SECONDS s)"
       grep -E "throughput|step profile|roofline  |TTFT|ITL|Error|error" "$log" | head -10 ;;
-    test) # shellcheck disable=SC2086
+    test)
+      [ -n "$args" ] || args=$(grep -l "mark.gpu" tests/test_*.py | grep -v "test_server" | tr '\n' ' ')
+      # shellcheck disable=SC2086
       timeout "$left" python -m pytest -q -s -m gpu $args 2>&1 | grep -v "it/s\]" > "$log"
       echo "== $i $step ($SECONDS s)"
       tail -8 "$log" ;;
