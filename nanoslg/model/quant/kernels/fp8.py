@@ -200,7 +200,6 @@ class Skinny(NamedTuple):
     warps: int
     splits: int
     dot: bool
-    stages: int = 0  # software-pipelined loads in flight (0: Triton's default); no effect on the bits
 
 
 # (N, K, one row) -> the config measured fastest on an H100 for Llama-3.1-8B's qkv, o, gate_up and down;
@@ -287,7 +286,7 @@ def fp8_skinny(
         X_MODE=mode, PARTS=parts, SPLITS=cfg.splits, FUSED_SUM=fused, DOT=dot, BLOCK_M=block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, AMAX_K=min(AMAX_K, triton.next_power_of_2(k)),
         FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, SILU_MUL=silu_mul, num_warps=cfg.warps,
-        **({"num_stages": cfg.stages} if cfg.stages else {}), **({"PDL": True, "launch_pdl": True} if pdl else {}),
+        **({"PDL": True, "launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     if parts and not fused:
         block = 1024
