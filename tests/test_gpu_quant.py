@@ -225,6 +225,44 @@ def test_fp8_programmatic_launch_waits_for_its_input(monkeypatch):
     assert not any(c.any() for _, _, c, _ in layers)
 
 
+@FP8_SM
+def test_fp8_mlp_one_row_on_llama_shapes(monkeypatch):
+    """Batch-1 decode's FP8 MLP in two kernels (gate_up's epilogue computes silu(gate) * up and hands
+    down the row's absolute max) against gate_up, FlashInfer's activation kernel and down one at a
+    time: the same bits, eagerly, from a graph, and between two o projections launched early (PDL)."""
+    from nanoslg.model.kernels import silu_and_mul
+    from nanoslg.model.quant.fp8 import fp8_kernel, quantize_weight
+    from nanoslg.model.quant.kernels import fp8 as fp8_k
+
+    torch.manual_seed(0)
+    (w1, s1), (w2, s2), (wo, so) = (
+        quantize_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+        for n, k in (LLAMA_8B["gate_up"], LLAMA_8B["down"], LLAMA_8B["o"])
+    )
+    kernel, counts, counts_o = fp8_kernel(w1), fp8_k.split_counts(4096, "cuda"), fp8_k.split_counts(4096, "cuda")
+
+    def apart(x, sync=False):
+        x = fp8_k.fp8_linear(x, wo, so, None, kernel, counts=counts_o)
+        h = silu_and_mul(fp8_k.fp8_linear(x, w1, s1, None, kernel))
+        if sync:
+            torch.cuda.synchronize()
+        return fp8_k.fp8_linear(fp8_k.fp8_linear(h, w2, s2, None, kernel, counts=counts), wo, so, None, kernel)
+
+    def fused(x):
+        x = fp8_k.fp8_linear(x, wo, so, None, kernel, counts=counts_o)
+        return fp8_k.fp8_linear(fp8_k.fp8_mlp_one_row(x, w1, s1, w2, s2, counts=counts), wo, so, None, kernel)
+
+    for _ in range(3):
+        x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16) * 2
+        want = apart(x)
+        got, replayed = fused(x), _graph_replay(lambda x=x: fused(x))
+        assert torch.isfinite(want).all() and want.abs().max() > 0.1
+        assert torch.equal(got, want) and torch.equal(replayed, want), (got - want).abs().max().item()
+        assert not counts.any() and not counts_o.any()
+    monkeypatch.setattr(fp8_k, "pdl_ok", lambda device: False)
+    assert torch.equal(apart(x, sync=True), want)
+
+
 def test_awq_programmatic_launch_waits_for_its_input(monkeypatch):
     """As the FP8 test above, for the AWQ GEMV: a chain of five (o, o, gate_up, down with the fused
     SiLU, o), each reading the previous one's output, gives the bits of one-at-a-time launches."""

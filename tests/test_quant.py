@@ -271,3 +271,16 @@ def test_static_activation_scales(fp8_ckpt, tmp_path):
         qkv.weight.float() * qkv.weight_scale[:, None]
     ).t()
     torch.testing.assert_close(qkv(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_the_mlp_runs_the_methods_own_kernels(tiny_llama, monkeypatch):
+    """MLP.forward takes the method's apply_mlp product where it gives one (FP8's one-row kernels on a
+    GPU), then down's reduce; where it gives None (the torch path here) gate_up, the activation and down."""
+    m = load_model(tiny_llama, quantization="fp8")
+    mlp, x = m.model.layers["0"].mlp, torch.randn(1, 64)
+    assert m.quant.apply_mlp(mlp.gate_up_proj, mlp.down_proj, x) is None
+    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+    torch.testing.assert_close(mlp(x), mlp.down_proj(torch.nn.functional.silu(gate) * up), atol=1e-5, rtol=1e-5)
+    own = torch.full((1, mlp.down_proj.out_features), 3.0)
+    monkeypatch.setattr(type(m.quant), "apply_mlp", lambda self, gate_up, down, x: own)
+    assert torch.equal(mlp(x), own)

@@ -182,6 +182,49 @@ for m, k, n, g, cfg in [
 print("ok")
 """
 
+FP8_MLP = r"""
+import torch
+from nanoslg.model.quant.fp8 import quantize_weight
+from nanoslg.model.quant.kernels import fp8
+
+torch.manual_seed(2)
+# The one-row MLP in two kernels against gate_up, then down with silu(gate) * up in its loads (main's
+# path before): the same bits, with I not a multiple of the half tile (masking) and down's K split.
+for hidden, inter, out in [(128, 512, 96), (256, 520, 40)]:
+    w1, s1 = quantize_weight(torch.randn(2 * inter, hidden) * 0.05)
+    w2, s2 = quantize_weight(torch.randn(out, inter) * 0.05)
+    x = (torch.randn(1, hidden) * 2).bfloat16()
+    counts = fp8.split_counts(out, x.device)
+    assert fp8.skinny_config(fp8.DOT_ROWS, out, inter, x.device).splits > 1
+    h = fp8.fp8_linear(x, w1, s1, None, "rowwise")
+    want = fp8.fp8_linear(h, w2, s2, None, "rowwise", counts=counts, silu_mul=True)
+    got = fp8.fp8_mlp_one_row(x, w1, s1, w2, s2, counts=counts)
+    assert got is not None and got.shape == (1, out) and torch.equal(got, want) and not counts.any(), (hidden, inter)
+    # the gate_up kernel alone: h = silu(gate) * up as the down kernel computes it, and its slots' maximum
+    cfg = fp8.skinny_config(fp8.DOT_ROWS, 2 * inter, hidden, x.device)
+    slots = torch.zeros(-(-inter // (cfg.block_n // 2)))
+    act = fp8.fp8_skinny(x, w1, s1, None, cfg=cfg, one_row=True, gate_up=True, slots=slots)
+    assert act.shape == (1, inter) and torch.equal(slots.max(), act.float().abs().max())
+    assert torch.equal(fp8.fp8_linear(act, w2, s2, None, "rowwise"), want)
+    assert not torch.equal(act, h[:, :inter]) and not torch.equal(act, h[:, inter:])
+# gate_up whose config splits K: none (the caller runs the kernels apart)
+w1, s1 = quantize_weight(torch.randn(64, 1024) * 0.05)
+assert fp8.fp8_mlp_one_row(x[:, :1].expand(1, 1024).contiguous(), w1, s1, w2, s2) is None
+try:
+    fp8.fp8_skinny(x[:, :128], w1[:, :128].contiguous(), s1, None, cfg=fp8.Skinny(16, 64, 4, 2, True), one_row=True, gate_up=True,
+                   slots=torch.zeros(4))
+    raise AssertionError("gate_up with K splits was taken")
+except ValueError as e:
+    assert "gate_up" in str(e)
+print("ok")
+"""
+
+
+def test_fp8_mlp_one_row_in_the_interpreter():
+    """The one-row FP8 MLP in two kernels (gate_up's epilogue computes silu(gate) * up and hands down its
+    absolute max) gives the bits of gate_up, the activation and down run apart."""
+    interpret(FP8_MLP)
+
 
 def test_triton_kernels_in_the_interpreter():
     interpret(SCRIPT)

@@ -253,15 +253,15 @@ class RowParallelLinear(LinearBase):
         return self.tp_rank * n, n, n * self.tp_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._reduce(self.matmul(x))
+        return self.reduce(self.matmul(x))
 
     def forward_silu_mul(self, h: torch.Tensor) -> torch.Tensor:
         """forward(silu(gate) * up) for h = [gate | up] (this rank's shards of both): in one kernel
         where the quantization method has one, else the activation kernel and then forward."""
         y = None if self.quant is None else self.quant.apply_silu_mul(self, h)
-        return self.forward(kernels.silu_and_mul(h)) if y is None else self._reduce(y)
+        return self.forward(kernels.silu_and_mul(h)) if y is None else self.reduce(y)
 
-    def _reduce(self, y: torch.Tensor) -> torch.Tensor:
+    def reduce(self, y: torch.Tensor) -> torch.Tensor:
         """This rank's partial product summed over the ranks, plus the bias."""
         y = tp_all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -69,6 +69,10 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, args.hidden_size, args.mlp_bias, quant=quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        quant = self.down_proj.quant  # the whole MLP in the method's own kernels, where it has them for x
+        y = None if quant is None else quant.apply_mlp(self.gate_up_proj, self.down_proj, x)
+        if y is not None:
+            return self.down_proj.reduce(y)
         return self.down_proj.forward_silu_mul(self.gate_up_proj(x))  # silu(gate) * up, then down
 
 

@@ -11,6 +11,8 @@ and how it multiplies; the layer (nanoslg/model/layers.py) calls only these:
   slicing cannot load (a per-tensor scale of a fused projection) has a `quant_loader` instead.
 - `process(layer)` runs once after loading: quantize, repack for the kernel, pick the kernel.
 - `apply(layer, x)`: x [T, in] -> [T, out], without the bias (the layer adds it after any reduce).
+- `apply_silu_mul(down, h)` and `apply_mlp(gate_up, down, x)` (optional): the MLP's activation fused
+  into down's kernel, or the whole MLP in kernels of the method's own; None where it has none.
 
 Norms, embeddings and the LM head are never quantized.
 """
@@ -61,6 +63,11 @@ class QuantMethod:
     def apply_silu_mul(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of h = [gate | up], times the layer's weight, in one kernel; None where the
         method has none for h (the caller then runs the activation on its own and `apply`)."""
+        return None
+
+    def apply_mlp(self, gate_up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """down(silu(gate) * up) of x, before down's reduce and bias, where the method runs the MLP in
+        kernels of its own for x; None: the caller runs gate_up, then down's `apply_silu_mul` path."""
         return None
 
     def linear_bytes(self, out_features: int, in_features: int, elem: int) -> int:

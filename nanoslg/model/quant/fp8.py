@@ -193,5 +193,17 @@ class Fp8Method(QuantMethod):
         w, s = layer.weight, layer.weight_scale
         return gpu.fp8_linear(h, w, s, None, layer.fp8_kernel, counts=layer.split_counts, silu_mul=True)
 
+    def apply_mlp(self, gate_up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        # One row (batch-1 decode): gate_up's kernel computes silu(gate) * up and hands down the row's
+        # absolute max, so down does not pass over [gate | up] first; the same bits as the three apart.
+        if x.shape[0] != 1 or gate_up.bias is not None or "torch" in (gate_up.fp8_kernel, down.fp8_kernel):
+            return None
+        if gate_up.act_scale is not None or down.act_scale is not None:
+            return None
+        from nanoslg.model.quant.kernels import fp8 as gpu  # deferred: imports Triton
+
+        w1, s1, w2, s2 = gate_up.weight, gate_up.weight_scale, down.weight, down.weight_scale
+        return gpu.fp8_mlp_one_row(x, w1, s1, w2, s2, counts=down.split_counts)
+
     def linear_bytes(self, out_features: int, in_features: int, elem: int) -> int:
         return out_features * in_features + 4 * out_features  # float8 weight, float32 scale per channel

@@ -71,7 +71,8 @@ SKINNY_ROWS = 64
 DOT_ROWS = 16
 X_DYNAMIC, X_STATIC, X_FP8 = 0, 1, 2  # x: quantized here per row / with one static scale / already float8
 X_ONE_ROW = 3  # x: one row, quantized here once per K tile (fp8_linear at batch-1 decode)
-AMAX_K = 1024  # X_ONE_ROW: the step through the row for its absolute max
+X_ONE_ROW_SLOTS = 4  # as X_ONE_ROW, the row's absolute max taken from the kernel before's per-program maxima
+AMAX_K = 1024  # X_ONE_ROW: the step through the row (or the maxima) for its absolute max
 
 
 @triton.jit
@@ -87,10 +88,11 @@ def _one_row(x_ptr, offs, mask, X_UP, SILU_MUL: tl.constexpr):
 
 @triton.jit
 def _skinny_kernel(
-    x_ptr, w_ptr, ws_ptr, xs_ptr, y_ptr, out_ptr, count_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
-    X_MODE: tl.constexpr, PARTS: tl.constexpr, SPLITS: tl.constexpr, FUSED_SUM: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AMAX_K: tl.constexpr,
-    FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, SILU_MUL: tl.constexpr = False, PDL: tl.constexpr = False,
+    x_ptr, w_ptr, ws_ptr, xs_ptr, y_ptr, out_ptr, count_ptr, slot_ptr, M, N, K, K_SPLIT, N_SLOTS, stride_xm,
+    stride_wn, X_MODE: tl.constexpr, PARTS: tl.constexpr, SPLITS: tl.constexpr, FUSED_SUM: tl.constexpr,
+    DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AMAX_K: tl.constexpr,
+    FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, SILU_MUL: tl.constexpr = False, GATE_UP: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -98,6 +100,10 @@ def _skinny_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_kb = tl.arange(0, BLOCK_K)
     m_mask, n_mask = offs_m < M, offs_n < N
+    if GATE_UP:  # w = [gate; up]: a program takes gate's columns c and up's c + N / 2, side by side
+        cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2
+        offs_n = cols + (tl.arange(0, BLOCK_N) % 2) * (N // 2)
+        n_mask = cols < N // 2
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     k_begin = pid_k * K_SPLIT
     if PDL:  # launched before the previous kernel ended: x is its output, read only from here on
@@ -111,14 +117,19 @@ def _skinny_kernel(
         s = tl.maximum(tl.max(amax, axis=1) / FP8_MAX, MIN_SCALE)
         if PARTS:  # the scales for the sum of the parts; every program computed the same ones
             tl.store(xs_ptr + offs_m, s, mask=m_mask & (offs_m * 0 + pid_n + pid_k == 0))
-    elif X_MODE == 3:
+    elif X_MODE >= 3:
         # One row, quantized as quantize_rows does it (the same scale and rounding, so the same bits),
         # without a launch of its own. Each K tile of the row is divided once, as a vector; the padding
         # rows of the dot tile are zeros (quantizing a whole 16-row tile in the loop is much slower).
         amax1 = tl.zeros([AMAX_K], dtype=tl.float32)
-        for k0 in range(0, K, AMAX_K):
-            offs = k0 + tl.arange(0, AMAX_K)
-            amax1 = tl.maximum(amax1, tl.abs(_one_row(x_ptr, offs, offs < K, K, SILU_MUL)))
+        if X_MODE == 3:
+            for k0 in range(0, K, AMAX_K):
+                offs = k0 + tl.arange(0, AMAX_K)
+                amax1 = tl.maximum(amax1, tl.abs(_one_row(x_ptr, offs, offs < K, K, SILU_MUL)))
+        else:  # the largest of the maxima the GATE_UP kernel stored: the row's, without a pass over it
+            for k0 in range(0, N_SLOTS, AMAX_K):
+                offs = k0 + tl.arange(0, AMAX_K)
+                amax1 = tl.maximum(amax1, tl.load(slot_ptr + offs, mask=offs < N_SLOTS, other=0.0))
         s0 = tl.maximum(tl.max(amax1, axis=0) / FP8_MAX, MIN_SCALE)
         s = tl.where(offs_m == 0, s0, 1.0)
         if PARTS:
@@ -134,7 +145,7 @@ def _skinny_kernel(
     for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
         offs_k = k0 + offs_kb
         k_mask = offs_k < K
-        if X_MODE == 3:
+        if X_MODE >= 3:
             x0 = _one_row(x_ptr, offs_k, k_mask, K, SILU_MUL)
             q0 = tl.clamp(tl.math.div_rn(x0, s0), -FP8_MAX, FP8_MAX).to(tl.float8e4nv).to(tl.float16)
             xq = tl.where(offs_m[:, None] == 0, q0[None, :], tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float16))
@@ -161,7 +172,16 @@ def _skinny_kernel(
     y_mask = m_mask[:, None] & n_mask[None, :]
     if not PARTS:  # the reference's order: (q_x . q_w) * s_x * s_w
         ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
-        tl.store(y_ptrs, (out * s[:, None] * ws[None, :]).to(y_ptr.dtype.element_ty), mask=y_mask)
+        res = (out * s[:, None] * ws[None, :]).to(y_ptr.dtype.element_ty)
+        if GATE_UP:  # h = silu(gate) * up from the rounded products, and this program's largest |h|
+            g, u = tl.split(tl.reshape(res.to(tl.float32), [BLOCK_M, BLOCK_N // 2, 2]))
+            h = silu_mul(g, u, y_ptr.dtype.element_ty)
+            cols_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            h_mask = m_mask[:, None] & (cols_h < N // 2)[None, :]
+            tl.store(y_ptr + offs_m[:, None] * (N // 2) + cols_h[None, :], h.to(y_ptr.dtype.element_ty), mask=h_mask)
+            tl.store(slot_ptr + pid_n, tl.max(tl.max(tl.where(h_mask, tl.abs(h), 0.0), axis=1), axis=0))
+        else:
+            tl.store(y_ptrs, res, mask=y_mask)
     else:  # a K split's float32 sum, scaled once the splits are added
         tl.store(y_ptrs, out, mask=y_mask)
         if FUSED_SUM:
@@ -249,12 +269,17 @@ def fp8_skinny(
     counts: torch.Tensor | None = None,
     one_row: bool = False,
     silu_mul: bool = False,
+    gate_up: bool = False,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fp8_linear for few rows: x [M, K] (M <= 64) in bf16/fp16 -> [M, N] in x's dtype. x may also be
     float8 already, with its per-row x_scale [M, 1] (quantize_rows' output; the result in out_dtype).
     counts (split_counts): K splits are added by the last one, else by a kernel of their own.
     one_row: x is one bf16/fp16 row, quantized in the kernel as quantize_rows would (tensor-core tiles).
-    silu_mul (one_row only): x is [1, 2K] = [gate | up] and the row multiplied is silu(gate) * up."""
+    silu_mul (one_row only): x is [1, 2K] = [gate | up] and the row multiplied is silu(gate) * up.
+    gate_up (one_row, no K splits): w is [gate; up] (N = 2I); the result is h = silu(gate) * up [1, I],
+    and each program's largest |h| goes to slots [cdiv(I, block_n / 2)]. slots without gate_up (one_row):
+    those maxima, which give x's scale without a pass over x (x is the gate_up kernel's h)."""
     (m, width), (n, k) = x.shape, w.shape
     pdl = pdl_ok(x.device)
     if width != (2 if silu_mul else 1) * k or (silu_mul and not one_row):
@@ -264,28 +289,36 @@ def fp8_skinny(
     block_m = DOT_ROWS if dot else 1
     k_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.splits) * cfg.block_k
     parts = cfg.splits > 1
-    grid = (triton.cdiv(n, cfg.block_n), cfg.splits, triton.cdiv(m, block_m))
+    n_out, block_out = (n // 2, cfg.block_n // 2) if gate_up else (n, cfg.block_n)
+    grid = (triton.cdiv(n_out, block_out), cfg.splits, triton.cdiv(m, block_m))
     fused = parts and counts is not None
     if fused and counts.numel() < grid[0] * grid[2]:
         raise ValueError(f"{counts.numel()} split counters for {grid[0] * grid[2]} blocks")
+    if (gate_up or slots is not None) and (not one_row or silu_mul or slots is None or slots.dtype != torch.float32):
+        raise ValueError("gate_up and slots take one row, without silu_mul, and float32 slots")
+    if gate_up and (parts or n % 2 or cfg.block_n % 2 or slots.numel() != grid[0]):
+        raise ValueError(f"gate_up: {cfg} splits K or has an odd width, or {slots.numel()} slots for {grid[0]}")
     if one_row:
         if m != 1 or x.dtype == FP8 or act_scale is not None or not dot:
             raise ValueError("one_row takes one half-precision row, no static scale, and a tensor-core config")
-        mode, xs, out_dtype = X_ONE_ROW, torch.empty(1, dtype=torch.float32, device=x.device), x.dtype
+        mode = X_ONE_ROW_SLOTS if slots is not None and not gate_up else X_ONE_ROW
+        xs, out_dtype = torch.empty(1, dtype=torch.float32, device=x.device), x.dtype
     elif x.dtype == FP8:
         mode, xs = X_FP8, x_scale.float().reshape(m).contiguous()
     elif act_scale is None:
         mode, xs, out_dtype = X_DYNAMIC, torch.empty(m, dtype=torch.float32, device=x.device), x.dtype
     else:
         mode, xs, out_dtype = X_STATIC, act_scale.float().reshape(1), x.dtype
-    shape, dtype = ((cfg.splits, m, n), torch.float32) if parts else ((m, n), out_dtype)
+    shape, dtype = ((cfg.splits, m, n), torch.float32) if parts else ((m, n_out), out_dtype)
     y = torch.empty(shape, dtype=dtype, device=x.device)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device) if parts else y
+    n_slots = 0 if slots is None else slots.numel()
+    amax_k = min(AMAX_K, triton.next_power_of_2(n_slots if mode == X_ONE_ROW_SLOTS else k))
     _skinny_kernel[grid](
-        x, w, w_scale, xs, y, out, counts if fused else y, m, n, k, k_split, x.stride(0), w.stride(0),
-        X_MODE=mode, PARTS=parts, SPLITS=cfg.splits, FUSED_SUM=fused, DOT=dot, BLOCK_M=block_m,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, AMAX_K=min(AMAX_K, triton.next_power_of_2(k)),
-        FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, SILU_MUL=silu_mul, num_warps=cfg.warps,
+        x, w, w_scale, xs, y, out, counts if fused else y, y if slots is None else slots, m, n, k, k_split,
+        n_slots, x.stride(0), w.stride(0), X_MODE=mode, PARTS=parts, SPLITS=cfg.splits, FUSED_SUM=fused,
+        DOT=dot, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, AMAX_K=amax_k, FP8_MAX=FP8_MAX,
+        MIN_SCALE=MIN_SCALE, SILU_MUL=silu_mul, GATE_UP=gate_up, num_warps=cfg.warps,
         **({"PDL": True, "launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     if parts and not fused:
@@ -294,6 +327,24 @@ def fp8_skinny(
             y, xs, w_scale, out, m, n, 0 if mode == X_STATIC else 1, SPLITS=cfg.splits, BLOCK=block
         )
     return out
+
+
+def fp8_mlp_one_row(
+    x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, counts=None
+) -> torch.Tensor | None:
+    """down(silu(gate) * up) of one row x [1, H] (gate_up w1 [2I, H] and down w2 [N, I], float8 with their
+    per-channel scales, no static activation scale) in two kernels, with the bits of gate_up, the
+    activation kernel and down run one by one: gate_up's epilogue computes h and each program's largest
+    |h|, from which down takes h's scale instead of a pass over [gate | up] before its first weight tile.
+    None where gate_up's config splits K (its epilogue needs whole sums): the caller runs them apart."""
+    cfg = skinny_config(DOT_ROWS, w1.shape[0], w1.shape[1], x.device)
+    if x.shape[0] != 1 or cfg.splits > 1 or cfg.block_n % 2 or w1.shape[0] % 2 or x.dtype == FP8:
+        return None
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    slots = torch.empty(triton.cdiv(w1.shape[0] // 2, cfg.block_n // 2), dtype=torch.float32, device=x.device)
+    h = fp8_skinny(x, w1, s1, None, cfg=cfg, one_row=True, gate_up=True, slots=slots)
+    cfg2 = skinny_config(DOT_ROWS, w2.shape[0], w2.shape[1], x.device)
+    return fp8_skinny(h, w2, s2, None, cfg=cfg2, counts=counts, one_row=True, slots=slots)
 
 
 @functools.cache
