@@ -211,7 +211,8 @@ for hidden, inter, out in [(128, 512, 96), (256, 520, 40)]:
 w1, s1 = quantize_weight(torch.randn(64, 1024) * 0.05)
 assert fp8.fp8_mlp_one_row(x[:, :1].expand(1, 1024).contiguous(), w1, s1, w2, s2) is None
 try:
-    fp8.fp8_skinny(x[:, :128], w1[:, :128].contiguous(), s1, None, cfg=fp8.Skinny(16, 64, 4, 2, True), one_row=True, gate_up=True,
+    split = fp8.Skinny(16, 64, 4, 2, True)
+    fp8.fp8_skinny(x[:, :128], w1[:, :128].contiguous(), s1, None, cfg=split, one_row=True, gate_up=True,
                    slots=torch.zeros(4))
     raise AssertionError("gate_up with K splits was taken")
 except ValueError as e:
