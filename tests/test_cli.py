@@ -77,3 +77,19 @@ def test_a_script_that_ends_without_shutdown_exits_cleanly(tiny_llama, tmp_path)
         res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
         assert res.returncode == 1 and "the script dies here" in res.stderr
         assert res.stderr.count("Traceback") == 1 and "engine loop died" not in res.stderr, res.stderr[-3000:]
+
+
+def test_a_sweep_preset_run_without_multirun_says_so(tiny_llama, tmp_path):
+    """shared-prefix-on-off is a sweep (prefix caching on and off); without -m Hydra runs one job with
+    the config's own values, so the run says that only one point ran and how to run them all."""
+    small = ["bench.num_requests=2", "bench.shared_prefix_len=8", "bench.input_len_min=4", "bench.input_len_max=4"]
+    small += ["bench.output_len_min=2", "bench.output_len_max=2", "bench.extra.progress=false"]
+    args = ["+experiment=shared-prefix-on-off", f"model.path={tiny_llama}", "model.load_format=auto", "cache=paged"]
+    args += [*small, f"bench.output_dir={tmp_path}", "bench.extra.aggregate=false"]
+    res = run_py(*args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "sweep (cache.prefix_caching=true,false) but ran without -m" in res.stderr, res.stderr[-2000:]
+    assert len(list(tmp_path.rglob("*.json"))) == 1  # the one run's record
+    res = run_py("-m", *args[:-2], f"bench.output_dir={tmp_path / 'swept'}", "bench.extra.aggregate=false")
+    assert res.returncode == 0 and "without -m" not in res.stderr, res.stderr[-2000:]
+    assert len(list((tmp_path / "swept").rglob("*.json"))) == 2  # on and off

@@ -25,7 +25,7 @@ for step in "$@"; do
     bench) # shellcheck disable=SC2086
       timeout "$left" python run.py $args mode=bench bench.extra.aggregate=false 2>&1 | grep -v "it/s\]" > "$log"
       echo "== $i $step ($SECONDS s)"
-      grep -E "throughput|step profile|roofline  |TTFT|ITL|cold start|Error|error" "$log" | head -10 ;;
+      grep -E "throughput|step profile|roofline  |TTFT|ITL|cold start|without -m|Error|error" "$log" | head -10 ;;
     profile)
       win=""
       if [[ $args == windows=* ]]; then win=${args%% *}; win=${win#windows=}; args=${args#* }; fi

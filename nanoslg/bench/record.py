@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from nanoslg.core.compose import REPO_DIR
@@ -39,6 +40,20 @@ def hydra_overrides() -> list[str] | None:
         if HydraConfig.initialized():
             return list(HydraConfig.get().overrides.task)
     except Exception:  # not inside a Hydra app: the record simply has no overrides
+        pass
+    return None
+
+
+def unswept_params() -> dict[str, str] | None:
+    """A preset's sweep (`hydra.sweeper.params`) in a run started without -m: Hydra then runs one job
+    with the config's own values and ignores the sweep. None otherwise."""
+    try:
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            params = hc.sweeper.get("params") or {}
+            if params and hc.mode == RunMode.RUN:
+                return {str(k): str(v) for k, v in params.items()}
+    except Exception:  # not inside a Hydra app, or a sweeper without params
         pass
     return None
 

@@ -20,7 +20,7 @@ from nanoslg.bench.aggregate import aggregate
 from nanoslg.bench.hardware import Figures, resolve_figures
 from nanoslg.bench.metrics import RequestTiming, peak_gpu_memory, summarize
 from nanoslg.bench.peer_hf import run_peer
-from nanoslg.bench.record import experiment_dir, make_record, write_record
+from nanoslg.bench.record import experiment_dir, make_record, unswept_params, write_record
 from nanoslg.bench.report import format_report
 from nanoslg.bench.serving import run_http
 from nanoslg.bench.session import EXTRA_DEFAULTS, extra, kv_pool, model_facts, run_roofline, timed_run, warm_up
@@ -45,6 +45,13 @@ def run_bench(cfg: Config, node=None) -> dict:
     if unknown:
         raise ConfigError(
             f"bench.extra.{sorted(unknown)[0]} is not a known key; allowed: {', '.join(sorted(EXTRA_DEFAULTS))}"
+        )
+    sweep = unswept_params()
+    if sweep:  # e.g. shared-prefix-on-off without -m measures only its "on" half
+        log.warning(
+            "this preset is a sweep (%s) but ran without -m: one run with the config's own values; "
+            "`python run.py -m ...` runs every point of it",
+            ", ".join(f"{k}={v}" for k, v in sweep.items()),
         )
     wl = get_workload(cfg.bench.workload)
     if cfg.bench.peer == "hf" and wl.transport != "engine":
