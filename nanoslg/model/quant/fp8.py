@@ -113,6 +113,11 @@ def load_input_scale(layer: nn.Module, param: nn.Parameter, loaded, shard_id) ->
     param.data[_shard_slot(layer, shard_id)] = t[0]
 
 
+def _one_row_in_kernel(layer: nn.Module, x: torch.Tensor) -> bool:
+    """x is one row that `layer`'s skinny kernel quantizes itself (per token, no static scale)."""
+    return layer.fp8_kernel != "torch" and x.shape[0] == 1 and layer.act_scale is None
+
+
 @QUANTIZATION.register("fp8")
 class Fp8Method(QuantMethod):
     name = "fp8"
@@ -186,7 +191,7 @@ class Fp8Method(QuantMethod):
     def apply_silu_mul(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor | None:
         # One row quantized per token (batch-1 decode): the skinny kernel computes the activation as it
         # loads its input, with the activation kernel's bits, and saves that kernel's launch.
-        if layer.fp8_kernel == "torch" or h.shape[0] != 1 or layer.act_scale is not None:
+        if not _one_row_in_kernel(layer, h):
             return None
         from nanoslg.model.quant.kernels import fp8 as gpu  # deferred: imports Triton
 
@@ -196,9 +201,7 @@ class Fp8Method(QuantMethod):
     def apply_mlp(self, gate_up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         # One row (batch-1 decode): gate_up's kernel computes silu(gate) * up and hands down the row's
         # absolute max, so down does not pass over [gate | up] first; the same bits as the three apart.
-        if x.shape[0] != 1 or gate_up.bias is not None or "torch" in (gate_up.fp8_kernel, down.fp8_kernel):
-            return None
-        if gate_up.act_scale is not None or down.act_scale is not None:
+        if gate_up.bias is not None or not (_one_row_in_kernel(gate_up, x) and _one_row_in_kernel(down, x)):
             return None
         from nanoslg.model.quant.kernels import fp8 as gpu  # deferred: imports Triton
 
