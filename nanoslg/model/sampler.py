@@ -56,6 +56,7 @@ class Sampler:
             from flashinfer import sampling  # deferred: a GPU-only dependency
 
             self.fused = sampling
+        self.argmax = _argmax_for(self.device)
 
     def add(self, ns: NewSeq) -> None:
         if ns.seq_id in self.seqs:  # already known: keep its generator state
@@ -102,7 +103,7 @@ class Sampler:
         if self.special.isdisjoint(seq_ids) and self.seqs.keys() >= set(seq_ids):
             if masks is not None:  # constrained greedy rows only: mask, then argmax
                 logits = apply_token_masks(logits.float(), seq_ids, masks)
-            return Sampled(logits.argmax(dim=-1), None)  # every row plain greedy: its step count matters to nothing
+            return Sampled(self.argmax(logits), None)  # every row plain greedy: its step count matters to nothing
         states = [self.seqs[i] for i in seq_ids]
         B, V = logits.shape
         want_lp = any(s.params.logprobs is not None for s in states)
@@ -115,7 +116,7 @@ class Sampler:
         x = self._penalize(x, states, V)
         greedy = [s.params.greedy for s in states]
         if all(greedy):  # the fast path: no sort, no noise
-            tokens = x.argmax(dim=-1)
+            tokens = self.argmax(x)
         else:
             tokens = self._draw(x, states, greedy)
         for r, s in enumerate(states):
@@ -233,6 +234,19 @@ class Sampled:
 
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _argmax_for(device: torch.device):
+    """Greedy rows' pick: torch's argmax, or on CUDA with Triton the same index from kernels that
+    spread a row over many SMs (model/argmax.py), which matters at batch-1 decode."""
+    if device.type == "cuda":
+        try:
+            from nanoslg.model.argmax import argmax_rows  # deferred: imports Triton
+
+            return argmax_rows
+        except ImportError:  # no Triton: torch's
+            pass
+    return lambda x: x.argmax(dim=-1)
 
 
 def apply_token_masks(x: torch.Tensor, seq_ids: list[int], masks: TokenMasks) -> torch.Tensor:
