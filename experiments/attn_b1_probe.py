@@ -83,7 +83,51 @@ def case(ctx: int, hq=32, hkv=8, d=128, ps=16, dtype=torch.bfloat16) -> None:
         print(f"  {name:28s} {us:7.2f} us  {diff:.2e}  {same}")
 
 
+def fused_case(batch: int, ctx: int, hq=32, hkv=8, d=128, ps=16) -> None:
+    """The fused decode kernel (rotary + append + attention, kernels/fused_decode.py) against what it
+    replaces: our rotary + append kernel, then FlashInfer's tensor-core decode wrapper (split-KV on)."""
+    import flashinfer
+
+    from nanoslg.cache.kernels.fused_decode import FusedDecode
+    from nanoslg.cache.kernels.rope_append import rope_append
+    from nanoslg.model.layers import RotaryEmbedding
+
+    pages = -(-ctx // ps)
+    pool = (torch.randn(batch * pages, 2, ps, hkv, d, device=DEV) * 0.5).to(torch.bfloat16)
+    qkv = torch.randn(batch, (hq + 2 * hkv) * d, device=DEV, dtype=torch.bfloat16)
+    q, k, v = (x.view(batch, -1, d) for x in qkv.split([hq * d, hkv * d, hkv * d], -1))
+    i32 = dict(dtype=torch.int32, device=DEV)
+    indptr = torch.arange(batch + 1, **i32) * pages
+    indices = torch.arange(batch * pages, **i32)
+    kv_pos = torch.full((batch,), ctx - 1, **i32)
+    positions = kv_pos.long()
+    cos_sin = RotaryEmbedding(d, 8192, 500000.0, None).cos_sin_cache.to(DEV)
+    bidx = torch.arange(batch, **i32)
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device=DEV)
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
+    last = torch.full((batch,), ctx - (pages - 1) * ps, dtype=torch.int32)
+    w.plan(indptr.cpu(), indices, last, hq, hkv, d, ps, q_data_type=torch.bfloat16, sm_scale=d**-0.5)
+    qr = torch.empty(q.shape, dtype=q.dtype, device=DEV)
+
+    def unfused():
+        rope_append(q, k, v, positions, cos_sin, pool, bidx, kv_pos, indices, indptr, qr)
+        return w.run(qr, pool)
+
+    scratch = FusedDecode(8, hq, hkv, d, DEV)
+
+    def fused():
+        return scratch.run(q, k, v, positions, cos_sin, pool, kv_pos, indices, indptr, d**-0.5)
+
+    diff = (fused().float() - unfused().float()).abs().max().item()
+    a, b = graph_time(unfused), graph_time(fused)
+    print(f"batch {batch}, context {ctx}: rope_append + tensor-core decode {a:6.2f} us, fused {b:6.2f} us a layer, "
+          f"max|diff| {diff:.2e}")  # fmt: skip
+
+
 def main() -> None:
+    for batch in (1, 4, 8):
+        for ctx in (128, 384, 1024, 4096):
+            fused_case(batch, ctx)
     for ctx in (128, 256, 384, 1024, 4096):
         case(ctx)
     for ctx in (256, 1024):

@@ -154,12 +154,13 @@ def test_fused_kernels_equal_torch():
     assert torch.equal(qkv[:, 768:], orig[:, 768:])
 
 
-@pytest.mark.parametrize("decode", ["tensor_cores", "cuda_cores", "tensor_cores cache.fused_rope=off", XQA])
+@pytest.mark.parametrize("decode", ["fused", "tensor_cores", "cuda_cores", "tensor_cores cache.fused_rope=off", XQA])
 @pytest.mark.parametrize("ckpt", ["bf16_llama", "bf16_llama_gqa4"])
 def test_flashinfer_equals_sdpa_on_a_decisive_model(ckpt, decode, request):
     """Both backends pick, at every one of 32 steps, the float32 reference's argmax up to bf16 noise,
-    with either of FlashInfer's decode kernels, and with FlashInfer's rope and append in place of the
-    fused kernel; where the two backends differ, it is a near tie."""
+    with our fused decode kernel (three rows: rotary, append and attention in one launch), either of
+    FlashInfer's decode kernels, and with FlashInfer's rope and append in place of our rotary + append
+    kernel; where the two backends differ, it is a near tie."""
     path = request.getfixturevalue(ckpt)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (9, 64, 300)]
@@ -185,12 +186,14 @@ def test_flashinfer_equals_sdpa_on_a_decisive_model(ckpt, decode, request):
     assert gaps["flashinfer"] < GAP_TOL and gaps["sdpa"] < GAP_TOL
 
 
-@pytest.mark.parametrize("decode", ["tensor_cores", "cuda_cores", XQA])
+@pytest.mark.parametrize("decode", ["fused", "tensor_cores", "cuda_cores", XQA])
 def test_cuda_graphs_and_overlap_change_no_token(bf16_llama, decode):
     """Decode through captured CUDA graphs (padded buckets) and overlapped steps (the device reads the
-    token in flight) gives the tokens of eager, one-step-at-a-time decoding, with either decode kernel."""
+    token in flight) gives the tokens of eager, one-step-at-a-time decoding, with each decode kernel
+    (fused: five rows, so steps of 5 padded to the 8-row bucket, and one row)."""
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (3, 17, 40, 90, 130)] * 4
+    prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (3, 17, 40, 90, 130)]
+    prompts *= 1 if decode == "fused" else 4
     runs = {}
     for eager, overlap in (("true", "false"), ("false", "true"), ("true", "true")):
         with LLM(

@@ -92,7 +92,7 @@ def test_auto_picks_sdpa_on_cpu_and_flashinfer_fails_clearly():
 
 def test_flashinfer_decode_kernel_choice():
     """auto: tensor cores from a GQA group of 4 (FlashInfer's rule); a setting overrides it."""
-    from nanoslg.cache.flashinfer_backend import uses_tensor_cores
+    from nanoslg.cache.decode_choice import uses_tensor_cores
 
     assert [uses_tensor_cores("auto", g) for g in (1, 2, 4, 8)] == [False, False, True, True]
     assert uses_tensor_cores("tensor_cores", 1) and not uses_tensor_cores("cuda_cores", 8)

@@ -1,18 +1,14 @@
 """The `flashinfer` backend (GPU): a paged pool and FlashInfer's batched attention kernels.
 
-- Pool: one tensor [layers, num_pages, 2, page_size, Hkv, D] ("NHD" with K and V interleaved per
-  page), so `pool[layer]` is the 5-D paged cache FlashInfer takes as is.
-- Per step, `prepare` builds the page-table CSR (indptr / indices / last page lengths) once and
-  calls the wrapper's `plan()` once; each layer then appends its new K/V with one
-  `append_paged_kv_cache` call and runs the planned kernel.
-- Steps with any prefill chunk (including a chunk over a cached prefix) use
-  BatchPrefillWithPagedKVCacheWrapper with a causal mask (FlashInfer aligns it bottom-right when
-  a request has more KV than queries); pure-decode steps use BatchDecodeWithPagedKVCacheWrapper,
-  with tensor cores when the GQA group is 4 or more, or FlashInfer's XQA kernel
-  (`cache.flashinfer_decode=xqa`, xqa_decode.py).
+- Pool: [layers, num_pages, 2, page_size, Hkv, D] ("NHD", K and V interleaved per page), so
+  `pool[layer]` is the 5-D paged cache FlashInfer takes as is.
+- Per step, `prepare` builds the page-table CSR once and plans the step's wrapper once; each layer
+  appends its new K/V and runs the planned kernel. Steps with a prefill chunk use the prefill wrapper,
+  causal (aligned bottom-right); decode steps the decode wrapper (tensor cores from a GQA group of 4),
+  XQA (xqa_decode.py), or, at a few rows, our one Triton kernel for rotary, append and attention, which
+  needs no plan() (kernels/fused_decode.py; decode_choice.py says which runs).
 - A decode step whose sequences all start with the same cached pages runs cascade attention
-  (nanoslg/cache/cascade.py): the shared pages once for the whole batch, each sequence's own pages
-  by the decode wrapper, merged with FlashInfer's merge_state.
+  (cascade.py): the shared pages once for the batch, each sequence's own by the decode wrapper.
 - An FP8 pool (`cache.kv_dtype=fp8_e4m3`, kv_quant.py): plan() is told the KV dtype, new K/V are
   cast (divided by the layer's scale) before the append, and run() gets the scales back.
 
@@ -28,6 +24,7 @@ import torch
 from nanoslg.cache.auto import flashinfer_status
 from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_of
 from nanoslg.cache.cascade import shared_prefix_pages
+from nanoslg.cache.decode_choice import fused_rows, uses_tensor_cores
 from nanoslg.cache.flashinfer_graph import FlashInferGraphs
 from nanoslg.cache.kv_quant import FP8, as_bytes, is_fp8, to_cache_pair
 from nanoslg.cache.xqa_decode import XqaDecode, XqaStep, xqa_choice
@@ -51,17 +48,6 @@ def _import_flashinfer(device: torch.device):
     return flashinfer
 
 
-def uses_tensor_cores(choice: str, group: int) -> bool:
-    """Whether FlashInfer's decode wrapper runs its tensor-core kernel (its prefill kernel, one query
-    row per sequence) rather than the CUDA-core decode kernel; choice is cache.flashinfer_decode. auto
-    (and xqa, whose cascade steps run the wrapper) keeps FlashInfer's rule, tensor cores from a GQA
-    group of 4: at smaller groups the tensor-core kernel was no clear gain on W1 and its plan() adds
-    host work every step (experiments/README.md, eighth wave)."""
-    if choice in ("tensor_cores", "cuda_cores"):
-        return choice == "tensor_cores"
-    return group >= 4
-
-
 @dataclass(eq=False)
 class FlashInferContext(CacheContext):
     """One step. The kernels are planned once: in prepare when the query head count is known, else
@@ -80,6 +66,7 @@ class FlashInferContext(CacheContext):
     shared: list[int] | None = None  # cascade: the pages every sequence starts with
     max_q: int = 1  # the most query tokens of one sequence
     max_pages: int = 0  # the most pages of one sequence past the shared ones (XQA's table width)
+    fused: bool = False  # attend_rotary runs the fused decode kernel (nothing to plan for it)
     wrapper: object = None  # planned by plan_once
     level0: object = None
 
@@ -97,20 +84,14 @@ class FlashInferContext(CacheContext):
         self.plan_once(q.shape[1])
         cache = self.pool[layer]
         k, v, scales = self.backend.kv_in(layer, k, v)
-        self.backend.fi.page.append_paged_kv_cache(
-            k,
-            v,
-            self.batch_indices,
-            self.kv_positions,
-            cache,
-            self.kv_indices,
-            self.kv_indptr,
-            self.kv_last_page_len,
-            kv_layout="NHD",
-        )
+        pages = self.batch_indices, self.kv_positions, cache, self.kv_indices, self.kv_indptr, self.kv_last_page_len
+        self.backend.fi.page.append_paged_kv_cache(k, v, *pages, kv_layout="NHD")
         return self.backend.run_attention(self.wrapper, self.level0, q, cache, scales)
 
     def attend_rotary(self, layer: int, q, k, v, positions: torch.Tensor, rotary) -> torch.Tensor:
+        if self.fused:
+            args = self.kv_positions, self.kv_indices, self.kv_indptr
+            return self.backend.fused_attend(layer, q, k, v, positions, rotary, *args)
         if not (self.decode and self.backend.fused_rope):
             return super().attend_rotary(layer, q, k, v, positions, rotary)
         self.plan_once(q.shape[1])
@@ -150,6 +131,7 @@ class FlashInferBackend(CacheBackend):
         self.xqa = False  # decode steps without a cascade run XQA (xqa_decode.py)
         self._xqa_eager: XqaDecode | None = None  # its buffers for eager decode steps, grown on demand
         self.fused_rope = False  # cache.fused_rope (configure)
+        self.fused_rows, self._fused = 0, None  # decode steps of up to fused_rows rows: the fused kernel, its scratch
 
     def configure(self, cache_cfg) -> str:
         self.decode_choice = cache_cfg.flashinfer_decode
@@ -161,8 +143,9 @@ class FlashInferBackend(CacheBackend):
         rope = "one kernel" if self.fused_rope else "FlashInfer's rope, then its append"
         if self.fused_rope and is_fp8(self.spec.cache_dtype):
             rope += ", which casts k and v to FP8 as it stores them"
+        self.fused_rows, fused = fused_rows(self.spec, self.decode_choice, self.fused_rope, self.xqa)
         return (
-            f"{kind} decode kernel (cache.flashinfer_decode={self.decode_choice}); "
+            f"{kind} decode kernel (cache.flashinfer_decode={self.decode_choice}){fused}; "
             f"decode steps' rotary and KV append: {rope} (cache.fused_rope={cache_cfg.fused_rope})"
         )
 
@@ -175,6 +158,14 @@ class FlashInferBackend(CacheBackend):
         args = batch_indices, kv_positions, kv_indices, indptr, out
         rope_append(q, k, v, positions, rotary.cos_sin_cache, cache, *args, scales=self.spec.scales(layer))
         return out, self.run_scales(layer)
+
+    def fused_attend(self, layer, q, k, v, positions, rotary, kv_positions, kv_indices, indptr) -> torch.Tensor:
+        from nanoslg.cache.kernels.fused_decode import FusedDecode  # deferred: imports Triton
+
+        if self._fused is None:  # the scratch of fused_rows rows, for eager steps and every graph
+            self._fused = FusedDecode(self.fused_rows, q.shape[1], k.shape[1], q.shape[2], q.device)
+        cos_sin, cache = rotary.cos_sin_cache, self.pool[layer]
+        return self._fused.run(q, k, v, positions, cos_sin, cache, kv_positions, kv_indices, indptr, self.scale)
 
     @property
     def decode_tensor_cores(self) -> bool:
@@ -316,8 +307,9 @@ class FlashInferBackend(CacheBackend):
             shared=plan.seqs[0].block_table[:skip] if skip else None,
             max_q=max_q,
             max_pages=max_pages,
+            fused=decode and not skip and len(plan.seqs) <= self.fused_rows,
         )
-        if self.num_qo_heads is not None:
+        if self.num_qo_heads is not None and not ctx.fused:
             ctx.plan_once(self.num_qo_heads)
         return ctx
 
@@ -392,9 +384,9 @@ class FlashInferBackend(CacheBackend):
         return wrapper
 
 
+@dataclass
 class _EmptyContext(CacheContext):
-    def __init__(self, positions: torch.Tensor):
-        self.positions = positions
+    positions: torch.Tensor
 
     def attend(self, layer, q, k, v):  # a step with no sequences runs no layers
         raise RuntimeError("attend called on an empty step")

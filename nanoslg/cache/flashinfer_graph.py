@@ -9,7 +9,8 @@ same cached pages; padding rows attend those pages too, and their output is drop
 
 With `cache.flashinfer_decode=xqa` the plain variant runs XQA (xqa_decode.py) instead of the decode
 wrapper: no plan(); the host writes the CSR into the buffers itself, and the captured graph's first
-layer turns it into XQA's page table.
+layer turns it into XQA's page table. Buckets of up to the backend's fused_rows rows run the fused
+decode kernel (kernels/fused_decode.py), which reads the CSR as the host writes it: no plan() either.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from nanoslg.cache.cascade import MIN_BATCH, shared_prefix_pages
 from nanoslg.cache.xqa_decode import XqaDecode, XqaStep
 from nanoslg.core.plan import StepPlan
 from nanoslg.core.tensors import pinned, to_device
+
+FUSED = "fused"  # a bucket's "wrapper" where the fused decode kernel runs its attention
 
 
 class _GraphContext(CacheContext):
@@ -41,6 +44,8 @@ class _GraphContext(CacheContext):
         self._last_layer = layer
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.wrapper is FUSED:
+            raise RuntimeError("a fused decode bucket attends through attend_rotary (the kernel applies the rotary)")
         self._step_start(layer)
         g, bs = self.g, self.bs
         cache = g.backend.pool[layer]
@@ -60,6 +65,9 @@ class _GraphContext(CacheContext):
 
     def attend_rotary(self, layer: int, q, k, v, positions: torch.Tensor, rotary) -> torch.Tensor:
         g, bs = self.g, self.bs
+        if self.wrapper is FUSED:
+            args = g.kv_pos[:bs], g.indices, g.indptr[: bs + 1]
+            return g.backend.fused_attend(layer, q, k, v, positions, rotary, *args)
         if not g.backend.fused_rope:
             return super().attend_rotary(layer, q, k, v, positions, rotary)
         self._step_start(layer)
@@ -126,7 +134,12 @@ class FlashInferGraphs:
 
     def capture_context(self, bs: int, variant: str) -> CacheContext:
         """A context over the fixed buffers, planned for a batch of padding rows only."""
-        wrapper = XqaStep(self.xqa, bs) if self.xqa is not None and variant == "plain" else self._wrapper(bs)
+        if variant == "plain" and bs <= self.backend.fused_rows:
+            wrapper = FUSED
+        elif variant == "plain" and self.xqa is not None:
+            wrapper = XqaStep(self.xqa, bs)
+        else:
+            wrapper = self._wrapper(bs)
         self._plan(wrapper, bs, None)
         level0 = None
         if variant == "cascade":
@@ -171,9 +184,9 @@ class FlashInferGraphs:
         np.cumsum(counts, out=indptr[1:])
         last = np.ones(bs, np.int32)
         last[:n] = starts + 1 - (pages - 1) * ps
-        # One host-to-device copy: positions, KV positions, the page indices, and for XQA (no plan() to
-        # copy them) the indptr and last page lengths.
-        xqa, m = isinstance(wrapper, XqaStep), len(indices)
+        # One host-to-device copy: positions, KV positions, the page indices, and for XQA and the fused
+        # kernel (no plan() to copy them) the indptr and last page lengths.
+        xqa, m = isinstance(wrapper, XqaStep) or wrapper is FUSED, len(indices)
         host = np.empty(2 * bs + m + (2 * bs + 1 if xqa else 0), np.int32)
         host[:bs] = 0
         host[:n] = starts
