@@ -32,7 +32,7 @@ def run_py(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         (["cache.page_size=big"], "cache.page_size"),  # Hydra: a wrong type
         (["cache=nonexistent"], "Available options in 'cache'"),  # Hydra: an unknown option
         (["model.dtype=float64"], "allowed: auto, float32"),  # ours: a value out of its set
-        (["cache.flashinfer_decode=fast"], "allowed: auto, fused, tensor_cores, cuda_cores, xqa"),
+        (["cache.flashinfer_decode=fast"], "allowed: auto, tensor_cores, cuda_cores, xqa, fused"),
         (["cache.fused_rope=always"], "allowed: auto, off"),
         (["prompt=Hi"], "mode=generate"),  # ours: a key serve mode would ignore
     ],

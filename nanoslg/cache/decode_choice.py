@@ -1,6 +1,6 @@
 """Which kernel runs the FlashInfer backend's decode steps (`cache.flashinfer_decode`), apart from XQA
-(xqa_decode.py): the fused Triton kernel for steps of a few rows, FlashInfer's decode wrapper on tensor
-or CUDA cores for the rest. Plain functions of the config and the KV shape, so the CPU tests check them.
+(xqa_decode.py): FlashInfer's decode wrapper on tensor or CUDA cores, or, when asked for, our fused
+Triton kernel for steps of a few rows. Plain functions of the config and the KV shape, so the CPU tests check them.
 """
 
 from __future__ import annotations
@@ -33,18 +33,17 @@ def fused_unsupported(spec, fused_rope: bool) -> str | None:
     return None
 
 
-def fused_rows(spec, choice: str, fused_rope: bool, xqa: bool) -> tuple[int, str]:
+def fused_rows(spec, choice: str, fused_rope: bool) -> tuple[int, str]:
     """Decode steps of up to how many rows run the fused kernel (0: none), and what the log says of it.
-    auto runs it wherever it can and XQA was not chosen; fused asks for it, and where it cannot run that
-    is a ConfigError; tensor_cores, cuda_cores and xqa leave every decode step to FlashInfer."""
-    if choice not in ("auto", "fused") or xqa:
+    Only cache.flashinfer_decode=fused asks for it, and where it cannot run that is a ConfigError. auto
+    leaves it off: on an H100 it was faster than FlashInfer's kernels only at contexts up to a few
+    hundred tokens, and slower from about a thousand (experiments/README.md, seventeenth wave)."""
+    if choice != "fused":
         return 0, ""
     why = fused_unsupported(spec, fused_rope)
-    if why and choice == "fused":
-        raise ConfigError(f"cache.flashinfer_decode=fused cannot run here: {why}; use auto, tensor_cores or cuda_cores")
     if why:
-        return 0, f"; no fused decode kernel: {why}"
-    return FUSED_MAX_ROWS, (
-        f"; decode steps of up to {FUSED_MAX_ROWS} rows: rotary, KV append and attention in one Triton kernel"
-        f"{', auto: a pool in the model dtype' if choice == 'auto' else ''}"
+        raise ConfigError(f"cache.flashinfer_decode=fused cannot run here: {why}; use auto, tensor_cores or cuda_cores")
+    return (
+        FUSED_MAX_ROWS,
+        f"; decode steps of up to {FUSED_MAX_ROWS} rows: rotary, KV append and attention in one Triton kernel",
     )

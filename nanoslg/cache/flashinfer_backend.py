@@ -143,7 +143,7 @@ class FlashInferBackend(CacheBackend):
         rope = "one kernel" if self.fused_rope else "FlashInfer's rope, then its append"
         if self.fused_rope and is_fp8(self.spec.cache_dtype):
             rope += ", which casts k and v to FP8 as it stores them"
-        self.fused_rows, fused = fused_rows(self.spec, self.decode_choice, self.fused_rope, self.xqa)
+        self.fused_rows, fused = fused_rows(self.spec, self.decode_choice, self.fused_rope)
         return (
             f"{kind} decode kernel (cache.flashinfer_decode={self.decode_choice}){fused}; "
             f"decode steps' rotary and KV append: {rope} (cache.fused_rope={cache_cfg.fused_rope})"

@@ -65,10 +65,10 @@ class CacheConfig:
     # with Triton, and SM80+ for bf16; else gather), triton, or gather (keys copied out of the pool
     # into batched SDPA calls).
     sdpa_decode: str = "auto"
-    # FlashInfer's decode kernel: auto (XQA for an FP8 pool on SM90; else steps of up to 8 rows in our
-    # fused Triton kernel, rotary + append + attention, and tensor cores from a GQA group of 4 for the
-    # rest, FlashInfer's own rule), fused (that, or an error where it cannot run), tensor_cores,
-    # cuda_cores, or xqa (TensorRT-LLM's kernel; SM90+, FP8 products with an FP8 pool).
+    # FlashInfer's decode kernel: auto (XQA for an FP8 pool on SM90, else tensor cores from a GQA group
+    # of 4, FlashInfer's own rule), tensor_cores, cuda_cores, xqa (TensorRT-LLM's kernel; SM90+, FP8
+    # products with an FP8 pool), or fused (decode steps of up to 8 rows: rotary, KV append and
+    # attention in our one Triton kernel; the rest as auto).
     flashinfer_decode: str = "auto"
     # A FlashInfer decode step's rotary embedding and KV append: auto (one Triton kernel for both; an
     # FP8 pool's cast included) or off (FlashInfer's kernels).
@@ -196,7 +196,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.blas": ("auto", "cublas", "cublaslt"),
     "cache.kv_dtype": ("auto", "fp8_e4m3"),
     "cache.sdpa_decode": ("auto", "triton", "gather"),
-    "cache.flashinfer_decode": ("auto", "fused", "tensor_cores", "cuda_cores", "xqa"),
+    "cache.flashinfer_decode": ("auto", "tensor_cores", "cuda_cores", "xqa", "fused"),
     "cache.fused_rope": ("auto", "off"),
     "parallel.dist_backend": ("auto", "nccl", "gloo"),
     "bench.peer": ("none", "hf"),

@@ -1,5 +1,5 @@
 """A decode step's rotary, KV append and attention in one kernel, for steps of a few sequences (the
-FlashInfer backend's `cache.flashinfer_decode=fused`, which auto picks: decode_choice.py).
+FlashInfer backend's `cache.flashinfer_decode=fused`; decode_choice.py).
 
 At batch 1 a layer's attention is three short launches (rotary + append, FlashInfer's decode, its
 split-KV merge), each mostly start-up and memory latency: the keys of a few hundred tokens are about
@@ -17,8 +17,8 @@ length. Each program:
    the row's page slot;
 3. runs the online softmax over its tiles, the new key last (from registers);
 4. with one split, stores the output; else stores its partial output and log-sum-exp and counts
-   itself done on the (row, KV head)'s counter, and the last to finish merges every split (in one
-   fixed order: the same bits whichever finished last) and sets the counter back to zero.
+   itself done on the (row, KV head)'s counter, and the last to finish merges every split in split
+   order (the same bits whichever finished last) and sets the counter back to zero for the next step.
 
 Pool: the FlashInfer backend's NHD layer [pages, 2 (K, V), page_size, kv_heads, D], in the model's
 dtype (an FP8 pool takes XQA or FlashInfer's kernels). Imported only on a GPU with Triton (and by the
@@ -110,9 +110,7 @@ def _fused_decode_kernel(
             done = tl.atomic_add(Count + b * HKV + kvh, 1, sem="acq_rel", scope="gpu")
             if done == active - 1:  # the last split of this (row, KV head) to finish merges them all
                 tl.atomic_xchg(Count + b * HKV + kvh, 0, sem="relaxed", scope="gpu")
-                _merge(
-                    MidO, MidLse, Out, (b * HQ + kvh * GROUP).to(tl.int64), dv, active, dtype, SPLITS, GROUP, 2 * HALF
-                )
+                _merge(MidO, MidLse, Out, o_rows, in_group, dv, active, dtype, SPLITS, BLOCK_H, HALF)
 
 
 @triton.jit
@@ -152,21 +150,26 @@ def _attend(q1, q2, k1, k2, v, ok, m, l_sum, acc, scale, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _merge(MidO, MidLse, Out, row0, dv, active, dtype: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr,
-           D: tl.constexpr):  # fmt: skip
-    """Out = the splits' outputs weighted by exp(lse - max lse), summed over the splits, per query head of
-    the group. A head's splits load at once (a loop over them would wait on each load in turn)."""
+def _merge(MidO, MidLse, Out, o_rows, in_group, dv, active, dtype: tl.constexpr, SPLITS: tl.constexpr,
+           BLOCK_H: tl.constexpr, HALF: tl.constexpr):  # fmt: skip
+    """Out = the splits' outputs weighted by exp(lse - max lse), summed in split order."""
     s = tl.arange(0, SPLITS)
-    live = s < active
-    for h in tl.static_range(GROUP):
-        r = row0 + h
-        # .cg: from L2, not this SM's L1 (not coherent with the SMs that stored the other splits)
-        lse = tl.load(MidLse + r * SPLITS + s, mask=live, other=float("-inf"), cache_modifier=".cg")
-        w = tl.exp(lse - tl.max(lse, 0))  # every split below `active` holds a key: the max is finite
-        o = tl.load(MidO + (r * SPLITS + s)[:, None] * D + dv[None, :], mask=live[:, None], other=0.0,
-                    cache_modifier=".cg")  # fmt: skip
-        out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
-        tl.store(Out + r * D + dv, out.to(dtype))
+    mask = in_group[:, None] & (s < active)[None, :]
+    # .cg: from L2, not this SM's L1 (not coherent with the SMs that stored the other splits)
+    lse = tl.load(MidLse + o_rows[:, None] * SPLITS + s[None, :], mask=mask, other=float("-inf"), cache_modifier=".cg")
+    top = tl.max(lse, 1)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros([BLOCK_H], tl.float32)
+    out = tl.zeros([BLOCK_H, 2 * HALF], tl.float32)
+    for j in range(0, active):
+        lse_j = tl.load(MidLse + o_rows * SPLITS + j, mask=in_group, other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp(lse_j - top)
+        o_j = tl.load(MidO + (o_rows * SPLITS + j)[:, None] * (2 * HALF) + dv[None, :], mask=in_group[:, None],
+                      other=0.0, cache_modifier=".cg")  # fmt: skip
+        total += w
+        out += w[:, None] * o_j
+    out = out / tl.where(total == 0.0, 1.0, total)[:, None]
+    tl.store(Out + o_rows[:, None] * (2 * HALF) + dv[None, :], out.to(dtype), mask=in_group[:, None])
 
 
 class FusedDecode:
