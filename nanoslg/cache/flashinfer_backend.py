@@ -5,8 +5,9 @@
 - Per step, `prepare` builds the page-table CSR once and plans the step's wrapper once; each layer
   appends its new K/V and runs the planned kernel. Steps with a prefill chunk use the prefill wrapper,
   causal (aligned bottom-right); decode steps the decode wrapper (tensor cores from a GQA group of 4),
-  XQA (xqa_decode.py), or, at a few rows, our one Triton kernel for rotary, append and attention, which
-  needs no plan() (kernels/fused_decode.py; decode_choice.py says which runs).
+  XQA (xqa_decode.py), or, asked for (`cache.flashinfer_decode=fused`) and at a few rows, our one
+  Triton kernel for rotary, append and attention, which needs no plan() (kernels/fused_decode.py;
+  decode_choice.py says which runs).
 - A decode step whose sequences all start with the same cached pages runs cascade attention
   (cascade.py): the shared pages once for the batch, each sequence's own by the decode wrapper.
 - An FP8 pool (`cache.kv_dtype=fp8_e4m3`, kv_quant.py): plan() is told the KV dtype, new K/V are

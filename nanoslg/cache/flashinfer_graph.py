@@ -9,8 +9,9 @@ same cached pages; padding rows attend those pages too, and their output is drop
 
 With `cache.flashinfer_decode=xqa` the plain variant runs XQA (xqa_decode.py) instead of the decode
 wrapper: no plan(); the host writes the CSR into the buffers itself, and the captured graph's first
-layer turns it into XQA's page table. Buckets of up to the backend's fused_rows rows run the fused
-decode kernel (kernels/fused_decode.py), which reads the CSR as the host writes it: no plan() either.
+layer turns it into XQA's page table. With `cache.flashinfer_decode=fused`, buckets of up to the
+backend's fused_rows rows run the fused decode kernel (kernels/fused_decode.py), which reads the CSR
+as the host writes it: no plan() either.
 """
 
 from __future__ import annotations
