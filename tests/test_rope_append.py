@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from early_launch import assert_early_launch_reads_its_input
 from triton_interp import interpret
 
 CASE = r"""
@@ -172,7 +173,6 @@ def test_rope_append_launched_early_reads_its_input(monkeypatch):
     writes its q, k and v (and lets it launch early), it gives the bits of the same two kernels run
     one at a time with a synchronize between them, eagerly and from a CUDA graph."""
     from nanoslg.cache.kernels import rope_append as ra
-    from nanoslg.core.pdl import pdl_ok
     from nanoslg.model.quant.fp8 import fp8_kernel, quantize_weight
     from nanoslg.model.quant.kernels import fp8 as fp8_k
 
@@ -196,19 +196,4 @@ def test_rope_append_launched_early_reads_its_input(monkeypatch):
                        kv_pos, pages, indptr, out)  # fmt: skip
         return out
 
-    assert pdl_ok(x.device) == (torch.cuda.get_device_capability() >= (9, 0))  # on SM90 the path under test
-    got_pool, graph_pool = pool.clone(), pool.clone()
-    got = step(got_pool)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = step(graph_pool)
-    graph_pool.copy_(pool)
-    graph.replay()
-    torch.cuda.synchronize()
-    for module in (ra, fp8_k):
-        monkeypatch.setattr(module, "pdl_ok", lambda device: False)
-    want_pool = pool.clone()
-    want = step(want_pool, sync=True)  # one at a time, nothing launched early
-    assert not torch.equal(want_pool, pool)  # the step appended
-    assert torch.equal(got, want) and torch.equal(got_pool, want_pool)
-    assert torch.equal(replayed, want) and torch.equal(graph_pool, want_pool)
+    assert_early_launch_reads_its_input(step, pool, (ra, fp8_k), monkeypatch)

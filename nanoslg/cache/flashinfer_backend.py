@@ -161,9 +161,9 @@ class FlashInferBackend(CacheBackend):
         return out, self.run_scales(layer)
 
     def fused_attend(self, layer, q, k, v, positions, rotary, kv_positions, kv_indices, indptr) -> torch.Tensor:
-        from nanoslg.cache.kernels.fused_decode import FusedDecode  # deferred: imports Triton
-
         if self._fused is None:  # the scratch of fused_rows rows, for eager steps and every graph
+            from nanoslg.cache.kernels.fused_decode import FusedDecode  # deferred: imports Triton
+
             self._fused = FusedDecode(self.fused_rows, q.shape[1], k.shape[1], q.shape[2], q.device)
         cos_sin, cache = rotary.cos_sin_cache, self.pool[layer]
         return self._fused.run(q, k, v, positions, cos_sin, cache, kv_positions, kv_indices, indptr, self.scale)

@@ -187,20 +187,20 @@ class FlashInferGraphs:
         last[:n] = starts + 1 - (pages - 1) * ps
         # One host-to-device copy: positions, KV positions, the page indices, and for XQA and the fused
         # kernel (no plan() to copy them) the indptr and last page lengths.
-        xqa, m = isinstance(wrapper, XqaStep) or wrapper is FUSED, len(indices)
-        host = np.empty(2 * bs + m + (2 * bs + 1 if xqa else 0), np.int32)
+        no_plan, m = isinstance(wrapper, XqaStep) or wrapper is FUSED, len(indices)
+        host = np.empty(2 * bs + m + (2 * bs + 1 if no_plan else 0), np.int32)
         host[:bs] = 0
         host[:n] = starts
         host[bs : 2 * bs] = host[:bs]
         host[bs : bs + n] -= skip * ps
         host[2 * bs : 2 * bs + m] = indices
-        if xqa:
+        if no_plan:
             host[2 * bs + m : 3 * bs + m + 1] = indptr
             host[3 * bs + m + 1 :] = last
         dev = to_device(host, torch.int32, self.positions.device)
         self.positions[:bs].copy_(dev[:bs])
         self.kv_pos[:bs].copy_(dev[bs : 2 * bs])
-        if xqa:
+        if no_plan:
             self.indices[:m].copy_(dev[2 * bs : 2 * bs + m])
             self.indptr[: bs + 1].copy_(dev[2 * bs + m : 3 * bs + m + 1])
             self.last_len[:bs].copy_(dev[3 * bs + m + 1 :])

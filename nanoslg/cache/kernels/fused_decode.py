@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanoslg.cache.kernels.paged_decode import softmax_tile
 from nanoslg.cache.kernels.rope_append import _rotate
 from nanoslg.core.pdl import gdc_launch_dependents, gdc_wait, pdl_ok
 
@@ -135,18 +136,7 @@ def _attend(q1, q2, k1, k2, v, ok, m, l_sum, acc, scale, IEEE: tl.constexpr):
         s = tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(q2, tl.trans(k2), input_precision="ieee")
     else:
         s = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
-    s = tl.where(ok[None, :], s * scale, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
-    # a tile with no key (a split of only the new one) leaves the state as it was
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(s - m_safe[:, None])
-    alpha = tl.exp(m - m_safe)
-    l_sum = l_sum * alpha + tl.sum(p, 1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_sum, acc
+    return softmax_tile(tl.where(ok[None, :], s * scale, float("-inf")), v, m, l_sum, acc, IEEE)
 
 
 @triton.jit

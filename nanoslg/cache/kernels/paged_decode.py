@@ -54,15 +54,7 @@ def _split_kernel(
         else:
             s = tl.dot(q, tl.trans(k))
         s = tl.where(ok[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        m, l_sum, acc = softmax_tile(s, v, m, l_sum, acc, IEEE)
     empty = l_sum == 0.0  # a split past the row's end (or a padding row of length 0)
     o = acc / tl.where(empty, 1.0, l_sum)[:, None]
     if SPLITS == 1:
@@ -73,6 +65,22 @@ def _split_kernel(
         base = (b * tl.num_programs(1) * GROUP + qh) * SPLITS + split  # by batch row, not token
         tl.store(MidO + base[:, None] * D + d[None, :], o, mask=in_group[:, None])
         tl.store(MidLse + base, lse, mask=in_group)
+
+
+@triton.jit
+def softmax_tile(s, v, m, l_sum, acc, IEEE: tl.constexpr):
+    """One tile of the online softmax: scores s [H, BLOCK] (-inf where masked) and values v [BLOCK, D]
+    into the running max m, sum l_sum and output acc. A tile with no key leaves them as they were."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp(-inf - 0) = 0, not NaN
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    l_sum = l_sum * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_sum, acc
 
 
 @triton.jit
