@@ -34,6 +34,8 @@ def run_py(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         (["model.dtype=float64"], "allowed: auto, float32"),  # ours: a value out of its set
         (["cache.flashinfer_decode=fast"], "allowed: auto, tensor_cores, cuda_cores, xqa, fused"),
         (["cache.fused_rope=always"], "allowed: auto, off"),
+        (["model.piecewise_graphs=on"], "model.piecewise_graphs='on' is not allowed; allowed: auto, off"),
+        (["model.piecewise_max_tokens=0"], "model.piecewise_max_tokens=0 is out of range"),
         (["prompt=Hi"], "mode=generate"),  # ours: a key serve mode would ignore
     ],
 )

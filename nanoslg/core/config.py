@@ -32,7 +32,12 @@ class ModelConfig:
     # a repetitive text (at 0.02 a 4096-wide model is chaotic and never repeats itself), so prompt
     # lookup has something to find (the speculative-decoding presets).
     dummy_init: str = "normal"
-    enforce_eager: bool = False  # true: no CUDA graphs for decode (they need flashinfer on one GPU)
+    enforce_eager: bool = False  # true: no CUDA graphs at all (decode graphs need flashinfer on one GPU)
+    # Prefill and mixed steps in CUDA graphs cut at each attention call (runtime/piecewise.py): auto (on
+    # one GPU, unquantized) or off; up to piecewise_max_tokens tokens a step (null: chosen from the
+    # model's size and scheduler.max_num_batched_tokens).
+    piecewise_graphs: str = "auto"
+    piecewise_max_tokens: int | None = None
     # Random draws: auto (flashinfer's fused top-k/top-p kernel on a GPU where it imports, else torch),
     # torch, or flashinfer. The fused kernel takes batches with no per-request seed and no min_p;
     # the rest fall back to torch. Greedy batches take the argmax either way.
@@ -194,6 +199,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.device": ("auto", "cuda", "cpu"),
     "model.sampling_kernels": ("auto", "torch", "flashinfer"),
     "model.blas": ("auto", "cublas", "cublaslt"),
+    "model.piecewise_graphs": ("auto", "off"),
     "cache.kv_dtype": ("auto", "fp8_e4m3"),
     "cache.sdpa_decode": ("auto", "triton", "gather"),
     "cache.flashinfer_decode": ("auto", "tensor_cores", "cuda_cores", "xqa", "fused"),
@@ -215,6 +221,7 @@ RANGES: list[tuple[str, float, float | None, bool]] = [
     ("parallel.tp_size", 1, None, True),
     ("parallel.pp_size", 1, None, True),
     ("model.max_model_len", 1, None, True),
+    ("model.piecewise_max_tokens", 1, None, True),
     ("server.port", 0, 65535, True),
     ("server.max_waiting", 1, None, True),
     ("server.shutdown_timeout", 0.0, None, True),

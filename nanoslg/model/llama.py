@@ -50,15 +50,22 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else None
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k and v [T, Hkv, D] (k, v may be strided views: backends take them as is)."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k, v = q.view(t, self.num_heads, -1), k.view(t, self.num_kv_heads, -1), v.view(t, self.num_kv_heads, -1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        # Rotary, then attention; k, v may be strided views: backends take them as is.
+        return q, k, v
+
+    def attend(self, positions: torch.Tensor, q, k, v, ctx) -> torch.Tensor:
+        """Rotary, then attention: [T, Hq * D], the o projection's input."""
         o = ctx.attend_rotary(self.local_idx, q, k, v, positions, self.rotary_emb)
-        return self.o_proj(o.reshape(t, -1))
+        return o.reshape(q.shape[0], -1)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx) -> torch.Tensor:
+        return self.o_proj(self.attend(positions, *self.project(x), ctx))
 
 
 class MLP(nn.Module):
@@ -84,14 +91,22 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual, ctx):
+    def before_attention(self, hidden, residual):
+        """The input norm and the q, k, v projections: ((q, k, v), residual)."""
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, ctx)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.self_attn.project(hidden), residual
+
+    def after_attention(self, o: torch.Tensor, residual: torch.Tensor):
+        """The o projection, the post-attention norm and the MLP: (hidden, residual)."""
+        hidden, residual = self.post_attention_layernorm(self.self_attn.o_proj(o), residual)
         return self.mlp(hidden), residual
+
+    def forward(self, positions, hidden, residual, ctx):
+        qkv, residual = self.before_attention(hidden, residual)
+        return self.after_attention(self.self_attn.attend(positions, *qkv, ctx), residual)
 
 
 class DecoderModel(nn.Module):
@@ -137,6 +152,25 @@ class LlamaForCausalLM(nn.Module):
         if residual is None:  # a last stage without layers
             return m.norm(hidden)
         return m.norm(hidden, residual)[0]
+
+    def piece(self, i: int, input_ids: torch.Tensor, o: torch.Tensor, residual: torch.Tensor | None):
+        """Piece i of a one-stage forward cut at its attention calls (runtime/piecewise.py captures
+        each in a CUDA graph): piece 0 embeds input_ids and projects layer 0's q, k, v; piece i
+        finishes layer i - 1 from its attention output o [T, Hq * D] and projects layer i's; the
+        last finishes the last layer and norms. Returns ((q, k, v), residual), or (None, hidden)
+        from the last."""
+        layers, m = self.decoder_layers, self.model
+        if i == 0:
+            hidden, residual = m.embed_tokens(input_ids), None
+        else:
+            hidden, residual = layers[i - 1].after_attention(o, residual)
+        if i < len(layers):
+            return layers[i].before_attention(hidden, residual)
+        return None, m.norm(hidden, residual)[0]
+
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return list(self.model.layers.values())
 
     def kv_scales(self) -> list[tuple[float, float]]:
         """Per local layer, the (k, v) scales of an FP8 KV cache."""

@@ -23,7 +23,9 @@ from nanoslg.core.registry import CACHE_BACKENDS
 from nanoslg.model.checkpoint import Checkpoint
 from nanoslg.model.loader import load_model, resolve_dtype
 from nanoslg.model.sampler import Sampler
+from nanoslg.runtime import piecewise
 from nanoslg.runtime.draft import build_drafter
+from nanoslg.runtime.piecewise import PiecewiseGraphs
 from nanoslg.runtime.runner import ModelRunner
 
 log = logging.getLogger("nanoslg.build")
@@ -40,6 +42,8 @@ class RankRuntime:
     quant: str = "none"  # the quantization method, its settings and kernels (for the start-up log)
     weight_bytes: int = 0  # this rank's weights as stored
     kv_scales: str = ""  # where an FP8 pool's scales came from
+    piecewise_tokens: int = 0  # prefill and mixed steps of up to this many tokens replay piecewise graphs
+    piecewise_why: str = ""  # why they do, up to that count, or why not (for the log)
 
 
 def step_stream(device: torch.device) -> torch.cuda.Stream | None:
@@ -96,7 +100,34 @@ def build_runner(cfg: Config, ckpt: Checkpoint, device: torch.device, sample: bo
     if cfg.speculative.method == "draft" and sampler is not None and st.tp_size == st.pp_size == 1:
         runner.drafter = build_drafter(cfg, ckpt, model, sampler)
     quant = model.quant.describe() if model.quant is not None else "none"
-    return RankRuntime(runner, backend, name, reason, spec, dtype_reason, quant, stored_bytes(model), kv_scales)
+    rt = RankRuntime(runner, backend, name, reason, spec, dtype_reason, quant, stored_bytes(model), kv_scales)
+    rt.piecewise_tokens, rt.piecewise_why = piecewise_choice(cfg, model, device)
+    return rt
+
+
+def piecewise_choice(cfg: Config, model, device: torch.device) -> tuple[int, str]:
+    """(largest bucket, why) for model.piecewise_graphs: (0, why not) where they cannot run."""
+    st, m = get_state(), cfg.model
+    why_not = None
+    if m.piecewise_graphs == "off" or m.enforce_eager:
+        why_not = "model.piecewise_graphs=off" if m.piecewise_graphs == "off" else "model.enforce_eager=true"
+    elif device.type != "cuda":
+        why_not = f"no CUDA graphs on {device.type}"
+    elif st.tp_size > 1 or st.pp_size > 1 or not hasattr(model, "piece"):
+        why_not = "one GPU and one pipeline stage only"
+    elif model.quant is not None:
+        why_not = f"not captured with {model.quant.name} linears"
+    else:
+        why_not = piecewise.unavailable()
+    if why_not is not None:
+        return 0, why_not
+    budget = cfg.scheduler.max_num_batched_tokens
+    if m.piecewise_max_tokens is not None:
+        n = min(m.piecewise_max_tokens, budget)
+        return n, f"model.piecewise_max_tokens={m.piecewise_max_tokens}"
+    params = sum(p.numel() for p in model.parameters())
+    n = piecewise.auto_max_tokens(budget, params)
+    return n, f"auto: up to where a step's GEMMs outlast its eager launch ({params / 1e9:.2f} B parameters)"
 
 
 def stored_bytes(model: torch.nn.Module) -> int:
@@ -135,11 +166,16 @@ def kv_budget_bytes(cfg: Config, rt: RankRuntime) -> tuple[int, str]:
     if cfg.cache.max_num_tokens is not None:
         return 0, f"cache.max_num_tokens={cfg.cache.max_num_tokens}"
     used = total - free
-    budget = int(total * cfg.cache.gpu_memory_utilization) - used - peak
+    # Piecewise graphs keep their own pool: about the activation peak of their largest bucket.
+    n = min(cfg.scheduler.max_num_batched_tokens, 8192)
+    pieces = int(peak * min(1.0, rt.piecewise_tokens / n))
+    budget = int(total * cfg.cache.gpu_memory_utilization) - used - peak - pieces
     why = (
         f"{cfg.cache.gpu_memory_utilization:.2f} x {total / 2**30:.1f} GiB - {used / 2**30:.2f} GiB in use "
         f"- {peak / 2**30:.2f} GiB activation peak"
     )
+    if pieces:
+        why += f" - {pieces / 2**30:.2f} GiB for piecewise graphs"
     if budget <= 0:
         raise ConfigError(
             f"no GPU memory left for the KV cache ({why}); raise cache.gpu_memory_utilization "
@@ -198,6 +234,19 @@ def num_pages_for(cfg: Config, rt: RankRuntime, budget_bytes: int | None) -> int
     return max(1, budget_bytes // page_bytes)
 
 
+def capture_piecewise(rt: RankRuntime) -> None:
+    """Captures the piecewise graphs of prefill and mixed steps where piecewise_choice allowed them."""
+    if not rt.piecewise_tokens:
+        log.info("prefill and mixed steps run eagerly (no piecewise CUDA graphs): %s", rt.piecewise_why)
+        return
+    log.info(
+        "prefill and mixed steps of up to %d tokens: piecewise CUDA graphs (%s)", rt.piecewise_tokens, rt.piecewise_why
+    )
+    pieces = PiecewiseGraphs(rt.runner.model, rt.piecewise_tokens, rt.spec.device)
+    pieces.capture()
+    rt.runner.pieces = pieces
+
+
 def allocate_kv(cfg: Config, rt: RankRuntime, num_pages: int, graphs: bool) -> None:
     """Allocates the KV pool, then captures decode CUDA graphs over it where they can run: a backend
     with graph hooks on a GPU, unless model.enforce_eager (and the strategy allows them)."""
@@ -206,6 +255,7 @@ def allocate_kv(cfg: Config, rt: RankRuntime, num_pages: int, graphs: bool) -> N
         rt.runner.drafter.backend.allocate(num_pages)
     if not graphs:
         return
+    capture_piecewise(rt)
     if cfg.model.enforce_eager or rt.spec.device.type != "cuda" or not rt.backend.supports_graphs:
         why = (
             "model.enforce_eager=true"

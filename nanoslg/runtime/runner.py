@@ -17,6 +17,7 @@ from nanoslg.core.plan import PLACEHOLDER, StepPlan, StepResult
 from nanoslg.core.tensors import STAGING, to_device
 from nanoslg.model.sampler import Sampled
 from nanoslg.runtime.graph_runner import GraphRunner
+from nanoslg.runtime.piecewise import PiecewiseGraphs
 from nanoslg.runtime.speculative import verify_step
 
 
@@ -41,6 +42,7 @@ class ModelRunner:
         self.sampler = sampler  # None on ranks that do not sample
         self.device = device
         self.graphs: GraphRunner | None = None  # captured decode graphs, once capture_graphs ran
+        self.pieces: PiecewiseGraphs | None = None  # piecewise graphs for the other steps (runtime/build.py)
         self._last_ids: list[int] = []  # the sequences the last launch sampled, in row order
         self._last_tokens: torch.Tensor | None = None  # and its draws, on the device
         self.drafter = None  # speculative=draft: the DraftRunner that fills a plan's proposals
@@ -111,7 +113,10 @@ class ModelRunner:
         else:
             input_ids, ctx, rows = self.inputs(plan, seq_ids)
             stage_in = {} if hidden_in is None else {"hidden": hidden_in[0], "residual": hidden_in[1]}
-            out = self.model(input_ids, ctx.positions, ctx, **stage_in)
+            if self.pieces is not None and hidden_in is None and self.pieces.can_run(input_ids.shape[0]):
+                out = self.pieces.run(input_ids, ctx)
+            else:
+                out = self.model(input_ids, ctx.positions, ctx, **stage_in)
             if self.model.lm_head is None:  # a pipeline stage before the last: its output goes on
                 return Launched(plan.step_id, [], hidden_out=out)
             seq_ids = [s.seq_id for s in plan.seqs if s.sample]
