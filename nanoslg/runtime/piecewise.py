@@ -24,9 +24,10 @@ from tqdm import tqdm
 
 log = logging.getLogger("nanoslg.graphs")
 
-# A step's GEMM work (tokens x weight parameters) below which an eager launch is likely to take longer
-# than the kernels run on the GPU: the auto rule for the largest bucket (runtime/build.py).
-AUTO_TOKEN_PARAMS = 2**43
+# A step's GEMM work (tokens x weight parameters) up to which its eager launch may outlast the step
+# before it (a decode step, with a prompt's chunk joining) or its own kernels: the auto rule for the
+# largest bucket (runtime/build.py).
+AUTO_TOKEN_PARAMS = 2**44
 MIN_BUCKET = 16
 
 
