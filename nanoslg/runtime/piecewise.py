@@ -18,6 +18,7 @@ That is safe because replays run in capture order and never two steps at once (o
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from tqdm import tqdm
@@ -31,13 +32,16 @@ AUTO_TOKEN_PARAMS = 2**44
 MIN_BUCKET = 16
 
 
+FINE_FROM = 256  # from here on, buckets every quarter octave: a padded step computes at most 25% more
+
+
 def buckets_up_to(max_tokens: int) -> list[int]:
-    """Token counts 16, 24, 32, 48, ... (powers of two and 1.5x them) up to max_tokens, and max_tokens."""
+    """Token counts 16, 24, 32, 48, ... 256 (powers of two and 1.5x them), then 320, 384, 448, 512,
+    640, ... (four to an octave), up to max_tokens, and max_tokens itself."""
     out, b = [], MIN_BUCKET
     while b < max_tokens:
-        out.append(b)
-        if b * 3 // 2 < max_tokens:
-            out.append(b * 3 // 2)
+        steps = (b, b * 3 // 2) if b < FINE_FROM else tuple(b + j * b // 4 for j in range(4))
+        out.extend(x for x in steps if x < max_tokens)
         b *= 2
     return [*out, max_tokens]
 
@@ -83,17 +87,24 @@ class PiecewiseGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
+        pool, t0 = torch.cuda.graph_pool_handle(), time.perf_counter()
         for b in tqdm(list(reversed(self.buckets)), desc="capturing piecewise CUDA graphs"):
             self.pieces[b] = self._capture_bucket(b, pool)
         torch.cuda.synchronize()
-        n = len(self.layers) + 1
-        log.info("captured piecewise CUDA graphs (%d pieces) for prefill steps of up to %d tokens", n, self.max_tokens)
+        log.info(
+            "captured piecewise CUDA graphs: %d pieces x %d token counts up to %d, in %.2f s",
+            len(self.layers) + 1,
+            len(self.buckets),
+            self.max_tokens,
+            time.perf_counter() - t0,
+        )
 
     def _capture_bucket(self, b: int, pool) -> list:
         ids, o, residual, pieces = self.ids[:b], self.o[:b], None, []
-        for i in range(len(self.layers) + 1):
-            self.model.piece(i, ids, o, residual)  # warm-up, outside the graph
+        last = len(self.layers)
+        for i in range(last + 1):
+            if i in (0, 1, last):  # warm-up outside the graph; the pieces between run piece 1's kernels
+                self.model.piece(i, ids, o, residual)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 qkv, out = self.model.piece(i, ids, o, residual)
