@@ -23,8 +23,8 @@ def test_buckets_and_the_auto_size():
     assert buckets_up_to(100) == [16, 24, 32, 48, 64, 96, 100]
     assert buckets_up_to(1024)[7:] == [192, 256, 320, 384, 448, 512, 640, 768, 896, 1024]
     assert buckets_up_to(8192)[-5:] == [4096, 5120, 6144, 7168, 8192] and buckets_up_to(5) == [5]
-    # Qwen3-0.6B's 0.75 B parameters take the whole 8,192-token budget, Llama-3.1-8B's 8.0 B 2,048.
-    assert auto_max_tokens(8192, 751_632_384) == 8192 and auto_max_tokens(8192, 8_030_261_248) == 2048
+    # Qwen3-0.6B's 0.75 B parameters take the whole 8,192-token budget, Llama-3.1-8B's 8.0 B 1,024.
+    assert auto_max_tokens(8192, 751_632_384) == 8192 and auto_max_tokens(8192, 8_030_261_248) == 1024
     assert auto_max_tokens(512, 751_632_384) == 512
 
 

@@ -106,7 +106,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions, hidden, residual, ctx):
         qkv, residual = self.before_attention(hidden, residual)
-        return self.after_attention(self.self_attn.attend(positions, *qkv, ctx), residual)
+        o = self.self_attn.attend(positions, *qkv, ctx)
+        del qkv  # freed before the MLP's activations are allocated: the step's activation peak
+        return self.after_attention(o, residual)
 
 
 class DecoderModel(nn.Module):

@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 log = logging.getLogger("nanoslg.graphs")
 
-# A step's GEMM work (tokens x weight parameters) up to which its eager launch may outlast the step
-# before it (a decode step, with a prompt's chunk joining) or its own kernels: the auto rule for the
-# largest bucket (runtime/build.py).
-AUTO_TOKEN_PARAMS = 2**44
+# A step's GEMM work (tokens x weight parameters) below which its eager launch may take longer than
+# its kernels run: the auto rule for the largest bucket (runtime/build.py). Above it the kernels hide
+# the launch, and padding to a bucket would only add work.
+AUTO_TOKEN_PARAMS = 2**43
 MIN_BUCKET = 16
 
 
