@@ -34,7 +34,7 @@ def test_pieces_equal_the_forward(name, request):
     prefill chunks of several sizes and one-token steps."""
     path = request.getfixturevalue(name)
     model = load_model(path, device="cpu")
-    pieces = PiecewiseGraphs(model, 32, torch.device("cpu"), capture=False)
+    pieces = PiecewiseGraphs(model, 32, torch.device("cpu"))
     ids = prompt(model.args.vocab_size)
     ctx_a, ctx_b, outs, start = SeqContext(), SeqContext(), [], 0
     with torch.no_grad():
@@ -57,7 +57,7 @@ def test_engine_through_pieces_equals_transformers(name, request, hf_greedy):
     with LLM(f"model.path={path}", "cache=paged", "scheduler.max_num_batched_tokens=24") as llm:
         runner = llm.engine.executor.rt.runner
         assert runner.pieces is None and "no CUDA graphs on cpu" in llm.engine.executor.rt.piecewise_why
-        runner.pieces = PiecewiseGraphs(runner.model, 24, torch.device("cpu"), capture=False)
+        runner.pieces = PiecewiseGraphs(runner.model, 24, torch.device("cpu"))
         calls, run = [], runner.pieces.run
         runner.pieces.run = lambda ids, ctx: calls.append(ids.shape[0]) or run(ids, ctx)
         prompts = prompts_for(llm.engine.vocab_size)

@@ -68,11 +68,11 @@ def unavailable() -> str | None:
 
 
 class PiecewiseGraphs:
-    """The pieces of every bucket. capture=False runs each piece eagerly on the same buffers and
-    padding (the CPU, where tests check the cutting and padding against the plain forward)."""
+    """The pieces of every bucket. Until capture() runs (the CPU, where tests check the cutting and
+    the padding against the plain forward), run() calls each piece eagerly on the same buffers."""
 
-    def __init__(self, model, max_tokens: int, device: torch.device, capture: bool = True):
-        self.model, self.capture_graphs = model, capture
+    def __init__(self, model, max_tokens: int, device: torch.device):
+        self.model = model
         self.layers = model.decoder_layers
         self.buckets = buckets_up_to(max_tokens)
         self.max_tokens = max_tokens
