@@ -68,6 +68,20 @@ def test_engine_through_pieces_equals_transformers(name, request, hf_greedy):
     assert max(calls) == 24 and min(calls) < 16  # full chunks, and decode steps padded to a bucket
 
 
+def test_verify_steps_through_pieces_equal_transformers(tiny_llama, hf_greedy):
+    """Speculative decoding's verify steps (several tokens a sequence, every row sampled) through the
+    pieces: transformers' tokens, with proposals made and checked."""
+    with LLM(f"model.path={tiny_llama}", "cache=paged", "speculative=ngram", "speculative.num_tokens=3") as llm:
+        runner = llm.engine.executor.rt.runner
+        runner.pieces = PiecewiseGraphs(runner.model, 32, torch.device("cpu"))
+        base = prompts_for(llm.engine.vocab_size, lengths=(6, 9))
+        prompts = [p * 4 for p in base]  # repeated text: prompt lookup finds proposals
+        outs = llm.generate(prompts, greedy())
+        assert llm.engine.metrics.spec_num_drafts > 0 and runner.pieces.steps > 0
+    for p, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(tiny_llama, p, NEW)
+
+
 def test_the_choice_names_why(tiny_llama):
     with LLM(f"model.path={tiny_llama}", "cache=sdpa", "model.piecewise_graphs=off") as llm:
         assert llm.engine.executor.rt.piecewise_why == "model.piecewise_graphs=off"
