@@ -10,11 +10,13 @@ from nanoslg.model import kernels
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _bf16_llama(root, kv_heads: int) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _bf16_llama(root, kv_heads: int, kind: str = "llama", max_len: int = 1024) -> str:
+    """A random bf16 checkpoint, Llama or (kind="qwen3", per-head q/k norm) Qwen3, head_dim 128."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
+    config, model = (Qwen3Config, Qwen3ForCausalLM) if kind == "qwen3" else (LlamaConfig, LlamaForCausalLM)
+    cfg = config(
         hidden_size=512,
         intermediate_size=1024,
         num_hidden_layers=4,
@@ -22,11 +24,11 @@ def _bf16_llama(root, kv_heads: int) -> str:
         num_key_value_heads=kv_heads,
         head_dim=128,
         vocab_size=1024,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_len,
         initializer_range=0.1,
     )
-    path = root / f"llama-kv{kv_heads}"
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    path = root / f"{kind}-kv{kv_heads}"
+    model(cfg).to(torch.bfloat16).save_pretrained(path)
     return str(path)
 
 

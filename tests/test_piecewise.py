@@ -8,6 +8,7 @@ and transformers; the GPU tests capture them and compare with the eager steps.
 import pytest
 import torch
 from conftest import NEW, greedy, prompts_for
+from test_gpu import _bf16_llama
 from test_model_equivalence import SeqContext, hf_logits, prompt
 
 from nanoslg import LLM
@@ -89,27 +90,6 @@ def test_the_choice_names_why(tiny_llama):
 
 
 # -- GPU -----------------------------------------------------------------------------------------------
-def _bf16_ckpt(root, kind: str) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    shape = dict(
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=128,
-        vocab_size=1024,
-        max_position_embeddings=2048,
-        initializer_range=0.1,
-    )
-    config, cls = (Qwen3Config, Qwen3ForCausalLM) if kind == "qwen3" else (LlamaConfig, LlamaForCausalLM)
-    path = root / kind
-    cls(config(**shape)).to(torch.bfloat16).save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
@@ -124,7 +104,7 @@ def _bf16_ckpt(root, kind: str) -> str:
 def test_piecewise_graphs_change_no_token(tmp_path_factory, kind, cache, overlap):
     """Captured pieces against eager steps: prompts of 3 to 700 tokens in chunks of up to 256
     (buckets 16 to 256 and mixed steps), a shared prefix (prefix caching), with and without overlap."""
-    ckpt = _bf16_ckpt(tmp_path_factory.mktemp("pw"), kind)
+    ckpt = _bf16_llama(tmp_path_factory.mktemp("pw"), 2, kind, max_len=2048)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (3, 17, 40, 90, 130, 300, 700)]
     prompts.append(prompts[-1][:400] + prompts[1])
