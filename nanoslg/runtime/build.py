@@ -113,7 +113,7 @@ def piecewise_choice(cfg: Config, model, device: torch.device) -> tuple[int, str
         why_not = "model.piecewise_graphs=off" if m.piecewise_graphs == "off" else "model.enforce_eager=true"
     elif device.type != "cuda":
         why_not = f"no CUDA graphs on {device.type}"
-    elif st.tp_size > 1 or st.pp_size > 1 or not hasattr(model, "piece"):
+    elif st.tp_size > 1 or st.pp_size > 1:
         why_not = "one GPU and one pipeline stage only"
     elif model.quant is not None:
         why_not = f"not captured with {model.quant.name} linears"
@@ -167,8 +167,7 @@ def kv_budget_bytes(cfg: Config, rt: RankRuntime) -> tuple[int, str]:
         return 0, f"cache.max_num_tokens={cfg.cache.max_num_tokens}"
     used = total - free
     # Piecewise graphs keep their own pool: about the activation peak of their largest bucket.
-    n = min(cfg.scheduler.max_num_batched_tokens, 8192)
-    pieces = int(peak * min(1.0, rt.piecewise_tokens / n))
+    pieces = int(peak * min(1.0, rt.piecewise_tokens / profile_tokens(cfg)))
     budget = int(total * cfg.cache.gpu_memory_utilization) - used - peak - pieces
     why = (
         f"{cfg.cache.gpu_memory_utilization:.2f} x {total / 2**30:.1f} GiB - {used / 2**30:.2f} GiB in use "
@@ -206,11 +205,16 @@ def warm_step_stream(cfg: Config, rt: RankRuntime, stream: torch.cuda.Stream | N
     torch.cuda.synchronize()
 
 
+def profile_tokens(cfg: Config) -> int:
+    """The token count of the profile forward (full_budget_forward): the step budget, at most 8,192."""
+    return min(cfg.scheduler.max_num_batched_tokens, 8192)
+
+
 def full_budget_forward(cfg: Config, rt: RankRuntime) -> None:
     """A forward over scheduler.max_num_batched_tokens tokens (attention without any cache), and the
     logits of up to max_num_seqs rows: the most activation memory a step can take."""
     st, args = get_state(), rt.runner.model.args
-    n = min(cfg.scheduler.max_num_batched_tokens, 8192)
+    n = profile_tokens(cfg)
     dev = rt.spec.device
     ids = torch.zeros(n, dtype=torch.long, device=dev)
     # Positions wrap at the model's length: the rotary cache has no rows past it.
