@@ -100,7 +100,9 @@ def test_unknown_key_lists_close_matches_and_the_valid_keys():
         compose_config(["scheduler.max_num_seq=4"])
     msg = str(e.value)
     assert "did you mean scheduler.max_num_seqs?" in msg
-    assert "The keys under scheduler: max_num_batched_tokens, max_num_seqs, overlap, policy, seed" in msg
+    assert (
+        "The keys under scheduler: hold_lookahead, max_num_batched_tokens, max_num_seqs, overlap, policy, seed" in msg
+    )
     with pytest.raises(ConfigError, match="did you mean prompt?.*The keys at the top level: .*mode"):
         compose_config(["promt=hi"])
 

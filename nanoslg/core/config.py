@@ -89,6 +89,9 @@ class SchedulerConfig:
     # Overlap: plan and launch step N+1 while step N runs; a decode feeds the token step N samples,
     # read on the device, so the host never waits for it (parallel=single; tp/pp run without it).
     overlap: bool = True
+    # With overlap: plan the step after a decode step shortly before that step ends rather than as it
+    # starts, so a request arriving meanwhile joins it (engine/lookahead.py).
+    hold_lookahead: bool = True
 
 
 @dataclass

@@ -103,3 +103,4 @@ class StepResult:
     more_tokens: list[list[int]] | None = None
     more_logprobs: list[list] | None = None  # and their logprob entries (as `logprobs`), where asked
     draft_s: float = 0.0  # speculative=draft: seconds the draft model took to propose, within the step
+    device_s: float | None = None  # the step's time on the device, from its launch's first event to its last

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from nanoslg.core.errors import EngineDeadError, RequestError
 from nanoslg.core.plan import StepPlan, StepResult
 from nanoslg.core.sampling_params import SamplingParams
+from nanoslg.engine.lookahead import LookaheadHold
 from nanoslg.engine.metrics import EngineMetrics
 from nanoslg.engine.output_processor import OutputProcessor
 from nanoslg.engine.outputs import Prompt, RequestOutput
@@ -46,6 +47,7 @@ class AsyncEngine:
         eos_token_ids: tuple[int, ...],
         kv_pool_bytes: int = 0,
         info: dict | None = None,
+        hold_lookahead: bool = True,
     ):
         self.scheduler = scheduler
         self.executor = executor
@@ -65,6 +67,7 @@ class AsyncEngine:
         self.overlap = executor.overlap
         scheduler.lookahead = self.overlap
         self.max_inflight = 1 if self.overlap else executor.max_inflight
+        self.hold = LookaheadHold(hold_lookahead and self.overlap)  # when to plan the step after a decode
         self._thread = ThreadPoolExecutor(max_workers=self.max_inflight, thread_name_prefix="nanoslg-step")
         # Overlap: a second thread waits for the device, so the worker never holds a finished step's
         # tokens behind the launch of the next one.
@@ -239,10 +242,13 @@ class AsyncEngine:
         inflight: collections.deque = collections.deque()  # (plan, future of its launch handle)
         while True:
             while len(inflight) < 2:
+                if inflight:  # step N+1: plan it shortly before step N ends, if N is a decode (lookahead.py)
+                    await self._hold(inflight[0][0])
+                t = time.perf_counter()
                 plan = self._timed(self._schedule, "schedule_s")
                 if plan is None:
                     break
-                inflight.append((plan, self._thread.submit(self._timed, self.executor.launch, "launch_s", plan)))
+                inflight.append((plan, self._thread.submit(self._launch_timed, plan, t)))
             self._wake.clear()
             if not inflight:
                 await self._idle()
@@ -251,6 +257,7 @@ class AsyncEngine:
             waiter = self._collector if inflight and not inflight[0][0].decode else self._thread
             collected = waiter.submit(lambda h=launched: self._timed(self.executor.collect, "wait_s", h.result()))
             result = await asyncio.wrap_future(collected)
+            self.hold.collected(plan, result)
             if inflight and inflight[0][0].sample_later:  # its masks need the grammars this step advances
                 nxt, fwd = inflight[0]
 
@@ -262,6 +269,24 @@ class AsyncEngine:
                 self._process_timed(plan, result, sample_when_masked)
             else:
                 self._process_timed(plan, result)
+
+    async def _hold(self, running: StepPlan) -> None:
+        """Waits, up to the hold's deadline for the step after `running`, for a request to arrive."""
+        self._wake.clear()  # a request added from here on sets it again
+        until = self.hold.deadline(running, self.scheduler.num_waiting)
+        if until is None or until <= time.perf_counter():
+            return
+        try:
+            await asyncio.wait_for(self._wake.wait(), until - time.perf_counter())
+        except TimeoutError:
+            pass
+
+    def _launch_timed(self, plan: StepPlan, planned_at: float):
+        """executor.launch(plan) in the step thread; the host's time from planning to launched goes to the hold."""
+        try:
+            return self._timed(self.executor.launch, "launch_s", plan)
+        finally:
+            self.hold.host_time(plan, time.perf_counter() - planned_at)
 
     def _schedule(self) -> StepPlan | None:
         """The scheduler's next plan, with the grammar masks of its constrained rows (or sample_later)."""

@@ -148,6 +148,7 @@ def build_engine(cfg: Config) -> AsyncEngine:
         eos_token_ids=eos,
         kv_pool_bytes=pool_bytes,
         info=info,
+        hold_lookahead=cfg.scheduler.hold_lookahead,
     )
 
 

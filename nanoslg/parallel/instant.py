@@ -4,9 +4,14 @@
 What is left of a step is the host's share (scheduler, KV manager, output processing), so the
 scheduler's tests and experiments/cpu_step_overhead.py drive the real engine loop with it. It is not
 a registered strategy: no config selects it.
+
+With `step_s` it stands in for a device as well: steps queue behind each other, each taking `step_s`
+from when the one before it ended, and `collect` waits for that end (the engine's timing tests).
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -20,15 +25,22 @@ class InstantExecutor:
     device = None
     budget_why = "no model"
 
-    def __init__(self, overlap: bool = True, token: int = 7, record: bool = False):
+    def __init__(self, overlap: bool = True, token: int = 7, record: bool = False, step_s: float = 0.0):
         self.overlap = overlap
         self.token = token
         self.plans: list[StepPlan] = []  # with record: every plan run, in order (tests read them)
+        self.spans: list[tuple[float, float]] = []  # with record: each plan's (start, end) on the stand-in device
         self.record = record
+        self.step_s = step_s
+        self._free_at = 0.0  # perf_counter time the stand-in device finishes its queued steps
+        self._ends: dict[int, float] = {}  # step id -> when it ends on the stand-in device
 
     def launch(self, plan: StepPlan) -> StepResult | StepPlan:
+        start = max(time.perf_counter(), self._free_at)
+        self._free_at = self._ends[plan.step_id] = start + self.step_s
         if self.record:
             self.plans.append(plan)
+            self.spans.append((start, self._free_at))
         if plan.sample_later:
             return plan  # answered by sample(), once the engine has the masks
         return self._answer(plan, plan.masks)
@@ -45,9 +57,12 @@ class InstantExecutor:
                 bits = np.unpackbits(np.ascontiguousarray(words).view(np.uint8), bitorder="little")
                 if not bits[self.token]:
                     tokens[row_of[sid]] = int(np.argmax(bits))  # 0 when nothing is allowed
-        return StepResult(plan.step_id, ids, tokens)
+        return StepResult(plan.step_id, ids, tokens, device_s=self.step_s or None)
 
     def collect(self, result: StepResult) -> StepResult:
+        wait = self._ends.pop(result.step_id, 0.0) - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
         return result
 
     def execute(self, plan: StepPlan) -> StepResult:

@@ -33,6 +33,14 @@ class Launched:
     hidden_out: tuple[torch.Tensor, torch.Tensor] | None = None
     logits: torch.Tensor | None = None  # a plan with sample_later: the rows waiting for their masks
     result: StepResult | None = None  # a speculative step, verified at launch (it needs the host anyway)
+    started: torch.cuda.Event | None = None  # recorded as the launch began: with `event`, the step's device time
+
+
+def _timing_event() -> torch.cuda.Event:
+    """An event recorded on the current stream now, with a timestamp (a step's device time, read at collect)."""
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 class ModelRunner:
@@ -101,6 +109,7 @@ class ModelRunner:
         """Queues this rank's part of the step. hidden_in: (hidden, residual) from the previous
         pipeline stage, on every stage but the first."""
         STAGING.next_step()
+        started = _timing_event() if self.device.type == "cuda" else None
         if not self.begin(plan):
             return Launched(plan.step_id, [])
         drafts = self.drafter.propose(plan) if self.drafter is not None else None  # fills the proposals
@@ -131,8 +140,8 @@ class ModelRunner:
             result.draft_s = self.drafter.elapsed if self.drafter is not None else 0.0
             return Launched(plan.step_id, seq_ids, result=result)
         if plan.sample_later:
-            return Launched(plan.step_id, seq_ids, logits=logits)
-        return self._sample(plan.step_id, logits, seq_ids, plan.masks)
+            return Launched(plan.step_id, seq_ids, logits=logits, started=started)
+        return self._sample(plan.step_id, logits, seq_ids, plan.masks, started)
 
     @torch.inference_mode()
     def sample(self, launched: Launched, masks) -> Launched:
@@ -140,27 +149,27 @@ class ModelRunner:
         order keeps its logits intact: a later step (a graph replay) is queued after this."""
         if launched.logits is None:
             return launched
-        return self._sample(launched.step_id, launched.logits, launched.seq_ids, masks)
+        return self._sample(launched.step_id, launched.logits, launched.seq_ids, masks, launched.started)
 
-    def _sample(self, step_id: int, logits: torch.Tensor, seq_ids: list[int], masks) -> Launched:
+    def _sample(self, step_id: int, logits: torch.Tensor, seq_ids: list[int], masks, started=None) -> Launched:
         sampled = self.sampler.sample_async(logits, seq_ids, masks)
         self._last_ids, self._last_tokens = seq_ids, sampled.tokens
-        event = None
         host = sampled.to_host()
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        return Launched(step_id, seq_ids, host, event)
+        event = _timing_event() if self.device.type == "cuda" else None
+        return Launched(step_id, seq_ids, host, event, started=started)
 
     def collect(self, launched: Launched) -> StepResult:
         if launched.result is not None:
             return launched.result
         if launched.sampled is None:
             return StepResult(launched.step_id, [], [])
+        device_s = None
         if launched.event is not None:
             launched.event.synchronize()
+            if launched.started is not None:
+                device_s = launched.started.elapsed_time(launched.event) / 1e3
         tokens, logprobs = launched.sampled.result()
-        return StepResult(launched.step_id, launched.seq_ids, tokens, logprobs)
+        return StepResult(launched.step_id, launched.seq_ids, tokens, logprobs, device_s=device_s)
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.collect(self.launch(plan))
