@@ -204,6 +204,8 @@ class AsyncEngine:
         if self._collector is not None:
             self._collector.shutdown(wait=True)
         self.grammars.shutdown()
+        if self.hold.summary():
+            log.info("lookahead: %s", self.hold.summary())
         _restore_gc(self._gc_before)
         self.executor.shutdown()
 
@@ -274,12 +276,18 @@ class AsyncEngine:
         """Waits, up to the hold's deadline for the step after `running`, for a request to arrive."""
         self._wake.clear()  # a request added from here on sets it again
         until = self.hold.deadline(running, self.scheduler.num_waiting)
-        if until is None or until <= time.perf_counter():
+        if until is None:
             return
+        if until <= time.perf_counter():
+            self.hold.late += 1
+            return
+        start = time.perf_counter()
         try:
-            await asyncio.wait_for(self._wake.wait(), until - time.perf_counter())
+            await asyncio.wait_for(self._wake.wait(), until - start)
+            woken = True
         except TimeoutError:
-            pass
+            woken = False
+        self.hold.held(time.perf_counter() - start, woken)
 
     def _launch_timed(self, plan: StepPlan, planned_at: float):
         """executor.launch(plan) in the step thread; the host's time from planning to launched goes to the hold."""

@@ -31,6 +31,8 @@ class LookaheadHold:
         self._device_s: dict[int, float] = {}  # row count -> the last such step's device time
         self._lead_s = 0.0  # the host's time to plan and launch a decode step, its recent maximum
         self._collected_at: float | None = None  # when the last step came back
+        # For the log: holds, the seconds held, holds a request ended, and the lead and device time summed.
+        self.holds, self.held_s, self.woken, self._lead_sum, self.late = 0, 0.0, 0, 0.0, 0
 
     def collected(self, plan: StepPlan, result: StepResult) -> None:
         """A step came back: the step queued behind it starts on the device about now."""
@@ -57,3 +59,20 @@ class LookaheadHold:
             return None
         device_s = self._device_s[self._rows[i - 1]]
         return self._collected_at + device_s - self._lead_s - SLACK_S
+
+    def held(self, seconds: float, woken: bool) -> None:
+        """The loop held for `seconds`; `woken`: a request (or an abort) ended the hold early."""
+        self.holds += 1
+        self.held_s += seconds
+        self.woken += woken
+        self._lead_sum += self._lead_s
+
+    def summary(self) -> str | None:
+        if not self.holds and not self.late:
+            return None
+        n = max(self.holds, 1)
+        return (
+            f"held {self.holds} steps after a decode step, {1e3 * self.held_s / n:.2f} ms on average ({self.woken} "
+            f"ended early by a request; {self.late} not held, their deadline past); host lead "
+            f"{1e3 * self._lead_sum / n:.2f} ms, slack {1e3 * SLACK_S:.1f} ms"
+        )
