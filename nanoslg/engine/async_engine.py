@@ -250,7 +250,7 @@ class AsyncEngine:
                 plan = self._timed(self._schedule, "schedule_s")
                 if plan is None:
                     break
-                inflight.append((plan, self._thread.submit(self._launch_timed, plan, t)))
+                inflight.append((plan, self._thread.submit(self._launch_timed, plan, time.perf_counter() - t)))
             self._wake.clear()
             if not inflight:
                 await self._idle()
@@ -289,12 +289,14 @@ class AsyncEngine:
             woken = False
         self.hold.held(time.perf_counter() - start, woken)
 
-    def _launch_timed(self, plan: StepPlan, planned_at: float):
-        """executor.launch(plan) in the step thread; the host's time from planning to launched goes to the hold."""
+    def _launch_timed(self, plan: StepPlan, schedule_s: float):
+        """executor.launch(plan) in the step thread. The hold's host lead is the plan's scheduling plus
+        this launch, not the time it queued behind the launch before it (an eager step's is long)."""
+        t = time.perf_counter()
         try:
             return self._timed(self.executor.launch, "launch_s", plan)
         finally:
-            self.hold.host_time(plan, time.perf_counter() - planned_at)
+            self.hold.host_time(plan, schedule_s + time.perf_counter() - t)
 
     def _schedule(self) -> StepPlan | None:
         """The scheduler's next plan, with the grammar masks of its constrained rows (or sample_later)."""
