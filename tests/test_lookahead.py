@@ -60,6 +60,17 @@ def test_a_step_without_a_device_time_is_not_measured():
 STEP_S = 0.1
 
 
+class EagerLaunches(InstantExecutor):
+    """A stand-in device whose prompt steps launch for half a step (an eager step's Python launch)
+    while the device already runs them."""
+
+    def launch(self, plan):
+        out = super().launch(plan)
+        if not plan.is_sampled_decode:
+            time.sleep(0.5 * STEP_S)
+        return out
+
+
 def first_step_of(executor: InstantExecutor, seq_id: int) -> int:
     return next(i for i, p in enumerate(executor.plans) if any(s.seq_id == seq_id for s in p.seqs))
 
@@ -68,9 +79,10 @@ def first_step_of(executor: InstantExecutor, seq_id: int) -> int:
 def test_a_request_arriving_during_a_decode_step_joins_the_next_step(hold):
     """A stand-in device takes STEP_S a step. B arrives early in decode step N of A: with the hold,
     B's prompt runs in step N+1; without it, N+1 was planned as N started, so B waits for N+2.
-    With the hold the device still never waits between A's decode steps."""
+    With the hold the device still never waits between steps, and the host lead it keeps is a decode
+    step's own planning and launch, not the wait of the decode queued behind B's eager launch."""
     cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64)
-    executor = InstantExecutor(overlap=True, record=True, step_s=STEP_S)
+    executor = EagerLaunches(overlap=True, record=True, step_s=STEP_S)
 
     async def run():
         engine = AsyncEngine(
@@ -98,12 +110,13 @@ def test_a_request_arriving_during_a_decode_step_joins_the_next_step(hold):
         b = engine.add_request([21, 22, 23], params)
         outs = await asyncio.gather(collect(a), collect(b))
         await engine.shutdown()
-        return running[0], outs
+        return running[0], outs, engine.hold
 
-    n, outs = asyncio.run(run())
+    n, outs, lookahead = asyncio.run(run())
     assert [len(o.outputs[0].token_ids) for o in outs] == [12, 12]
     b_id = max(s.seq_id for p in executor.plans for s in p.seqs)
     assert first_step_of(executor, b_id) == n + (1 if hold else 2)
     if hold:  # held steps were still queued before the step ahead ended
         gaps = [s2 - e1 for (_, e1), (s2, _) in zip(executor.spans, executor.spans[1:])]
         assert max(gaps) < 0.25 * STEP_S, gaps
+        assert lookahead._lead_s < 0.1 * STEP_S
