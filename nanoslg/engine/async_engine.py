@@ -68,6 +68,7 @@ class AsyncEngine:
         scheduler.lookahead = self.overlap
         self.max_inflight = 1 if self.overlap else executor.max_inflight
         self.hold = LookaheadHold(hold_lookahead and self.overlap)  # when to plan the step after a decode
+        self._launch_ended = 0.0  # perf_counter time the step thread's last launch ended
         self._thread = ThreadPoolExecutor(max_workers=self.max_inflight, thread_name_prefix="nanoslg-step")
         # Overlap: a second thread waits for the device, so the worker never holds a finished step's
         # tokens behind the launch of the next one.
@@ -250,7 +251,7 @@ class AsyncEngine:
                 plan = self._timed(self._schedule, "schedule_s")
                 if plan is None:
                     break
-                inflight.append((plan, self._thread.submit(self._launch_timed, plan, time.perf_counter() - t)))
+                inflight.append((plan, self._thread.submit(self._launch_timed, plan, t, time.perf_counter())))
             self._wake.clear()
             if not inflight:
                 await self._idle()
@@ -289,14 +290,17 @@ class AsyncEngine:
             woken = False
         self.hold.held(time.perf_counter() - start, woken)
 
-    def _launch_timed(self, plan: StepPlan, schedule_s: float):
-        """executor.launch(plan) in the step thread. The hold's host lead is the plan's scheduling plus
-        this launch, not the time it queued behind the launch before it (an eager step's is long)."""
-        t = time.perf_counter()
+    def _launch_timed(self, plan: StepPlan, planned_at: float, submitted_at: float):
+        """executor.launch(plan) in the step thread. The hold's host lead is the time from planning to
+        launched (the thread's wake-up included) less any wait behind the launch before it: an eager
+        step's launch is long, and a held step never queues behind one."""
         try:
             return self._timed(self.executor.launch, "launch_s", plan)
         finally:
-            self.hold.host_time(plan, schedule_s + time.perf_counter() - t)
+            end = time.perf_counter()
+            queued = max(0.0, self._launch_ended - submitted_at)
+            self._launch_ended = end
+            self.hold.host_time(plan, end - planned_at - queued)
 
     def _schedule(self) -> StepPlan | None:
         """The scheduler's next plan, with the grammar masks of its constrained rows (or sample_later)."""
