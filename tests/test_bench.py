@@ -704,7 +704,8 @@ def test_serving_against_a_loopback_server(tiny_llama, tmp_path):
     cold = res["cold_start"]  # spawn -> /health -> the warm-up request's first token
     assert 0 < cold["server_ready_s"] < cold["first_token_s"]
     slog = cold["server_log"]  # the server's own account of its start-up, from its log
-    assert 0 < slog["engine_built_s"] <= slog["serving_after_run_py_s"] < cold["server_ready_s"]
+    # The server's log gives its times to a tenth of a second.
+    assert 0 < slog["engine_built_s"] <= slog["serving_after_run_py_s"] < cold["server_ready_s"] + 0.05
     assert 0 < slog["config_read_after_run_py_s"] <= slog["serving_after_run_py_s"]
     assert {"model", "kv_budget", "kv_pool_and_graphs"} <= set(slog["engine_phases_s"])
     _check_record(res, "serving")

@@ -91,7 +91,7 @@ class SchedulerConfig:
     overlap: bool = True
     # With overlap: plan the step after a decode step shortly before that step ends rather than as it
     # starts, so a request arriving meanwhile joins it (engine/lookahead.py).
-    hold_lookahead: bool = True
+    hold_lookahead: bool = False
 
 
 @dataclass

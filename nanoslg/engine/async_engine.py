@@ -47,7 +47,7 @@ class AsyncEngine:
         eos_token_ids: tuple[int, ...],
         kv_pool_bytes: int = 0,
         info: dict | None = None,
-        hold_lookahead: bool = True,
+        hold_lookahead: bool = False,
     ):
         self.scheduler = scheduler
         self.executor = executor
@@ -246,7 +246,7 @@ class AsyncEngine:
         while True:
             while len(inflight) < 2:
                 if inflight:  # step N+1: plan it shortly before step N ends, if N is a decode (lookahead.py)
-                    await self._hold(inflight[0][0])
+                    await self.hold.wait(inflight[0][0], self.scheduler.num_waiting, self._wake)
                 t = time.perf_counter()
                 plan = self._timed(self._schedule, "schedule_s")
                 if plan is None:
@@ -272,23 +272,6 @@ class AsyncEngine:
                 self._process_timed(plan, result, sample_when_masked)
             else:
                 self._process_timed(plan, result)
-
-    async def _hold(self, running: StepPlan) -> None:
-        """Waits, up to the hold's deadline for the step after `running`, for a request to arrive."""
-        self._wake.clear()  # a request added from here on sets it again
-        until = self.hold.deadline(running, self.scheduler.num_waiting)
-        if until is None:
-            return
-        if until <= time.perf_counter():
-            self.hold.late += 1
-            return
-        start = time.perf_counter()
-        try:
-            await asyncio.wait_for(self._wake.wait(), until - start)
-            woken = True
-        except TimeoutError:
-            woken = False
-        self.hold.held(time.perf_counter() - start, woken)
 
     def _launch_timed(self, plan: StepPlan, planned_at: float, submitted_at: float):
         """executor.launch(plan) in the step thread. The hold's host lead is the time from planning to

@@ -7,14 +7,16 @@ planned later without idling the device: just before N is due to end, which is N
 device time of the last decode step of as many rows, less what the host takes to plan and launch a
 step and a slack. A request that arrives before then wakes the loop and joins N+1.
 
-The estimate errs early, never late: N's start is taken as the moment the step before it was
-collected (it may have started later, if its launch was late), the device time is that of a step of
-at most as many rows, and the host's share is its recent maximum. A step with a prompt chunk, a
-speculative step, or one without a measured device time is never held.
+The estimate leans early: N's start is taken as the moment the step before it was collected (it may
+have started later, if its launch was late), the device time is that of a step of at most as many
+rows, and the host's share is its recent maximum (from planning to launched, less any wait behind an
+eager step's launch, which a held step never has). A step with a prompt chunk, a speculative step,
+or one without a measured device time is never held.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import time
 
@@ -60,11 +62,23 @@ class LookaheadHold:
         device_s = self._device_s[self._rows[i - 1]]
         return self._collected_at + device_s - self._lead_s - SLACK_S
 
-    def held(self, seconds: float, woken: bool) -> None:
-        """The loop held for `seconds`; `woken`: a request (or an abort) ended the hold early."""
+    async def wait(self, running: StepPlan, waiting: int, wake: asyncio.Event) -> None:
+        """Waits, up to the deadline for the step after `running`, for `wake` (a request arrived)."""
+        wake.clear()  # a request added from here on sets it again
+        until = self.deadline(running, waiting)
+        if until is None:
+            return
+        start = time.perf_counter()
+        if until <= start:
+            self.late += 1
+            return
+        try:
+            await asyncio.wait_for(wake.wait(), until - start)
+            self.woken += 1
+        except TimeoutError:
+            pass
         self.holds += 1
-        self.held_s += seconds
-        self.woken += woken
+        self.held_s += time.perf_counter() - start
         self._lead_sum += self._lead_s
 
     def summary(self) -> str | None:
