@@ -1,8 +1,9 @@
 """bf16 GEMM time against the step's token count M, at Llama-3.1-8B's four projection shapes (qkv,
-o, gate_up, down), and a whole layer's four summed. W7's mixed steps are one 1,024-token prompt plus
-a few decode rows (M = 1,025-1,040): does a row count just past a tile multiple cost a wave?
+o, gate_up, down; each timed as 32 calls in one CUDA graph) and a step's 32 layers. W7's mixed steps
+are one 1,024-token prompt plus a few decode rows (M = 1,025-1,040): does a row count just past a
+tile multiple cost a wave?
 
-    python experiments/gemm_m_probe.py [M ...]     # on a GPU; each GEMM timed in a CUDA graph
+    python experiments/gemm_m_probe.py [M ...]     # on a GPU
 """
 
 from __future__ import annotations
@@ -10,32 +11,10 @@ from __future__ import annotations
 import sys
 
 import torch
+from attn_b1_probe import graph_time  # experiments/ is on the path when a script in it runs
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 DEFAULT_M = (1000, 1008, 1016, 1024, 1025, 1032, 1040, 1056, 1088, 1152, 1280, 2048, 4096, 8192)
-
-
-def graph_us(fn, reps: int = 20, inner: int = 10) -> float:
-    """us per call: `inner` calls captured in one graph, replayed `reps` times."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(inner):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1000 / reps / inner
 
 
 def main(ms: list[int]) -> None:
@@ -47,7 +26,7 @@ def main(ms: list[int]) -> None:
         row, total, flops = [], 0.0, 0.0
         for w in ws.values():
             x = torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16)
-            us = graph_us(lambda x=x, w=w: torch.nn.functional.linear(x, w))
+            us = graph_time(lambda x=x, w=w: torch.nn.functional.linear(x, w))
             f = 2 * m * w.shape[0] * w.shape[1]
             row.append(f"{us:9.1f} ({f / us / 1e6:5.0f})")
             total += us

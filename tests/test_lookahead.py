@@ -7,17 +7,15 @@ import asyncio
 import time
 
 import pytest
+from test_scheduler import tokenless_engine
 
 from nanoslg.cache.paged import PagedKVManager
 from nanoslg.core.config import SchedulerConfig
 from nanoslg.core.plan import SeqStep, StepPlan, StepResult
 from nanoslg.core.sampling_params import SamplingParams
-from nanoslg.engine.async_engine import AsyncEngine
 from nanoslg.engine.lookahead import SLACK_S, LookaheadHold
 from nanoslg.engine.stream import collect
 from nanoslg.parallel.instant import InstantExecutor
-from nanoslg.scheduler.policy import FCFSPolicy
-from nanoslg.scheduler.scheduler import Scheduler
 
 
 def decode(n: int, step_id: int = 0) -> StepPlan:
@@ -85,16 +83,7 @@ def test_a_request_arriving_during_a_decode_step_joins_the_next_step(hold):
     executor = EagerLaunches(overlap=True, record=True, step_s=STEP_S)
 
     async def run():
-        engine = AsyncEngine(
-            Scheduler(cfg, PagedKVManager(64, 4, True), FCFSPolicy(cfg)),
-            executor,
-            None,
-            model_name="none",
-            max_model_len=128,
-            vocab_size=1000,
-            eos_token_ids=(),
-            hold_lookahead=hold,
-        )
+        engine = tokenless_engine(cfg, PagedKVManager(64, 4, True), executor, hold_lookahead=hold)
         await engine.start()
         params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
         a = engine.add_request([11, 12, 13, 14], params)

@@ -42,6 +42,20 @@ def answer(plan: StepPlan, token: int = 7) -> StepResult:
     return StepResult(plan.step_id, ids, [token] * len(ids))
 
 
+def tokenless_engine(cfg: SchedulerConfig, kv, executor, **kw) -> AsyncEngine:
+    """The real engine loop without a model or tokenizer: ids in, ids out, a vocabulary of 1,000."""
+    return AsyncEngine(
+        Scheduler(cfg, kv, FCFSPolicy(cfg)),
+        executor,
+        None,
+        model_name="none",
+        max_model_len=128,
+        vocab_size=1000,
+        eos_token_ids=(),
+        **kw,
+    )
+
+
 def test_chunked_prefill_under_the_token_budget():
     s = make(TokenBudgetManager(64, 4), budget=8)
     a, b = seq(range(10, 20)), seq(range(30, 33), t=1)
@@ -169,15 +183,7 @@ def test_engine_plans_respect_every_limit(overlap):
     shared = [rng.randrange(10, 500) for _ in range(12)]
 
     async def run():
-        engine = AsyncEngine(
-            Scheduler(cfg, kv, FCFSPolicy(cfg)),
-            executor,
-            None,
-            model_name="none",
-            max_model_len=128,
-            vocab_size=1000,
-            eos_token_ids=(),
-        )
+        engine = tokenless_engine(cfg, kv, executor)
         await engine.start()
         lens = [rng.randrange(1, 30) for _ in range(12)]
         streams = [
