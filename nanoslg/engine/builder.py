@@ -199,7 +199,12 @@ def _prefix_caching_why(cfg: Config, info: dict) -> str:
 
 def _overlap_why(cfg: Config, on: bool) -> str:
     if on:
-        return "on (the host prepares step N+1 while the device runs step N)"
+        hold = (
+            "after a decode step, shortly before it ends: scheduler.hold_lookahead=true"
+            if cfg.scheduler.hold_lookahead
+            else "as soon as step N starts: scheduler.hold_lookahead=false"
+        )
+        return f"on (the host prepares step N+1 while the device runs step N; {hold})"
     if cfg.speculative.method != "none":
         return f"off (speculative={cfg.speculative.method})"
     if not cfg.scheduler.overlap:
