@@ -33,7 +33,7 @@ class LookaheadHold:
         self._device_s: dict[int, float] = {}  # row count -> the last such step's device time
         self._lead_s = 0.0  # the host's time to plan and launch a decode step, its recent maximum
         self._collected_at: float | None = None  # when the last step came back
-        # For the log: holds, the seconds held, holds a request ended, and the lead and device time summed.
+        # For the log: holds, the seconds held, holds a request ended, the lead summed, deadlines already past.
         self.holds, self.held_s, self.woken, self._lead_sum, self.late = 0, 0.0, 0, 0.0, 0
 
     def collected(self, plan: StepPlan, result: StepResult) -> None:
@@ -64,6 +64,8 @@ class LookaheadHold:
 
     async def wait(self, running: StepPlan, waiting: int, wake: asyncio.Event) -> None:
         """Waits, up to the deadline for the step after `running`, for `wake` (a request arrived)."""
+        if not self.enabled:
+            return
         wake.clear()  # a request added from here on sets it again
         until = self.deadline(running, waiting)
         if until is None:

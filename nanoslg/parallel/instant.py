@@ -37,7 +37,9 @@ class InstantExecutor:
 
     def launch(self, plan: StepPlan) -> StepResult | StepPlan:
         start = max(time.perf_counter(), self._free_at)
-        self._free_at = self._ends[plan.step_id] = start + self.step_s
+        self._free_at = start + self.step_s
+        if self.step_s:
+            self._ends[plan.step_id] = self._free_at
         if self.record:
             self.plans.append(plan)
             self.spans.append((start, self._free_at))
