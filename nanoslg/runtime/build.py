@@ -96,6 +96,8 @@ def build_runner(cfg: Config, ckpt: Checkpoint, device: torch.device, sample: bo
     reason = f"{reason}; {chosen}" if chosen else reason
     sampler = Sampler(device, kernels=cfg.model.sampling_kernels) if sample else None
     runner = ModelRunner(model, backend, sampler, device)
+    # The engine's lookahead hold reads each step's device time; no other path pays for timing events.
+    runner.time_steps = device.type == "cuda" and cfg.scheduler.overlap and cfg.scheduler.hold_lookahead
     # One rank only: the builder turns speculation off for tp/pp (this also covers ranks started alone).
     if cfg.speculative.method == "draft" and sampler is not None and st.tp_size == st.pp_size == 1:
         runner.drafter = build_drafter(cfg, ckpt, model, sampler)

@@ -33,12 +33,12 @@ class Launched:
     hidden_out: tuple[torch.Tensor, torch.Tensor] | None = None
     logits: torch.Tensor | None = None  # a plan with sample_later: the rows waiting for their masks
     result: StepResult | None = None  # a speculative step, verified at launch (it needs the host anyway)
-    started: torch.cuda.Event | None = None  # recorded as the launch began: with `event`, the step's device time
+    started: torch.cuda.Event | None = None  # time_steps: recorded as the launch began; with `event`, the device time
 
 
-def _timing_event() -> torch.cuda.Event:
-    """An event recorded on the current stream now, with a timestamp (a step's device time, read at collect)."""
-    event = torch.cuda.Event(enable_timing=True)
+def _event(timing: bool) -> torch.cuda.Event:
+    """An event recorded on the current stream now; `timing`: with a timestamp (a step's device time)."""
+    event = torch.cuda.Event(enable_timing=timing)
     event.record()
     return event
 
@@ -51,6 +51,7 @@ class ModelRunner:
         self.device = device
         self.graphs: GraphRunner | None = None  # captured decode graphs, once capture_graphs ran
         self.pieces: PiecewiseGraphs | None = None  # piecewise graphs for the other steps (runtime/build.py)
+        self.time_steps = False  # on a GPU: time each step on the device (StepResult.device_s)
         self._last_ids: list[int] = []  # the sequences the last launch sampled, in row order
         self._last_tokens: torch.Tensor | None = None  # and its draws, on the device
         self.drafter = None  # speculative=draft: the DraftRunner that fills a plan's proposals
@@ -109,7 +110,7 @@ class ModelRunner:
         """Queues this rank's part of the step. hidden_in: (hidden, residual) from the previous
         pipeline stage, on every stage but the first."""
         STAGING.next_step()
-        started = _timing_event() if self.device.type == "cuda" else None
+        started = _event(timing=True) if self.time_steps else None
         if not self.begin(plan):
             return Launched(plan.step_id, [])
         drafts = self.drafter.propose(plan) if self.drafter is not None else None  # fills the proposals
@@ -155,7 +156,7 @@ class ModelRunner:
         sampled = self.sampler.sample_async(logits, seq_ids, masks)
         self._last_ids, self._last_tokens = seq_ids, sampled.tokens
         host = sampled.to_host()
-        event = _timing_event() if self.device.type == "cuda" else None
+        event = _event(timing=started is not None) if self.device.type == "cuda" else None
         return Launched(step_id, seq_ids, host, event, started=started)
 
     def collect(self, launched: Launched) -> StepResult:
