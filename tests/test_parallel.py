@@ -132,6 +132,23 @@ def test_dead_worker_fails_requests_fast(mode, victim, tiny_llama):
     assert all(p.exitcode is not None for _, p in procs), "a worker outlived the engine"
 
 
+def test_an_engine_starts_after_one_that_left_its_process_group(tiny_llama):
+    """An engine whose stage thread a dead rank left stuck at shutdown keeps its process group (it
+    cannot be torn down under that thread): the next engine in the process leaves it, then starts."""
+    import torch.distributed as dist
+
+    from nanoslg.core.machine import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port('127.0.0.1')}", rank=0, world_size=1)
+    try:
+        with LLM(f"model.path={tiny_llama}", "cache=sdpa", *MODES["tp"]) as llm:
+            prompt = prompts_for(llm.engine.vocab_size)[0]
+            assert len(llm.generate([prompt], greedy(4))[0].token_ids) == 4
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_clean_shutdown_leaves_no_process(tiny_llama):
     llm = LLM(f"model.path={tiny_llama}", "cache=sdpa", *MODES["hybrid"])
     procs = list(llm.engine.executor._procs)

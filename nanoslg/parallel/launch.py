@@ -171,6 +171,9 @@ def init_rank(cfg: Config, ckpt: Checkpoint, layout: Layout, rank: int, local_ra
         # Ranks share the CPU cores: one process each with every core spins threads against the others.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // layout.world))
     timeout = GLOO_TIMEOUT if backend == "gloo" else timedelta(minutes=10)
+    if dist.is_initialized():  # an engine before this one shut down with its stage thread stuck by a dead rank
+        log.warning("leaving the process group an earlier engine in this process left behind")
+        teardown()
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=layout.world, timeout=timeout)
     ctrl = dist.new_group(backend="gloo", timeout=GLOO_TIMEOUT)
     result = dist.new_group(backend="gloo", timeout=GLOO_TIMEOUT)
