@@ -188,6 +188,34 @@ def test_flashinfer_equals_sdpa_on_a_decisive_model(ckpt, decode, request):
     assert gaps["flashinfer"] < GAP_TOL and gaps["sdpa"] < GAP_TOL
 
 
+@pytest.mark.parametrize("ckpt", ["bf16_llama", "bf16_llama_gqa4"])
+def test_mixed_steps_split_or_in_one_call_stay_on_the_reference(ckpt, request):
+    """Mixed steps (a 64-token step budget chunks the long prompts beside decoding rows), with their
+    leading decode rows through the decode kernel (cache.mixed_attention=split) and with every row
+    through the prefill kernel (one): each greedy token stays within bf16 noise of the float32
+    argmax, and the split steps did run."""
+    path = request.getfixturevalue(ckpt)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (5, 9, 300, 500)]
+    runs, splits = {}, {}
+    for mixed in ("split", "one"):
+        with LLM(
+            f"model.path={path}",
+            "cache=flashinfer",
+            f"cache.mixed_attention={mixed}",
+            "scheduler.max_num_batched_tokens=64",
+            "cache.max_num_tokens=8192",
+        ) as llm:
+            params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+            runs[mixed] = [o.token_ids for o in llm.generate(prompts, params)]
+            splits[mixed] = llm.engine.executor.backend.split_steps
+    gaps = {m: max(max(greedy_gaps(path, p, t)) for p, t in zip(prompts, runs[m])) for m in runs}
+    same = sum(a == b for x, y in zip(runs["split"], runs["one"]) for a, b in zip(x, y))
+    print(f"\n{ckpt}: split vs one call {same}/{32 * len(prompts)} tokens equal; split steps {splits}; gaps {gaps}")
+    assert splits["split"] > 0 and splits["one"] == 0
+    assert gaps["split"] < GAP_TOL and gaps["one"] < GAP_TOL
+
+
 @pytest.mark.parametrize("decode", ["fused", "tensor_cores", "cuda_cores", XQA])
 def test_cuda_graphs_and_overlap_change_no_token(bf16_llama, decode):
     """Decode through captured CUDA graphs (padded buckets) and overlapped steps (the device reads the

@@ -126,7 +126,8 @@ def test_graph_replay_writes_the_csr_for_xqa(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     spec = KVSpec(2, 2, 16, torch.bfloat16, torch.device("cpu"), 4, torch.float8_e4m3fn)
     be = fb.FlashInferBackend(spec, 16)
-    assert "XQA" in be.configure(SimpleNamespace(flashinfer_decode="auto", fused_rope="auto")) and be.xqa
+    cache_cfg = SimpleNamespace(flashinfer_decode="auto", fused_rope="auto", mixed_attention="split")
+    assert "XQA" in be.configure(cache_cfg) and be.xqa
     be.allocate(40)
     be.init_graphs(8, 1000)
     assert isinstance(be.capture_context(4, "plain").wrapper, XqaStep)

@@ -18,8 +18,6 @@ flashinfer is imported only when this backend is built, so CPU machines never im
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from nanoslg.cache.auto import flashinfer_status
@@ -27,6 +25,7 @@ from nanoslg.cache.backend import CacheBackend, CacheContext, KVSpec, positions_
 from nanoslg.cache.cascade import shared_prefix_pages
 from nanoslg.cache.decode_choice import fused_rows, uses_tensor_cores
 from nanoslg.cache.flashinfer_graph import FlashInferGraphs
+from nanoslg.cache.flashinfer_step import EmptyContext, FlashInferContext, leading_decode_rows
 from nanoslg.cache.kv_quant import FP8, as_bytes, is_fp8, to_cache_pair
 from nanoslg.cache.xqa_decode import XqaDecode, XqaStep, xqa_choice
 from nanoslg.core.errors import ConfigError
@@ -47,59 +46,6 @@ def _import_flashinfer(device: torch.device):
     import flashinfer  # deferred: a GPU-only dependency, imported when this backend is built
 
     return flashinfer
-
-
-@dataclass(eq=False)
-class FlashInferContext(CacheContext):
-    """One step. The kernels are planned once: in prepare when the query head count is known, else
-    at the first layer's attend (from q's shape); every later layer reuses that plan."""
-
-    backend: FlashInferBackend
-    decode: bool
-    csr: tuple  # cascade: each sequence's own pages only (its KV positions count from there)
-    pool: torch.Tensor
-    positions: torch.Tensor
-    batch_indices: torch.Tensor
-    kv_positions: torch.Tensor
-    kv_indices: torch.Tensor
-    kv_indptr: torch.Tensor
-    kv_last_page_len: torch.Tensor
-    shared: list[int] | None = None  # cascade: the pages every sequence starts with
-    max_q: int = 1  # the most query tokens of one sequence
-    max_pages: int = 0  # the most pages of one sequence past the shared ones (XQA's table width)
-    fused: bool = False  # attend_rotary runs the fused decode kernel (nothing to plan for it)
-    wrapper: object = None  # planned by plan_once
-    level0: object = None
-
-    def plan_once(self, num_qo_heads: int) -> None:
-        if self.wrapper is None:
-            if self.decode and self.shared is None and self.backend.xqa:
-                args = self.kv_indptr, self.kv_indices, self.kv_last_page_len, self.max_pages
-                self.wrapper = self.backend.xqa_eager(*args)
-                return
-            self.wrapper = self.backend.plan_step(self.decode, self.csr, num_qo_heads, self.max_q)
-            if self.shared is not None:
-                self.level0 = self.backend.plan_shared(len(self.csr[0]) - 1, self.shared, num_qo_heads)
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.plan_once(q.shape[1])
-        cache = self.pool[layer]
-        k, v, scales = self.backend.kv_in(layer, k, v)
-        pages = self.batch_indices, self.kv_positions, cache, self.kv_indices, self.kv_indptr, self.kv_last_page_len
-        self.backend.fi.page.append_paged_kv_cache(k, v, *pages, kv_layout="NHD")
-        return self.backend.run_attention(self.wrapper, self.level0, q, cache, scales)
-
-    def attend_rotary(self, layer: int, q, k, v, positions: torch.Tensor, rotary) -> torch.Tensor:
-        if self.fused:
-            args = self.kv_positions, self.kv_indices, self.kv_indptr
-            return self.backend.fused_attend(layer, q, k, v, positions, rotary, *args)
-        if not (self.decode and self.backend.fused_rope):
-            return super().attend_rotary(layer, q, k, v, positions, rotary)
-        self.plan_once(q.shape[1])
-        cache = self.pool[layer]
-        args = self.batch_indices, self.kv_positions, self.kv_indices, self.kv_indptr
-        q, scales = self.backend.rope_append(layer, q, k, v, positions, rotary, cache, *args)
-        return self.backend.run_attention(self.wrapper, self.level0, q, cache, scales)
 
 
 @CACHE_BACKENDS.register("flashinfer")
@@ -133,6 +79,7 @@ class FlashInferBackend(CacheBackend):
         self._xqa_eager: XqaDecode | None = None  # its buffers for eager decode steps, grown on demand
         self.fused_rope = False  # cache.fused_rope (configure)
         self.fused_rows, self._fused = 0, None  # decode steps of up to fused_rows rows: the fused kernel, its scratch
+        self.split_mixed, self.split_steps = False, 0  # cache.mixed_attention=split (flashinfer_step.py), steps split
 
     def configure(self, cache_cfg) -> str:
         self.decode_choice = cache_cfg.flashinfer_decode
@@ -145,9 +92,12 @@ class FlashInferBackend(CacheBackend):
         if self.fused_rope and is_fp8(self.spec.cache_dtype):
             rope += ", which casts k and v to FP8 as it stores them"
         self.fused_rows, fused = fused_rows(self.spec, self.decode_choice, self.fused_rope)
+        self.split_mixed = cache_cfg.mixed_attention == "split"
         return (
             f"{kind} decode kernel (cache.flashinfer_decode={self.decode_choice}){fused}; "
-            f"decode steps' rotary and KV append: {rope} (cache.fused_rope={cache_cfg.fused_rope})"
+            f"decode steps' rotary and KV append: {rope} (cache.fused_rope={cache_cfg.fused_rope}); "
+            f"a mixed step's decode rows: {'the decode kernel' if self.split_mixed else 'the prefill kernel'} "
+            f"(cache.mixed_attention={cache_cfg.mixed_attention})"
         )
 
     def rope_append(self, layer, q, k, v, positions, rotary, cache, batch_indices, kv_positions, kv_indices, indptr):
@@ -265,7 +215,7 @@ class FlashInferBackend(CacheBackend):
         self.run_copies(plan.copies)
         dev, ps = self.spec.device, self.page_size
         if not plan.seqs:
-            return _EmptyContext(torch.empty(0, dtype=torch.long, device=dev))
+            return EmptyContext(torch.empty(0, dtype=torch.long, device=dev))
         if any(st.block_table is None for st in plan.seqs):
             raise ValueError("the flashinfer backend needs block tables: use it with a paged KV manager")
         decode = plan.is_decode
@@ -294,6 +244,8 @@ class FlashInferBackend(CacheBackend):
         positions = positions_of(plan, dev)
         if skip:
             self.cascade_steps += 1
+        split = leading_decode_rows(plan) if self.split_mixed and not decode else 0
+        self.split_steps += bool(split)
         ctx = FlashInferContext(
             self,
             decode,
@@ -309,6 +261,8 @@ class FlashInferBackend(CacheBackend):
             max_q=max_q,
             max_pages=max_pages,
             fused=decode and not skip and len(plan.seqs) <= self.fused_rows,
+            split=split,
+            split_csr=_split_csr(split, qo_indptr, kv_indptr, indices_d, last_len) if split else (),
         )
         if self.num_qo_heads is not None and not ctx.fused:
             ctx.plan_once(self.num_qo_heads)
@@ -385,9 +339,9 @@ class FlashInferBackend(CacheBackend):
         return wrapper
 
 
-@dataclass
-class _EmptyContext(CacheContext):
-    positions: torch.Tensor
-
-    def attend(self, layer, q, k, v):  # a step with no sequences runs no layers
-        raise RuntimeError("attend called on an empty step")
+def _split_csr(d: int, qo_indptr: list, kv_indptr: list, indices: torch.Tensor, last_len: list) -> tuple:
+    """The CSRs of a split mixed step: its first d rows (one token each), then the rest, re-based."""
+    i32, at = torch.int32, kv_indptr[d]
+    head = (None, pinned(kv_indptr[: d + 1], i32), indices[:at], pinned(last_len[:d], i32))
+    qo, kv = [x - d for x in qo_indptr[d:]], [x - at for x in kv_indptr[d:]]
+    return head, (pinned(qo, i32), pinned(kv, i32), indices[at:], pinned(last_len[d:], i32))

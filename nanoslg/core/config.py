@@ -78,6 +78,10 @@ class CacheConfig:
     # A FlashInfer decode step's rotary embedding and KV append: auto (one Triton kernel for both; an
     # FP8 pool's cast included) or off (FlashInfer's kernels).
     fused_rope: str = "auto"
+    # A FlashInfer mixed step's leading decode rows: split (through the decode kernel, the prefill
+    # chunks through the prefill kernel, two calls a layer) or one (every row through the prefill
+    # kernel, one call; cache/flashinfer_step.py says why split).
+    mixed_attention: str = "split"
 
 
 @dataclass
@@ -207,6 +211,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cache.sdpa_decode": ("auto", "triton", "gather"),
     "cache.flashinfer_decode": ("auto", "tensor_cores", "cuda_cores", "xqa", "fused"),
     "cache.fused_rope": ("auto", "off"),
+    "cache.mixed_attention": ("split", "one"),
     "parallel.dist_backend": ("auto", "nccl", "gloo"),
     "bench.peer": ("none", "hf"),
     "speculative.method": ("none", "ngram", "draft"),
