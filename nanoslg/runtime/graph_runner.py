@@ -10,13 +10,11 @@ padding rows the backend points at scratch memory; their logits are dropped.
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 from tqdm import tqdm
 
 from nanoslg.core.plan import StepPlan
-from nanoslg.runtime.capture import Capturer
 
 log = logging.getLogger("nanoslg.graphs")
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -33,25 +31,20 @@ class GraphRunner:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        capturer, t0 = Capturer(), time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
         for bs in tqdm(list(reversed(self.buckets)), desc="capturing CUDA graphs"):
             for variant in self.backend.graph_variants(bs):
-                self.graphs[(bs, variant)] = self._capture_one(bs, self.backend.capture_context(bs, variant), capturer)
-        capturer.done()
+                self.graphs[(bs, variant)] = self._capture_one(bs, self.backend.capture_context(bs, variant), pool)
+        torch.cuda.synchronize()
         variants = sorted({v for _, v in self.graphs})
-        log.info(
-            "captured decode CUDA graphs for batch sizes %s (%s), in %.2f s",
-            self.buckets,
-            ", ".join(variants),
-            time.perf_counter() - t0,
-        )
+        log.info("captured decode CUDA graphs for batch sizes %s (%s)", self.buckets, ", ".join(variants))
 
-    def _capture_one(self, bs: int, ctx, capturer: Capturer) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture_one(self, bs: int, ctx, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """One decode step of the bucket, run once outside the graph (warm-up), then captured."""
         ids = self.input_ids[:bs]
         self.model.compute_logits(self.model(ids, ctx.positions, ctx))
         graph = torch.cuda.CUDAGraph()
-        with capturer.capture(graph):
+        with torch.cuda.graph(graph, pool=pool):
             logits = self.model.compute_logits(self.model(ids, ctx.positions, ctx))
         return graph, logits
 

@@ -23,8 +23,6 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanoslg.runtime.capture import Capturer
-
 log = logging.getLogger("nanoslg.graphs")
 
 # A step's GEMM work (tokens x weight parameters) below which its eager launch may take longer than
@@ -89,10 +87,10 @@ class PiecewiseGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        capturer, t0 = Capturer(), time.perf_counter()
+        pool, t0 = torch.cuda.graph_pool_handle(), time.perf_counter()
         for b in tqdm(list(reversed(self.buckets)), desc="capturing piecewise CUDA graphs"):
-            self.pieces[b] = self._capture_bucket(b, capturer)
-        capturer.done()
+            self.pieces[b] = self._capture_bucket(b, pool)
+        torch.cuda.synchronize()
         log.info(
             "captured piecewise CUDA graphs: %d pieces x %d token counts up to %d, in %.2f s",
             len(self.layers) + 1,
@@ -101,14 +99,14 @@ class PiecewiseGraphs:
             time.perf_counter() - t0,
         )
 
-    def _capture_bucket(self, b: int, capturer: Capturer) -> list:
+    def _capture_bucket(self, b: int, pool) -> list:
         ids, o, residual, pieces = self.ids[:b], self.o[:b], None, []
         last = len(self.layers)
         for i in range(last + 1):
             if i in (0, 1, last):  # warm-up outside the graph; the pieces between run piece 1's kernels
                 self.model.piece(i, ids, o, residual)
             graph = torch.cuda.CUDAGraph()
-            with capturer.capture(graph):
+            with torch.cuda.graph(graph, pool=pool):
                 qkv, out = self.model.piece(i, ids, o, residual)
             if qkv is None:  # the last piece: out is the normed hidden state
                 pieces.append((graph, _non_owning(out)))
