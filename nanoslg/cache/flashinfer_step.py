@@ -4,8 +4,9 @@ KV append and the attention call.
 A mixed step (prefill chunks and decode rows) with `cache.mixed_attention=split` runs its leading
 one-token rows through the decode kernel and the rest through the prefill kernel, two calls a layer,
 as vLLM's FlashInfer backend does. The prefill kernel tiles queries by 64-128 rows, so a lone decode
-row there takes a whole tile across every key of its context: beside long contexts those tiles cost
-more than the chunk they ride with. `one` runs every row through the prefill kernel.
+row there takes a whole tile across every key of its context: many such rows at long contexts add
+much of the chunk's own time. `one` runs every row through the prefill kernel, which hides a few
+decode rows' reads under the chunk's compute (experiments/README.md, twentieth wave).
 """
 
 from __future__ import annotations
