@@ -10,22 +10,9 @@ chunk with decode rows of long contexts, in one prefill call against the two kin
 from __future__ import annotations
 
 import torch
+from xqa_probe import timed  # experiments/ is on the path when a script in it runs
 
 DEV, HQ, HKV, D, PS = "cuda", 32, 8, 128, 16
-
-
-def timed(fn, reps: int = 10) -> float:
-    """ms per call."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
 
 
 def case(prefix: int, chunk: int, ws: torch.Tensor) -> None:
@@ -50,7 +37,7 @@ def case(prefix: int, chunk: int, ws: torch.Tensor) -> None:
             w.plan(qo, kv_indptr, order, last, HQ, HKV, D, PS, **common)
             out = w.run(q, pool)
             ref = out if ref is None else ref
-            rows.append((f"paged {backend}", timed(lambda w=w: w.run(q, pool)), (out - ref).abs().max().item()))
+            rows.append((f"paged {backend}", timed(lambda w=w: w.run(q, pool), 10), (out - ref).abs().max().item()))
         except Exception as e:  # a backend this build lacks: say so, time the rest
             print(f"  paged {backend}: {type(e).__name__}: {e}"[:300])
 
@@ -59,14 +46,14 @@ def case(prefix: int, chunk: int, ws: torch.Tensor) -> None:
         return kv[:, 0].reshape(-1, HKV, D)[:n], kv[:, 1].reshape(-1, HKV, D)[:n]
 
     k, v = gather()
-    rows.append(("gather of the pages", timed(gather), 0.0))
+    rows.append(("gather of the pages", timed(gather, 10), 0.0))
     for backend in ("fa3", "fa2"):
         try:
             w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend=backend)
             w.plan(qo, torch.tensor([0, n], dtype=i32), HQ, HKV, D, **common)
             out = w.run(q, k, v)
             diff = (out - ref).abs().max().item() if ref is not None else float("nan")
-            rows.append((f"ragged {backend}", timed(lambda w=w: w.run(q, k, v)), diff))
+            rows.append((f"ragged {backend}", timed(lambda w=w: w.run(q, k, v), 10), diff))
         except Exception as e:
             print(f"  ragged {backend}: {type(e).__name__}: {e}"[:300])
     print(f"\nchunk {chunk} after {prefix} cached tokens: {flops / 1e12:.2f} TFLOP of attention")
@@ -106,8 +93,8 @@ def mixed(prefix: int, chunk: int, rows: int, ctx: int, ws: torch.Tensor, ws2: t
         return torch.cat([pre.run(qa, pool), dec.run(qb, pool)])
 
     diff = (split() - ref).abs().max().item()
-    t_one, t_pre = timed(lambda: one.run(q, pool)), timed(lambda: pre.run(qa, pool))
-    t_dec = timed(lambda: dec.run(qb, pool))
+    t_one, t_pre = timed(lambda: one.run(q, pool), 10), timed(lambda: pre.run(qa, pool), 10)
+    t_dec = timed(lambda: dec.run(qb, pool), 10)
     print(f"\nmixed: chunk {chunk} after {prefix} cached + {rows} decode rows of {ctx} keys")
     print(f"  one paged prefill call        {t_one:8.3f} ms")
     print(f"  chunk alone (prefill wrapper) {t_pre:8.3f} ms; decode rows alone (decode wrapper) {t_dec:.3f} ms")
