@@ -18,8 +18,6 @@ import torch
 from nanoslg.cache.backend import CacheContext
 from nanoslg.core.plan import StepPlan
 
-MIXED_ATTENTION = ("split", "one")
-
 
 def leading_decode_rows(plan: StepPlan) -> int:
     """The one-token rows a mixed step starts with (the scheduler puts running sequences first); 0
