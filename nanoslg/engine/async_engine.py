@@ -205,8 +205,8 @@ class AsyncEngine:
         if self._collector is not None:
             self._collector.shutdown(wait=True)
         self.grammars.shutdown()
-        if self.hold.summary():
-            log.info("lookahead: %s", self.hold.summary())
+        if held := self.hold.summary():
+            log.info("lookahead: %s", held)
         _restore_gc(self._gc_before)
         self.executor.shutdown()
 
