@@ -141,7 +141,6 @@ def test_an_engine_starts_after_one_that_left_its_process_group(tiny_llama):
 
     if not dist.is_initialized():  # an earlier test's engine, stuck on a killed rank, may have left one already
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port('127.0.0.1')}", rank=0, world_size=1)
-    assert dist.is_initialized()
     try:
         with LLM(f"model.path={tiny_llama}", "cache=sdpa", *MODES["tp"]) as llm:
             prompt = prompts_for(llm.engine.vocab_size)[0]
